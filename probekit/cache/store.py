@@ -1,0 +1,382 @@
+"""The Zarr v3 feature store: layout, metadata, chunk-level progress, readers and listing.
+
+Layout of one store (a directory `<cache>/<dataset>/<backbone>-<key>.zarr`, plain Zarr v3):
+
+    zarr.json                  attributes["probekit"]: config, versions, classes, status, ...
+    <split>/labels             (N,) int64
+    <split>/ids                (N,) string   image paths or generated ids
+    <split>/valid              (N,) bool     False for images that could not be read
+    <split>/errors             (N,) string   why an image is invalid ("" when valid)
+    <split>/done               (n_chunks,)   bool, one Zarr chunk per row chunk: resume progress
+    <split>/layer<i>/<pool>    (N, D) float16|float32, chunked along N
+    <split>/head/embed         (N, D)        the model's pooled pre-logits embedding
+
+A row chunk is written whole (each array's chunk file is written atomically by Zarr's local
+store: temp file + rename) before its `done` flag is set, so a killed run never counts a
+half-written chunk.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from probekit.errors import StoreError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FeatureStore",
+    "StoreConfig",
+    "StoreLock",
+    "StoreSummary",
+    "cache_root",
+    "list_stores",
+    "open_store",
+]
+
+FORMAT_VERSION = 1
+META_KEY = "probekit"
+StoreDtype = Literal["float16", "float32"]
+_COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """`cache_dir`, else `$PROBEKIT_CACHE`, else `~/.cache/probekit`."""
+    root = cache_dir or os.environ.get("PROBEKIT_CACHE") or Path.home() / ".cache" / "probekit"
+    return Path(root).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything that determines the stored numbers; its hash is the cache key."""
+
+    dataset: str
+    backbone: str  # timm name
+    weights: str  # WeightsInfo.key
+    preprocessing: Mapping[str, Any]
+    layers: tuple[int, ...]
+    pools: tuple[str, ...]
+    dtype: StoreDtype
+    precision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocessing"] = json.loads(json.dumps(dict(self.preprocessing)))
+        d["layers"], d["pools"] = list(self.layers), list(self.pools)
+        return d
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Array names under a split group, e.g. ['layer11/cls', 'head/embed']."""
+        return [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreLock:
+    """An exclusive advisory lock next to the store; the OS drops it when its holder dies."""
+
+    def __init__(self, store_path: Path):
+        self.path = store_path.with_name(store_path.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(
+                f"another probekit process (pid {holder}) is writing {self.path.name[:-5]}; "
+                "wait for it to finish, then run again."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class FeatureStore:
+    """A feature store opened for reading (and, for the extractor, writing)."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+
+    # ---- metadata
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta: Any = self.group.attrs.asdict().get(META_KEY, {})
+        return dict(meta)
+
+    def update_meta(self, **fields: Any) -> None:
+        meta = self.meta
+        meta.update(fields, updated=_now())
+        self.group.attrs[META_KEY] = meta
+
+    @property
+    def is_complete(self) -> bool:
+        return self.meta.get("status") == "complete"
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta.get("splits", {}))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names", []))
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.meta.get("feature_names", []))
+
+    # ---- readers
+    def _array(self, split: str, name: str) -> Any:
+        if split not in self.splits:
+            raise StoreError(f"store has no split {split!r}; it has {', '.join(self.splits)}.")
+        try:
+            arr = self.group[f"{split}/{name}"]
+        except KeyError:
+            raise StoreError(
+                f"store has no array {split}/{name}; features: {', '.join(self.feature_names)}."
+            ) from None
+        assert isinstance(arr, zarr.Array)
+        return arr
+
+    def features(self, split: str, name: str = "head/embed") -> np.ndarray:
+        """(N, D) features of one layer/pool (e.g. 'layer11/cls'), invalid rows included (zeros)."""
+        return np.asarray(self._array(split, name)[:])
+
+    def iter_features(
+        self, split: str, name: str = "head/embed", rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream (start_row, block) over a feature array, `rows` at a time (default: a chunk)."""
+        arr = self._array(split, name)
+        step = rows or int(arr.chunks[0])
+        for start in range(0, int(arr.shape[0]), step):
+            yield start, np.asarray(arr[start : start + step])
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self._array(split, "labels")[:])
+
+    def valid(self, split: str) -> np.ndarray:
+        return np.asarray(self._array(split, "valid")[:])
+
+    def ids(self, split: str) -> list[str]:
+        return [str(s) for s in self._array(split, "ids")[:]]
+
+    def invalid(self, split: str) -> list[tuple[str, str]]:
+        """(id, reason) of each image that could not be read."""
+        valid = self.valid(split)
+        if valid.all():
+            return []
+        ids, errors = self.ids(split), np.asarray(self._array(split, "errors")[:])
+        return [(ids[i], str(errors[i])) for i in np.flatnonzero(~valid)]
+
+    def tensors(self, split: str, name: str = "head/embed", device: str = "cpu") -> Any:
+        """(features, labels) as torch tensors on `device`."""
+        import torch
+
+        return (
+            torch.from_numpy(self.features(split, name)).to(device),
+            torch.from_numpy(self.labels(split)).to(device),
+        )
+
+    def nbytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # ---- writer side (used by probekit.extract)
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        config: StoreConfig,
+        meta: Mapping[str, Any],
+        split_sizes: Mapping[str, int],
+        dims: Mapping[str, int],
+        chunk_rows: int,
+        float32_features: set[str],
+    ) -> FeatureStore:
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        store = cls(path, group)
+        for split, n in split_sizes.items():
+            g = group.create_group(split)
+            n_chunks = max(1, -(-n // chunk_rows))
+            rows = (max(1, min(chunk_rows, n)),)
+            for name, dtype in (("labels", "int64"), ("valid", "bool")):
+                g.create_array(name, shape=(n,), chunks=rows, dtype=dtype, compressors=_COMPRESSOR)
+            for name in ("ids", "errors"):
+                g.create_array(name, shape=(n,), chunks=rows, dtype=str)
+            g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False)
+            for name in config.feature_names:
+                store._create_feature(
+                    split,
+                    name,
+                    n,
+                    dims[name],
+                    chunk_rows,
+                    "float32" if name in float32_features else config.dtype,
+                )
+        group.attrs[META_KEY] = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "cache_key": config.key,
+            "config": config.to_dict(),
+            "splits": dict(split_sizes),
+            "chunk_rows": chunk_rows,
+            "feature_names": config.feature_names,
+            "feature_dims": dict(dims),
+            "float32_features": sorted(float32_features),
+            "status": "partial",
+            "created": _now(),
+            "updated": _now(),
+        }
+        return store
+
+    def _create_feature(
+        self, split: str, name: str, n: int, dim: int, chunk_rows: int, dtype: str
+    ) -> None:
+        self.group.create_array(
+            f"{split}/{name}",
+            shape=(n, dim),
+            chunks=(max(1, min(chunk_rows, n)), dim),
+            dtype=dtype,
+            compressors=_COMPRESSOR,
+            fill_value=0,
+            overwrite=True,
+        )
+
+    def pending_chunks(self, split: str) -> list[int]:
+        done = np.asarray(self._array(split, "done")[:])
+        return [int(i) for i in np.flatnonzero(~done)]
+
+    def write_chunk(
+        self, split: str, chunk: int, chunk_rows: int, columns: Mapping[str, np.ndarray]
+    ) -> None:
+        """Write every array's rows of one chunk, then (only then) mark the chunk done."""
+        start = chunk * chunk_rows
+        for name, values in columns.items():
+            self._node(f"{split}/{name}")[start : start + len(values)] = values
+        self._node(f"{split}/done")[chunk] = True
+
+    def _node(self, path: str) -> Any:
+        return self.group[path]
+
+    def switch_to_float32(self, name: str) -> None:
+        """Keep feature `name` in float32 from now on: reset progress, recreate its arrays.
+
+        Progress is reset first, so a kill in between leaves a store that simply redoes work.
+        """
+        for split in self.splits:
+            self._node(f"{split}/done")[:] = False
+        f32 = sorted({*self.meta.get("float32_features", []), name})
+        self.update_meta(float32_features=f32)
+        meta = self.meta
+        for split, n in meta["splits"].items():
+            self._create_feature(
+                split, name, n, meta["feature_dims"][name], meta["chunk_rows"], "float32"
+            )
+
+    def remove_partial_files(self) -> int:
+        """Delete temp files a killed writer left behind; return how many."""
+        stale = list(self.path.rglob("*.partial"))
+        for f in stale:
+            f.unlink(missing_ok=True)
+        return len(stale)
+
+
+def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> FeatureStore:
+    """Open a feature store directory for reading (plain Zarr v3 under the hood)."""
+    p = Path(path).expanduser().resolve()
+    if not (p / "zarr.json").is_file():
+        raise StoreError(
+            f"{str(p)!r} is not a probekit feature store (no zarr.json); "
+            "see `probekit ls` for the stores in the cache."
+        )
+    group = (
+        zarr.open_group(str(p), mode="r+", zarr_format=3)
+        if os.access(p, os.W_OK)
+        else zarr.open_group(str(p), mode="r", zarr_format=3)
+    )
+    store = FeatureStore(p, group)
+    meta = store.meta
+    if not meta:
+        raise StoreError(f"{str(p)!r} is a Zarr group without probekit metadata.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{str(p)!r} has store format {meta.get('format_version')}, this probekit reads "
+            f"format {FORMAT_VERSION}; re-extract it (probekit extract ... --overwrite)."
+        )
+    if not allow_partial and not store.is_complete:
+        raise StoreError(
+            f"{str(p)!r} is incomplete (an extraction was interrupted); rerun the same "
+            "`probekit extract` command to finish it, or pass allow_partial=True."
+        )
+    return store
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """A row of `probekit ls`."""
+
+    path: str
+    dataset: str
+    backbone: str
+    weights: str
+    layers: tuple[str, ...]
+    splits: Mapping[str, int]
+    size_bytes: int
+    complete: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def list_stores(cache_dir: str | os.PathLike[str] | None = None) -> list[StoreSummary]:
+    """Every feature store under the cache root, complete or not."""
+    out = []
+    for zjson in sorted(cache_root(cache_dir).glob("*/*.zarr/zarr.json")):
+        try:
+            store = open_store(zjson.parent, allow_partial=True)
+        except StoreError:
+            continue
+        meta = store.meta
+        out.append(
+            StoreSummary(
+                path=str(store.path),
+                dataset=str(meta.get("dataset", {}).get("spec", "?")),
+                backbone=str(meta.get("backbone", {}).get("name", "?")),
+                weights=str(meta.get("weights", {}).get("source", "?")),
+                layers=tuple(store.feature_names),
+                splits=dict(meta.get("splits", {})),
+                size_bytes=store.nbytes_stored(),
+                complete=store.is_complete,
+            )
+        )
+    return out

@@ -1,0 +1,277 @@
+"""The `probekit` command line: a thin typer layer over the Python API (same names)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from probekit import __version__
+from probekit.backbones import DEFAULT_LAYERS, list_backbones
+from probekit.cache.store import cache_root, list_stores, open_store
+from probekit.errors import ProbekitError, ProbekitWarning
+from probekit.extract import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_POOLS,
+)
+from probekit.extract import (
+    extract as extract_features,
+)
+
+__all__ = ["app", "main"]
+
+
+class _Group(typer.core.TyperGroup):
+    """Turns every ProbekitError into one line on stderr and exit code 1 (no traceback)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ProbekitError as e:
+            err.print(f"error: {e}")
+            raise typer.Exit(code=1) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="probekit",
+    help="Triage pretrained vision backbones: cached multi-layer features, kNN and linear probes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+CacheDir = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.10
+    typer.Option("--cache-dir", help="Cache root [default: $PROBEKIT_CACHE or ~/.cache/probekit]."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"probekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """probekit: which pretrained vision backbone should I use?"""
+
+
+@app.command()
+def backbones(
+    pattern: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="Wildcard over aliases and timm pretrained names, e.g. 'vit_*dino*'."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON records.")] = False,
+) -> None:
+    """List backbone aliases (and timm names matching PATTERN) with params and default layers."""
+    rows = list_backbones(pattern)
+    if as_json:
+        out.print_json(json.dumps([r.to_dict() for r in rows]))
+        return
+    table = Table(
+        "alias", "timm name", "group", "params (M)", f"default layers ({DEFAULT_LAYERS})", "weights"
+    )
+    for r in rows:
+        table.add_row(
+            r.alias or "-",
+            r.timm_name,
+            r.group,
+            f"{r.params_m:.1f}",
+            ",".join(map(str, r.default_layers)) + " + head",
+            r.weights,
+        )
+    out.print(table)
+
+
+@app.command()
+def extract(
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Alias or timm name[.tag].")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="imagefolder:PATH, csv:FILE, mnist5k, digits, lfw-faces, synthetic[:N].",
+        ),
+    ],
+    layers: Annotated[
+        str,
+        typer.Option(help="last, lastN, all, or block indices (e.g. 3,-1); head is always kept."),
+    ] = DEFAULT_LAYERS,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="Any of cls, mean, cls+mean, gem (comma list). On models without a "
+            "class token cls falls back to mean (a warning when mean was not asked)."
+        ),
+    ] = DEFAULT_POOLS,
+    weights: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Local weights: .safetensors, or .pth/.pt of tensors (weights_only)."),
+    ] = None,
+    random_init: Annotated[bool, typer.Option(help="Random (seeded) weights, a baseline.")] = False,
+    img_size: Annotated[
+        Optional[int], typer.Option(help="Override the input resolution.")  # noqa: UP045
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
+    num_workers: Annotated[
+        Optional[int], typer.Option(help="DataLoader workers [default: half the cores].")  # noqa: UP045
+    ] = None,
+    chunk_rows: Annotated[
+        int, typer.Option(help="Rows per store chunk (the resume unit).")
+    ] = DEFAULT_CHUNK_ROWS,
+    compile: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option("--compile/--no-compile", help="torch.compile [default: on for CUDA]."),
+    ] = None,
+    cache_dir: CacheDir = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Discard an existing store and extract anew.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Extract pooled multi-layer features into the Zarr feature cache (resumable, cache-aware)."""
+    if dtype not in ("float16", "float32"):
+        raise ProbekitError(f"unknown dtype {dtype!r}; use float16 or float32.")
+    result = extract_features(
+        backbone,
+        data,
+        layers=layers,
+        pool=pool,
+        weights=weights,
+        random_init=random_init,
+        img_size=img_size,
+        dtype=dtype,  # type: ignore[arg-type]
+        precision=precision,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        chunk_rows=chunk_rows,
+        compile=compile,
+        cache_dir=cache_dir,
+        strict=strict,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    out.print(result.summary())
+    if result.invalid:
+        store = open_store(result.store_path)
+        for split in store.splits:
+            for image_id, reason in store.invalid(split)[:20]:
+                out.print(f"  invalid ({split}): {image_id}: {reason}")
+
+
+@app.command()
+def demo(
+    cache_dir: CacheDir = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Offline demo on built-in defaults: packaged ImageNet EfficientNet-Lite0 vs random init."""
+    from probekit.demo import run_demo
+
+    runs = run_demo(cache_dir=cache_dir, quiet=quiet, report=out.print)
+    out.print(
+        f"{len(runs)} feature stores under {cache_root(cache_dir)}; list them with `probekit ls`."
+    )
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+@app.command(name="ls")
+def ls(cache_dir: CacheDir = None) -> None:
+    """List the feature stores in the cache: dataset, backbone, layers, splits, size, complete?"""
+    stores = list_stores(cache_dir)
+    if not stores:
+        out.print(f"no feature stores under {cache_root(cache_dir)}")
+        return
+    table = Table("dataset", "backbone", "weights", "layers", "splits", "size", "complete", "path")
+    for s in stores:
+        layers = sorted({n.split("/")[0] for n in s.layers})
+        table.add_row(
+            s.dataset,
+            s.backbone,
+            s.weights,
+            ",".join(layers),
+            " ".join(f"{k}:{v}" for k, v in s.splits.items()),
+            _size(s.size_bytes),
+            "yes" if s.complete else "NO",
+            s.path,
+        )
+    out.print(table)
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="Path of a feature store (see `probekit ls`).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the full metadata as JSON.")
+    ] = False,
+) -> None:
+    """Show one feature store: config, weights, splits, features and invalid images."""
+    fs = open_store(store, allow_partial=True)
+    meta = fs.meta
+    if as_json:
+        out.print_json(json.dumps(meta))
+        return
+    w = meta["weights"]
+    out.print(f"store     {fs.path}")
+    out.print(
+        f"status    {meta['status']}  (key {meta['cache_key']}, format {meta['format_version']})"
+    )
+    out.print(f"dataset   {meta['dataset']['spec']}  ({len(fs.class_names)} classes)")
+    out.print(f"backbone  {meta['backbone']['name']} = {meta['backbone']['timm_name']}")
+    out.print(
+        f"weights   {w['source']} {w['ref']}"
+        + (f" sha256 {w['sha256']}" if w.get("sha256") else "")
+    )
+    out.print(f"input     {meta['config']['preprocessing']}")
+    out.print(
+        f"precision {meta['precision']}, stored {meta['config']['dtype']}"
+        + (f" (float32: {', '.join(meta['float32_features'])})" if meta["float32_features"] else "")
+    )
+    for note in meta.get("pool_notes", []):
+        out.print(f"note      {note}")
+    out.print("splits    " + ", ".join(f"{k} {v}" for k, v in meta["splits"].items()))
+    out.print(
+        "features  " + ", ".join(f"{n} ({meta['feature_dims'][n]})" for n in fs.feature_names)
+    )
+    for split in fs.splits:
+        bad = fs.invalid(split) if fs.is_complete else []
+        for image_id, reason in bad:
+            out.print(f"invalid   {split}: {image_id}: {reason}")
+
+
+def main() -> None:
+    """Entry point of the `probekit` script."""
+    warnings.simplefilter("default", ProbekitWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    app()

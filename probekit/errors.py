@@ -1,0 +1,59 @@
+"""The ProbekitError tree: user mistakes and unavailable resources, each saying what to do."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "BackboneError",
+    "DatasetError",
+    "InvalidImageError",
+    "LayerSpecError",
+    "ProbekitError",
+    "ProbekitWarning",
+    "StoreError",
+    "WeightsError",
+    "close_matches",
+]
+
+
+class ProbekitError(Exception):
+    """Base of every error probekit raises for a user mistake or an unavailable resource."""
+
+
+class BackboneError(ProbekitError, KeyError):
+    """Unknown backbone name or a model that probekit cannot extract from."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(ProbekitError, OSError):
+    """Weights that cannot be found, downloaded or safely loaded."""
+
+
+class LayerSpecError(ProbekitError, ValueError):
+    """A `--layers` or `--pool` value that does not parse or does not fit the model."""
+
+
+class DatasetError(ProbekitError, ValueError):
+    """A dataset spec that does not parse, points nowhere, or holds no images."""
+
+
+class InvalidImageError(ProbekitError, ValueError):
+    """An image that cannot be decoded (raised only under `strict=True`)."""
+
+
+class StoreError(ProbekitError, OSError):
+    """A feature store that is missing, incomplete, incompatible or out of date."""
+
+
+class ProbekitWarning(UserWarning):
+    """Something probekit did differently from what was asked, and why (e.g. a pool fallback)."""
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
+    """A ' Did you mean ...?' suffix for an error message, or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+    return f" Did you mean {', '.join(matches)}?" if matches else ""

@@ -1,0 +1,596 @@
+"""The extraction engine: loader -> device -> forward_intermediates -> pooling -> Zarr writer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import timm
+import torch
+import zarr
+from timm.data import create_transform  # type: ignore[attr-defined]
+
+from probekit import __version__
+from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
+from probekit.cache.store import FeatureStore, StoreConfig, StoreDtype, StoreLock, cache_root
+from probekit.data import Dataset, ImageSource, load_dataset
+from probekit.errors import (
+    InvalidImageError,
+    LayerSpecError,
+    ProbekitError,
+    ProbekitWarning,
+    StoreError,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CHUNK_ROWS",
+    "DEFAULT_POOLS",
+    "POOLS",
+    "DevicePolicy",
+    "ExtractResult",
+    "FeatureExtractor",
+    "extract",
+    "geometry_transform",
+    "parse_pools",
+    "pool_features",
+    "resolve_policy",
+]
+
+POOLS = ("cls", "mean", "cls+mean", "gem")
+DEFAULT_POOLS = "cls,mean"
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_CHUNK_ROWS = 1024
+FP16_MAX = float(np.finfo(np.float16).max)
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+# --------------------------------------------------------------------------- device policy
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """One place that decides device and precision: bf16 autocast on CUDA, fp32 on CPUs."""
+
+    device: str
+    precision: Precision
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
+
+    @property
+    def is_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+
+def resolve_policy(device: str = "auto", precision: str = "auto") -> DevicePolicy:
+    """`auto` picks CUDA when present; precision `auto` is bf16 on CUDA and fp32 elsewhere."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ProbekitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbekitError(f"device {device!r} asked for, but CUDA is not available; use cpu.")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ProbekitError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16.")
+    return DevicePolicy(str(dev), precision)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def parse_pools(
+    spec: str | Sequence[str], has_class_token: bool
+) -> tuple[tuple[str, ...], list[str]]:
+    """Resolve a pool spec to pools this model supports, and notes on what was changed.
+
+    `cls` and `cls+mean` need a class token; on a model without one they fall back to `mean`
+    (with a warning when nothing else was asked for; silently when `mean` is asked too).
+    """
+    terms = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not terms:
+        raise LayerSpecError(f"empty pool spec; use one or more of {', '.join(POOLS)}.")
+    out: list[str] = []
+    notes = []
+    for t in terms:
+        if t not in POOLS:
+            raise LayerSpecError(f"unknown pool {t!r}; use one or more of {', '.join(POOLS)}.")
+        if "cls" in t and not has_class_token:
+            notes.append(f"pool {t!r} needs a class token; this model has none: using 'mean'")
+            t = "mean"
+        if t not in out:
+            out.append(t)
+    if notes and "mean" not in terms:
+        for n in notes:
+            warnings.warn(n, ProbekitWarning, stacklevel=3)
+    return tuple(out), notes
+
+
+def pool_features(
+    spatial: torch.Tensor, prefix: torch.Tensor | None, pool: str, gem_p: float = 3.0
+) -> torch.Tensor:
+    """Pool one intermediate output to (B, D) in float32.
+
+    spatial: (B, C, H, W) or (B, L, C) tokens; prefix: (B, P, C) class/register tokens or None.
+    """
+    x = spatial.float()
+    dims = (2, 3) if x.ndim == 4 else (1,)
+    if pool == "mean":
+        return x.mean(dims)
+    if pool == "gem":
+        return x.clamp(min=1e-6).pow(gem_p).mean(dims).pow(1.0 / gem_p)
+    assert prefix is not None, "cls pooling needs prefix tokens"
+    cls = prefix[:, 0].float()
+    if pool == "cls":
+        return cls
+    if pool == "cls+mean":
+        return torch.cat([cls, x.mean(dims)], dim=1)
+    raise AssertionError(pool)
+
+
+# --------------------------------------------------------------------------- the model side
+
+
+def geometry_transform(data_config: dict[str, Any]) -> Callable[[Any], Any]:
+    """timm's own eval transform for this model, without ToTensor/Normalize (done on device)."""
+    t = create_transform(**data_config, is_training=False)
+    steps = list(t.transforms)
+    names = [type(s).__name__ for s in steps[-2:]]
+    assert names[-1] == "Normalize" and "ToTensor" in names[0], names
+    from torchvision.transforms import Compose
+
+    geometry: Callable[[Any], Any] = Compose(steps[:-2])
+    return geometry
+
+
+class FeatureExtractor:
+    """uint8 image batches in, pooled fp32 features per layer/pool out, from ONE forward pass."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        layers: Sequence[int],
+        pools: Sequence[str],
+        policy: DevicePolicy,
+        compile: bool = False,
+    ):
+        # Any: timm's uniform contract (forward_intermediates, forward_head) is not in nn.Module
+        self.model: Any = backbone.model.to(policy.device).to(memory_format=torch.channels_last)
+        self.layers, self.pools, self.policy = list(layers), list(pools), policy
+        self.has_prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0
+        cfg = backbone.data_config
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=policy.device).view(shape)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=policy.device).view(shape)
+        self.names = [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
+        self._fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self.features
+        if compile:
+            self._fn = torch.compile(self.features, dynamic=False)  # type: ignore[assignment]
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.policy.device, non_blocking=True).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalized (B, 3, H, W) in; {name: (B, D) float32} out."""
+        with self.policy.autocast():
+            if self.layers:
+                kw = {"return_prefix_tokens": True} if self.has_prefix else {}
+                final, inters = self.model.forward_intermediates(
+                    x, indices=self.layers, norm=True, **kw
+                )
+            else:
+                final, inters = self.model.forward_features(x), []
+            head = self.model.forward_head(final, pre_logits=True)
+        out: dict[str, torch.Tensor] = {}
+        for idx, inter in zip(self.layers, inters, strict=True):
+            spatial, prefix = inter if self.has_prefix else (inter, None)
+            for p in self.pools:
+                out[f"layer{idx}/{p}"] = pool_features(spatial, prefix, p)
+        out["head/embed"] = head.float().flatten(1)
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._fn(self.normalize(batch))
+
+    @torch.inference_mode()
+    def dims(self, size: tuple[int, int]) -> dict[str, int]:
+        out = self.features(torch.zeros(1, 3, *size, device=self.policy.device))
+        return {k: int(v.shape[1]) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one `extract` call did."""
+
+    store_path: str
+    cache_hit: bool
+    images: int
+    invalid: int
+    seconds: float
+    images_per_s: float
+    resumed_chunks: int
+    backbone: str
+    dataset: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.cache_hit:
+            return (
+                f"cache hit: {self.backbone} on {self.dataset}, {self.images} images "
+                f"({self.invalid} invalid) -> {self.store_path}"
+            )
+        resumed = (
+            f", resumed ({self.resumed_chunks} chunks were done)" if self.resumed_chunks else ""
+        )
+        return (
+            f"extracted {self.backbone} on {self.dataset}: {self.images} images, "
+            f"{self.invalid} invalid, {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+            f"{resumed} -> {self.store_path}"
+        )
+
+
+class _NeedsFloat32(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) // 2))
+
+
+def _store_path(root: Path, dataset: Dataset, backbone: str, key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in backbone)
+    return root / dataset.name / f"{safe}-{key}.zarr"
+
+
+def _batches(
+    chunks: Sequence[int], n: int, chunk_rows: int, batch_size: int
+) -> Iterator[list[int]]:
+    for c in chunks:
+        start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
+        for b in range(start, stop, batch_size):
+            yield list(range(b, min(stop, b + batch_size)))
+
+
+def extract(
+    backbone: str,
+    data: str | Dataset,
+    *,
+    layers: str | Sequence[int] = DEFAULT_LAYERS,
+    pool: str | Sequence[str] = DEFAULT_POOLS,
+    weights: str | os.PathLike[str] | None = None,
+    random_init: bool = False,
+    img_size: int | None = None,
+    dtype: StoreDtype = "float16",
+    precision: str = "auto",
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_workers: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    compile: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> ExtractResult:
+    """Extract pooled multi-layer features of `backbone` over every split of `data` into the cache.
+
+    Reruns are cache hits; an interrupted run resumes chunk by chunk to identical arrays.
+    `layers`: last, lastN, all or indices (the pooled `head` embedding is always stored);
+    `pool`: any of cls, mean, cls+mean, gem (cls falls back to mean without a class token).
+    """
+    if batch_size < 1 or chunk_rows < 1:
+        raise ProbekitError("batch_size and chunk_rows must be positive integers.")
+    if dtype not in ("float16", "float32"):
+        raise ProbekitError(f"unknown dtype {dtype!r}; use float16 or float32.")
+    t0 = time.perf_counter()
+    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    policy = resolve_policy(device, precision)
+    skeleton = create_backbone(
+        backbone, weights=weights, random_init=random_init, img_size=img_size, load=False
+    )
+    layer_idx = parse_layers(layers, skeleton.num_layers)
+    pools, pool_notes = parse_pools(pool, skeleton.has_class_token)
+    preprocessing = {
+        k: skeleton.data_config[k]
+        for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    }
+    config = StoreConfig(
+        ds.spec,
+        skeleton.timm_name,
+        skeleton.weights.key,
+        preprocessing,
+        layer_idx,
+        pools if layer_idx else (),
+        dtype,
+        policy.precision,
+    )
+    path = _store_path(cache_root(cache_dir), ds, backbone, config.key)
+    n_total = sum(len(s) for s in ds.splits.values())
+
+    with StoreLock(path):
+        store: FeatureStore | None = None
+        if path.exists() and not overwrite:
+            store = _open_existing(path, ds)
+            if store is not None and store.is_complete:
+                meta = store.meta
+                return ExtractResult(
+                    str(path),
+                    True,
+                    n_total,
+                    int(meta.get("invalid", 0)),
+                    time.perf_counter() - t0,
+                    0.0,
+                    0,
+                    backbone,
+                    ds.spec,
+                )
+        bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
+        use_compile = policy.is_cuda if compile is None else compile
+        fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile)
+        size = tuple(bb.data_config["input_size"][1:])
+        if store is None:
+            dims = fx.dims(size)  # type: ignore[arg-type]
+            meta = _store_meta(ds, bb, layer_idx, config, pool_notes, policy)
+            store = FeatureStore.create(
+                path,
+                config,
+                meta,
+                {k: len(v) for k, v in ds.splits.items()},
+                dims,
+                chunk_rows,
+                set(),
+            )
+        else:
+            store.remove_partial_files()
+        chunk_rows = int(store.meta["chunk_rows"])
+        resumed = sum(
+            len(ds.splits[s])
+            and (-(-len(ds.splits[s]) // chunk_rows)) - len(store.pending_chunks(s))
+            for s in ds.splits
+        )
+        geometry = geometry_transform(dict(bb.data_config))
+        workers = _default_workers() if num_workers is None else num_workers
+        done_images = 0
+        while True:
+            try:
+                done_images = _run(
+                    store,
+                    ds,
+                    fx,
+                    geometry,
+                    size,
+                    batch_size,
+                    chunk_rows,  # type: ignore[arg-type]
+                    workers,
+                    strict,
+                    quiet,
+                    dtype,
+                    use_compile,
+                )
+                break
+            except _NeedsFloat32 as e:
+                warnings.warn(
+                    f"{e.name} overflows float16; storing it in float32 and redoing "
+                    "the chunks written so far",
+                    ProbekitWarning,
+                    stacklevel=2,
+                )
+                store.switch_to_float32(e.name)
+        invalid = sum(int((~store.valid(s)).sum()) for s in ds.splits)
+        seconds = time.perf_counter() - t0
+        rate = done_images / seconds if seconds > 0 else 0.0
+        store.update_meta(
+            status="complete",
+            invalid=invalid,
+            seconds=round(seconds, 3),
+            images_per_s=round(rate, 2),
+        )
+    return ExtractResult(
+        str(path), False, n_total, invalid, seconds, rate, resumed, backbone, ds.spec
+    )
+
+
+def _open_existing(path: Path, ds: Dataset) -> FeatureStore | None:
+    """The store at `path` if it can be reused or resumed; None when it must be rebuilt."""
+    from probekit.cache.store import open_store
+
+    try:
+        store = open_store(path, allow_partial=True)
+    except StoreError:
+        if (path / "zarr.json").exists():
+            raise
+        return None  # a directory a killed run left before writing any metadata
+    recorded = store.meta.get("dataset", {}).get("fingerprint")
+    if recorded != ds.fingerprint:
+        state = "complete" if store.is_complete else "partial"
+        raise StoreError(
+            f"dataset {ds.spec!r} changed since the {state} store {path.name} was written "
+            "(files added, removed or modified); rerun with --overwrite to extract it anew."
+        )
+    return store
+
+
+def _store_meta(
+    ds: Dataset,
+    bb: Backbone,
+    layers: Sequence[int],
+    config: StoreConfig,
+    pool_notes: list[str],
+    policy: DevicePolicy,
+) -> dict[str, Any]:
+    feature_info = getattr(bb.model, "feature_info", [])
+    return {
+        "dataset": {"spec": ds.spec, "name": ds.name, "fingerprint": ds.fingerprint},
+        "class_names": list(ds.class_names),
+        "backbone": {
+            "name": bb.name,
+            "timm_name": bb.timm_name,
+            "params": sum(p.numel() for p in bb.model.parameters()),
+        },
+        "weights": bb.weights.to_dict(),
+        "layers": [{"index": i, "module": feature_info[i]["module"]} for i in layers],
+        "pools": list(config.pools),
+        "pool_notes": pool_notes,
+        "precision": policy.precision,
+        "versions": {
+            "probekit": __version__,
+            "timm": timm.__version__,
+            "torch": torch.__version__,
+            "zarr": zarr.__version__,
+        },
+    }
+
+
+def _run(
+    store: FeatureStore,
+    ds: Dataset,
+    fx: FeatureExtractor,
+    geometry: Callable[[Any], Any],
+    size: tuple[int, int],
+    batch_size: int,
+    chunk_rows: int,
+    workers: int,
+    strict: bool,
+    quiet: bool,
+    dtype: str,
+    fixed_batch: bool,
+) -> int:
+    """Extract every pending chunk of every split; return how many images were processed."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    f32 = set(store.meta.get("float32_features", []))
+    pending = {s: store.pending_chunks(s) for s in ds.splits}
+    todo = sum(
+        min(len(ds.splits[s]), (c + 1) * chunk_rows) - c * chunk_rows
+        for s, cs in pending.items()
+        for c in cs
+    )
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probekit-writer")
+    inflight: list[Future[None]] = []
+    processed = 0
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+        transient=True,
+    )
+    t_start = time.perf_counter()
+    try:
+        with progress:
+            task = progress.add_task(f"extract {fx.model.__class__.__name__}", total=todo, rate="")
+            for split, chunks in pending.items():
+                n = len(ds.splits[split])
+                if not chunks or n == 0:
+                    continue
+                source = ImageSource(ds, split, geometry, size)
+                batches = list(_batches(chunks, n, chunk_rows, batch_size))
+                loader = torch.utils.data.DataLoader(
+                    source,
+                    batch_sampler=batches,
+                    num_workers=workers,
+                    pin_memory=fx.policy.is_cuda,
+                    persistent_workers=False,
+                )
+                split_ids, labels = ds.splits[split].ids, ds.splits[split].labels
+                acc: dict[str, list[np.ndarray]] = {}
+                for rows, (images, valid_t, reasons_t) in zip(batches, loader, strict=True):
+                    b = len(rows)
+                    if fixed_batch and b < batch_size:  # one batch shape: no recompilation
+                        pad = images.new_zeros(batch_size - b, *images.shape[1:])
+                        images = torch.cat([images, pad])
+                    feats = {k: v[:b].cpu().numpy() for k, v in fx(images).items()}
+                    valid, reasons = valid_t.numpy().copy(), list(reasons_t)
+                    if strict and not valid.all():
+                        first = int(np.flatnonzero(~valid)[0])
+                        raise InvalidImageError(
+                            f"cannot read image {split_ids[rows[first]]!r}: {reasons[first]} "
+                            "(strict mode; drop --strict to mark such images invalid and go on)."
+                        )
+                    finite = np.logical_and.reduce(
+                        [np.isfinite(v).all(axis=1) for v in feats.values()]
+                    )
+                    for i in np.flatnonzero(~finite & valid):
+                        valid[i], reasons[i] = False, "non-finite features"
+                    for k, v in feats.items():
+                        v[~valid] = 0.0
+                        acc.setdefault(k, []).append(v)
+                    acc.setdefault("valid", []).append(valid)
+                    acc.setdefault("errors", []).append(np.array(reasons, dtype=object))
+                    processed += b
+                    elapsed = time.perf_counter() - t_start
+                    progress.update(
+                        task, advance=b, rate=f"{processed / max(elapsed, 1e-9):.1f} img/s"
+                    )
+                    chunk = rows[0] // chunk_rows
+                    start, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+                    if rows[-1] + 1 < stop:
+                        continue  # batches never straddle chunks: this chunk is not full yet
+                    columns = _columns(acc, dtype, f32)
+                    columns["labels"] = labels[start:stop]
+                    columns["ids"] = np.array(split_ids[start:stop], dtype=str)
+                    columns["errors"] = columns["errors"].astype(str)
+                    inflight.append(
+                        writer.submit(store.write_chunk, split, chunk, chunk_rows, columns)
+                    )
+                    acc = {}
+                    while len(inflight) > 2:  # bounded: at most two chunks wait for storage
+                        inflight.pop(0).result()
+        for f in inflight:
+            f.result()
+    finally:
+        writer.shutdown(wait=True)
+    return processed
+
+
+def _columns(acc: dict[str, list[np.ndarray]], dtype: str, f32: set[str]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for k, parts in acc.items():
+        v = np.concatenate(parts)
+        if "/" in k:  # a feature array such as layer11/cls or head/embed
+            if dtype == "float16" and k not in f32:
+                if np.abs(v).max(initial=0.0) > FP16_MAX:
+                    raise _NeedsFloat32(k)
+                v = v.astype(np.float16)
+            else:
+                v = v.astype(np.float32)
+        out[k] = v
+    return out
