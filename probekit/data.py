@@ -24,6 +24,7 @@ __all__ = [
     "ImageSource",
     "Split",
     "load_dataset",
+    "pass_batch",
     "to_rgb",
 ]
 
@@ -53,6 +54,9 @@ class Dataset:
     splits: Mapping[str, Split]
     fingerprint: str
     arrays: Mapping[str, np.ndarray] | None = field(default=None, repr=False)  # in-memory uint8
+    # arrays hold pixels already resized and cropped for the model (a pixel cache): when their
+    # size equals the model's input size they are used as they are, with no per-image work
+    preprocessed: bool = False
 
     def load_image(self, split: str, index: int) -> Image.Image:
         """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
@@ -106,11 +110,16 @@ def read_image(path: str) -> Image.Image:
         raise InvalidImageError(f"{type(e).__name__}: {reason}") from None
 
 
-class ImageSource(torch.utils.data.Dataset[tuple[torch.Tensor, bool, str]]):
-    """Map-style source for a DataLoader: uint8 CHW tensors at the model's input geometry.
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
-    Normalization happens later, batched on the device; an unreadable image comes back as
-    zeros with `valid=False` and the reason.
+
+class ImageSource(torch.utils.data.Dataset[Batch]):
+    """Map-style source for a DataLoader that fetches whole batches (`__getitems__`).
+
+    A batch is (uint8 images (B, 3, H, W) in channels-last memory, valid (B,) bool, reasons):
+    normalization happens later, batched on the device. An unreadable image comes back as
+    zeros with `valid=False` and the reason. In-memory images already at the model's geometry
+    are sliced as one array, with no per-image work.
     """
 
     def __init__(
@@ -119,22 +128,45 @@ class ImageSource(torch.utils.data.Dataset[tuple[torch.Tensor, bool, str]]):
         split: str,
         geometry: Callable[[Image.Image], Any],
         size: tuple[int, int],
+        identity: bool = False,
     ):
         self.dataset, self.split, self.geometry, self.size = dataset, split, geometry, size
+        arrays = dataset.arrays[split] if dataset.arrays is not None else None
+        fits = arrays is not None and arrays.ndim == 4 and arrays.shape[1:] == (*size, 3)
+        self._slice = arrays if fits and (identity or dataset.preprocessed) else None
 
     def __len__(self) -> int:
         return len(self.dataset.splits[self.split])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
+    def _one(self, index: int) -> tuple[np.ndarray, bool, str]:
         try:
             img = self.dataset.load_image(self.split, index)
             if min(img.size) < 1:
                 raise InvalidImageError("empty image")
-            out = self.geometry(img)
-            t = torch.from_numpy(np.array(out, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-            return t.contiguous(), True, ""
+            return np.asarray(self.geometry(img), dtype=np.uint8), True, ""
         except InvalidImageError as e:
-            return torch.zeros(3, *self.size, dtype=torch.uint8), False, str(e)
+            return np.zeros((*self.size, 3), dtype=np.uint8), False, str(e)
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        if self._slice is not None:
+            hwc = np.ascontiguousarray(self._slice[indices])
+            valid, reasons = np.ones(len(indices), dtype=bool), [""] * len(indices)
+        else:
+            items = [self._one(i) for i in indices]
+            hwc = np.stack([it[0] for it in items])
+            valid = np.array([it[1] for it in items], dtype=bool)
+            reasons = [it[2] for it in items]
+        # NHWC memory viewed as NCHW: channels-last without a copy
+        images = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(valid), reasons
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])
+
+
+def pass_batch(batch: Any) -> Any:
+    """collate_fn for ImageSource: batches come out of `__getitems__` already collated."""
+    return batch
 
 
 # --------------------------------------------------------------------------- specs
@@ -280,13 +312,28 @@ def _csv(arg: str) -> Dataset:
 
 
 def _array_dataset(
-    spec: str, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], test_size: float
+    spec: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    test_size: float,
 ) -> Dataset:
     """A built-in set in memory, split once, stratified and seeded (train/test)."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
     tr, te = train_test_split(idx, test_size=test_size, random_state=0, stratify=labels)
+    return _split_arrays(spec, images, labels, class_names, tr, te)
+
+
+def _split_arrays(
+    spec: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    tr: np.ndarray,
+    te: np.ndarray,
+) -> Dataset:
     splits, arrays = {}, {}
     for name, part in (("train", np.sort(tr)), ("test", np.sort(te))):
         ids = tuple(f"{spec}/{i:05d}" for i in part)
@@ -361,6 +408,10 @@ def _synthetic(arg: str) -> Dataset:
             images.append(np.clip(base + stripes + noise, 0, 255).astype(np.uint8))
             labels.append(c)
     spec = f"synthetic:{per_class}"
-    return _array_dataset(
-        spec, np.stack(images), np.array(labels), [f"class{c}" for c in range(n_classes)], 0.25
+    position = np.arange(len(labels)) % per_class
+    is_test = position >= per_class - max(1, per_class // 4)  # the last quarter of each class
+    idx = np.arange(len(labels))
+    names = [f"class{c}" for c in range(n_classes)]
+    return _split_arrays(
+        spec, np.stack(images), np.array(labels), names, idx[~is_test], idx[is_test]
     )

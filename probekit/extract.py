@@ -21,7 +21,7 @@ from timm.data import create_transform  # type: ignore[attr-defined]
 from probekit import __version__
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
 from probekit.cache.store import FeatureStore, StoreConfig, StoreDtype, StoreLock, cache_root
-from probekit.data import Dataset, ImageSource, load_dataset
+from probekit.data import Dataset, ImageSource, load_dataset, pass_batch
 from probekit.errors import (
     InvalidImageError,
     LayerSpecError,
@@ -150,16 +150,38 @@ def pool_features(
 # --------------------------------------------------------------------------- the model side
 
 
-def geometry_transform(data_config: dict[str, Any]) -> Callable[[Any], Any]:
-    """timm's own eval transform for this model, without ToTensor/Normalize (done on device)."""
-    t = create_transform(**data_config, is_training=False)
-    steps = list(t.transforms)
-    names = [type(s).__name__ for s in steps[-2:]]
-    assert names[-1] == "Normalize" and "ToTensor" in names[0], names
-    from torchvision.transforms import Compose
+class Geometry:
+    """timm's own eval transform for a model minus ToTensor/Normalize (those run on the device).
 
-    geometry: Callable[[Any], Any] = Compose(steps[:-2])
-    return geometry
+    An image already at the model's geometry (pre-decoded, pre-cropped) passes through
+    untouched: resizing a side to its own length and cropping to the full size is the identity.
+    """
+
+    def __init__(self, data_config: dict[str, Any]):
+        from torchvision.transforms import CenterCrop, Compose, Resize
+
+        t = create_transform(**data_config, is_training=False)
+        steps = list(t.transforms)
+        names = [type(s).__name__ for s in steps[-2:]]
+        assert names[-1] == "Normalize" and "ToTensor" in names[0], names
+        self.transform = Compose(steps[:-2])
+        h, w = (int(v) for v in data_config["input_size"][1:])
+        self.size = (w, h)  # PIL order
+        self.identity_ok = all(
+            (isinstance(s, Resize) and s.size in (h, [h], (h, w), [h, w]) and h == w)
+            or (isinstance(s, CenterCrop) and tuple(s.size) == (h, w))
+            for s in steps[:-2]
+        )
+
+    def __call__(self, img: Any) -> Any:
+        if self.identity_ok and getattr(img, "size", None) == self.size:
+            return img
+        return self.transform(img)
+
+
+def geometry_transform(data_config: dict[str, Any]) -> Geometry:
+    """timm's eval geometry for this model (see `Geometry`)."""
+    return Geometry(data_config)
 
 
 class FeatureExtractor:
@@ -178,18 +200,25 @@ class FeatureExtractor:
         self.layers, self.pools, self.policy = list(layers), list(pools), policy
         self.has_prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0
         cfg = backbone.data_config
-        shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=policy.device).view(shape)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=policy.device).view(shape)
+        shape = (3,)
+        mean = torch.tensor(cfg["mean"], dtype=torch.float64).view(shape)
+        std = torch.tensor(cfg["std"], dtype=torch.float64).view(shape)
+        self.scale = (1.0 / (255.0 * std)).float().to(policy.device)
+        self.shift = (mean / std).float().to(policy.device)
         self.names = [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
         self._fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self.features
         if compile:
             self._fn = torch.compile(self.features, dynamic=False)  # type: ignore[assignment]
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.policy.device, non_blocking=True).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        """uint8 (B, 3, H, W) -> (x / 255 - mean) / std as float32, channels-last, in place."""
+        # NHWC rows of W*3 values: the per-channel constants, tiled along a row, broadcast over
+        # a long contiguous dim (a (3,) broadcast is several times slower on CPUs)
+        x = batch.permute(0, 2, 3, 1).to(self.policy.device, non_blocking=True).float()
+        x = x.contiguous()
+        w = x.shape[2]
+        x.view(-1, w * 3).mul_(self.scale.repeat(w)).sub_(self.shift.repeat(w))
+        return x.permute(0, 3, 1, 2)  # (B, 3, H, W) in channels-last memory
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalized (B, 3, H, W) in; {name: (B, D) float32} out."""
@@ -473,7 +502,7 @@ def _run(
     store: FeatureStore,
     ds: Dataset,
     fx: FeatureExtractor,
-    geometry: Callable[[Any], Any],
+    geometry: Geometry,
     size: tuple[int, int],
     batch_size: int,
     chunk_rows: int,
@@ -521,11 +550,12 @@ def _run(
                 n = len(ds.splits[split])
                 if not chunks or n == 0:
                     continue
-                source = ImageSource(ds, split, geometry, size)
+                source = ImageSource(ds, split, geometry, size, identity=geometry.identity_ok)
                 batches = list(_batches(chunks, n, chunk_rows, batch_size))
                 loader = torch.utils.data.DataLoader(
                     source,
                     batch_sampler=batches,
+                    collate_fn=pass_batch,
                     num_workers=workers,
                     pin_memory=fx.policy.is_cuda,
                     persistent_workers=False,

@@ -1,0 +1,174 @@
+"""Images/s of the full `probekit.extract` pipeline vs the bare model forward, in one run.
+
+Both sides see the same pre-decoded images (uint8, already at the model's input size), the
+same batch size and precision. The pipeline adds: DataLoader, normalization on the device,
+forward_intermediates over the stored layers, pooling, the fp16 cast and the Zarr writer.
+
+    python benchmarks/bench_extract.py [--models test_vit,resnet18] [--images 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import probekit
+from probekit.backbones import create_backbone, parse_layers
+from probekit.data import Dataset, Split
+from probekit.extract import FeatureExtractor, resolve_policy
+
+
+def predecoded(n: int, size: int) -> Dataset:
+    """n random RGB images at exactly the model's input size: the geometry step is a no-op."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    split = Split("train", tuple(f"img{i}" for i in range(n)), labels)
+    return Dataset(
+        f"bench:{n}x{size}",
+        f"bench-{n}x{size}",
+        tuple(map(str, range(10))),
+        {"train": split},
+        fingerprint=str(n),
+        arrays={"train": images},
+        preprocessed=True,
+    )
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], steps: int, device: str) -> float:
+    """Seconds per call of fn, after two warm-up calls, with device syncs around the region."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def bench(model_name: str, n: int, batch_size: int, device: str, precision: str) -> dict:
+    policy = resolve_policy(device, precision)
+    bb = create_backbone(model_name, random_init=True)
+    size = int(bb.data_config["input_size"][-1])
+    layers = list(parse_layers("last4", bb.num_layers))
+    ds = predecoded(n, size)
+    fx = FeatureExtractor(bb, layers, ["cls", "mean"] if bb.has_class_token else ["mean"], policy)
+    x = torch.from_numpy(ds.arrays["train"][:batch_size]).permute(0, 3, 1, 2)
+    xn = fx.normalize(x)
+    model: Any = bb.model
+    steps = max(1, n // batch_size)
+    with torch.inference_mode(), policy.autocast():
+        # bare forward: the model alone on a normalized batch already on the device
+        bare = batch_size / timed(lambda: model.forward_features(xn), steps, policy.device)
+        # bare multi-layer forward: the same layers from timm directly, nothing else
+        multi = batch_size / timed(
+            lambda: model.forward_intermediates(xn, indices=layers, norm=True), steps, policy.device
+        )
+    # pipeline: the whole extract() call (cold cache: store creation and writes included)
+    kw: dict[str, Any] = dict(
+        random_init=True,
+        device=device,
+        precision=precision,
+        quiet=True,
+        batch_size=batch_size,
+        num_workers=0,
+        layers="last4",
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        probekit.extract(model_name, predecoded(batch_size, size), cache_dir=cache, **kw)
+        t = time.perf_counter()
+        res = probekit.extract(model_name, ds, cache_dir=cache, **kw)
+        pipe = n / (time.perf_counter() - t)
+    assert not res.cache_hit
+    return {
+        "model": model_name,
+        "images": n,
+        "batch_size": batch_size,
+        "device": policy.device,
+        "precision": policy.precision,
+        "bare_images_per_s": round(bare, 1),
+        "bare_multilayer_images_per_s": round(multi, 1),
+        "pipeline_images_per_s": round(pipe, 1),
+        "ratio": round(pipe / bare, 3),
+        "ratio_vs_multilayer": round(pipe / multi, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="test_vit,resnet18")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    rows = [
+        bench(m, args.images, args.batch_size, args.device, args.precision)
+        for m in args.models.split(",")
+    ]
+    head = ("model", "bare img/s", "bare 4-layer img/s", "pipeline img/s", "ratio", "ratio 4-layer")
+    print(f"{head[0]:14s}" + "".join(f"{h:>20s}" for h in head[1:]))
+    for r in rows:
+        print(
+            f"{r['model']:14s}"
+            + "".join(
+                f"{r[k]:20.3f}" if "ratio" in k else f"{r[k]:20.1f}"
+                for k in (
+                    "bare_images_per_s",
+                    "bare_multilayer_images_per_s",
+                    "pipeline_images_per_s",
+                    "ratio",
+                    "ratio_vs_multilayer",
+                )
+            )
+        )
+    device = rows[0]["device"]
+    name = (
+        torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "-" for c in f"{device}-{name}").strip("-").lower()
+    path = out / f"bench_extract-{tag}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "device": device,
+                "device_name": name,
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_model_data_config
+
+import probekit
+from probekit.data import load_dataset
+from probekit.errors import InvalidImageError, ProbekitWarning, StoreError
+from probekit.extract import parse_pools
+
+SMALL = {"chunk_rows": 8, "batch_size": 4, "num_workers": 0, "quiet": True}
+
+
+def _reference(name: str, spec: str, split: str, layers: list[int], pools: list[str]) -> dict:
+    """timm's own transform and forward in fp32, pooled with numpy: independent of probekit."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    transform = create_transform(**resolve_model_data_config(model))
+    ds = load_dataset(spec)
+    x = torch.stack([transform(ds.load_image(split, i)) for i in range(len(ds.splits[split]))])
+    prefix = getattr(model, "num_prefix_tokens", 0) > 0
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for i in layers:
+            kw = {"return_prefix_tokens": True} if prefix else {}
+            (inter,) = model.forward_intermediates(
+                x, indices=[i], norm=True, intermediates_only=True, **kw
+            )
+            spatial, tokens = inter if prefix else (inter, None)
+            sp = spatial.numpy()
+            mean = sp.mean(axis=(2, 3))
+            for p in pools:
+                if p == "mean":
+                    out[f"layer{i}/mean"] = mean
+                elif p == "gem":
+                    out[f"layer{i}/gem"] = (np.clip(sp, 1e-6, None) ** 3).mean(axis=(2, 3)) ** (
+                        1 / 3
+                    )
+                elif p == "cls":
+                    out[f"layer{i}/cls"] = tokens[:, 0].numpy()
+                elif p == "cls+mean":
+                    out[f"layer{i}/cls+mean"] = np.concatenate([tokens[:, 0].numpy(), mean], 1)
+        out["head/embed"] = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "pools"),
+    [
+        ("test_vit", ["cls", "mean", "cls+mean", "gem"]),  # a ViT with a class token
+        ("test_resnet", ["mean", "gem"]),  # a CNN
+        ("test_convnext", ["mean"]),  # a hierarchical (staged) model
+        ("test_maxvit", ["mean"]),  # a hierarchical transformer
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_stored_features_equal_timm_forward(name: str, pools: list[str], dtype: str) -> None:
+    spec = "synthetic:3"
+    res = probekit.extract(
+        name, spec, random_init=True, layers="all", pool=",".join(pools), dtype=dtype, **SMALL
+    )  # type: ignore[arg-type]
+    store = probekit.open_store(res.store_path)
+    n_layers = store.meta["config"]["layers"]
+    for split in ("train", "test"):
+        ref = _reference(name, spec, split, n_layers, pools)
+        assert set(ref) == set(store.feature_names)
+        for key, want in ref.items():
+            got = store.features(split, key)
+            assert got.dtype == np.dtype(dtype)
+            tol = 1e-4 if dtype == "float32" else 2e-3
+            np.testing.assert_allclose(
+                got.astype(np.float64),
+                want,
+                rtol=tol,
+                atol=tol * (np.abs(want).max() + 1e-3),
+                err_msg=key,
+            )
+        assert store.labels(split).tolist() == load_dataset(spec).splits[split].labels.tolist()
+
+
+def test_rerun_is_a_cache_hit_and_other_configs_are_not(cache_dir: Path) -> None:
+    first = probekit.extract("test_vit", "synthetic:2", random_init=True, **SMALL)
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(first.store_path).rglob("*")}
+    again = probekit.extract("test_vit", "synthetic:2", random_init=True, **SMALL)
+    assert again.cache_hit and again.store_path == first.store_path
+    assert {p: p.stat().st_mtime_ns for p in Path(first.store_path).rglob("*")} == mtimes
+    other = probekit.extract("test_vit", "synthetic:2", random_init=True, layers="last2", **SMALL)
+    assert not other.cache_hit and other.store_path != first.store_path
+    f32 = probekit.extract("test_vit", "synthetic:2", random_init=True, dtype="float32", **SMALL)
+    assert f32.store_path not in (first.store_path, other.store_path)
+    assert len(probekit.list_stores(cache_dir)) == 3
+
+
+def test_store_opens_with_plain_zarr() -> None:
+    res = probekit.extract("test_resnet", "synthetic:2", random_init=True, pool="mean", **SMALL)
+    g = zarr.open_group(res.store_path, mode="r")
+    meta = g.attrs["probekit"]
+    assert meta["status"] == "complete" and meta["class_names"] == [f"class{i}" for i in range(4)]
+    feats = g["train/head/embed"][:]
+    assert feats.shape == (4, meta["feature_dims"]["head/embed"]) and feats.dtype == np.float16
+    assert g["test/labels"][:].tolist() == [0, 1, 2, 3]
+    assert all(g["train/done"][:])
+
+
+def test_cls_pool_on_a_cnn_falls_back_to_mean() -> None:
+    with pytest.warns(ProbekitWarning, match="needs a class token"):
+        assert parse_pools("cls", has_class_token=False)[0] == ("mean",)
+    assert parse_pools("cls,mean", has_class_token=False)[0] == ("mean",)  # silent: mean asked
+    assert parse_pools("cls+mean,gem", has_class_token=True)[0] == ("cls+mean", "gem")
+
+
+def test_invalid_images_are_listed_not_fatal(image_folder: Path) -> None:
+    bad = image_folder / "train" / "cat"
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image")
+    good = (image_folder / "train" / "dog" / "0.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    spec = f"imagefolder:{image_folder}"
+    res = probekit.extract("test_resnet", spec, random_init=True, pool="mean", **SMALL)
+    store = probekit.open_store(res.store_path)
+    invalid = dict(store.invalid("train"))
+    assert {Path(p).name for p in invalid} >= {"zero.jpg", "text.jpg"}
+    assert all(reason for reason in invalid.values())
+    assert res.invalid == len(invalid) and store.meta["invalid"] == len(invalid)
+    valid = store.valid("train")
+    feats = store.features("train", "head/embed")
+    assert not feats[~valid].any() and feats[valid].any()
+    with pytest.raises(InvalidImageError, match="strict"):
+        probekit.extract(
+            "test_resnet", spec, random_init=True, pool="mean", strict=True, overwrite=True, **SMALL
+        )
+
+
+def test_changed_dataset_is_detected(image_folder: Path) -> None:
+    spec = f"imagefolder:{image_folder}"
+    probekit.extract("test_resnet", spec, random_init=True, pool="mean", **SMALL)
+    (image_folder / "test" / "cat" / "new.png").write_bytes(
+        (image_folder / "test" / "cat" / "1.png").read_bytes()
+    )
+    with pytest.raises(StoreError, match="changed since"):
+        probekit.extract("test_resnet", spec, random_init=True, pool="mean", **SMALL)
+    res = probekit.extract(
+        "test_resnet", spec, random_init=True, pool="mean", overwrite=True, **SMALL
+    )
+    assert probekit.open_store(res.store_path).meta["splits"]["test"] == 5
+
+
+def test_fp16_overflow_is_kept_in_float32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet")
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    sd["layer4.0.downsample.2.weight"] *= (
+        1e7  # the last stage and the pooled embedding blow past fp16's 65504
+    )
+    path = tmp_path / "huge.safetensors"
+    save_file(sd, str(path))
+    with pytest.warns(ProbekitWarning, match="overflows float16"):
+        res = probekit.extract("test_resnet", "synthetic:2", weights=path, pool="mean", **SMALL)
+    store = probekit.open_store(res.store_path)
+    assert "head/embed" in store.meta["float32_features"]
+    feats = store.features("train", "head/embed")
+    assert feats.dtype == np.float32 and np.isfinite(feats).all() and np.abs(feats).max() > 65504
+    assert store.features("train", "layer1/mean").dtype == np.float16  # untouched layers stay
+
+
+KILLER = """
+import os, signal, sys
+from probekit.cache.store import FeatureStore
+real, calls = FeatureStore.write_chunk, [0]
+def write_chunk(self, split, chunk, chunk_rows, columns):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT"]):
+        name = next(iter(columns))
+        self._node(f"{split}/{name}")[chunk * chunk_rows] = columns[name][:1]  # half a chunk
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, split, chunk, chunk_rows, columns)
+FeatureStore.write_chunk = write_chunk
+from probekit.cli import main
+sys.argv = ["probekit"] + sys.argv[1:]
+main()
+"""
+
+
+def _arrays(path: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, arr in _walk(zarr.open_group(path, mode="r")):
+        values = np.asarray(arr[:])
+        out[key] = values.tobytes() if values.dtype.kind in "biuf" else values.tolist()
+    return out
+
+
+def _chunk_files(path: str) -> dict[str, bytes]:
+    """Every file of the store but the root metadata (which holds timestamps)."""
+    root = Path(path)
+    return {
+        str(f.relative_to(root)): f.read_bytes()
+        for f in root.rglob("*")
+        if f.is_file() and f.relative_to(root) != Path("zarr.json")
+    }
+
+
+def _walk(g: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]:
+    out = []
+    for name, node in g.members():
+        if isinstance(node, zarr.Group):
+            out += _walk(node, f"{prefix}{name}/")
+        else:
+            out.append((f"{prefix}{name}", node))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [1, 3, 5])
+def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) -> None:
+    args = [
+        "extract",
+        "-b",
+        "test_vit",
+        "-d",
+        "synthetic:6",
+        "--random-init",
+        "--chunk-rows",
+        "4",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
+    clean = probekit.extract(
+        "test_vit",
+        "synthetic:6",
+        random_init=True,
+        chunk_rows=4,
+        batch_size=2,
+        num_workers=0,
+        quiet=True,
+        cache_dir=tmp_path / "clean",
+    )
+    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "killed"), "KILL_AT": str(kill_at)}
+    run = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True)
+    assert run.returncode == -9, run.stderr.decode()[-2000:]
+    path = next((tmp_path / "killed").glob("*/*.zarr"))
+    with pytest.raises(StoreError, match="incomplete"):
+        probekit.open_store(path)
+    done_before = int(
+        sum(zarr.open_group(str(path))[f"{s}/done"][:].sum() for s in ("train", "test"))
+    )
+    assert done_before == kill_at - 1  # the half-written chunk is not counted as done
+    env["KILL_AT"] = "0"
+    rerun = subprocess.run(
+        [sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed ({done_before} chunks were done)" in rerun.stdout or done_before == 0
+    assert _arrays(str(path)) == _arrays(clean.store_path)
+    assert _chunk_files(str(path)) == _chunk_files(clean.store_path)
