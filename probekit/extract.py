@@ -400,11 +400,7 @@ def extract(
         else:
             store.remove_partial_files()
         chunk_rows = int(store.meta["chunk_rows"])
-        resumed = sum(
-            len(ds.splits[s])
-            and (-(-len(ds.splits[s]) // chunk_rows)) - len(store.pending_chunks(s))
-            for s in ds.splits
-        )
+        resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         geometry = geometry_transform(dict(bb.data_config))
         workers = _default_workers() if num_workers is None else num_workers
         done_images = 0
@@ -449,14 +445,18 @@ def extract(
 
 def _open_existing(path: Path, ds: Dataset) -> FeatureStore | None:
     """The store at `path` if it can be reused or resumed; None when it must be rebuilt."""
-    from probekit.cache.store import open_store
+    from probekit.cache.store import META_KEY, open_store
 
     try:
         store = open_store(path, allow_partial=True)
     except StoreError:
-        if (path / "zarr.json").exists():
+        try:  # the metadata is written last: without it, creation was interrupted
+            interrupted = META_KEY not in zarr.open_group(str(path), mode="r").attrs
+        except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+            interrupted = True
+        if not interrupted:
             raise
-        return None  # a directory a killed run left before writing any metadata
+        return None
     recorded = store.meta.get("dataset", {}).get("fingerprint")
     if recorded != ds.fingerprint:
         state = "complete" if store.is_complete else "partial"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,21 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) ->
     assert f"resumed ({done_before} chunks were done)" in rerun.stdout or done_before == 0
     assert _arrays(str(path)) == _arrays(clean.store_path)
     assert _chunk_files(str(path)) == _chunk_files(clean.store_path)
+
+
+def test_store_interrupted_before_its_metadata_is_rebuilt(cache_dir: Path) -> None:
+    first = probekit.extract("test_resnet", "synthetic:2", random_init=True, pool="mean", **SMALL)
+    want = _arrays(first.store_path)
+    path = Path(first.store_path)
+    shutil.rmtree(path)
+    zarr.open_group(str(path), mode="w").create_array("junk", shape=(1,), dtype="int8")
+    again = probekit.extract("test_resnet", "synthetic:2", random_init=True, pool="mean", **SMALL)
+    assert not again.cache_hit and _arrays(again.store_path) == want
+
+
+@pytest.mark.network
+def test_hub_backbone_extracts_when_online() -> None:
+    res = probekit.extract("dino_vits16", "digits", layers="last", quiet=True)
+    store = probekit.open_store(res.store_path)
+    assert store.meta["weights"]["source"] == "hub"
+    assert store.features("train", "layer11/cls").shape == (1437, 384)

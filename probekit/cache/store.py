@@ -272,6 +272,9 @@ class FeatureStore:
             overwrite=True,
         )
 
+    def num_chunks(self, split: str) -> int:
+        return int(self._array(split, "done").shape[0])
+
     def pending_chunks(self, split: str) -> list[int]:
         done = np.asarray(self._array(split, "done")[:])
         return [int(i) for i in np.flatnonzero(~done)]
