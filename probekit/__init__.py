@@ -16,6 +16,7 @@ from probekit.cache import FeatureStore, StoreSummary, list_stores, open_store
 from probekit.data import Dataset, load_dataset
 from probekit.errors import ProbekitError, ProbekitWarning
 from probekit.extract import ExtractResult, extract
+from probekit.knn import KnnRecord, KnnResult, knn
 
 __all__ = [
     "ALIASES",
@@ -24,6 +25,8 @@ __all__ = [
     "Dataset",
     "ExtractResult",
     "FeatureStore",
+    "KnnRecord",
+    "KnnResult",
     "ProbekitError",
     "ProbekitWarning",
     "StoreSummary",
@@ -31,6 +34,7 @@ __all__ = [
     "__version__",
     "create_backbone",
     "extract",
+    "knn",
     "list_backbones",
     "list_stores",
     "load_dataset",

@@ -24,6 +24,8 @@ from probekit.extract import (
 from probekit.extract import (
     extract as extract_features,
 )
+from probekit.knn import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
+from probekit.knn import knn as run_knn
 
 __all__ = ["app", "main"]
 
@@ -181,6 +183,87 @@ def extract(
         for split in store.splits:
             for image_id, reason in store.invalid(split)[:20]:
                 out.print(f"  invalid ({split}): {image_id}: {reason}")
+
+
+@app.command(name="knn")
+def knn_cmd(
+    store: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
+    ] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", "-b")] = None,  # noqa: UP045
+    data: Annotated[Optional[str], typer.Option("--data", "-d")] = None,  # noqa: UP045
+    layers: Annotated[str, typer.Option(help="Layers to extract (see extract).")] = DEFAULT_LAYERS,
+    pool: Annotated[str, typer.Option(help="Pools to extract (see extract).")] = DEFAULT_POOLS,
+    weights: Annotated[Optional[Path], typer.Option(help="Local weights file.")] = None,  # noqa: UP045
+    random_init: Annotated[bool, typer.Option(help="Random (seeded) weights.")] = False,
+    img_size: Annotated[Optional[int], typer.Option(help="Input resolution.")] = None,  # noqa: UP045
+    k: Annotated[str, typer.Option("--k", help="Neighbour counts, one search at the largest.")] = (
+        ",".join(map(str, DEFAULT_KS))
+    ),
+    temperature: Annotated[
+        float, typer.Option(help="T of the exp(s/T) vote.")
+    ] = DEFAULT_TEMPERATURE,
+    vote: Annotated[str, typer.Option(help="weighted (DINO), majority, or both.")] = "weighted",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Stored features to evaluate, e.g. layer11/cls,head/embed [default: all]."
+        ),
+    ] = None,
+    train_split: Annotated[str, typer.Option(help="Database split.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Query split.")] = "test",
+    retrieval: Annotated[
+        bool, typer.Option(help="Rank the whole gallery: mAP, mAP@R, MRR, P@k, R@k.")
+    ] = False,
+    backend: Annotated[str, typer.Option(help="auto, faiss, faiss-gpu or torch.")] = "auto",
+    memory_mb: Annotated[
+        int, typer.Option(help="Block budget for streaming the database.")
+    ] = DEFAULT_MEMORY_MB,
+    cache_dir: CacheDir = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """kNN classification (DINO protocol) or retrieval on cached features, every layer and pool."""
+    if store is None:
+        if not backbone or not data:
+            raise ProbekitError("give a STORE path, or --backbone and --data.")
+        res = extract_features(
+            backbone,
+            data,
+            layers=layers,
+            pool=pool,
+            weights=weights,
+            random_init=random_init,
+            img_size=img_size,
+            cache_dir=cache_dir,
+            quiet=quiet,
+        )
+        out.print(res.summary())
+        store = Path(res.store_path)
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise ProbekitError(f"--k takes integers such as 10,20,100,200, not {k!r}.") from None
+    if vote not in ("weighted", "majority", "both"):
+        raise ProbekitError(f"unknown vote {vote!r}; use weighted, majority or both.")
+    result = run_knn(
+        store,
+        ks=ks,
+        temperature=temperature,
+        vote_method=vote,  # type: ignore[arg-type]
+        features=features.split(",") if features else None,
+        train_split=train_split,
+        test_split=test_split,
+        retrieval=retrieval,
+        backend=backend,
+        memory_mb=memory_mb,
+    )
+    rows = result.table()
+    table = Table(*rows[0], title=f"kNN ({result.backend}), {test_split} vs {train_split}")
+    for row in rows[1:]:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"records: {result.path}")
 
 
 @app.command()

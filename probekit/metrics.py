@@ -1,0 +1,113 @@
+"""Classification and retrieval metrics: top-k, balanced and per-class accuracy, mAP, MRR."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+__all__ = [
+    "RetrievalMetrics",
+    "balanced_accuracy",
+    "per_class_accuracy",
+    "retrieval_metrics",
+    "topk_accuracy",
+]
+
+
+def topk_accuracy(ranked: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the first k columns of `ranked` (Q, >=k)."""
+    if len(labels) == 0:
+        return float("nan")
+    return float((ranked[:, :k] == labels[:, None]).any(axis=1).mean())
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Recall of each class (NaN for classes absent from `labels`)."""
+    total = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    hits = np.bincount(labels[pred == labels], minlength=n_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, hits / np.maximum(total, 1), np.nan)
+
+
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """Mean per-class recall over the classes present in `labels` (scikit-learn's definition)."""
+    per_class = per_class_accuracy(pred, labels, n_classes)
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    """Sums over queries with at least one relevant gallery item; divide by `n` for means."""
+
+    ap: float
+    ap_at_r: float
+    rr: float
+    precision_at: dict[int, float]
+    recall_at: dict[int, float]
+    n: int
+
+
+@numba.njit(cache=True)
+def _rank_metrics(
+    relevant: np.ndarray, n_relevant: np.ndarray, ks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-query AP, AP@R, reciprocal rank, precision@k, recall@k from ranked relevance."""
+    q, n = relevant.shape
+    ap, ap_r, rr = np.zeros(q), np.zeros(q), np.zeros(q)
+    prec, rec = np.zeros((q, len(ks))), np.zeros((q, len(ks)))
+    for i in range(q):
+        r = n_relevant[i]
+        if r == 0:
+            continue
+        hits = 0
+        for j in range(n):
+            if relevant[i, j]:
+                hits += 1
+                p = hits / (j + 1)
+                ap[i] += p
+                if j < r:
+                    ap_r[i] += p
+                if hits == 1:
+                    rr[i] = 1.0 / (j + 1)
+            for t in range(len(ks)):
+                if j + 1 == ks[t]:
+                    prec[i, t] = hits / ks[t]
+                    rec[i, t] = hits / r
+        ap[i] /= r
+        ap_r[i] /= r
+        for t in range(len(ks)):
+            if ks[t] > n:  # fewer gallery items than k: all of them are retrieved
+                prec[i, t] = hits / ks[t]
+                rec[i, t] = hits / r
+    return ap, ap_r, rr, prec, rec
+
+
+def retrieval_metrics(
+    order: np.ndarray,
+    gallery_labels: np.ndarray,
+    query_labels: np.ndarray,
+    ks: tuple[int, ...],
+    queries_in_gallery: bool = False,
+) -> RetrievalMetrics:
+    """Metrics of full rankings `order` (Q, N') of gallery indices, best first.
+
+    Relevant = same label. With `queries_in_gallery` each query is a gallery item left out of
+    its own ranking, and so of its relevant count. Queries without any relevant gallery item
+    are left out (n).
+    """
+    relevant = gallery_labels[order] == query_labels[:, None]
+    counts = np.bincount(gallery_labels, minlength=int(query_labels.max(initial=0)) + 1)
+    n_relevant = counts[query_labels] - int(queries_in_gallery)
+    ks_arr = np.array(sorted(ks), dtype=np.int64)
+    ap, ap_r, rr, prec, rec = _rank_metrics(relevant, n_relevant.astype(np.int64), ks_arr)
+    keep = n_relevant > 0
+    return RetrievalMetrics(
+        ap=float(ap[keep].sum()),
+        ap_at_r=float(ap_r[keep].sum()),
+        rr=float(rr[keep].sum()),
+        precision_at={int(k): float(prec[keep, t].sum()) for t, k in enumerate(ks_arr)},
+        recall_at={int(k): float(rec[keep, t].sum()) for t, k in enumerate(ks_arr)},
+        n=int(keep.sum()),
+    )

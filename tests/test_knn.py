@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+from typer.testing import CliRunner
+
+import probekit
+from probekit.cli import app
+from probekit.errors import ProbekitError
+from probekit.knn import l2_normalize, search, vote
+
+BACKENDS = ["faiss", "torch"]
+
+
+def _data(seed: int, n: int = 400, q: int = 60, d: int = 16, classes: int = 7):
+    rng = np.random.default_rng(seed)
+    db = l2_normalize(rng.normal(size=(n, d)))
+    qs = l2_normalize(rng.normal(size=(q, d)))
+    return db, qs, rng.integers(0, classes, n), rng.integers(0, classes, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_mb", [0, 1, 512])  # 0: one database row per block
+def test_search_equals_brute_force(backend: str, memory_mb: int) -> None:
+    db, qs, _, _ = _data(0)
+    sims, idx = search(qs, db, 25, backend=backend, memory_mb=memory_mb)
+    full = qs @ db.T
+    want = np.argsort(-full, axis=1)[:, :25]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_allclose(sims, np.take_along_axis(full, want, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_search_streams_blocks_and_excludes_self() -> None:
+    db, _, _, _ = _data(1, n=97)
+    blocks = ((s, db[s : s + 10]) for s in range(0, len(db), 10))
+    _, idx = search(db, blocks, 5, backend="faiss", exclude=np.arange(len(db)))
+    full = db @ db.T
+    np.fill_diagonal(full, -np.inf)
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :5])
+    assert not (idx == np.arange(len(db))[:, None]).any()
+
+
+def test_fewer_queries_than_any_block_and_k_too_large() -> None:
+    db, qs, _, _ = _data(2, n=30, q=3)
+    _, idx = search(qs, db, 30, backend="faiss")
+    assert idx.shape == (3, 30) and sorted(idx[0]) == list(range(30))
+    with pytest.raises(ProbekitError, match="larger than the database"):
+        search(qs, db, 31, backend="faiss")
+    with pytest.raises(ProbekitError, match="besides the query itself"):
+        search(db, db, 30, backend="faiss", exclude=np.arange(30))
+
+
+def test_weighted_vote_equals_the_dino_formula() -> None:
+    rng = np.random.default_rng(3)
+    q, kmax, c, t = 50, 40, 9, 0.07
+    sims = np.sort(rng.uniform(-1, 1, size=(q, kmax)), axis=1)[:, ::-1].astype(np.float32)
+    labels = rng.integers(0, c, size=(q, kmax))
+    ranked = vote(labels, sims, [1, 5, 20, 40], c, t, "weighted")
+    for k in (1, 5, 20, 40):
+        onehot = np.eye(c)[labels[:, :k]]  # (q, k, c)
+        scores = (onehot * np.exp(sims[:, :k, None].astype(np.float64) / t)).sum(1)
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        np.testing.assert_array_equal(ranked[k][:, : min(5, c)], want)
+
+
+@pytest.mark.parametrize("k", [1, 4, 10, 33])
+def test_majority_vote_equals_scikit_learn(k: int) -> None:
+    db, qs, db_y, _ = _data(4, n=300, q=80, classes=5)
+    sims, idx = search(qs, db, k, backend="faiss")
+    ours = vote(db_y[idx], sims, [k], 5, method="majority")[k][:, 0]
+    ref = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine").fit(db, db_y)
+    np.testing.assert_array_equal(ours, ref.predict(qs))
+
+
+def _brute_retrieval(sims: np.ndarray, gy: np.ndarray, qy: np.ndarray) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for i in range(len(qy)):
+        order = [j for j in np.argsort(-sims[i], kind="stable") if np.isfinite(sims[i, j])]
+        rel = [gy[j] == qy[i] for j in order]
+        r = sum(rel)
+        if r == 0:
+            continue
+        precs = [sum(rel[: j + 1]) / (j + 1) for j in range(len(rel)) if rel[j]]
+        out.setdefault("mAP", []).append(sum(precs) / r)
+        out.setdefault("mAP@R", []).append(
+            sum(sum(rel[: j + 1]) / (j + 1) for j in range(r) if rel[j]) / r
+        )
+        out.setdefault("MRR", []).append(1 / (rel.index(True) + 1))
+        for k in (1, 5, 10):
+            out.setdefault(f"precision@{k}", []).append(sum(rel[:k]) / k)
+            out.setdefault(f"recall@{k}", []).append(sum(rel[:k]) / r)
+    return {key: float(np.mean(v)) for key, v in out.items()}
+
+
+@pytest.mark.parametrize("same_split", [False, True])
+def test_retrieval_metrics_equal_brute_force(same_split: bool) -> None:
+    db, qs, db_y, q_y = _data(5, n=120, q=40, classes=6)
+    if same_split:
+        qs, q_y = db, db_y
+    res = probekit.knn(
+        (db, db_y, qs, q_y),
+        retrieval=True,
+        write=False,
+        train_split="train",
+        test_split="train" if same_split else "test",
+    )
+    sims = qs @ db.T
+    if same_split:
+        np.fill_diagonal(sims, -np.inf)
+    want = _brute_retrieval(sims, db_y, q_y)
+    got = {r.metric: r.value for r in res.records}
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+def test_knn_on_a_store_writes_records(cache_dir: Path) -> None:
+    ext = probekit.extract(
+        "test_vit",
+        "synthetic:8",
+        random_init=True,
+        layers="last2",
+        pool="cls,mean",
+        chunk_rows=8,
+        num_workers=0,
+        quiet=True,
+    )
+    with pytest.raises(ProbekitError, match="larger than the database"):
+        probekit.knn(ext.store_path, ks=[1, 200])
+    res = probekit.knn(ext.store_path, ks=[1, 3, 24], vote_method="both")
+    assert res.path is not None and Path(res.path).parent == Path(ext.store_path).parent
+    lines = [json.loads(x) for x in Path(res.path).read_text().splitlines()]
+    assert len(lines) == len(res.records)
+    features = {f"{r['layer']}/{r['pool']}" for r in lines}
+    assert features == {"layer4/cls", "layer4/mean", "layer5/cls", "layer5/mean", "head/embed"}
+    store = probekit.open_store(ext.store_path)
+    # recompute one number independently: majority vote, k=3, from the stored arrays
+    tr, te = store.features("train", "layer5/mean"), store.features("test", "layer5/mean")
+    ref = KNeighborsClassifier(n_neighbors=3, algorithm="brute", metric="cosine")
+    acc = (ref.fit(tr, store.labels("train")).predict(te) == store.labels("test")).mean()
+    assert res.value("top1", layer="layer5", pool="mean", k=3, vote="majority") == acc
+    assert res.value("top5", layer="layer5", pool="mean", k=24, vote="weighted") == 1.0
+
+
+def test_knn_cli(cache_dir: Path) -> None:
+    runner = CliRunner()
+    args = [
+        "knn",
+        "-b",
+        "test_resnet",
+        "-d",
+        "synthetic:8",
+        "--random-init",
+        "--pool",
+        "mean",
+        "--layers",
+        "last",
+        "--k",
+        "1,5",
+        "--quiet",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "kNN (faiss), test vs train" in res.output and "head/embed" in res.output
+    assert "records: " in res.output
+    res = runner.invoke(app, [*args[:-3], "--k", "500"])
+    assert res.exit_code == 1 and "larger than the database" in res.output
+    res = runner.invoke(app, ["knn"])
+    assert res.exit_code == 1 and "--backbone and --data" in res.output
+
+
+@pytest.mark.slow
+def test_pretrained_effnet_lite0_beats_random_init_on_mnist5k() -> None:
+    kw = dict(img_size=64, layers="last", pool="mean", quiet=True)
+    accs = {}
+    for random_init in (False, True):
+        ext = probekit.extract("effnet_lite0", "mnist5k", random_init=random_init, **kw)
+        res = probekit.knn(ext.store_path, ks=[20], features=["head/embed"])
+        accs[random_init] = res.value("top1", k=20)
+    assert accs[False] > accs[True] + 0.05, accs
+    assert accs[False] > 0.85, accs
