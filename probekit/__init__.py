@@ -1,22 +1,34 @@
-"""probekit: which pretrained vision backbone should I use? Cached features, kNN and probes."""
+"""probekit: which pretrained vision backbone should I use? Cached features, kNN and probes.
+
+The parts that need torch and timm (backbones, data, extract) load on first use, so evaluating
+cached features (kNN, probes on stores) does not pay for importing them.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import Any
+
+from probekit.cache import FeatureStore, StoreSummary, list_stores, open_store
+from probekit.errors import ProbekitError, ProbekitWarning
+from probekit.knn import KnnRecord, KnnResult, knn
+
 __version__ = "0.1.0"
 
-from probekit.backbones import (
-    ALIASES,
-    Backbone,
-    BackboneInfo,
-    WeightsInfo,
-    create_backbone,
-    list_backbones,
-)
-from probekit.cache import FeatureStore, StoreSummary, list_stores, open_store
-from probekit.data import Dataset, load_dataset
-from probekit.errors import ProbekitError, ProbekitWarning
-from probekit.extract import ExtractResult, extract
-from probekit.knn import KnnRecord, KnnResult, knn
+_LAZY = {
+    "ALIASES": "probekit.backbones",
+    "Backbone": "probekit.backbones",
+    "BackboneInfo": "probekit.backbones",
+    "WeightsInfo": "probekit.backbones",
+    "create_backbone": "probekit.backbones",
+    "list_backbones": "probekit.backbones",
+    "Dataset": "probekit.data",
+    "load_dataset": "probekit.data",
+    "ExtractResult": "probekit.extract",
+    "extract": "probekit.extract",
+}
 
 __all__ = [
     "ALIASES",
@@ -40,3 +52,28 @@ __all__ = [
     "load_dataset",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'probekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets it as an attribute of its package; where the API has a
+    function of the same name (`probekit.extract`, `probekit.knn`), the function stays."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and (name in _LAZY or name == "knn"):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

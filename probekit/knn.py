@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,9 +44,8 @@ Vote = Literal["weighted", "majority"]
 def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
     """auto: GPU FAISS on CUDA when installed, else torch on CUDA, else FAISS on the CPU."""
     import faiss
-    import torch
 
-    cuda = torch.cuda.is_available() and device != "cpu"
+    cuda = device != "cpu" and _cuda_available()
     gpu_faiss = cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if backend == "auto":
         return "faiss-gpu" if gpu_faiss else "torch" if cuda else "faiss"
@@ -58,11 +58,21 @@ def resolve_backend(backend: str = "auto", device: str = "auto") -> str:
     return backend
 
 
+def _cuda_available() -> bool:
+    """CUDA through torch, without importing torch (hundreds of MB) on machines with no driver."""
+    if "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia/version"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm in float32 (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    out: np.ndarray = x / np.maximum(norms, 1e-12)
+    """Rows scaled to unit L2 norm, as a new float32 array (zero rows stay zero)."""
+    out = np.array(x, dtype=np.float32)  # the one copy; the rest is in place
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    out /= norms
     return out
 
 
@@ -293,7 +303,7 @@ def _stream(
     first = 0
     for start, block in store.iter_features(split, name, rows=rows):
         mask = keep[start : start + len(block)]
-        part = l2_normalize(block[mask])
+        part = l2_normalize(block if mask.all() else block[mask])
         yield first, part
         first += len(part)
 
@@ -371,7 +381,10 @@ def knn(
             db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
             queries = l2_normalize(store.features(test_split, name)[q_keep])
             dim = int(meta["feature_dims"][name])
+            # a block: float16 rows read + their float32 normalized copy; whole store chunks
+            chunk = int(meta["chunk_rows"])
             rows = max(1, memory_mb * 2**20 // (6 * dim + 4 * len(queries)))
+            rows = max(chunk, rows // chunk * chunk)
             database = _stream(store, train_split, name, rows, db_keep)
         exclude = np.arange(len(queries)) if same else None
         if retrieval:
