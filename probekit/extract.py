@@ -532,14 +532,15 @@ def _run(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probekit-writer")
     inflight: list[Future[None]] = []
     processed = 0
+    console = Console(stderr=True)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=quiet,
+        console=console,
+        disable=quiet or not console.is_terminal,  # a live bar only where someone watches
         transient=True,
     )
     t_start = time.perf_counter()

@@ -281,7 +281,7 @@ class KnnResult:
         retrieval metrics."""
         rows: dict[tuple[str, str, str], dict[str, str]] = {}
         for r in self.records:
-            if r.metric in ("per_class",):
+            if r.metric == "worst_class_accuracy":
                 continue
             key = (f"{r.layer}/{r.pool}", r.vote, r.metric)
             col = f"k={r.k}" if r.k else "-"
@@ -330,7 +330,8 @@ def knn(
     `source`: a feature store (or its path), or arrays (train_x, train_y, test_x, test_y).
     Cosine similarity on L2-normalized features; all k from one search at max(k); the query
     itself is excluded when both splits are the same. `retrieval=True` ranks the whole gallery
-    instead and reports mAP, mAP@R, MRR, precision@k and recall@k (same label = relevant).
+    instead and reports mAP, mAP@R, MRR, precision@k and recall@k (same label = relevant); a
+    store with `query` and `gallery` splits is evaluated that way by default.
     Records are written as JSON Lines next to the store.
     """
     ks = sorted({int(k) for k in ks})
@@ -357,10 +358,15 @@ def knn(
         unknown = [n for n in names if n not in store.feature_names]
         if unknown:
             raise ProbekitError(f"unknown features {unknown}; the store has {store.feature_names}.")
+        n_classes = len(store.class_names)
+        if {"query", "gallery"} <= set(store.splits) and (train_split, test_split) == (
+            "train",
+            "test",
+        ):  # a retrieval dataset: rank the gallery for each query
+            train_split, test_split, retrieval = "gallery", "query", True
         for s in (train_split, test_split):
             if s not in store.splits:
                 raise ProbekitError(f"store has no split {s!r}; it has {', '.join(store.splits)}.")
-        n_classes = len(store.class_names)
     records: list[KnnRecord] = []
     base = {
         "backbone": meta["backbone"]["name"],
@@ -410,17 +416,7 @@ def knn(
                         metric="balanced_accuracy",
                         value=balanced_accuracy(r[:, 0], q_y, n_classes),
                     ),
-                    KnnRecord(
-                        **common,
-                        metric="per_class",
-                        value=float("nan"),
-                        extra={
-                            "per_class": [
-                                None if np.isnan(a) else float(a)
-                                for a in per_class_accuracy(r[:, 0], q_y, n_classes)
-                            ]
-                        },
-                    ),
+                    _per_class_record(common, r[:, 0], q_y, n_classes),
                 ]
     path = None
     if write and store is not None:
@@ -433,6 +429,20 @@ def knn(
                 f.write(json.dumps({**rec.to_dict(), "backend": backend}) + "\n")
         Path(tmp).replace(path)
     return KnnResult(records, backend, path)
+
+
+def _per_class_record(
+    common: dict[str, Any], pred: np.ndarray, labels: np.ndarray, n_classes: int
+) -> KnnRecord:
+    """The worst class's accuracy as the value; every class's accuracy (None: absent) in extra."""
+    per_class = per_class_accuracy(pred, labels, n_classes)
+    present = per_class[np.isfinite(per_class)]
+    return KnnRecord(
+        **common,
+        metric="worst_class_accuracy",
+        value=float(present.min()) if len(present) else float("nan"),
+        extra={"per_class": [None if np.isnan(a) else float(a) for a in per_class]},
+    )
 
 
 def _retrieval(

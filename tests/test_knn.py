@@ -183,3 +183,42 @@ def test_pretrained_effnet_lite0_beats_random_init_on_mnist5k() -> None:
         accs[random_init] = res.value("top1", k=20)
     assert accs[False] > accs[True] + 0.05, accs
     assert accs[False] > 0.85, accs
+
+
+def test_query_gallery_splits_mean_retrieval(image_folder: Path) -> None:
+    (image_folder / "train").rename(image_folder / "gallery")
+    (image_folder / "test").rename(image_folder / "query")
+    ext = probekit.extract(
+        "test_resnet",
+        f"imagefolder:{image_folder}",
+        random_init=True,
+        pool="mean",
+        layers="last",
+        num_workers=0,
+        quiet=True,
+    )
+    res = probekit.knn(ext.store_path)
+    metrics = {r.metric for r in res.records}
+    assert metrics == {
+        "mAP",
+        "mAP@R",
+        "MRR",
+        "precision@1",
+        "precision@5",
+        "precision@10",
+        "recall@1",
+        "recall@5",
+        "recall@10",
+    }
+    assert all(r.split == "query" and r.n == 4 for r in res.records)
+    assert all(0.0 <= r.value <= 1.0 for r in res.records)
+
+
+def test_worst_class_record_holds_every_class() -> None:
+    db, qs, db_y, q_y = _data(6, n=200, q=90, classes=4)
+    res = probekit.knn((db, db_y, qs, q_y), ks=[5], write=False)
+    worst = next(r for r in res.records if r.metric == "worst_class_accuracy")
+    per_class = worst.extra["per_class"]
+    assert len(per_class) == 4 and worst.value == min(per_class)
+    balanced = res.value("balanced_accuracy", k=5)
+    assert balanced == pytest.approx(np.mean(per_class))

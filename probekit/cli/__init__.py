@@ -49,8 +49,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup off: messages hold user paths and specs, where [brackets] must print as they are
+out = Console(
+    highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160
+)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 CacheDir = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.10
@@ -271,12 +274,13 @@ def demo(
     cache_dir: CacheDir = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Offline demo on built-in defaults: packaged ImageNet EfficientNet-Lite0 vs random init."""
+    """Offline demo: packaged ImageNet EfficientNet-Lite0 vs random init, extract + kNN."""
     from probekit.demo import run_demo
 
     runs = run_demo(cache_dir=cache_dir, quiet=quiet, report=out.print)
     out.print(
-        f"{len(runs)} feature stores under {cache_root(cache_dir)}; list them with `probekit ls`."
+        f"{len(runs)} feature stores and their kNN records (*.jsonl) under "
+        f"{cache_root(cache_dir)}; list them with `probekit ls`."
     )
 
 
