@@ -60,6 +60,28 @@ CacheDir = Annotated[
     typer.Option("--cache-dir", help="Cache root [default: $PROBEKIT_CACHE or ~/.cache/probekit]."),
 ]
 
+# options shared by the commands that may extract (same names as the Python API's parameters)
+LayersOpt = Annotated[
+    str, typer.Option(help="last, lastN, all, or block indices (e.g. 3,-1); head is always kept.")
+]
+PoolOpt = Annotated[
+    str,
+    typer.Option(
+        help="Any of cls, mean, cls+mean, gem (comma list). On models without a class token "
+        "cls falls back to mean (a warning when mean was not asked)."
+    ),
+]
+WeightsOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(help="Local weights: .safetensors, or .pth/.pt of tensors (weights_only)."),
+]
+RandomInitOpt = Annotated[bool, typer.Option(help="Random (seeded) weights, a baseline.")]
+ImgSizeOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Override the input resolution."),
+]
+QuietOpt = Annotated[bool, typer.Option(help="No progress bar.")]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -115,25 +137,11 @@ def extract(
             help="imagefolder:PATH, csv:FILE, mnist5k, digits, lfw-faces, synthetic[:N].",
         ),
     ],
-    layers: Annotated[
-        str,
-        typer.Option(help="last, lastN, all, or block indices (e.g. 3,-1); head is always kept."),
-    ] = DEFAULT_LAYERS,
-    pool: Annotated[
-        str,
-        typer.Option(
-            help="Any of cls, mean, cls+mean, gem (comma list). On models without a "
-            "class token cls falls back to mean (a warning when mean was not asked)."
-        ),
-    ] = DEFAULT_POOLS,
-    weights: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(help="Local weights: .safetensors, or .pth/.pt of tensors (weights_only)."),
-    ] = None,
-    random_init: Annotated[bool, typer.Option(help="Random (seeded) weights, a baseline.")] = False,
-    img_size: Annotated[
-        Optional[int], typer.Option(help="Override the input resolution.")  # noqa: UP045
-    ] = None,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    pool: PoolOpt = DEFAULT_POOLS,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    img_size: ImgSizeOpt = None,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
@@ -155,7 +163,7 @@ def extract(
     overwrite: Annotated[
         bool, typer.Option(help="Discard an existing store and extract anew.")
     ] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Extract pooled multi-layer features into the Zarr feature cache (resumable, cache-aware)."""
     if dtype not in ("float16", "float32"):
@@ -194,13 +202,19 @@ def knn_cmd(
         Optional[Path],  # noqa: UP045
         typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
     ] = None,
-    backbone: Annotated[Optional[str], typer.Option("--backbone", "-b")] = None,  # noqa: UP045
-    data: Annotated[Optional[str], typer.Option("--data", "-d")] = None,  # noqa: UP045
-    layers: Annotated[str, typer.Option(help="Layers to extract (see extract).")] = DEFAULT_LAYERS,
-    pool: Annotated[str, typer.Option(help="Pools to extract (see extract).")] = DEFAULT_POOLS,
-    weights: Annotated[Optional[Path], typer.Option(help="Local weights file.")] = None,  # noqa: UP045
-    random_init: Annotated[bool, typer.Option(help="Random (seeded) weights.")] = False,
-    img_size: Annotated[Optional[int], typer.Option(help="Input resolution.")] = None,  # noqa: UP045
+    backbone: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--backbone", "-b", help="Alias or timm name[.tag] (with --data)."),
+    ] = None,
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--data", "-d", help="Dataset spec, as for extract (with --backbone)."),
+    ] = None,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    pool: PoolOpt = DEFAULT_POOLS,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    img_size: ImgSizeOpt = None,
     k: Annotated[str, typer.Option("--k", help="Neighbour counts, one search at the largest.")] = (
         ",".join(map(str, DEFAULT_KS))
     ),
@@ -224,7 +238,7 @@ def knn_cmd(
         int, typer.Option(help="Block budget for streaming the database.")
     ] = DEFAULT_MEMORY_MB,
     cache_dir: CacheDir = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """kNN classification (DINO protocol) or retrieval on cached features, every layer and pool."""
     if store is None:
