@@ -28,6 +28,9 @@ _LAZY = {
     "load_dataset": "probekit.data",
     "ExtractResult": "probekit.extract",
     "extract": "probekit.extract",
+    "ProbeRecord": "probekit.probes",
+    "ProbeResult": "probekit.probes",
+    "probe": "probekit.probes",
 }
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "FeatureStore",
     "KnnRecord",
     "KnnResult",
+    "ProbeRecord",
+    "ProbeResult",
     "ProbekitError",
     "ProbekitWarning",
     "StoreSummary",
@@ -51,6 +56,7 @@ __all__ = [
     "list_stores",
     "load_dataset",
     "open_store",
+    "probe",
 ]
 
 

@@ -41,3 +41,42 @@ def image_folder(tmp_path: Path) -> Path:
                     d / f"{i}.{'png' if i % 2 else 'jpg'}"
                 )
     return root
+
+
+def write_store(
+    path: Path,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    class_names: list[str],
+    feature: str = "head/embed",
+    backbone: str = "arrays",
+) -> Path:
+    """A complete feature store holding given arrays: splits = {name: (x (N, D), y (N,))}."""
+    from probekit.cache.store import FeatureStore, StoreConfig
+
+    dim = next(iter(splits.values()))[0].shape[1]
+    cfg = StoreConfig("arrays", backbone, "given", {}, (), (), "float32", "fp32")
+    meta = {
+        "dataset": {"spec": f"arrays:{path.name}", "fingerprint": "-"},
+        "backbone": {"name": backbone},
+        "weights": {"source": "given"},
+        "class_names": class_names,
+    }
+    n = max(len(y) for _, y in splits.values())
+    store = FeatureStore.create(
+        path, cfg, meta, {s: len(y) for s, (_, y) in splits.items()}, {feature: dim}, n, set()
+    )
+    for s, (x, y) in splits.items():
+        store.write_chunk(
+            s,
+            0,
+            n,
+            {
+                feature: x.astype(np.float32),
+                "labels": y,
+                "valid": np.ones(len(y), bool),
+                "ids": np.array([f"{s}{i}" for i in range(len(y))]),
+                "errors": np.array([""] * len(y)),
+            },
+        )
+    store.update_meta(status="complete")
+    return path

@@ -99,3 +99,34 @@ def test_demo_runs_offline_and_prints_knn(monkeypatch: pytest.MonkeyPatch, cache
     assert len(list(cache_dir.glob("lfw-faces/*.knn-*.jsonl"))) == 2
     again = runner.invoke(app, ["demo", "--quiet"])
     assert again.output.count("cache hit") == 2
+
+
+def test_probe_cli_with_transfer(cache_dir: Path) -> None:
+    args = [
+        "probe",
+        "-b",
+        "test_resnet",
+        "-d",
+        "synthetic:12",
+        "--random-init",
+        "--pool",
+        "mean",
+        "--layers",
+        "last",
+        "--epochs",
+        "2",
+        "--eval-on",
+        "synthetic:8",
+        "--quiet",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "selection on validation only" in res.output
+    assert res.output.count("synthetic:8") >= 3  # extracted, then one transfer row per method
+    records = list(cache_dir.glob("synthetic-12/*.probe-*.jsonl"))
+    assert len(records) == 1
+    rows = [json.loads(x) for x in records[0].read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"linear", "logreg"}
+    assert {r["dataset"] for r in rows if r["metric"] == "top1"} == {"synthetic:12", "synthetic:8"}
+    bad = runner.invoke(app, ["probe", "--method", "svm", *args[1:]])
+    assert bad.exit_code == 1 and "--method is linear, logreg or both" in bad.output

@@ -6,7 +6,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 import typer
 from rich.console import Console
@@ -26,6 +26,7 @@ from probekit.extract import (
 )
 from probekit.knn import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
 from probekit.knn import knn as run_knn
+from probekit.probes import probe as run_probe
 
 __all__ = ["app", "main"]
 
@@ -279,6 +280,128 @@ def knn_cmd(
     table = Table(*rows[0], title=f"kNN ({result.backend}), {test_split} vs {train_split}")
     for row in rows[1:]:
         table.add_row(*row)
+    out.print(table)
+    out.print(f"records: {result.path}")
+
+
+@app.command(name="probe")
+def probe_cmd(
+    store: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
+    ] = None,
+    backbone: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--backbone", "-b", help="Alias or timm name[.tag] (with --data)."),
+    ] = None,
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--data", "-d", help="Dataset spec, as for extract (with --backbone)."),
+    ] = None,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    pool: PoolOpt = DEFAULT_POOLS,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    img_size: ImgSizeOpt = None,
+    method: Annotated[str, typer.Option(help="linear (batched heads), logreg, or both.")] = "both",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Stored features to probe, e.g. layer11/cls [default: all]."),
+    ] = None,
+    eval_on: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Transfer: dataset specs (extracted like --data) or store paths."),
+    ] = None,
+    holdout: Annotated[float, typer.Option(help="Validation fraction of train.")] = 0.1,
+    epochs: Annotated[int, typer.Option(help="Linear heads: passes over the features.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Linear heads: minibatch size.")] = 256,
+    optimizer: Annotated[str, typer.Option(help="Linear heads: sgd or adamw.")] = "sgd",
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Holdout and minibatch seed.")] = 0,
+    cache_dir: CacheDir = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Linear probes on cached features, chosen on validation data, tested once."""
+    others: list[Path] = []
+    extract_kw: dict[str, Any] = dict(
+        layers=layers,
+        pool=pool,
+        weights=weights,
+        random_init=random_init,
+        img_size=img_size,
+        cache_dir=cache_dir,
+        quiet=quiet,
+    )
+    if store is None:
+        if not backbone or not data:
+            raise ProbekitError("give a STORE path, or --backbone and --data.")
+        res = extract_features(backbone, data, **extract_kw)
+        out.print(res.summary())
+        store = Path(res.store_path)
+    for spec in (eval_on or "").split(","):
+        if not spec.strip():
+            continue
+        if Path(spec).expanduser().is_dir():
+            others.append(Path(spec).expanduser())
+        elif backbone:
+            res = extract_features(backbone, spec.strip(), **extract_kw)
+            out.print(res.summary())
+            others.append(Path(res.store_path))
+        else:
+            raise ProbekitError(f"--eval-on {spec!r}: give store paths, or --backbone to extract.")
+    if method not in ("linear", "logreg", "both") or optimizer not in ("sgd", "adamw"):
+        raise ProbekitError("--method is linear, logreg or both; --optimizer is sgd or adamw.")
+    if dtype not in ("float32", "float64"):
+        raise ProbekitError(f"unknown dtype {dtype!r}; use float32 or float64.")
+    result = run_probe(
+        store,
+        method=cast(Any, method),
+        features=features.split(",") if features else None,
+        holdout=holdout,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=cast(Any, optimizer),
+        dtype=cast(Any, dtype),
+        device=device,
+        eval_on=others,
+    )
+    table = Table(
+        "method",
+        "feature",
+        "chosen on validation",
+        "val top-1",
+        "dataset",
+        "test top-1 [95% CI]",
+        "top-5",
+        "balanced",
+        "train top-1",
+        title="linear probes (selection on validation only)",
+    )
+    for m, cfg in result.selected.items():
+        hyper = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in cfg.items()
+            if k not in ("feature", "val_top1")
+        )
+        rec = {(r.metric, r.dataset): r for r in result.records if r.method == m}
+        train = next(r for r in result.records if r.method == m and r.metric == "train_top1")
+        for (metric, dataset), r in rec.items():
+            if metric != "top1":
+                continue
+            lo, hi = r.extra["ci95"]
+            table.add_row(
+                m,
+                cfg["feature"],
+                hyper,
+                f"{100 * cfg['val_top1']:.2f}",
+                dataset,
+                f"{100 * r.value:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                f"{100 * rec[('top5', dataset)].value:.2f}",
+                f"{100 * rec[('balanced_accuracy', dataset)].value:.2f}",
+                f"{100 * train.value:.2f}" + (" (underfit)" if train.extra["underfit"] else ""),
+            )
     out.print(table)
     out.print(f"records: {result.path}")
 

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_store
+from sklearn.linear_model import LogisticRegression
+
+import probekit
+from probekit.cache.store import FeatureStore
+from probekit.errors import ProbekitError
+from probekit.probes import (
+    bootstrap_ci,
+    fit_logreg,
+    holdout_split,
+    logreg_objective,
+    probe,
+    train_linear_heads,
+)
+
+
+def _blobs(seed: int, n: int, d: int = 12, classes: int = 4, noise: float = 2.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    return (centers[y] + noise * rng.normal(size=(n, d))).astype(np.float64), y
+
+
+@pytest.mark.parametrize("c", [1e-3, 0.1, 10.0])
+def test_logreg_matches_scikit_learn(c: float) -> None:
+    x, y = _blobs(0, 400)
+    xt, yt = _blobs(0, 2000)[0][400:], _blobs(0, 2000)[1][400:]
+    mean, std = x.mean(0), x.std(0)
+    x, xt = (x - mean) / std, (xt - mean) / std
+    ref = LogisticRegression(C=c, solver="lbfgs", tol=1e-10, max_iter=10_000).fit(x, y)
+    w, b = fit_logreg(torch.from_numpy(x), torch.from_numpy(y), 4, c, tol=1e-10)
+    ours = logreg_objective(x, y, w.numpy(), b.numpy(), c)
+    theirs = logreg_objective(x, y, ref.coef_, ref.intercept_, c)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    acc = ((xt @ w.numpy().T + b.numpy()).argmax(1) == yt).mean()
+    assert abs(acc - ref.score(xt, yt)) <= 0.003
+
+
+def test_batched_heads_equal_heads_trained_alone() -> None:
+    x, y = _blobs(1, 300)
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y)
+    lrs, wds = [1e-3, 1e-2, 0.1], [0.0, 1e-2]
+    heads, _, _, _ = train_linear_heads(xt, yt, 4, lrs, wds, epochs=3, batch_size=32, seed=5)
+    for i, (lr, wd) in enumerate([(lr, wd) for lr in lrs for wd in wds]):
+        alone, _, _, _ = train_linear_heads(xt, yt, 4, [lr], [wd], epochs=3, batch_size=32, seed=5)
+        torch.testing.assert_close(heads.weight[i], alone.weight[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(heads.bias[i], alone.bias[0], rtol=1e-5, atol=1e-6)
+    adam, _, _, _ = train_linear_heads(xt, yt, 4, lrs, wds, epochs=2, optimizer="adamw", seed=5)
+    assert torch.isfinite(adam.weight).all()
+
+
+def test_holdout_is_stratified_and_seeded() -> None:
+    y = np.repeat(np.arange(5), [40, 30, 20, 10, 1])
+    fit, val = holdout_split(y, 0.1, seed=0)
+    assert len(np.intersect1d(fit, val)) == 0 and len(fit) + len(val) == len(y)
+    assert np.bincount(y[val], minlength=5)[:4].tolist() == [4, 3, 2, 1]
+    assert 100 in fit  # the single example of class 4 stays in the fit part
+    assert np.array_equal(holdout_split(y, 0.1, seed=0)[1], val)
+    assert not np.array_equal(holdout_split(y, 0.1, seed=1)[1], val)
+
+
+def test_bootstrap_ci_brackets_the_mean() -> None:
+    correct = (np.random.default_rng(0).random(400) < 0.8).astype(float)
+    lo, hi = bootstrap_ci(correct)
+    half = 1.96 * np.sqrt(0.8 * 0.2 / 400)
+    assert lo < correct.mean() < hi
+    assert hi - lo == pytest.approx(2 * half, rel=0.2)
+
+
+def _store(
+    tmp_path: Path,
+    name: str,
+    seed: int = 2,
+    test_labels: np.ndarray | None = None,
+    classes: int = 4,
+) -> Path:
+    x, y = _blobs(seed, 700, classes=classes)
+    test_y = y[500:] if test_labels is None else test_labels
+    return write_store(
+        tmp_path / name,
+        {"train": (x[:500], y[:500]), "test": (x[500:], test_y)},
+        [f"c{i}" for i in range(classes)],
+    )
+
+
+SMALL = {"lrs": [1e-2, 0.1], "wds": [0.0], "epochs": 3, "cs": [1e-3, 1e-1, 10.0], "write": False}
+
+
+def test_probe_end_to_end(tmp_path: Path) -> None:
+    res = probe(_store(tmp_path, "a.zarr"), **{**SMALL, "write": True})
+    assert set(res.selected) == {"linear", "logreg"}
+    assert res.selected["logreg"]["C"] in SMALL["cs"]
+    assert res.selected["linear"]["heads"] == 2
+    for m in ("linear", "logreg"):
+        top1 = res.value("top1", method=m, split="test")
+        assert 0.7 < top1 <= 1.0
+        rec = next(r for r in res.records if r.method == m and r.metric == "top1")
+        lo, hi = rec.extra["ci95"]
+        assert lo <= top1 <= hi
+        assert res.value("train_top1", method=m) > 0.7
+    assert res.path is not None and Path(res.path).is_file()
+
+
+class _Spy(FeatureStore):
+    """Logs which split each read touches, in order."""
+
+    log: list[str]
+
+    def labels(self, split: str) -> np.ndarray:
+        self.log.append(split)
+        return super().labels(split)
+
+    def features(self, split: str, name: str = "head/embed") -> np.ndarray:
+        self.log.append(split)
+        return super().features(split, name)
+
+
+def test_selection_never_reads_the_test_split(tmp_path: Path) -> None:
+    """Selection is the same whatever the test labels are, and no test read comes before it."""
+    a = probekit.open_store(_store(tmp_path, "a.zarr"))
+    shuffled = np.random.default_rng(9).integers(0, 4, 200)
+    b = probekit.open_store(_store(tmp_path, "b.zarr", test_labels=shuffled))
+    assert probe(a, **SMALL).selected == probe(b, **SMALL).selected
+    spy = _Spy(a.path, a.group)
+    spy.log = []
+    result = probe(spy, **SMALL)
+    first_test = spy.log.index("test")
+    assert "train" not in spy.log[first_test:]  # every test read comes after all training reads
+    assert result.selected
+
+
+def test_degenerate_inputs(tmp_path: Path) -> None:
+    x, _ = _blobs(3, 100)
+    one = write_store(
+        tmp_path / "one.zarr",
+        {"train": (x[:80], np.zeros(80, np.int64)), "test": (x[80:], np.zeros(20, np.int64))},
+        ["a"],
+    )
+    with pytest.raises(ProbekitError, match="fewer than 2 classes"):
+        probe(one, **SMALL)
+    # a class only the test split has: a sensible result, that class scored 0
+    y = np.arange(100) % 3
+    missing = write_store(
+        tmp_path / "missing.zarr",
+        {"train": (x[:80], y[:80]), "test": (x[80:], np.full(20, 3))},
+        ["a", "b", "c", "d"],
+    )
+    res = probe(missing, **SMALL)
+    assert res.value("top1", method="logreg") == 0.0
+    # constant features: standardization leaves them at zero, no NaN
+    const = x.copy()
+    const[:, :5] = 7.0
+    cst = write_store(
+        tmp_path / "const.zarr",
+        {"train": (const[:80], y[:80]), "test": (const[80:], y[80:])},
+        ["a", "b", "c"],
+    )
+    res = probe(cst, **SMALL)
+    assert all(np.isfinite(r.value) for r in res.records)
+
+
+def test_transfer_needs_matching_classes(tmp_path: Path) -> None:
+    src = _store(tmp_path, "src.zarr")
+    same = _store(tmp_path, "same.zarr", seed=2)
+    res = probe(src, eval_on=[same], method="logreg", **SMALL)
+    splits = {r.dataset for r in res.records if r.metric == "top1"}
+    assert splits == {"arrays:src.zarr", "arrays:same.zarr"}
+    other = _store(tmp_path, "other.zarr", classes=5)
+    with pytest.raises(ProbekitError, match="not among the probe's training classes"):
+        probe(src, eval_on=[other], method="logreg", **SMALL)
+
+
+@pytest.mark.slow
+def test_pretrained_effnet_lite0_probe_beats_random_init_and_transfers() -> None:
+    kw = dict(img_size=64, layers="last", pool="mean", quiet=True)
+    tops = {}
+    for random_init in (False, True):
+        ext = probekit.extract("effnet_lite0", "mnist5k", random_init=random_init, **kw)
+        digits = probekit.extract("effnet_lite0", "digits", random_init=random_init, **kw)
+        res = probe(
+            ext.store_path,
+            method="logreg",
+            features=["head/embed"],
+            cs=[1e-3, 1e-2, 1e-1, 1.0],
+            eval_on=[digits.store_path],
+        )
+        tops[random_init] = next(
+            r.value for r in res.records if r.metric == "top1" and r.dataset == "mnist5k"
+        )
+        transfer = [r for r in res.records if r.metric == "top1" and r.dataset == "digits"]
+        assert len(transfer) == 1 and 0.0 <= transfer[0].value <= 1.0
+    assert tops[False] > tops[True] + 0.02, tops
