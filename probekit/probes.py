@@ -106,20 +106,22 @@ def fit_logreg(
     *,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 1000,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-batch L-BFGS on scikit-learn's objective; returns (W (C, D), b (C,)).
 
-    The objective is divided by C * n for conditioning (the same minimizer), as scikit-learn does.
+    Minimizes the objective divided by C * n (the same minimizer, as scikit-learn does):
+    mean CE + ||W||^2 / (2 C n), until the largest gradient entry is below `tol`
+    (scikit-learn's `tol` means the same, with the same default). The gradient is written out
+    (softmax minus one-hot), which spares autograd's bookkeeping on every evaluation.
     """
     n, d = x.shape
     w = torch.zeros(n_classes, d, dtype=x.dtype, device=x.device)
     b = torch.zeros(n_classes, dtype=x.dtype, device=x.device)
     if init is not None:
         w, b = init[0].clone(), init[1].clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
     reg = 1.0 / (c * n)
+    rows = torch.arange(n, device=x.device)
     opt = torch.optim.LBFGS(
         [w, b],
         lr=1.0,
@@ -131,31 +133,56 @@ def fit_logreg(
     )
 
     def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + 0.5 * reg * (w * w).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
+        logits = torch.addmm(b, x, w.T)  # (n, C)
+        log_p = torch.log_softmax(logits, dim=1)
+        loss = -log_p[rows, y].mean() + 0.5 * reg * (w * w).sum()
+        p = log_p.exp_()
+        p[rows, y] -= 1.0
+        p /= n
+        w.grad = torch.addmm(w, p.T, x, beta=reg)  # (C, D): (p - onehot)^T x / n + reg W
+        b.grad = p.sum(0)
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)  # type: ignore[no-untyped-call]
-    return w.detach(), b.detach()
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return w, b
 
 
+# --------------------------------------------------------------------------- linear heads
 # --------------------------------------------------------------------------- linear heads
 
 
 @dataclass
 class LinearHeads:
-    """H linear heads on one feature, trained together: weights (H, D, C), biases (H, C)."""
+    """Linear heads for L features of one width, H (lr, wd) heads each, trained together.
+
+    weight (L, D, H, C) (so that all heads of a feature are one (D, H*C) matrix), bias
+    (L, H, C); `epoch[l, h]` is the epoch (1-based) each head's weights come from,
+    `val_acc`/`val_loss` (L, H) its validation scores then.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor
-    lrs: torch.Tensor  # (H,)
-    wds: torch.Tensor  # (H,)
+    epoch: np.ndarray
+    val_acc: np.ndarray
+    val_loss: np.ndarray
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (H, B, C): one batched matmul for every head."""
-        return torch.einsum("bd,hdc->hbc", x, self.weight) + self.bias[:, None, :]
+        """(L, B, D) -> (L, B, H, C): one batched matmul for every feature and head."""
+        n_feat, d, h, c = self.weight.shape
+        flat = torch.bmm(x, self.weight.view(n_feat, d, h * c))
+        return flat.view(n_feat, -1, h, c) + self.bias[:, None]
+
+
+def _softmax_grad(
+    heads: LinearHeads, xb: torch.Tensor, yb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of each head's mean cross-entropy on the batch (softmax minus one-hot)."""
+    n_feat, d, h, c = heads.weight.shape
+    p = torch.softmax(heads.logits(xb), dim=-1)  # (L, B, H, C)
+    p -= torch.nn.functional.one_hot(yb, c).to(p.dtype)[None, :, None, :]
+    p /= len(yb)
+    g_w = torch.bmm(xb.transpose(1, 2), p.view(n_feat, -1, h * c)).view(n_feat, d, h, c)
+    return g_w, p.sum(1)
 
 
 def train_linear_heads(
@@ -171,81 +198,77 @@ def train_linear_heads(
     seed: int = 0,
     x_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None,
-) -> tuple[LinearHeads, np.ndarray, np.ndarray, list[LinearHeads]]:
-    """Train every (lr, wd) head on the same minibatches (SGD momentum 0.9 or AdamW, cosine).
+) -> LinearHeads:
+    """Train every (lr, wd) head of every feature on the same minibatches.
 
-    Returns the final heads, validation accuracy and cross-entropy per (epoch, head), each
-    (E, H), when a validation set is given, and the heads after each epoch (epoch selection).
-    Learning rates are scaled by batch_size / 256 (DINOv2). Heads never interact: each head's
-    update uses only its own loss gradient.
+    x: (N, D) or (L, N, D), L features of one width for the same rows. SGD with momentum 0.9
+    or AdamW, cosine schedule, lr scaled by batch_size / 256 (DINOv2). With a validation set,
+    each head keeps its weights from its best epoch (accuracy, then lower loss); without,
+    its last. Heads never interact: each update uses only that head's own gradient, so a
+    batched head equals the same head trained alone.
     """
-    n, d = x.shape
+    xs = x if x.ndim == 3 else x[None]
+    xv = None if x_val is None else (x_val if x_val.ndim == 3 else x_val[None])
+    n_feat, n, d = xs.shape
     grid = [(lr, wd) for lr in lrs for wd in wds]
     h = len(grid)
     gen = torch.Generator().manual_seed(seed)
-    # zero init: the problem is convex, and a head's start does not depend on how many train
-    # beside it, so a batched head equals the same head trained alone
+    opts: dict[str, Any] = {"dtype": xs.dtype, "device": xs.device}
+    # zero init: the problem is convex and a head's start does not depend on its neighbours
     heads = LinearHeads(
-        torch.zeros(h, d, n_classes, dtype=x.dtype, device=x.device),
-        torch.zeros(h, n_classes, dtype=x.dtype, device=x.device),
-        torch.tensor([lr * batch_size / 256 for lr, _ in grid], dtype=x.dtype, device=x.device),
-        torch.tensor([wd for _, wd in grid], dtype=x.dtype, device=x.device),
+        torch.zeros(n_feat, d, h, n_classes, **opts),
+        torch.zeros(n_feat, h, n_classes, **opts),
+        np.full((n_feat, h), epochs),
+        np.zeros((n_feat, h)),
+        np.zeros((n_feat, h)),
     )
+    best = LinearHeads(
+        heads.weight.clone(),
+        heads.bias.clone(),
+        np.zeros((n_feat, h), int),
+        np.full((n_feat, h), -1.0),
+        np.full((n_feat, h), np.inf),
+    )
+    lr0 = torch.tensor([lr * batch_size / 256 for lr, _ in grid], **opts)
+    wd0 = torch.tensor([wd for _, wd in grid], **opts)
     params = [heads.weight, heads.bias]
-    state = [torch.zeros_like(p) for p in params] + [torch.zeros_like(p) for p in params]
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    total = epochs * steps_per_epoch
-    val_acc, val_loss = np.zeros((epochs, h)), np.zeros((epochs, h))
-    snapshots: list[LinearHeads] = []
-    step = 0
+    shapes = [(1, 1, h, 1), (1, h, 1)]
+    m1 = [torch.zeros_like(p) for p in params]
+    m2 = [torch.zeros_like(p) for p in params]
+    steps = max(1, math.ceil(n / batch_size))
+    total, step = epochs * steps, 0
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen).to(x.device)
-        for s in range(steps_per_epoch):
+        order = torch.randperm(n, generator=gen).to(xs.device)
+        for s in range(steps):
             idx = order[s * batch_size : (s + 1) * batch_size]
-            xb, yb = x[idx], y[idx]
-            for p in params:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                logits = heads.logits(xb)  # (H, B, C)
-                # mean over the batch per head, summed over heads: gradients stay per head
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, n_classes), yb.repeat(h), reduction="sum"
-                ) / len(yb)
-                grads = torch.autograd.grad(loss, params)
+            g_w, g_b = _softmax_grad(heads, xs[:, idx], y[idx])
             scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule
-            with torch.no_grad():
-                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                    p.requires_grad_(False)
-                    lr = (heads.lrs * scale).view(-1, *[1] * (p.ndim - 1))
-                    wd = heads.wds.view(-1, *[1] * (p.ndim - 1)) if i == 0 else 0.0
-                    if optimizer == "sgd":
-                        buf = state[i]
-                        buf.mul_(0.9).add_(g + wd * p)
-                        p.sub_(lr * buf)
-                    else:  # AdamW: decoupled weight decay
-                        m, v = state[i], state[i + 2]
-                        m.mul_(0.9).add_(g, alpha=0.1)
-                        v.mul_(0.999).addcmul_(g, g, value=0.001)
-                        mh, vh = m / (1 - 0.9 ** (step + 1)), v / (1 - 0.999 ** (step + 1))
-                        p.mul_(1 - lr * wd).sub_(lr * mh / (vh.sqrt() + 1e-8))
             step += 1
-        snapshots.append(
-            LinearHeads(heads.weight.clone(), heads.bias.clone(), heads.lrs, heads.wds)
-        )
-        if x_val is not None and y_val is not None:
-            with torch.no_grad():
-                logits = heads.logits(x_val)  # (H, V, C)
-                val_acc[epoch] = (logits.argmax(-1) == y_val[None]).double().mean(1).cpu().numpy()
-                val_loss[epoch] = (
-                    torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, n_classes), y_val.repeat(h), reduction="none"
-                    )
-                    .view(h, -1)
-                    .mean(1)
-                    .cpu()
-                    .numpy()
-                )
-    return heads, val_acc, val_loss, snapshots
+            for i, (p, g) in enumerate(zip(params, (g_w, g_b), strict=True)):
+                lr = (lr0 * scale).view(shapes[i])
+                wd = wd0.view(shapes[i]) if i == 0 else 0.0  # no decay on biases
+                if optimizer == "sgd":
+                    m1[i].mul_(0.9).add_(g + wd * p)
+                    p.sub_(lr * m1[i])
+                else:  # AdamW: decoupled weight decay
+                    m1[i].mul_(0.9).add_(g, alpha=0.1)
+                    m2[i].mul_(0.999).addcmul_(g, g, value=0.001)
+                    m_hat, v_hat = m1[i] / (1 - 0.9**step), m2[i] / (1 - 0.999**step)
+                    p.mul_(1 - lr * wd).sub_(lr * m_hat / (v_hat.sqrt() + 1e-8))
+        if xv is not None and y_val is not None:
+            logits = heads.logits(xv)  # (L, V, H, C)
+            acc = (logits.argmax(-1) == y_val[None, :, None]).double().mean(1).cpu().numpy()
+            onehot = torch.nn.functional.one_hot(y_val, n_classes).to(logits.dtype)
+            log_p = torch.log_softmax(logits, dim=-1)
+            loss = -(log_p * onehot[None, :, None, :]).sum(-1).mean(1).double().cpu().numpy()
+            better = (acc > best.val_acc) | ((acc == best.val_acc) & (loss < best.val_loss))
+            if better.any():
+                mask = torch.from_numpy(better).to(xs.device)
+                best.weight.transpose(1, 2)[mask] = heads.weight.transpose(1, 2)[mask]
+                best.bias[mask] = heads.bias[mask]
+                best.epoch[better], best.val_acc[better] = epoch + 1, acc[better]
+                best.val_loss[better] = loss[better]
+    return best if xv is not None else heads
 
 
 # --------------------------------------------------------------------------- the job
@@ -320,6 +343,7 @@ def probe(
     batch_size: int = 256,
     optimizer: Literal["sgd", "adamw"] = "sgd",
     cs: Sequence[float] = DEFAULT_CS,
+    tol: float = 1e-4,
     dtype: Literal["float32", "float64"] = "float32",
     device: str = "auto",
     eval_on: Sequence[FeatureStore | str | os.PathLike[str]] = (),
@@ -401,10 +425,14 @@ def probe(
     chosen: dict[str, tuple[_Feature, Any]] = {}
 
     if "linear" in methods:
+        grid = [(lr, wd) for lr in lrs for wd in wds]
+        by_width: dict[int, list[_Feature]] = {}
+        for f in feats:  # features of one width train as one stack: one matmul per minibatch
+            by_width.setdefault(int(f.fit_x.shape[1]), []).append(f)
         best: tuple[tuple[float, float], Any] = ((-1.0, 0.0), None)
-        for f in feats:
-            _, val_acc, val_loss, snaps = train_linear_heads(
-                f.fit_x,
+        for group in by_width.values():
+            heads = train_linear_heads(
+                torch.stack([f.fit_x for f in group]),
                 fit_yt,
                 n_classes,
                 lrs,
@@ -413,26 +441,22 @@ def probe(
                 batch_size=batch_size,
                 optimizer=optimizer,
                 seed=seed,
-                x_val=f.val_x,
+                x_val=torch.stack([f.val_x for f in group]),
                 y_val=val_yt,
             )
             # best accuracy; among equals, the lowest validation loss
-            order = np.lexsort((val_loss.ravel(), -val_acc.ravel()))
-            e, hd = np.unravel_index(int(order[0]), val_acc.shape)
-            if (val_acc[e, hd], -val_loss[e, hd]) > best[0]:
-                snap = snaps[e]
-                best = (
-                    (float(val_acc[e, hd]), float(-val_loss[e, hd])),
-                    (f, snap, int(e), int(hd)),
-                )
+            flat = np.lexsort((heads.val_loss.ravel(), -heads.val_acc.ravel()))[0]
+            li, hd = (int(v) for v in np.unravel_index(int(flat), heads.val_acc.shape))
+            score = (float(heads.val_acc[li, hd]), float(-heads.val_loss[li, hd]))
+            if score > best[0]:
+                best = (score, (group[li], heads, li, hd))
         assert best[1] is not None
-        f, snap, e, hd = best[1]
-        grid = [(lr, wd) for lr in lrs for wd in wds]
+        f, heads, li, hd = best[1]
         cfg = {
             "feature": f.name,
             "lr": grid[hd][0],
             "wd": grid[hd][1],
-            "epoch": e + 1,
+            "epoch": int(heads.epoch[li, hd]),
             "epochs": epochs,
             "batch_size": batch_size,
             "optimizer": optimizer,
@@ -440,7 +464,7 @@ def probe(
             "val_top1": best[0][0],
         }
         selected["linear"] = cfg
-        w, b = snap.weight[hd], snap.bias[hd]
+        w, b = heads.weight[li, :, hd], heads.bias[li, hd]
         chosen["linear"] = (f, lambda x, w=w, b=b: x @ w + b)
 
     if "logreg" in methods:
@@ -448,7 +472,7 @@ def probe(
         for f in feats:
             init = None
             for c in sorted(cs):  # small C first: warm starts follow the path
-                w, b = fit_logreg(f.fit_x, fit_yt, n_classes, c, init=init)
+                w, b = fit_logreg(f.fit_x, fit_yt, n_classes, c, init=init, tol=tol)
                 init = (w, b)
                 logits = f.val_x @ w.T + b
                 acc = float((logits.argmax(1) == val_yt).double().mean())
@@ -460,7 +484,7 @@ def probe(
         # refit on train + validation with the chosen C, from the chosen solution
         all_x = torch.cat([f.fit_x, f.val_x])
         all_y = torch.cat([fit_yt, val_yt])
-        w, b = fit_logreg(all_x, all_y, n_classes, c, init=(w, b))
+        w, b = fit_logreg(all_x, all_y, n_classes, c, init=(w, b), tol=tol)
         selected["logreg"] = {
             "feature": f.name,
             "C": c,
@@ -468,6 +492,7 @@ def probe(
             "val_top1": best_lr[0][0],
             "refit": "train+val",
             "dtype": dtype,
+            "tol": tol,
         }
         chosen["logreg"] = (f, lambda x, w=w, b=b: x @ w.T + b)
 
@@ -555,8 +580,10 @@ def probe(
                 batch_size,
                 optimizer,
                 list(cs),
+                tol,
                 dtype,
                 test_split,
+                [str(o.path if isinstance(o, FeatureStore) else o) for o in eval_on],
             ]
         )
         tag = hashlib.sha256(cfg_s.encode()).hexdigest()[:8]

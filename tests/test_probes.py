@@ -45,15 +45,47 @@ def test_logreg_matches_scikit_learn(c: float) -> None:
 
 def test_batched_heads_equal_heads_trained_alone() -> None:
     x, y = _blobs(1, 300)
-    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y)
+    x2, _ = _blobs(7, 300)  # a second feature of the same width, on the same rows
+    xt = torch.from_numpy(np.stack([x, x2])).float()
+    yt = torch.from_numpy(y)
     lrs, wds = [1e-3, 1e-2, 0.1], [0.0, 1e-2]
-    heads, _, _, _ = train_linear_heads(xt, yt, 4, lrs, wds, epochs=3, batch_size=32, seed=5)
-    for i, (lr, wd) in enumerate([(lr, wd) for lr in lrs for wd in wds]):
-        alone, _, _, _ = train_linear_heads(xt, yt, 4, [lr], [wd], epochs=3, batch_size=32, seed=5)
-        torch.testing.assert_close(heads.weight[i], alone.weight[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(heads.bias[i], alone.bias[0], rtol=1e-5, atol=1e-6)
-    adam, _, _, _ = train_linear_heads(xt, yt, 4, lrs, wds, epochs=2, optimizer="adamw", seed=5)
+    kw = {"epochs": 3, "batch_size": 32, "seed": 5}
+    heads = train_linear_heads(xt, yt, 4, lrs, wds, **kw)
+    assert heads.weight.shape == (2, 12, 6, 4)
+    for li in range(2):
+        for i, (lr, wd) in enumerate([(lr, wd) for lr in lrs for wd in wds]):
+            alone = train_linear_heads(xt[li], yt, 4, [lr], [wd], **kw)
+            torch.testing.assert_close(
+                heads.weight[li, :, i], alone.weight[0, :, 0], rtol=1e-4, atol=1e-6
+            )
+            torch.testing.assert_close(heads.bias[li, i], alone.bias[0, 0], rtol=1e-4, atol=1e-6)
+    adam = train_linear_heads(xt, yt, 4, lrs, wds, optimizer="adamw", **kw)
     assert torch.isfinite(adam.weight).all()
+
+
+def test_linear_heads_follow_autograd_and_keep_the_best_epoch() -> None:
+    """The hand-written softmax gradient equals autograd's; best epochs are tracked per head."""
+    from probekit.probes import LinearHeads, _softmax_grad
+
+    x, y = _blobs(2, 64)
+    xt, yt = torch.from_numpy(x)[None], torch.from_numpy(y)
+    w = torch.randn(1, 12, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    heads = LinearHeads(w.detach(), b.detach(), *[np.zeros((1, 3))] * 3)
+    g_w, g_b = _softmax_grad(heads, xt, yt)
+    logits = torch.einsum("lbd,ldhc->lbhc", xt, w) + b[:, None]
+    loss = sum(torch.nn.functional.cross_entropy(logits[0, :, i], yt) for i in range(3))
+    loss.backward()
+    torch.testing.assert_close(g_w, w.grad)
+    torch.testing.assert_close(g_b, b.grad)
+    xv, yv = torch.from_numpy(x[:20]).float(), yt[:20]
+    best = train_linear_heads(
+        xt[0].float(), yt, 4, [1e-2, 10.0], [0.0], epochs=4, seed=0, x_val=xv, y_val=yv
+    )
+    assert best.epoch.shape == (1, 2) and (best.epoch >= 1).all() and (best.epoch <= 4).all()
+    logits = best.logits(xv[None])  # (1, V, H, C)
+    acc = (logits.argmax(-1) == yv[None, :, None]).double().mean(1).numpy()
+    np.testing.assert_allclose(acc, best.val_acc)
 
 
 def test_holdout_is_stratified_and_seeded() -> None:

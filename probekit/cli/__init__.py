@@ -316,6 +316,9 @@ def probe_cmd(
     epochs: Annotated[int, typer.Option(help="Linear heads: passes over the features.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Linear heads: minibatch size.")] = 256,
     optimizer: Annotated[str, typer.Option(help="Linear heads: sgd or adamw.")] = "sgd",
+    tol: Annotated[
+        float, typer.Option(help="Logistic regression: stop when no gradient entry exceeds it.")
+    ] = 1e-4,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Holdout and minibatch seed.")] = 0,
@@ -363,6 +366,7 @@ def probe_cmd(
         epochs=epochs,
         batch_size=batch_size,
         optimizer=cast(Any, optimizer),
+        tol=tol,
         dtype=cast(Any, dtype),
         device=device,
         eval_on=others,
