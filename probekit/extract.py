@@ -206,9 +206,26 @@ class FeatureExtractor:
         self.scale = (1.0 / (255.0 * std)).float().to(policy.device)
         self.shift = (mean / std).float().to(policy.device)
         self.names = [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
+        self._token_kw = self._token_format(tuple(cfg["input_size"][1:]))
         self._fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self.features
         if compile:
             self._fn = torch.compile(self.features, dynamic=False)  # type: ignore[assignment]
+
+    @torch.inference_mode()
+    def _token_format(self, size: tuple[int, ...]) -> dict[str, Any]:
+        """forward_intermediates options: class tokens apart, and tokens as (B, L, C) where the
+        model offers it (pooling over a contiguous dim beats the (H, W) of a permuted view)."""
+        if not self.has_prefix or not self.layers:
+            return {}
+        kw: dict[str, Any] = {"return_prefix_tokens": True, "output_fmt": "NLC"}
+        probe = torch.zeros(1, 3, *size, device=self.policy.device)
+        try:
+            self.model.forward_intermediates(
+                probe, indices=self.layers[-1:], norm=True, intermediates_only=True, **kw
+            )
+        except (AssertionError, TypeError, ValueError, RuntimeError):
+            kw.pop("output_fmt")
+        return kw
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> (x / 255 - mean) / std as float32, channels-last, in place."""
@@ -224,9 +241,8 @@ class FeatureExtractor:
         """Normalized (B, 3, H, W) in; {name: (B, D) float32} out."""
         with self.policy.autocast():
             if self.layers:
-                kw = {"return_prefix_tokens": True} if self.has_prefix else {}
                 final, inters = self.model.forward_intermediates(
-                    x, indices=self.layers, norm=True, **kw
+                    x, indices=self.layers, norm=True, **self._token_kw
                 )
             else:
                 final, inters = self.model.forward_features(x), []
