@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numba
@@ -420,14 +417,10 @@ def knn(
                 ]
     path = None
     if write and store is not None:
-        cfg = json.dumps([ks, temperature, vote_method, names, train_split, test_split, retrieval])
-        tag = hashlib.sha256(cfg.encode()).hexdigest()[:8]
-        path = str(store.path.with_name(f"{store.path.stem}.knn-{tag}.jsonl"))
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for rec in records:
-                f.write(json.dumps({**rec.to_dict(), "backend": backend}) + "\n")
-        Path(tmp).replace(path)
+        config = [ks, temperature, vote_method, names, train_split, test_split, retrieval]
+        path = store.write_records(
+            "knn", config, ({**r.to_dict(), "backend": backend} for r in records)
+        )
     return KnnResult(records, backend, path)
 
 

@@ -6,13 +6,10 @@ the train split (or a real `val` split); the chosen probe is evaluated once on t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -568,31 +565,23 @@ def probe(
                 ]
     path = None
     if write:
-        cfg_s = json.dumps(
-            [
-                method,
-                names,
-                holdout,
-                seed,
-                list(lrs),
-                list(wds),
-                epochs,
-                batch_size,
-                optimizer,
-                list(cs),
-                tol,
-                dtype,
-                test_split,
-                [str(o.path if isinstance(o, FeatureStore) else o) for o in eval_on],
-            ]
-        )
-        tag = hashlib.sha256(cfg_s.encode()).hexdigest()[:8]
-        path = str(store.path.with_name(f"{store.path.stem}.probe-{tag}.jsonl"))
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec.to_dict()) + "\n")
-        Path(tmp).replace(path)
+        config = [
+            method,
+            names,
+            holdout,
+            seed,
+            lrs,
+            wds,
+            epochs,
+            batch_size,
+            optimizer,
+            cs,
+            tol,
+            dtype,
+            test_split,
+            [str(getattr(o, "path", o)) for o in eval_on],
+        ]
+        path = store.write_records("probe", config, (r.to_dict() for r in records))
     return ProbeResult(records, selected, path)
 
 

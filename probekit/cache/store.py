@@ -23,7 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -305,6 +305,21 @@ class FeatureStore:
             self._create_feature(
                 split, name, n, meta["feature_dims"][name], meta["chunk_rows"], "float32"
             )
+
+    def write_records(self, kind: str, config: Any, rows: Iterable[Mapping[str, Any]]) -> str:
+        """Write result records as JSON Lines next to the store, atomically; return the path.
+
+        The file is `<store>.<kind>-<hash of config>.jsonl`: a rerun with the same settings
+        replaces its own file, other settings get their own.
+        """
+        tag = hashlib.sha256(json.dumps(config, default=str).encode()).hexdigest()[:8]
+        path = self.path.with_name(f"{self.path.stem}.{kind}-{tag}.jsonl")
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        tmp.replace(path)
+        return str(path)
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind; return how many."""

@@ -82,6 +82,32 @@ ImgSizeOpt = Annotated[
     typer.Option(help="Override the input resolution."),
 ]
 QuietOpt = Annotated[bool, typer.Option(help="No progress bar.")]
+# commands that evaluate a store take it by path, or by --backbone/--data (extracted if needed)
+StoreArg = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
+]
+BackboneOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--backbone", "-b", help="Alias or timm name[.tag] (with --data)."),
+]
+DataOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--data", "-d", help="Dataset spec, as for extract (with --backbone)."),
+]
+
+
+def _store_path(
+    store: Path | None, backbone: str | None, data: str | None, **extract_kw: Any
+) -> Path:
+    """The store to evaluate: as given, or extracted (a cache hit when it exists)."""
+    if store is not None:
+        return store
+    if not backbone or not data:
+        raise ProbekitError("give a STORE path, or --backbone and --data.")
+    res = extract_features(backbone, data, **extract_kw)
+    out.print(res.summary())
+    return Path(res.store_path)
 
 
 def _version(value: bool) -> None:
@@ -199,18 +225,9 @@ def extract(
 
 @app.command(name="knn")
 def knn_cmd(
-    store: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
-    ] = None,
-    backbone: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--backbone", "-b", help="Alias or timm name[.tag] (with --data)."),
-    ] = None,
-    data: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--data", "-d", help="Dataset spec, as for extract (with --backbone)."),
-    ] = None,
+    store: StoreArg = None,
+    backbone: BackboneOpt = None,
+    data: DataOpt = None,
     layers: LayersOpt = DEFAULT_LAYERS,
     pool: PoolOpt = DEFAULT_POOLS,
     weights: WeightsOpt = None,
@@ -242,22 +259,18 @@ def knn_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """kNN classification (DINO protocol) or retrieval on cached features, every layer and pool."""
-    if store is None:
-        if not backbone or not data:
-            raise ProbekitError("give a STORE path, or --backbone and --data.")
-        res = extract_features(
-            backbone,
-            data,
-            layers=layers,
-            pool=pool,
-            weights=weights,
-            random_init=random_init,
-            img_size=img_size,
-            cache_dir=cache_dir,
-            quiet=quiet,
-        )
-        out.print(res.summary())
-        store = Path(res.store_path)
+    store = _store_path(
+        store,
+        backbone,
+        data,
+        layers=layers,
+        pool=pool,
+        weights=weights,
+        random_init=random_init,
+        img_size=img_size,
+        cache_dir=cache_dir,
+        quiet=quiet,
+    )
     try:
         ks = [int(x) for x in k.split(",") if x.strip()]
     except ValueError:
@@ -286,18 +299,9 @@ def knn_cmd(
 
 @app.command(name="probe")
 def probe_cmd(
-    store: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
-    ] = None,
-    backbone: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--backbone", "-b", help="Alias or timm name[.tag] (with --data)."),
-    ] = None,
-    data: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option("--data", "-d", help="Dataset spec, as for extract (with --backbone)."),
-    ] = None,
+    store: StoreArg = None,
+    backbone: BackboneOpt = None,
+    data: DataOpt = None,
     layers: LayersOpt = DEFAULT_LAYERS,
     pool: PoolOpt = DEFAULT_POOLS,
     weights: WeightsOpt = None,
@@ -336,21 +340,14 @@ def probe_cmd(
         cache_dir=cache_dir,
         quiet=quiet,
     )
-    if store is None:
-        if not backbone or not data:
-            raise ProbekitError("give a STORE path, or --backbone and --data.")
-        res = extract_features(backbone, data, **extract_kw)
-        out.print(res.summary())
-        store = Path(res.store_path)
+    store = _store_path(store, backbone, data, **extract_kw)
     for spec in (eval_on or "").split(","):
         if not spec.strip():
             continue
         if Path(spec).expanduser().is_dir():
             others.append(Path(spec).expanduser())
         elif backbone:
-            res = extract_features(backbone, spec.strip(), **extract_kw)
-            out.print(res.summary())
-            others.append(Path(res.store_path))
+            others.append(_store_path(None, backbone, spec.strip(), **extract_kw))
         else:
             raise ProbekitError(f"--eval-on {spec!r}: give store paths, or --backbone to extract.")
     if method not in ("linear", "logreg", "both") or optimizer not in ("sgd", "adamw"):
