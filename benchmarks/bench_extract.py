@@ -10,16 +10,14 @@ forward_intermediates over the stored layers, pooling, the fp16 cast and the Zar
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import RESULTS, cpu_name, save_result
 
 import probekit
 from probekit.backbones import create_backbone, parse_layers
@@ -42,16 +40,6 @@ def predecoded(n: int, size: int) -> Dataset:
         arrays={"train": images},
         preprocessed=True,
     )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def sync(device: str) -> None:
@@ -141,7 +129,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     models = args.models.split(",")
     images = [int(n) for n in args.images.split(",")]
@@ -168,22 +156,9 @@ def main() -> None:
         )
     device = rows[0]["device"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in f"{device}-{name}").strip("-").lower()
-    path = out / f"bench_extract-{tag}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "device": device,
-                "device_name": name,
-                "threads": torch.get_num_threads(),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    save_result(
+        "bench_extract", device, name, {"threads": torch.get_num_threads(), "rows": rows}, args.out
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -25,17 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, cpu_name, save_result
 
 from probekit.knn import DEFAULT_KS, l2_normalize, search, vote
-
-HERE = Path(__file__).parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def peak_rss_kib() -> int:
@@ -176,7 +167,7 @@ def main() -> None:
     ap.add_argument("--memory-mb", type=int, default=512)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.child:
         memory_child(args.child, args.memory_mb)
@@ -199,12 +190,13 @@ def main() -> None:
             f"{m['queries']} queries, budget {m['memory_mb']} MiB: peak RSS "
             f"{m['peak_rss_gib']} GiB, {m['seconds']} s"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in f"cpu-{cpu_name()}").strip("-").lower()
-    path = out / f"bench_knn-{tag}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    save_result(
+        "bench_knn",
+        "cpu",
+        cpu_name(),
+        {k: v for k, v in result.items() if k not in ("device", "device_name")},
+        args.out,
+    )
 
 
 if __name__ == "__main__":

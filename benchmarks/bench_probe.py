@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
@@ -21,18 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, cpu_name, save_result
 
 from probekit.cache.store import FeatureStore, StoreConfig
 from probekit.probes import DEFAULT_CS, DEFAULT_LRS, holdout_split, probe, train_linear_heads
-
-HERE = Path(__file__).parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "cpu"
 
 
 def features(rng: np.random.Generator, n: int, dim: int, classes: int, centers: np.ndarray):
@@ -170,7 +161,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     lr = logreg_path(args.n, args.dim, args.classes)
     print(
@@ -185,23 +176,13 @@ def main() -> None:
         f" one by one {hd['one_by_one_s']} s, {hd['speedup']}x; "
         f"max weight difference {hd['max_weight_difference']:.2e}"
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in f"cpu-{cpu_name()}").strip("-").lower()
-    path = out / f"bench_probe-{tag}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "device": "cpu",
-                "device_name": cpu_name(),
-                "threads": torch.get_num_threads(),
-                "logreg": lr,
-                "heads": hd,
-            },
-            indent=2,
-        )
+    save_result(
+        "bench_probe",
+        "cpu",
+        cpu_name(),
+        {"threads": torch.get_num_threads(), "logreg": lr, "heads": hd},
+        args.out,
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

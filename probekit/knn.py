@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -73,25 +73,35 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _topk_block(
-    queries: np.ndarray, block: np.ndarray, k: int, backend: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of queries against one database block."""
-    k = min(k, len(block))
+BlockSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _block_searcher(queries: np.ndarray, backend: str) -> BlockSearch:
+    """Exact inner-product top-k of the queries against one database block at a time.
+
+    What every block shares (queries on the device, GPU resources) is set up once here.
+    """
+    import faiss
+
     if backend == "torch":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        q, b = torch.from_numpy(queries).to(device), torch.from_numpy(block).to(device)
-        sims, idx = (q @ b.T).topk(k, dim=1)
-        return sims.cpu().numpy(), idx.cpu().numpy()
-    import faiss
+        q = torch.from_numpy(queries).to(device)
 
+        def torch_topk(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            sims, idx = (q @ torch.from_numpy(block).to(device).T).topk(min(k, len(block)), 1)
+            return sims.cpu().numpy(), idx.cpu().numpy()
+
+        return torch_topk
     if backend == "faiss-gpu":
         res = faiss.StandardGpuResources()
-        d, i = faiss.knn_gpu(res, queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return d, i
-    return faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return lambda block, k: faiss.knn_gpu(
+            res, queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT
+        )
+    return lambda block, k: faiss.knn(
+        queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT
+    )
 
 
 def search(
@@ -123,12 +133,13 @@ def search(
         blocks = database
     total = 0
     q = np.ascontiguousarray(queries, dtype=np.float32)
+    topk = _block_searcher(q, backend)
     for start, block in blocks:
         b = np.ascontiguousarray(block, dtype=np.float32)
         total += len(b)
         if len(b) == 0:
             continue
-        d, i = _topk_block(q, b, kk, backend)
+        d, i = topk(b, kk)
         if d.shape[1] < kk:  # a block smaller than k: pad with empty slots
             pad = kk - d.shape[1]
             d = np.concatenate([d, np.full((len(q), pad), -np.inf, np.float32)], axis=1)
@@ -372,16 +383,17 @@ def knn(
         "split": test_split,
     }
     same = train_split == test_split
+    if store is None:
+        db_y, q_y = arrays[1], arrays[3]
+    else:  # labels and validity are per split: read once for every feature
+        db_keep, q_keep = store.valid(train_split), store.valid(test_split)
+        db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
     for name in names:
         layer, _, pool = name.partition("/")
         if store is None:
-            db_y, q_y = arrays[1], arrays[3]
-            db_keep, q_keep = np.ones(len(db_y), bool), np.ones(len(q_y), bool)
             queries = l2_normalize(arrays[2])
             database: Any = l2_normalize(arrays[0])
         else:
-            db_keep, q_keep = store.valid(train_split), store.valid(test_split)
-            db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
             queries = l2_normalize(store.features(test_split, name)[q_keep])
             dim = int(meta["feature_dims"][name])
             # a block: float16 rows read + their float32 normalized copy; whole store chunks

@@ -316,7 +316,6 @@ class _Feature:
     name: str
     fit_x: torch.Tensor
     val_x: torch.Tensor
-    test_x: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
 
@@ -378,23 +377,20 @@ def probe(
     train_y = store.labels("train")[train_valid]
     if len(np.unique(train_y)) < 2:
         raise ProbekitError("the train split has fewer than 2 classes; a probe needs at least 2.")
-    if "val" in store.splits:  # a real validation split
-        fit_y, val_y = train_y, store.labels("val")[store.valid("val")]
+    val_valid = store.valid("val") if "val" in store.splits else None
+    if val_valid is not None:  # a real validation split
+        fit_y, val_y = train_y, store.labels("val")[val_valid]
     else:
         fit_idx, val_idx = holdout_split(train_y, holdout, seed)
         fit_y, val_y = train_y[fit_idx], train_y[val_idx]
     fit_yt = torch.from_numpy(fit_y).to(dev)
     val_yt = torch.from_numpy(val_y).to(dev)
 
-    def load(split_x: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        v = store.valid(split_x)
-        return store.features(split_x, name)[v], v
-
     feats: list[_Feature] = []
     for name in names:
-        train_x, _ = load("train", name)
-        if "val" in store.splits:
-            fit_np, val_np = train_x, load("val", name)[0]
+        train_x = store.features("train", name)[train_valid]
+        if val_valid is not None:
+            fit_np, val_np = train_x, store.features("val", name)[val_valid]
         else:
             fit_np, val_np = train_x[fit_idx], train_x[val_idx]
         f64 = fit_np.astype(np.float64)
@@ -406,7 +402,6 @@ def probe(
                 name,
                 _standardize(fit_np, mean, std, dev, tdtype),
                 _standardize(val_np, mean, std, dev, tdtype),
-                torch.empty(0),
                 mean,
                 std,
             )

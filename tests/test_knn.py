@@ -214,11 +214,16 @@ def test_query_gallery_splits_mean_retrieval(image_folder: Path) -> None:
     assert all(0.0 <= r.value <= 1.0 for r in res.records)
 
 
-def test_worst_class_record_holds_every_class() -> None:
+def test_per_class_and_balanced_accuracy_equal_scikit_learn() -> None:
+    from sklearn.metrics import balanced_accuracy_score, recall_score
+
     db, qs, db_y, q_y = _data(6, n=200, q=90, classes=4)
-    res = probekit.knn((db, db_y, qs, q_y), ks=[5], write=False)
+    res = probekit.knn((db, db_y, qs, q_y), ks=[5], vote_method="majority", write=False)
+    pred = KNeighborsClassifier(n_neighbors=5, algorithm="brute", metric="cosine")
+    pred = pred.fit(db, db_y).predict(qs)
+    want = recall_score(q_y, pred, average=None, labels=range(4))
     worst = next(r for r in res.records if r.metric == "worst_class_accuracy")
-    per_class = worst.extra["per_class"]
-    assert len(per_class) == 4 and worst.value == min(per_class)
-    balanced = res.value("balanced_accuracy", k=5)
-    assert balanced == pytest.approx(np.mean(per_class))
+    np.testing.assert_allclose(worst.extra["per_class"], want)
+    assert worst.value == pytest.approx(want.min())
+    assert res.value("balanced_accuracy", k=5) == pytest.approx(balanced_accuracy_score(q_y, pred))
+    assert res.value("top1", k=5) == pytest.approx((pred == q_y).mean())

@@ -168,6 +168,24 @@ def test_selection_never_reads_the_test_split(tmp_path: Path) -> None:
     assert result.selected
 
 
+def test_a_real_val_split_replaces_the_holdout(tmp_path: Path) -> None:
+    x, y = _blobs(4, 900)
+    path = write_store(
+        tmp_path / "v.zarr",
+        {"train": (x[:500], y[:500]), "val": (x[500:700], y[500:700]), "test": (x[700:], y[700:])},
+        ["a", "b", "c", "d"],
+    )
+    res = probe(path, **SMALL)
+    for m in ("linear", "logreg"):
+        train = next(r for r in res.records if r.method == m and r.metric == "train_top1")
+        # the probe fits on the whole train split (plus val for the logreg refit): no holdout
+        assert train.n == (700 if m == "logreg" else 500)
+    spy = _Spy(path, probekit.open_store(path).group)
+    spy.log = []
+    probe(spy, **SMALL)
+    assert "val" in spy.log and spy.log.index("val") < spy.log.index("test")
+
+
 def test_degenerate_inputs(tmp_path: Path) -> None:
     x, _ = _blobs(3, 100)
     one = write_store(
