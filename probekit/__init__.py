@@ -31,6 +31,12 @@ _LAZY = {
     "ProbeRecord": "probekit.probes",
     "ProbeResult": "probekit.probes",
     "probe": "probekit.probes",
+    "Report": "probekit.report",
+    "build_report": "probekit.report",
+    "load_records": "probekit.report",
+    "write_report": "probekit.report",
+    "TriageResult": "probekit.triage",
+    "triage": "probekit.triage",
 }
 
 __all__ = [
@@ -46,17 +52,23 @@ __all__ = [
     "ProbeResult",
     "ProbekitError",
     "ProbekitWarning",
+    "Report",
     "StoreSummary",
+    "TriageResult",
     "WeightsInfo",
     "__version__",
+    "build_report",
     "create_backbone",
     "extract",
     "knn",
     "list_backbones",
     "list_stores",
     "load_dataset",
+    "load_records",
     "open_store",
     "probe",
+    "triage",
+    "write_report",
 ]
 
 

@@ -499,6 +499,7 @@ def _store_meta(
             "name": bb.name,
             "timm_name": bb.timm_name,
             "params": sum(p.numel() for p in bb.model.parameters()),
+            "num_layers": bb.num_layers,
         },
         "weights": bb.weights.to_dict(),
         "layers": [{"index": i, "module": feature_info[i]["module"]} for i in layers],

@@ -13,7 +13,13 @@ import numpy as np
 
 from probekit.cache.store import FeatureStore, open_store
 from probekit.errors import ProbekitError
-from probekit.metrics import balanced_accuracy, per_class_accuracy, retrieval_metrics, topk_accuracy
+from probekit.metrics import (
+    balanced_accuracy,
+    bootstrap_ci,
+    per_class_accuracy,
+    retrieval_metrics,
+    topk_accuracy,
+)
 
 __all__ = [
     "DEFAULT_KS",
@@ -417,8 +423,14 @@ def knn(
                 r = ranked[k]
                 t = temperature if v == "weighted" else None
                 common = dict(base, layer=layer, pool=pool, k=k, temperature=t, vote=v, n=len(q_y))
+                correct = (r[:, 0] == q_y).astype(np.float64)
                 records += [
-                    KnnRecord(**common, metric="top1", value=topk_accuracy(r, q_y, 1)),
+                    KnnRecord(
+                        **common,
+                        metric="top1",
+                        value=float(correct.mean()) if len(q_y) else float("nan"),
+                        extra={"ci95": list(bootstrap_ci(correct))},
+                    ),
                     KnnRecord(**common, metric="top5", value=topk_accuracy(r, q_y, min(5, k))),
                     KnnRecord(
                         **common,

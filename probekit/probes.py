@@ -17,7 +17,12 @@ import torch
 
 from probekit.cache.store import FeatureStore, open_store
 from probekit.errors import ProbekitError
-from probekit.metrics import balanced_accuracy, per_class_accuracy, topk_accuracy
+from probekit.metrics import (
+    balanced_accuracy,
+    bootstrap_ci,
+    per_class_accuracy,
+    topk_accuracy,
+)
 
 __all__ = [
     "DEFAULT_CS",
@@ -69,18 +74,6 @@ def holdout_split(
         idx[splittable], test_size=n_val, random_state=seed, stratify=labels[splittable]
     )
     return np.sort(np.concatenate([fit, idx[~splittable]])), np.sort(val)
-
-
-def bootstrap_ci(
-    correct: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of a 0/1 vector."""
-    if len(correct) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), size=(n_boot, len(correct)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- logistic regression
@@ -287,6 +280,8 @@ class ProbeRecord:
     n: int
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # the dataset the probe was trained on: differs from `dataset` for a transfer evaluation
+    train_dataset: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,6 +410,7 @@ def probe(
     records: list[ProbeRecord] = []
     selected: dict[str, dict[str, Any]] = {}
     chosen: dict[str, tuple[_Feature, Any]] = {}
+    val_curve: list[tuple[_Feature, str, dict[str, Any], float]] = []
 
     if "linear" in methods:
         grid = [(lr, wd) for lr in lrs for wd in wds]
@@ -436,6 +432,11 @@ def probe(
                 x_val=torch.stack([f.val_x for f in group]),
                 y_val=val_yt,
             )
+            for li, f in enumerate(group):  # each feature's best head: the layer-wise curve
+                hd = int(np.lexsort((heads.val_loss[li], -heads.val_acc[li]))[0])
+                val_curve.append(
+                    (f, "linear", {"lr": grid[hd][0], "wd": grid[hd][1]}, heads.val_acc[li, hd])
+                )
             # best accuracy; among equals, the lowest validation loss
             flat = np.lexsort((heads.val_loss.ravel(), -heads.val_acc.ravel()))[0]
             li, hd = (int(v) for v in np.unravel_index(int(flat), heads.val_acc.shape))
@@ -463,6 +464,7 @@ def probe(
         best_lr: tuple[tuple[float, float], Any] = ((-1.0, 0.0), None)
         for f in feats:
             init = None
+            best_f: tuple[tuple[float, float], float] = ((-1.0, 0.0), 0.0)
             for c in sorted(cs):  # small C first: warm starts follow the path
                 w, b = fit_logreg(f.fit_x, fit_yt, n_classes, c, init=init, tol=tol)
                 init = (w, b)
@@ -471,6 +473,8 @@ def probe(
                 loss = float(torch.nn.functional.cross_entropy(logits, val_yt))
                 if (acc, -loss) > best_lr[0]:  # best accuracy; among equals, the lowest loss
                     best_lr = ((acc, -loss), (f, c, w, b))
+                best_f = max(best_f, ((acc, -loss), c))
+            val_curve.append((f, "logreg", {"C": best_f[1]}, best_f[0][0]))
         assert best_lr[1] is not None
         f, c, w, b = best_lr[1]
         # refit on train + validation with the chosen C, from the chosen solution
@@ -487,6 +491,24 @@ def probe(
             "tol": tol,
         }
         chosen["logreg"] = (f, lambda x, w=w, b=b: x @ w.T + b)
+
+    # validation accuracy of every feature's best probe (what selection saw), for layer curves
+    for f, m, cfg, acc in val_curve:
+        layer, _, pool = f.name.partition("/")
+        records.append(
+            ProbeRecord(
+                **base,
+                split="val",
+                layer=layer,
+                pool=pool,
+                method=m,
+                metric="val_top1",
+                value=float(acc),
+                n=len(val_y),
+                config=cfg,
+                train_dataset=base["dataset"],
+            )
+        )
 
     # ---- evaluation: the only place the test split is read
     for m, (f, predict) in chosen.items():
@@ -515,6 +537,7 @@ def probe(
                     n=len(train_y_m),
                     value=train_top1,
                     extra={"underfit": underfit},
+                    train_dataset=base["dataset"],
                 )
             )
             for st, split, ds_spec in evals:
@@ -536,6 +559,7 @@ def probe(
                     method=m,
                     config=cfg,
                     n=len(y),
+                    train_dataset=base["dataset"],
                 )
                 per_class = per_class_accuracy(ranked[:, 0], y, n_classes)
                 records += [

@@ -88,19 +88,6 @@ def test_offline_hub_backbone_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "cannot be reached" in res.output and "--weights FILE" in res.output
 
 
-def test_demo_runs_offline_and_prints_knn(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
-    monkeypatch.setattr("probekit.demo.DEMO_DATASETS", ("lfw-faces",))
-    res = runner.invoke(app, ["demo", "--quiet"])
-    assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
-    assert lines[0].startswith("probekit demo: 2 backbones x 1 datasets at 128px")
-    assert sum("kNN top-1: best" in line for line in lines) == 2
-    assert len(list(cache_dir.glob("lfw-faces/*.zarr"))) == 2
-    assert len(list(cache_dir.glob("lfw-faces/*.knn-*.jsonl"))) == 2
-    again = runner.invoke(app, ["demo", "--quiet"])
-    assert again.output.count("cache hit") == 2
-
-
 def test_probe_cli_with_transfer(cache_dir: Path) -> None:
     args = [
         "probe",

@@ -27,6 +27,14 @@ from probekit.extract import (
 from probekit.knn import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
 from probekit.knn import knn as run_knn
 from probekit.probes import probe as run_probe
+from probekit.report import (
+    BOB_CAVEAT,
+    METHODS,
+    Report,
+    leaderboard_rows,
+    load_records,
+    write_report,
+)
 
 __all__ = ["app", "main"]
 
@@ -108,6 +116,13 @@ def _store_path(
     res = extract_features(backbone, data, **extract_kw)
     out.print(res.summary())
     return Path(res.store_path)
+
+
+def _parse_ks(k: str) -> list[int]:
+    try:
+        return [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise ProbekitError(f"--k takes integers such as 10,20,100,200, not {k!r}.") from None
 
 
 def _version(value: bool) -> None:
@@ -271,10 +286,7 @@ def knn_cmd(
         cache_dir=cache_dir,
         quiet=quiet,
     )
-    try:
-        ks = [int(x) for x in k.split(",") if x.strip()]
-    except ValueError:
-        raise ProbekitError(f"--k takes integers such as 10,20,100,200, not {k!r}.") from None
+    ks = _parse_ks(k)
     if vote not in ("weighted", "majority", "both"):
         raise ProbekitError(f"unknown vote {vote!r}; use weighted, majority or both.")
     result = run_knn(
@@ -407,19 +419,152 @@ def probe_cmd(
     out.print(f"records: {result.path}")
 
 
+def _print_report(rep: Report, files: dict[str, str]) -> None:
+    """The leaderboard of every task, the ranking with BoB's caveat, the reference deltas."""
+    for task in rep.tasks:
+        table = Table(
+            "model",
+            *[f"{m} top-1 [95% CI] feature" for m in rep.methods],
+            title=f"{task}: test top-1 (%), chosen without the test split",
+        )
+        for row in leaderboard_rows(rep, task):
+            table.add_row(*row)
+        out.print(table)
+    if rep.ranking:
+        table = Table("rank", *rep.ranking, title="ranking across tasks: mean z-score (BoB)")
+        for i in range(max(len(v) for v in rep.ranking.values())):
+            table.add_row(
+                str(i + 1),
+                *[
+                    f"{r[i][0]} ({r[i][1]:+.2f})" if i < len(r) else ""
+                    for r in rep.ranking.values()
+                ],
+            )
+        out.print(table)
+        out.print(BOB_CAVEAT)
+    if rep.reference and rep.deltas:
+        table = Table(
+            "task",
+            "method",
+            "model",
+            "delta (points)",
+            "CIs overlap",
+            title=f"difference to {rep.reference}",
+        )
+        for d in rep.deltas:
+            overlap = {True: "yes", False: "no", None: "-"}[d["ci_overlap"]]
+            table.add_row(d["task"], d["method"], d["model"], f"{100 * d['delta']:+.2f}", overlap)
+        out.print(table)
+    for e in rep.errors:
+        out.print(f"FAILED {e['model']} on {e['dataset']} ({e.get('stage')}): {e['message']}")
+    report_md = Path(files["report.md"])
+    pngs = [Path(p).name for name, p in files.items() if name.endswith(".png")]
+    out.print(
+        f"report: {report_md}  (results.csv, results.jsonl"
+        + (f"; plots: {', '.join(pngs)}" if pngs else "")
+        + f" in {report_md.parent})"
+    )
+
+
+ReferenceOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="Show every model's difference to this one, and whether the CIs overlap."),
+]
+
+
+@app.command(name="triage")
+def triage_cmd(
+    backbones: Annotated[
+        str,
+        typer.Option(
+            "--backbones",
+            "-b",
+            help="Comma list: NAME, NAME@random (random-init baseline) or NAME@WEIGHTS_FILE.",
+        ),
+    ],
+    data: Annotated[str, typer.Option("--data", "-d", help="Comma list of dataset specs.")],
+    transfer: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Comma list of 'SOURCE->TARGET': probes trained on SOURCE, tested on TARGET."
+        ),
+    ] = None,
+    methods: Annotated[str, typer.Option(help="Any of knn, linear, logreg.")] = ",".join(METHODS),
+    layers: LayersOpt = DEFAULT_LAYERS,
+    pool: PoolOpt = DEFAULT_POOLS,
+    img_size: ImgSizeOpt = None,
+    k: Annotated[str, typer.Option("--k", help="kNN neighbour counts to choose from.")] = (
+        ",".join(map(str, DEFAULT_KS))
+    ),
+    reference: ReferenceOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path(
+        "probekit-report"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16.")] = "auto",
+    plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+    cache_dir: CacheDir = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Every backbone x dataset: extract (cached), kNN and probes; a report and a leaderboard."""
+    from probekit.triage import triage
+
+    result = triage(
+        backbones,
+        data,
+        transfer=transfer,
+        methods=methods,
+        layers=layers,
+        pool=pool,
+        img_size=img_size,
+        ks=_parse_ks(k),
+        reference=reference,
+        out=out_dir,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        cache_dir=cache_dir,
+        plots=plots,
+        quiet=quiet,
+        log=out.print,
+    )
+    _print_report(result.report, result.files)
+
+
+@app.command(name="report")
+def report_cmd(
+    results: Annotated[
+        list[Path],
+        typer.Argument(
+            help="results.jsonl files, report directories, or the *.jsonl records of stores."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path(
+        "probekit-report"
+    ),
+    reference: ReferenceOpt = None,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+) -> None:
+    """Re-render a report from stored result records; records of several runs combine."""
+    records = load_records(results)
+    rep, files = write_report(records, out_dir, reference=reference, plots=plots)
+    _print_report(rep, files)
+
+
 @app.command()
 def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path(
+        "probekit-demo"
+    ),
     cache_dir: CacheDir = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Offline demo: packaged ImageNet EfficientNet-Lite0 vs random init, extract + kNN."""
+    """Offline triage: packaged ImageNet EfficientNet-Lite0/1 vs random init, kNN and probes."""
     from probekit.demo import run_demo
 
-    runs = run_demo(cache_dir=cache_dir, quiet=quiet, report=out.print)
-    out.print(
-        f"{len(runs)} feature stores and their kNN records (*.jsonl) under "
-        f"{cache_root(cache_dir)}; list them with `probekit ls`."
-    )
+    result = run_demo(out=out_dir, cache_dir=cache_dir, quiet=quiet, log=out.print)
+    _print_report(result.report, result.files)
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,131 @@
+"""PNG plots of a report: layer-wise curves, a model x task heatmap, and ranking bars.
+
+matplotlib's object API (Figure + the Agg canvas) is used directly: no pyplot state, no display.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from probekit.report import Report
+
+__all__ = ["plot_heatmap", "plot_layers", "plot_ranking"]
+
+METHOD_NAMES = {
+    "knn": "kNN test top-1",
+    "linear": "linear heads, val top-1",
+    "logreg": "logistic regression, val top-1",
+}
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
+    with warnings.catch_warnings():  # a cramped layout still draws; it is not worth a warning
+        warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
+        fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def short(task: str, width: int = 28) -> str:
+    """A task's name for a plot: folder/file specs by their last path part, then truncated."""
+
+    def one(spec: str) -> str:
+        kind, sep, arg = spec.partition(":")
+        if sep and kind in ("imagefolder", "csv"):
+            spec = f"{kind}:{Path(arg.rstrip('/')).name or arg}"
+        return spec if len(spec) <= width else spec[: width - 1] + "…"
+
+    return "->".join(one(part) for part in task.split("->"))
+
+
+def plot_layers(rep: Report, path: str | os.PathLike[str]) -> str:
+    """Accuracy by relative layer depth: one panel per (method, task), a line per model."""
+    tasks = [t for t in rep.tasks if any(k[0] == t for k in rep.curves)]
+    methods = [m for m in rep.methods if any(k[1] == m for k in rep.curves)]
+    nr, nc = max(1, len(methods)), max(1, len(tasks))
+    fig = Figure(figsize=(4.2 * nc, 3.2 * nr), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nr, nc, squeeze=False))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(rep.models)}
+    for i, method in enumerate(methods):
+        for j, task in enumerate(tasks):
+            ax: Any = axes[i, j]
+            for model in rep.models:
+                pts = rep.curves.get((task, method, model))
+                if not pts:
+                    continue
+                xs = [p[0] for p in pts]
+                ys = [100 * p[2] for p in pts]
+                ax.plot(xs, ys, marker="o", ms=3, color=colors[model], label=model)
+            ax.set_title(f"{short(task)}: {METHOD_NAMES.get(method, method)}", fontsize=9)
+            ax.set_xticks([0.25, 0.5, 0.75, 1.0, 1.08], ["0.25", "0.5", "0.75", "1", "head"])
+            ax.set_xlabel("relative depth (block / number of blocks)", fontsize=8)
+            ax.set_ylabel("top-1 (%)", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        cols = max(1, min(len(labels), int(4.2 * nc // 2.4)))
+        fig.legend(handles, labels, loc="outside lower center", ncols=cols, fontsize=8)
+    fig.suptitle("Accuracy by layer depth", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_heatmap(rep: Report, path: str | os.PathLike[str]) -> str:
+    """Test top-1 of every model (rows) on every task (columns), a panel per method."""
+    nm = max(1, len(rep.methods))
+    fig = Figure(
+        figsize=(3.0 + (0.9 * len(rep.tasks) + 0.8) * nm, 2.2 + 0.45 * len(rep.models)),
+        layout="constrained",
+    )
+    axes = fig.subplots(1, nm, squeeze=False)[0]
+    for i, (ax, method) in enumerate(zip(axes, rep.methods, strict=False)):
+        grid = np.full((len(rep.models), len(rep.tasks)), np.nan)
+        for c in rep.cells:
+            if c.method == method:
+                grid[rep.models.index(c.model), rep.tasks.index(c.task)] = 100 * c.value
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for (r, c), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(
+                    c,
+                    r,
+                    f"{v:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v < 60 else "black",
+                )
+        ax.set_xticks(
+            range(len(rep.tasks)),
+            [short(t) for t in rep.tasks],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
+        ax.set_yticks(range(len(rep.models)), rep.models if i == 0 else [], fontsize=8)
+        ax.set_title(method, fontsize=10)
+    fig.colorbar(im, ax=list(axes), label="test top-1 (%)", shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_ranking(rep: Report, path: str | os.PathLike[str]) -> str:
+    """Mean z-score across tasks per model (BoB's aggregate), a panel per method."""
+    methods = list(rep.ranking)
+    fig = Figure(figsize=(4.0 * len(methods), 2.4 + 0.4 * len(rep.models)), layout="constrained")
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    for ax, method in zip(axes, methods, strict=True):
+        ranked = rep.ranking[method][::-1]  # best on top
+        zs = [z for _, z, _ in ranked]
+        ax.barh(range(len(ranked)), zs, color=["C2" if z >= 0 else "C3" for z in zs])
+        ax.set_yticks(range(len(ranked)), [m for m, _, _ in ranked], fontsize=8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("mean z-score across tasks", fontsize=8)
+        ax.set_title(method, fontsize=10)
+    fig.suptitle("Ranking (kNN/linear probes favour CNNs, underrate MAE: see report)", fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,374 @@
+"""`probekit triage`: every backbone x dataset through extract, kNN and probes, into one report."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probekit.backbones import DEFAULT_LAYERS
+from probekit.cache.store import FeatureStore, open_store
+from probekit.data import Dataset, load_dataset
+from probekit.errors import ProbekitError
+from probekit.extract import DEFAULT_BATCH_SIZE, DEFAULT_POOLS, extract
+from probekit.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
+from probekit.report import METHODS, Report, write_report
+
+__all__ = [
+    "BackboneSpec",
+    "TriageResult",
+    "parse_backbones",
+    "parse_transfers",
+    "triage",
+]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One entry of `--backbones`: `NAME`, `NAME@random` (seeded random init) or `NAME@WEIGHTS`."""
+
+    label: str
+    name: str
+    weights: str | None = None
+    random_init: bool = False
+
+
+def parse_backbones(spec: str | Sequence[str]) -> list[BackboneSpec]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in (s.strip() for s in items):
+        if not item:
+            continue
+        name, _, arg = item.partition("@")
+        if not name:
+            raise ProbekitError(f"backbone {item!r}: give NAME, NAME@random or NAME@WEIGHTS_FILE.")
+        if not arg:
+            out.append(BackboneSpec(name, name))
+        elif arg == "random":
+            out.append(BackboneSpec(item, name, random_init=True))
+        else:
+            out.append(BackboneSpec(f"{name}@{Path(arg).name}", name, weights=arg))
+    if not out:
+        raise ProbekitError("no backbones given; e.g. --backbones dino_vits16,convnext_tiny.")
+    labels = [b.label for b in out]
+    if len(set(labels)) != len(labels):
+        raise ProbekitError(f"backbones repeat: {', '.join(labels)}.")
+    return out
+
+
+def parse_transfers(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
+    """`SRC->DST` pairs: probes trained on SRC's train split, tested on DST's test split."""
+    if not spec:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in (s.strip() for s in items):
+        if not item:
+            continue
+        src, sep, dst = item.partition("->")
+        if not sep or not src.strip() or not dst.strip():
+            raise ProbekitError(f"transfer {item!r}: write SOURCE->TARGET, e.g. 'mnist5k->digits'.")
+        out.append((src.strip(), dst.strip()))
+    return out
+
+
+@dataclass(frozen=True)
+class TriageResult:
+    """What a triage did: every record, the report built from them, and the files written."""
+
+    report: Report
+    files: dict[str, str]
+    out_dir: str
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.report.records
+
+
+def _record(kind: str, model: str, dataset: str, **fields: Any) -> dict[str, Any]:
+    return {"kind": kind, "model": model, "dataset": dataset, **fields}
+
+
+def triage(
+    backbones: str | Sequence[str],
+    data: str | Sequence[str],
+    *,
+    transfer: str | Sequence[str] | None = None,
+    methods: str | Sequence[str] = METHODS,
+    layers: str | Sequence[int] = DEFAULT_LAYERS,
+    pool: str | Sequence[str] = DEFAULT_POOLS,
+    img_size: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    reference: str | None = None,
+    out: str | os.PathLike[str] = "probekit-report",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+    precision: str = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+    plots: bool = True,
+    quiet: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> TriageResult:
+    """Extract (cache-aware), kNN-evaluate and probe every backbone on every dataset; report.
+
+    `backbones`: NAME, NAME@random or NAME@WEIGHTS_FILE (comma list). `transfer`: SRC->DST
+    pairs; SRC must be among `data`, DST is extracted for its test split. A failure of one
+    backbone on one dataset becomes a row of the report; the others go on.
+    """
+    say = log or (lambda _: None)
+    specs = parse_backbones(backbones)
+    data_specs = [d.strip() for d in (data.split(",") if isinstance(data, str) else data)]
+    data_specs = [d for d in data_specs if d]
+    if not data_specs:
+        raise ProbekitError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
+    pairs = parse_transfers(transfer)
+    for src, _ in pairs:
+        if src not in data_specs:
+            raise ProbekitError(f"transfer source {src!r} is not among --data ({data_specs}).")
+    wanted = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+    bad = [m for m in wanted if m not in METHODS]
+    if bad or not wanted:
+        raise ProbekitError(f"unknown methods {bad}; use any of {', '.join(METHODS)}.")
+    if reference is not None and reference not in [b.label for b in specs]:
+        labels = ", ".join(b.label for b in specs)
+        raise ProbekitError(f"--reference {reference!r} is not among --backbones ({labels}).")
+    # datasets are listed (and checked) once, up front: a bad spec stops before any work
+    datasets: dict[str, Dataset] = {}
+    for spec in [*data_specs, *[dst for _, dst in pairs]]:
+        if spec not in datasets:
+            datasets[spec] = load_dataset(spec)
+
+    opts = _ExtractArgs(layers, pool, img_size, batch_size, device, precision, cache_dir, quiet)
+    records: list[dict[str, Any]] = []
+    say(
+        f"triage: {len(specs)} backbones x {len(data_specs)} datasets"
+        + (f" + {len(pairs)} transfers" if pairs else "")
+        + f", methods {', '.join(wanted)}"
+    )
+    for b in specs:
+        stores: dict[str, FeatureStore] = {}
+        for spec, ds in datasets.items():
+            try:
+                stores[spec] = _extract(b, ds, opts, records, say)
+            except Exception as e:  # one backbone's failure is a row, not the end of the run
+                records.append(_record("error", b.label, ds.spec, stage="extract", message=_msg(e)))
+                say(f"  {b.label} on {ds.spec}: FAILED to extract: {_msg(e)}")
+        for spec in data_specs:
+            if spec not in stores:
+                continue
+            targets = [stores[dst] for src, dst in pairs if src == spec and dst in stores]
+            t0 = time.perf_counter()
+            try:
+                lines = _evaluate(b, stores[spec], targets, wanted, ks, records)
+            except Exception as e:
+                records.append(_record("error", b.label, spec, stage="evaluate", message=_msg(e)))
+                say(f"  {b.label} on {spec}: FAILED to evaluate: {_msg(e)}")
+                continue
+            secs = time.perf_counter() - t0
+            records.append(_record("time", b.label, spec, stage="evaluate", seconds=secs))
+            say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
+    rep, files = write_report(records, out, reference=reference, plots=plots)
+    return TriageResult(rep, files, str(Path(out).expanduser()))
+
+
+@dataclass(frozen=True)
+class _ExtractArgs:
+    layers: str | Sequence[int]
+    pool: str | Sequence[str]
+    img_size: int | None
+    batch_size: int
+    device: str
+    precision: str
+    cache_dir: str | os.PathLike[str] | None
+    quiet: bool
+
+
+def _msg(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, ProbekitError) else f"{type(e).__name__}: {text}"
+
+
+def _extract(
+    b: BackboneSpec,
+    ds: Dataset,
+    a: _ExtractArgs,
+    records: list[dict[str, Any]],
+    say: Callable[[str], None],
+) -> FeatureStore:
+    res = extract(
+        b.name,
+        ds,
+        layers=a.layers,
+        pool=a.pool,
+        weights=b.weights,
+        random_init=b.random_init,
+        img_size=a.img_size,
+        batch_size=a.batch_size,
+        device=a.device,
+        precision=a.precision,
+        cache_dir=a.cache_dir,
+        quiet=a.quiet,
+    )
+    store = open_store(res.store_path)
+    meta = store.meta
+    # a cache hit reports the time of the extraction that made the store
+    seconds = float(meta.get("seconds", res.seconds)) if res.cache_hit else res.seconds
+    records.append(
+        _record(
+            "extract",
+            b.label,
+            ds.spec,
+            backbone=b.name,
+            weights=meta["weights"]["source"],
+            images=res.images,
+            invalid=res.invalid,
+            seconds=seconds,
+            images_per_s=res.images / seconds if seconds > 0 else None,
+            cache_hit=res.cache_hit,
+            num_layers=meta["backbone"].get("num_layers"),
+            precision=meta["precision"],
+            input_size=meta["config"]["preprocessing"]["input_size"],
+            store=res.store_path,
+        )
+    )
+    say(f"  {res.summary()}")
+    return store
+
+
+def _evaluate(
+    b: BackboneSpec,
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    methods: list[str],
+    ks: Sequence[int],
+    records: list[dict[str, Any]],
+) -> str:
+    """kNN (test + selection split) and probes on one store; transfers to `targets`."""
+    spec = store.meta["dataset"]["spec"]
+    tag = {"model": b.label, "train_dataset": spec}
+    said = []
+    if "knn" in methods:
+        try:
+            said.append(_knn_all(store, targets, ks, tag, records))
+        except Exception as e:  # the probes may still work
+            records.append(_record("error", b.label, spec, stage="knn", message=_msg(e)))
+            said.append(f"kNN FAILED: {_msg(e)}")
+    probe_methods = [m for m in methods if m in ("linear", "logreg")]
+    if probe_methods:
+        try:
+            said.append(_probe_all(store, targets, probe_methods, b.label, records))
+        except Exception as e:
+            records.append(_record("error", b.label, spec, stage="probe", message=_msg(e)))
+            said.append(f"probes FAILED: {_msg(e)}")
+    return ", ".join(said)
+
+
+def _knn_all(
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    ks: Sequence[int],
+    tag: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> str:
+    # k beyond a small database is capped (leave-one-out leaves n - 1 neighbours)
+    n_db = int(store.valid("train").sum()) if "train" in store.splits else 0
+    ks = sorted({min(int(k), max(1, n_db - 1)) for k in ks})
+    test = knn(store, ks=ks)
+    out = [{"kind": "knn", **r.to_dict(), **tag} for r in test.records]
+    if {"query", "gallery"} <= set(store.splits):  # retrieval: nothing to choose
+        records += out
+        return "kNN retrieval"
+    sel_split = "val" if "val" in store.splits else "train"
+    sel = knn(store, ks=ks, test_split=sel_split)  # train vs train: leave-one-out
+    sel_recs = [r for r in sel.records if r.metric == "top1"]
+    out += [{"kind": "knn", **r.to_dict(), **tag} for r in sel_recs]
+    best = max(sel_recs, key=lambda r: (r.value, -r.k))
+    pick = next(
+        r
+        for r in test.records
+        if r.metric == "top1"
+        and (r.layer, r.pool, r.k, r.vote) == (best.layer, best.pool, best.k, best.vote)
+    )
+    for t in targets:
+        out += _knn_transfer(store, t, best, tag)
+    records += out
+    return f"kNN {100 * pick.value:.1f} ({best.layer}/{best.pool}, k={best.k})"
+
+
+def _probe_all(
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    methods: list[str],
+    label: str,
+    records: list[dict[str, Any]],
+) -> str:
+    from probekit.probes import probe
+
+    spec = store.meta["dataset"]["spec"]
+    res = probe(
+        store,
+        method=methods[0] if len(methods) == 1 else "both",  # type: ignore[arg-type]
+        eval_on=targets,
+    )
+    records += [{"kind": "probe", **r.to_dict(), "model": label} for r in res.records]
+    said = []
+    for m in methods:
+        v = next(
+            r.value
+            for r in res.records
+            if r.method == m and r.metric == "top1" and r.dataset == spec
+        )
+        said.append(f"{m} {100 * v:.1f} ({res.selected[m]['feature']})")
+    return ", ".join(said)
+
+
+def _knn_transfer(
+    src: FeatureStore, dst: FeatureStore, best: Any, tag: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """kNN of the target's test images against the source's train split, with the source's
+    chosen feature, k and vote; classes are matched by name."""
+    name = f"{best.layer}/{best.pool}"
+    missing = sorted(set(dst.class_names) - set(src.class_names))
+    if missing or name not in dst.feature_names:
+        raise ProbekitError(
+            f"cannot transfer to {dst.meta['dataset']['spec']}: "
+            + (f"classes {missing[:5]} are not in the source" if missing else f"no {name}")
+        )
+    ids = {c: i for i, c in enumerate(src.class_names)}
+    sv, dv = src.valid("train"), dst.valid("test")
+    dst_y = np.array([ids[dst.class_names[t]] for t in dst.labels("test")[dv]], dtype=np.int64)
+    res = knn(
+        (
+            src.features("train", name)[sv],
+            src.labels("train")[sv],
+            dst.features("test", name)[dv],
+            dst_y,
+        ),
+        ks=[best.k],
+        temperature=best.temperature or DEFAULT_TEMPERATURE,
+        vote_method=best.vote,
+        write=False,
+    )
+    out = []
+    for r in res.records:
+        if r.metric not in ("top1", "top5", "balanced_accuracy"):
+            continue
+        d = r.to_dict()
+        d.update(
+            kind="knn",
+            backbone=src.meta["backbone"]["name"],
+            weights=src.meta["weights"]["source"],
+            dataset=dst.meta["dataset"]["spec"],
+            split="test",
+            layer=best.layer,
+            pool=best.pool,
+            **tag,
+        )
+        d["extra"] = {**d.get("extra", {}), "selected_on": "leave-one-out on source train"}
+        out.append(d)
+    return out

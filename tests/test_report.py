@@ -1,0 +1,124 @@
+"""Reports from records: selection never on test, z-score ranking, reference deltas, merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from probekit.errors import ProbekitError
+from probekit.report import build_report, load_records, model_label, write_report
+
+
+def _knn(model: str, dataset: str, split: str, layer: str, k: int, value: float) -> dict[str, Any]:
+    return {
+        "backbone": model,
+        "weights": "hub",
+        "dataset": dataset,
+        "split": split,
+        "layer": layer,
+        "pool": "mean",
+        "k": k,
+        "temperature": 0.07,
+        "vote": "weighted",
+        "metric": "top1",
+        "value": value,
+        "n": 100,
+        "extra": {"ci95": [value - 0.05, value + 0.05]} if split == "test" else {},
+    }
+
+
+def _probe(model: str, dataset: str, value: float, ci: tuple[float, float]) -> dict[str, Any]:
+    return {
+        "backbone": model,
+        "weights": "hub",
+        "dataset": dataset,
+        "split": "test",
+        "layer": "layer2",
+        "pool": "mean",
+        "method": "logreg",
+        "metric": "top1",
+        "value": value,
+        "n": 100,
+        "config": {"feature": "layer2/mean", "C": 0.5, "val_top1": 0.9},
+        "extra": {"ci95": list(ci)},
+    }
+
+
+def test_knn_entry_is_chosen_on_leave_one_out_not_on_test() -> None:
+    recs = [
+        # test favours layer1 k=20; the selection split (train, leave-one-out) favours layer3 k=10
+        _knn("a", "d", "test", "layer1", 20, 0.95),
+        _knn("a", "d", "test", "layer3", 10, 0.80),
+        _knn("a", "d", "train", "layer1", 20, 0.70),
+        _knn("a", "d", "train", "layer3", 10, 0.90),
+    ]
+    rep = build_report(recs)
+    cell = rep.cell("d", "knn", "a")
+    assert cell is not None
+    assert (cell.feature, cell.hyper["k"], cell.value) == ("layer3/mean", 10, 0.80)
+    assert cell.selected_on == "leave-one-out on train"
+    # a val split, when there is one, is preferred to leave-one-out
+    recs.append(_knn("a", "d", "val", "layer1", 20, 0.99))
+    recs.append(_knn("a", "d", "val", "layer3", 10, 0.10))
+    assert build_report(recs).cell("d", "knn", "a").feature == "layer1/mean"  # type: ignore[union-attr]
+
+
+def test_zscore_ranking_matches_numpy_and_reference_deltas() -> None:
+    rng = np.random.default_rng(0)
+    acc = rng.uniform(0.3, 0.95, size=(4, 3))  # models x datasets
+    models, datasets = ["m0", "m1", "m2", "m3"], ["d0", "d1", "d2"]
+    recs = [
+        _probe(m, d, float(acc[i, j]), (acc[i, j] - 0.02, acc[i, j] + 0.02))
+        for i, m in enumerate(models)
+        for j, d in enumerate(datasets)
+    ]
+    rep = build_report(recs, reference="m0")
+    z = (acc - acc.mean(0)) / acc.std(0)  # per dataset over models, population std (BoB)
+    expect = dict(zip(models, z.mean(1), strict=True))
+    got = {m: s for m, s, n in rep.ranking["logreg"]}
+    assert got == pytest.approx(expect)
+    assert [m for m, _, _ in rep.ranking["logreg"]] == sorted(models, key=lambda m: -expect[m])
+    assert all(n == 3 for _, _, n in rep.ranking["logreg"])
+    for d in rep.deltas:
+        i, j = models.index(d["model"]), datasets.index(d["task"])
+        assert d["delta"] == pytest.approx(acc[i, j] - acc[0, j])
+        assert d["ci_overlap"] == (abs(acc[i, j] - acc[0, j]) <= 0.04)
+    assert len(rep.deltas) == 9
+    with pytest.raises(ProbekitError, match="reference 'nope'"):
+        build_report(recs, reference="nope")
+
+
+def test_records_merge_later_wins_and_transfer_is_its_own_task(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(_probe("x", "d", 0.5, (0.4, 0.6))) + "\n")
+    later = _probe("x", "d", 0.7, (0.6, 0.8))
+    transfer = dict(_probe("x", "e", 0.3, (0.2, 0.4)), train_dataset="d")
+    b.write_text("\n".join(json.dumps(r) for r in (later, transfer)) + "\n")
+    recs = load_records([a, b])
+    rep = build_report(recs)
+    assert rep.cell("d", "logreg", "x").value == 0.7  # type: ignore[union-attr]
+    assert rep.cell("d->e", "logreg", "x").value == 0.3  # type: ignore[union-attr]
+    assert rep.tasks == ["d", "d->e"]
+    rep2, files = write_report(recs, tmp_path / "out")
+    assert set(files) >= {"report.md", "results.csv", "results.jsonl"}
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("d,logreg,x,0.700000,0.6,0.8,layer2/mean,C=0.5")
+    # the written results.jsonl reads back to the same report
+    again = build_report(load_records([tmp_path / "out"]))
+    assert [(c.task, c.value) for c in again.cells] == [(c.task, c.value) for c in rep2.cells]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(ProbekitError, match=r"bad\.jsonl:1 is not a JSON record"):
+        load_records([bad])
+    with pytest.raises(ProbekitError, match="no such results"):
+        load_records([tmp_path / "missing.jsonl"])
+
+
+def test_model_labels() -> None:
+    assert model_label("resnet50", "hub") == "resnet50"
+    assert model_label("resnet50", "random") == "resnet50@random"
+    assert model_label("resnet50", "file", "/w/ft.safetensors") == "resnet50@ft.safetensors"
