@@ -1,18 +1,34 @@
-"""Images/s of the full `probekit.extract` pipeline vs the bare model forward, in one run.
+"""Images/s of the `probekit.extract` pipeline vs the bare model forward, in one run.
 
-Both sides see the same pre-decoded images (uint8, already at the model's input size), the
-same batch size and precision. The pipeline adds: DataLoader, normalization on the device,
-forward_intermediates over the stored layers, pooling, the fp16 cast and the Zarr writer.
+Sources (--source, comma list):
+  synthetic  pre-decoded uint8 images already at the model's input size, in memory
+  pixels     the pixel cache (built once beforehand, not timed): what every backbone after the
+             first reads in a triage
+  jpeg       a folder of JPEG photos (500x375, made from scikit-image's sample photos), decoded
+             and resized by CPU workers (or on the GPU with --decode gpu)
 
-    python benchmarks/bench_extract.py [--models vit_tiny_patch16_224,resnet18] [--images 1024,512]
+For each model, source and compile setting the table shows: the bare forward (forward_features
+on a normalized batch already on the device), the whole `extract` call (images/s with compile
+time kept out), their ratio, the decode rate of the source, and an MFU estimate (FLOPs counted
+by torch's FlopCounterMode on one forward, against the chip's dense bf16 peak).
+
+--pixel-pair A,B: two backbones of one geometry over the same JPEG folder; B's extraction with
+the pixel cache (built while A ran) against B decoding the JPEGs again.
+
+    python benchmarks/bench_extract.py [--models vit_tiny_patch16_224,resnet18]
+        [--source synthetic,pixels,jpeg] [--compile both] [--device cuda --batch-size 256]
+    python benchmarks/bench_extract.py --pixel-pair mobilenetv3_large_100,mobilenetv3_small_100
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,25 +37,59 @@ from common import RESULTS, cpu_name, save_result
 
 import probekit
 from probekit.backbones import create_backbone, parse_layers
-from probekit.data import Dataset, Split
-from probekit.extract import FeatureExtractor, resolve_policy
+from probekit.data import Dataset, ImageSource, Split, load_dataset, pass_batch
+from probekit.extract import FeatureExtractor, geometry_transform, resolve_policy
+
+# dense bf16 peak of the chips a lent GPU may be (spec sheet, SXM)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
-def predecoded(n: int, size: int) -> Dataset:
+@functools.cache
+def predecoded(n: int, size: int, seed: int = 0) -> Dataset:
     """n random RGB images at exactly the model's input size: the geometry step is a no-op."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
     labels = np.arange(n) % 10
     split = Split("train", tuple(f"img{i}" for i in range(n)), labels)
     return Dataset(
-        f"bench:{n}x{size}",
-        f"bench-{n}x{size}",
+        f"bench:{n}x{size}:{seed}",
+        f"bench-{n}x{size}-{seed}",
         tuple(map(str, range(10))),
         {"train": split},
-        fingerprint=str(n),
+        fingerprint=f"{n}-{size}-{seed}",
         arrays={"train": images},
         preprocessed=True,
     )
+
+
+def jpeg_folder(root: Path, n: int) -> Path:
+    """n JPEG photos of 500x375 (ImageNet's typical size): random crops, flips and colour
+    shifts of scikit-image's sample photos, quality 90; two classes."""
+    from PIL import Image
+    from skimage import data
+
+    photos = [
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+        data.immunohistochemistry(),
+    ]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        p = photos[i % len(photos)]
+        h, w = p.shape[:2]
+        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = p[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        shifted = np.clip(crop.astype(np.int16) + rng.integers(-30, 30, size=3), 0, 255)
+        d = root / "train" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(shifted.astype(np.uint8)).resize((500, 375), Image.BICUBIC)
+        img.save(d / f"{i}.jpg", quality=90)
+    return root
 
 
 def sync(device: str) -> None:
@@ -47,9 +97,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], steps: int, device: str) -> float:
-    """Seconds per call of fn, after two warm-up calls, with device syncs around the region."""
-    for _ in range(2):
+def timed(fn: Callable[[], object], steps: int, device: str, warmup: int = 2) -> float:
+    """Seconds per call of fn after warm-up calls, with device syncs around the region."""
+    for _ in range(warmup):
         fn()
     sync(device)
     t = time.perf_counter()
@@ -59,106 +109,290 @@ def timed(fn: Callable[[], object], steps: int, device: str) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def flops_per_image(model_name: str) -> float:
+    """Forward FLOPs of one image (2 x MACs), counted by torch on the CPU in fp32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bb = create_backbone(model_name, random_init=True)
+    size = tuple(bb.data_config["input_size"][1:])
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        bb.model.forward_features(torch.zeros(1, 3, *size))
+    return float(counter.get_total_flops())
+
+
+def decode_rate(ds: Dataset, model_name: str, workers: int) -> float:
+    """Images/s of decoding + the model's resize/crop alone, with the extractor's workers."""
+    bb = create_backbone(model_name, random_init=True, load=False)
+    geo = geometry_transform(dict(bb.data_config))
+    size = tuple(bb.data_config["input_size"][1:])
+    src = ImageSource(ds, "train", geo, size)  # type: ignore[arg-type]
+    n = len(src)
+    batches = [list(range(i, min(n, i + 64))) for i in range(0, n, 64)]
+    loader = torch.utils.data.DataLoader(
+        src, batch_sampler=batches, collate_fn=pass_batch, num_workers=workers
+    )
+    t = time.perf_counter()
+    for _ in loader:
+        pass
+    return n / (time.perf_counter() - t)
+
+
 def bench(
-    model_name: str, n: int, batch_size: int, device: str, precision: str, repeats: int
-) -> dict:
-    """`repeats` rounds, each timing bare, pipeline and bare multi-layer back to back; medians."""
+    model_name: str,
+    source: str,
+    n: int,
+    batch_size: int,
+    device: str,
+    precision: str,
+    compile: bool,
+    repeats: int,
+    workers: int,
+    jpegs: Path | None,
+    decode: str,
+    peak: float | None,
+    flops: float,
+) -> dict[str, Any]:
     policy = resolve_policy(device, precision)
     bb = create_backbone(model_name, random_init=True)
     size = int(bb.data_config["input_size"][-1])
     layers = list(parse_layers("last4", bb.num_layers))
-    ds = predecoded(n, size)
-    fx = FeatureExtractor(bb, layers, ["cls", "mean"] if bb.has_class_token else ["mean"], policy)
-    x = torch.from_numpy(ds.arrays["train"][:batch_size]).permute(0, 3, 1, 2)
+    pools = ["cls", "mean"] if bb.has_class_token else ["mean"]
+    fx = FeatureExtractor(bb, layers, pools, policy)
+    x = torch.from_numpy(predecoded(batch_size, size).arrays["train"]).permute(0, 3, 1, 2)  # type: ignore[index]
     xn = fx.normalize(x)
     model: Any = bb.model
-    steps = max(1, n // batch_size)
-    # pipeline: the whole extract() call (cold cache: store creation and writes included)
+    fwd = (
+        torch.compile(model.forward_features, dynamic=False) if compile else model.forward_features
+    )
+    steps = max(3, min(50, n // batch_size))
     kw: dict[str, Any] = dict(
         random_init=True,
         device=device,
         precision=precision,
         quiet=True,
         batch_size=batch_size,
-        num_workers=0,
+        num_workers=workers,
         layers="last4",
+        compile=compile,
+        decode=decode,
     )
-    rounds: list[tuple[float, float, float]] = []
-    for _ in range(repeats):
-        with torch.inference_mode(), policy.autocast():
-            # bare forward: the model alone on a normalized batch already on the device
-            bare = batch_size / timed(lambda: model.forward_features(xn), steps, policy.device)
-        with tempfile.TemporaryDirectory() as cache:
-            probekit.extract(model_name, predecoded(batch_size, size), cache_dir=cache, **kw)
-            t = time.perf_counter()
-            res = probekit.extract(model_name, ds, cache_dir=cache, **kw)
-            pipe = n / (time.perf_counter() - t)
-        assert not res.cache_hit
-        with torch.inference_mode(), policy.autocast():
-            # bare multi-layer forward: the same layers from timm directly, nothing else
-            multi = batch_size / timed(
-                lambda: model.forward_intermediates(xn, indices=layers, norm=True),
-                steps,
-                policy.device,
+    root = Path(tempfile.mkdtemp(prefix="probekit-bench-"))
+    try:
+        if source == "jpeg":
+            assert jpegs is not None
+            ds: Dataset = load_dataset(f"imagefolder:{jpegs}")
+            dec = decode_rate(ds, model_name, workers)
+            n = len(ds.splits["train"])
+        else:
+            ds, dec = predecoded(n, size), float("nan")
+        if source == "pixels":  # build the pixel cache outside the timing
+            from probekit.cache.pixels import build_pixel_store
+
+            geo = geometry_transform(dict(bb.data_config))
+            _, _, secs = build_pixel_store(
+                ds,
+                geo,
+                geo.describe(),
+                (size, size),
+                cache_dir=root,
+                num_workers=workers,
+                identity=geo.identity_ok,
             )
-        rounds.append((bare, multi, pipe))
-    r = np.array(rounds)
+            dec = n / secs
+        rounds = []
+        for _ in range(repeats):
+            with torch.inference_mode(), policy.autocast():
+                bare = batch_size / timed(lambda: fwd(xn), steps, policy.device, warmup=3)
+            res = probekit.extract(
+                model_name,
+                ds,
+                cache_dir=root,
+                pixel_cache=source == "pixels",
+                overwrite=True,
+                **kw,
+            )
+            assert not res.cache_hit
+            rounds.append((bare, res.images_per_s, res.compile_seconds))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    arr = np.array(rounds)
+    bare_med, pipe_med = float(np.median(arr[:, 0])), float(np.median(arr[:, 1]))
     return {
         "model": model_name,
+        "source": source,
+        "decode": decode if source == "jpeg" else "-",
+        "compile": compile,
         "images": n,
-        "repeats": repeats,
         "batch_size": batch_size,
         "device": policy.device,
         "precision": policy.precision,
-        "bare_images_per_s": round(float(np.median(r[:, 0])), 1),
-        "bare_multilayer_images_per_s": round(float(np.median(r[:, 1])), 1),
-        "pipeline_images_per_s": round(float(np.median(r[:, 2])), 1),
-        # each round times both sides back to back: the median of the per-round ratios
-        # cancels the slow drifts of a shared machine
-        "ratio": round(float(np.median(r[:, 2] / r[:, 0])), 3),
-        "ratio_vs_multilayer": round(float(np.median(r[:, 2] / r[:, 1])), 3),
+        "repeats": repeats,
+        "workers": workers,
+        "bare_images_per_s": round(bare_med, 1),
+        "pipeline_images_per_s": round(pipe_med, 1),
+        "ratio": round(float(np.median(arr[:, 1] / arr[:, 0])), 3),
+        "decode_images_per_s": None if np.isnan(dec) else round(dec, 1),
+        "compile_seconds": round(float(arr[:, 2].max()), 1),
+        "gflops_per_image": round(flops / 1e9, 3),
+        "pipeline_tflops": round(pipe_med * flops / 1e12, 2),
+        "mfu": None if peak is None else round(pipe_med * flops / peak, 4),
+        "bare_mfu": None if peak is None else round(bare_med * flops / peak, 4),
         "rounds": [[round(float(v), 1) for v in row] for row in rounds],
     }
+
+
+def pixel_pair(models: list[str], n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Backbone A decodes the JPEGs (building the pixel cache); B then decodes again, or reads
+    the pixel cache: rounds alternate the two and time both whole `extract` calls."""
+    a, b = models
+    root = Path(tempfile.mkdtemp(prefix="probekit-pair-"))
+    try:
+        spec = f"imagefolder:{jpeg_folder(root / 'jpegs', n)}"
+        kw: dict[str, Any] = dict(
+            random_init=True,
+            quiet=True,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            layers="last4",
+            num_workers=args.workers,
+        )
+        first = probekit.extract(a, spec, cache_dir=root / "c", pixel_cache=True, **kw)
+        assert first.pixels.startswith("from the pixel cache (built")
+        rounds, equal = [], True
+        for _ in range(args.repeats):  # alternate: the machine's drifts hit both sides
+            t = time.perf_counter()
+            again = probekit.extract(b, spec, cache_dir=root / "plain", overwrite=True, **kw)
+            t_plain = time.perf_counter() - t
+            t = time.perf_counter()
+            cached = probekit.extract(
+                b, spec, cache_dir=root / "c", pixel_cache=True, overwrite=True, **kw
+            )
+            t_cached = time.perf_counter() - t
+            assert cached.pixels == "from the pixel cache"
+            rounds.append((t_plain, t_cached))
+            s1, s2 = probekit.open_store(again.store_path), probekit.open_store(cached.store_path)
+            for name in s1.feature_names:
+                equal &= bool(
+                    np.array_equal(s1.features("train", name), s2.features("train", name))
+                )
+        r = np.array(rounds)
+        return {
+            "first": a,
+            "second": b,
+            "images": n,
+            "jpeg": "500x375, quality 90",
+            "first_seconds_building_pixel_cache": round(first.seconds, 2),
+            "second_decoding_again_s": round(float(np.median(r[:, 0])), 2),
+            "second_from_pixel_cache_s": round(float(np.median(r[:, 1])), 2),
+            "speedup": round(float(np.median(r[:, 0] / r[:, 1])), 2),
+            "features_identical": equal,
+            "rounds": [[round(float(v), 2) for v in row] for row in rounds],
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="vit_tiny_patch16_224,resnet18")
-    ap.add_argument("--images", default="1024,512", help="images per model (one, or one each)")
+    ap.add_argument("--source", default="synthetic,pixels", help="synthetic, pixels, jpeg")
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", default="off", help="off, on, or both")
+    ap.add_argument("--decode", default="cpu", help="jpeg source: cpu workers or gpu")
+    ap.add_argument("--workers", type=int, default=None, help="[default: half the cores, <= 8]")
+    ap.add_argument("--pixel-pair", default=None, help="A,B: the pixel-cache comparison")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    models = args.models.split(",")
-    images = [int(n) for n in args.images.split(",")]
-    images = images * len(models) if len(images) == 1 else images
-    rows = [
-        bench(m, n, args.batch_size, args.device, args.precision, args.repeats)
-        for m, n in zip(models, images, strict=True)
-    ]
-    head = ("model", "bare img/s", "bare 4-layer img/s", "pipeline img/s", "ratio", "ratio 4-layer")
-    print(f"{head[0]:14s}" + "".join(f"{h:>20s}" for h in head[1:]))
+    from probekit.extract import _default_workers
+
+    args.workers = _default_workers() if args.workers is None else args.workers
+    device = resolve_policy(args.device, args.precision).device
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
+    if args.pixel_pair:
+        row = pixel_pair(args.pixel_pair.split(","), args.images, args)
+        print(
+            f"{row['second']} after {row['first']} over {row['images']} JPEGs: decoding again "
+            f"{row['second_decoding_again_s']} s, from the pixel cache "
+            f"{row['second_from_pixel_cache_s']} s: {row['speedup']}x, features identical: "
+            f"{row['features_identical']}"
+        )
+        save_result(
+            "bench_pixel_cache", device, name, {"threads": torch.get_num_threads(), **row}, args.out
+        )
+        return
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    compiles = {"off": [False], "on": [True], "both": [True, False]}[args.compile]
+    sources = args.source.split(",")
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="probekit-jpegs-"))
+    jpegs = jpeg_folder(tmp, args.images) if "jpeg" in sources else None
+    out_name = "bench_extract" if not device.startswith("cuda") else "bench_extract_gpu"
+    try:
+        for m in args.models.split(","):
+            flops = flops_per_image(m)
+            for c in compiles:
+                for src in sources:
+                    rows.append(
+                        bench(
+                            m,
+                            src,
+                            args.images,
+                            args.batch_size,
+                            args.device,
+                            args.precision,
+                            c,
+                            args.repeats,
+                            args.workers,
+                            jpegs,
+                            args.decode,
+                            peak,
+                            flops,
+                        )
+                    )
+                    r = rows[-1]
+                    print(
+                        f"{m:24s} {src:9s} compile={c!s:5s} bare {r['bare_images_per_s']:9.1f} "
+                        f"pipeline {r['pipeline_images_per_s']:9.1f} ratio {r['ratio']:.3f} "
+                        f"decode {r['decode_images_per_s']} MFU {r['mfu']} "
+                        f"(compile {r['compile_seconds']} s)",
+                        flush=True,
+                    )
+                    save_result(out_name, device, name, {"peak_bf16": peak, "rows": rows}, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    head = (
+        "model",
+        "source",
+        "compile",
+        "bare img/s",
+        "pipeline img/s",
+        "ratio",
+        "decode img/s",
+        "MFU",
+    )
+    print(" | ".join(head))
     for r in rows:
         print(
-            f"{r['model']:14s}"
-            + "".join(
-                f"{r[k]:20.3f}" if "ratio" in k else f"{r[k]:20.1f}"
-                for k in (
-                    "bare_images_per_s",
-                    "bare_multilayer_images_per_s",
-                    "pipeline_images_per_s",
-                    "ratio",
-                    "ratio_vs_multilayer",
+            " | ".join(
+                str(v)
+                for v in (
+                    r["model"],
+                    r["source"],
+                    r["compile"],
+                    r["bare_images_per_s"],
+                    r["pipeline_images_per_s"],
+                    r["ratio"],
+                    r["decode_images_per_s"],
+                    r["mfu"],
                 )
             )
         )
-    device = rows[0]["device"]
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
-    save_result(
-        "bench_extract", device, name, {"threads": torch.get_num_threads(), "rows": rows}, args.out
-    )
 
 
 if __name__ == "__main__":

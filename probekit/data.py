@@ -21,8 +21,10 @@ __all__ = [
     "BUILTIN_DATASETS",
     "IMG_EXTENSIONS",
     "Dataset",
+    "EncodedSource",
     "ImageSource",
     "Split",
+    "decode_on_device",
     "load_dataset",
     "pass_batch",
     "to_rgb",
@@ -162,6 +164,126 @@ class ImageSource(torch.utils.data.Dataset[Batch]):
 
     def __getitem__(self, index: int) -> Batch:
         return self.__getitems__([index])
+
+
+class EncodedSource(torch.utils.data.Dataset[Any]):
+    """Batches of undecoded images for decoding on the GPU: JPEG files as their bytes (uint8
+    1-D tensors); anything else (other formats, in-memory arrays) decoded here to a full-size
+    uint8 (3, H, W) tensor. Geometry and normalization then run on the device."""
+
+    def __init__(self, dataset: Dataset, split: str):
+        self.dataset, self.split = dataset, split
+
+    def __len__(self) -> int:
+        return len(self.dataset.splits[self.split])
+
+    def _one(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        try:
+            if self.dataset.arrays is None:
+                path = self.dataset.splits[self.split].ids[index]
+                with open(path, "rb") as f:
+                    data = f.read()
+                if data[:3] == b"\xff\xd8\xff" and _plain_jpeg(data):  # the device decodes it
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, ""
+            img = self.dataset.load_image(self.split, index)
+            return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), True, ""
+        except OSError as e:
+            return torch.zeros(3, 1, 1, dtype=torch.uint8), False, f"{type(e).__name__}: {e}"
+        except InvalidImageError as e:
+            return torch.zeros(3, 1, 1, dtype=torch.uint8), False, str(e)
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        items = [self._one(i) for i in indices]
+        return (
+            [it[0] for it in items],
+            torch.tensor([it[1] for it in items], dtype=torch.bool),
+            [it[2] for it in items],
+        )
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """An RGB/grey JPEG with no EXIF rotation (the header only): the kind nvJPEG decodes as the
+    CPU reader would. Others (CMYK, rotated) are decoded on the CPU."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def decode_on_device(
+    items: list[torch.Tensor],
+    valid: torch.Tensor,
+    reasons: list[str],
+    geometry: Callable[[Any], Any],
+    size: tuple[int, int],
+    device: str,
+) -> Batch:
+    """Decode JPEG bytes with nvJPEG on `device` (a batch call), apply the model's geometry
+    (resize + center crop, on tensors) there, and stack to (B, 3, H, W) uint8 on the device.
+    An image the device cannot decode falls back to the CPU reader, or is marked invalid."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    valid = valid.clone()
+    reasons = list(reasons)
+    jpegs = [i for i, t in enumerate(items) if valid[i] and t.ndim == 1]
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 marks its decoders deprecated (TorchCodec takes over); they work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if jpegs:
+            _decode_jpegs(items, jpegs, out, valid, reasons, device)
+    for i, t in enumerate(items):
+        if out[i] is None and valid[i] and t.ndim == 3:
+            out[i] = t.to(device, non_blocking=True)
+    h, w = size
+    batch = torch.zeros(len(items), 3, h, w, dtype=torch.uint8, device=device)
+    for i, img in enumerate(out):
+        if img is not None:
+            batch[i] = geometry(img.to(device))
+    return batch, valid, reasons
+
+
+def _decode_jpegs(
+    items: list[torch.Tensor],
+    jpegs: list[int],
+    out: list[torch.Tensor | None],
+    valid: torch.Tensor,
+    reasons: list[str],
+    device: str,
+) -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the batch call: decode one by one
+        decoded = []
+        for i in jpegs:
+            try:
+                decoded.append(decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(_cpu_fallback(items[i]))
+    for i, img in zip(jpegs, decoded, strict=True):
+        if img is None:
+            valid[i], reasons[i] = False, "the JPEG could not be decoded"
+        else:
+            out[i] = img
+
+
+def _cpu_fallback(data: torch.Tensor) -> torch.Tensor | None:
+    """Decode bytes the device refused (e.g. progressive or CMYK JPEGs) with PIL."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            im.load()
+            rgb = to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def pass_batch(batch: Any) -> Any:

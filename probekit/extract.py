@@ -21,7 +21,14 @@ from timm.data import create_transform  # type: ignore[attr-defined]
 from probekit import __version__
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
 from probekit.cache.store import FeatureStore, StoreConfig, StoreDtype, StoreLock, cache_root
-from probekit.data import Dataset, ImageSource, load_dataset, pass_batch
+from probekit.data import (
+    Dataset,
+    EncodedSource,
+    ImageSource,
+    decode_on_device,
+    load_dataset,
+    pass_batch,
+)
 from probekit.errors import (
     InvalidImageError,
     LayerSpecError,
@@ -173,6 +180,10 @@ class Geometry:
             for s in steps[:-2]
         )
 
+    def describe(self) -> str:
+        """The geometry as text (the steps and their parameters): the pixel cache's key."""
+        return " | ".join(repr(s) for s in self.transform.transforms)
+
     def __call__(self, img: Any) -> Any:
         if self.identity_ok and getattr(img, "size", None) == self.size:
             return img
@@ -276,11 +287,14 @@ class ExtractResult:
     cache_hit: bool
     images: int
     invalid: int
-    seconds: float
-    images_per_s: float
+    seconds: float  # the whole call
+    images_per_s: float  # the extraction loop's throughput (set-up and compiling batch apart)
     resumed_chunks: int
     backbone: str
     dataset: str
+    # where the pixels came from: "decoded", or the pixel cache ("pixel cache hit"/"built")
+    pixels: str = "decoded"
+    compile_seconds: float = 0.0  # the first (compiling) batch, kept out of images_per_s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,10 +308,11 @@ class ExtractResult:
         resumed = (
             f", resumed ({self.resumed_chunks} chunks were done)" if self.resumed_chunks else ""
         )
+        compiled = f", compile {self.compile_seconds:.1f} s" if self.compile_seconds else ""
         return (
             f"extracted {self.backbone} on {self.dataset}: {self.images} images, "
             f"{self.invalid} invalid, {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
-            f"{resumed} -> {self.store_path}"
+            f"{compiled}, pixels {self.pixels}{resumed} -> {self.store_path}"
         )
 
 
@@ -340,6 +355,8 @@ def extract(
     num_workers: int | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     compile: bool | None = None,
+    pixel_cache: bool = False,
+    decode: Literal["cpu", "gpu"] = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     strict: bool = False,
     overwrite: bool = False,
@@ -350,14 +367,21 @@ def extract(
     Reruns are cache hits; an interrupted run resumes chunk by chunk to identical arrays.
     `layers`: last, lastN, all or indices (the pooled `head` embedding is always stored);
     `pool`: any of cls, mean, cls+mean, gem (cls falls back to mean without a class token).
+    `pixel_cache`: decode and resize each image once into a uint8 pixel store shared by every
+    backbone with the same geometry (features are identical to decoding anew). `decode="gpu"`:
+    JPEGs are decoded and resized on the CUDA device (nvJPEG) instead of by CPU workers.
     """
     if batch_size < 1 or chunk_rows < 1:
         raise ProbekitError("batch_size and chunk_rows must be positive integers.")
     if dtype not in ("float16", "float32"):
         raise ProbekitError(f"unknown dtype {dtype!r}; use float16 or float32.")
+    if decode not in ("cpu", "gpu"):
+        raise ProbekitError(f"unknown decode {decode!r}; use cpu or gpu.")
     t0 = time.perf_counter()
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     policy = resolve_policy(device, precision)
+    if decode == "gpu" and not policy.is_cuda:
+        raise ProbekitError("decode='gpu' needs a CUDA device; use decode='cpu' on this machine.")
     skeleton = create_backbone(
         backbone, weights=weights, random_init=random_init, img_size=img_size, load=False
     )
@@ -419,10 +443,30 @@ def extract(
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         geometry = geometry_transform(dict(bb.data_config))
         workers = _default_workers() if num_workers is None else num_workers
-        done_images = 0
+        done_images, compile_s, loop_s = 0, 0.0, 0.0
+        pixels, pixel_path = "decoded" if decode == "cpu" else "decoded on the GPU", None
+        if pixel_cache and any(store.pending_chunks(s) for s in ds.splits):
+            from probekit.cache.pixels import build_pixel_store
+
+            pstore, built, _secs = build_pixel_store(
+                ds,
+                geometry,
+                geometry.describe(),
+                size,  # type: ignore[arg-type]
+                cache_dir=cache_dir,
+                num_workers=workers,
+                identity=geometry.identity_ok,
+            )
+            pixel_path = pstore.path
+            rate = pstore.meta.get("images_per_s")
+            pixels = (
+                f"from the pixel cache (built now, decode {rate} images/s)"
+                if built
+                else "from the pixel cache"
+            )
         while True:
             try:
-                done_images = _run(
+                done_images, compile_s, loop_s = _run(
                     store,
                     ds,
                     fx,
@@ -435,6 +479,8 @@ def extract(
                     quiet,
                     dtype,
                     use_compile,
+                    pixel_path,
+                    decode,
                 )
                 break
             except _NeedsFloat32 as e:
@@ -447,15 +493,30 @@ def extract(
                 store.switch_to_float32(e.name)
         invalid = sum(int((~store.valid(s)).sum()) for s in ds.splits)
         seconds = time.perf_counter() - t0
-        rate = done_images / seconds if seconds > 0 else 0.0
+        # throughput of the extraction loop (loading, forward, pooling, writing); model and
+        # store set-up and the compiling first batch are outside it, `seconds` has them all
+        run_s = loop_s - compile_s
+        rate = done_images / run_s if run_s > 0 else 0.0
         store.update_meta(
             status="complete",
             invalid=invalid,
             seconds=round(seconds, 3),
+            compile_seconds=round(compile_s, 3),
             images_per_s=round(rate, 2),
+            pixels=pixels,
         )
     return ExtractResult(
-        str(path), False, n_total, invalid, seconds, rate, resumed, backbone, ds.spec
+        str(path),
+        False,
+        n_total,
+        invalid,
+        seconds,
+        rate,
+        resumed,
+        backbone,
+        ds.spec,
+        pixels,
+        compile_s,
     )
 
 
@@ -528,8 +589,14 @@ def _run(
     quiet: bool,
     dtype: str,
     fixed_batch: bool,
-) -> int:
-    """Extract every pending chunk of every split; return how many images were processed."""
+    pixel_path: Path | None = None,
+    decode: str = "cpu",
+) -> tuple[int, float, float]:
+    """Extract every pending chunk of every split.
+
+    Returns (images processed, seconds of the first batch when compiling: the compile time,
+    seconds from the first batch requested to the last chunk written).
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -548,7 +615,8 @@ def _run(
     )
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probekit-writer")
     inflight: list[Future[None]] = []
-    processed = 0
+    processed, compile_s = 0, 0.0
+    copy_stream = torch.cuda.Stream() if fx.policy.is_cuda else None  # type: ignore[no-untyped-call]
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -568,7 +636,15 @@ def _run(
                 n = len(ds.splits[split])
                 if not chunks or n == 0:
                     continue
-                source = ImageSource(ds, split, geometry, size, identity=geometry.identity_ok)
+                source: torch.utils.data.Dataset[Any]
+                if pixel_path is not None:
+                    from probekit.cache.pixels import PixelSource
+
+                    source = PixelSource(pixel_path, split)
+                elif decode == "gpu":
+                    source = EncodedSource(ds, split)
+                else:
+                    source = ImageSource(ds, split, geometry, size, identity=geometry.identity_ok)
                 batches = list(_batches(chunks, n, chunk_rows, batch_size))
                 loader = torch.utils.data.DataLoader(
                     source,
@@ -578,55 +654,136 @@ def _run(
                     pin_memory=fx.policy.is_cuda,
                     persistent_workers=False,
                 )
-                split_ids, labels = ds.splits[split].ids, ds.splits[split].labels
-                acc: dict[str, list[np.ndarray]] = {}
+                sink = _Sink(store, split, ds, chunk_rows, dtype, f32, strict, writer, inflight)
+
+                def consume(
+                    rows: list[int],
+                    feats: dict[str, np.ndarray],
+                    valid_t: torch.Tensor,
+                    reasons_t: list[str],
+                    sink: _Sink = sink,
+                ) -> None:
+                    nonlocal processed
+                    sink.consume(rows, feats, valid_t, reasons_t)
+                    processed += len(rows)
+                    rate = processed / max(time.perf_counter() - t_start, 1e-9)
+                    progress.update(task, advance=len(rows), rate=f"{rate:.1f} img/s")
+
+                # On CUDA a batch's features are read back one batch late: the host finishes
+                # batch i (and copies batch i + 1 in on a side stream) while the GPU computes
+                # batch i + 1, so the device never waits for the host.
+                # (rows, features on the host, their copy's event, valid, reasons, the batch:
+                # kept referenced so its pinned memory is not reused while a copy reads it)
+                lagged: list[tuple[list[int], dict[str, torch.Tensor], Any, Any, Any, Any]] = []
                 for rows, (images, valid_t, reasons_t) in zip(batches, loader, strict=True):
                     b = len(rows)
+                    if decode == "gpu" and pixel_path is None:
+                        images, valid_t, reasons_t = decode_on_device(
+                            images, valid_t, reasons_t, geometry, size, fx.policy.device
+                        )
                     if fixed_batch and b < batch_size:  # one batch shape: no recompilation
                         pad = images.new_zeros(batch_size - b, *images.shape[1:])
                         images = torch.cat([images, pad])
-                    feats = {k: v[:b].cpu().numpy() for k, v in fx(images).items()}
-                    valid, reasons = valid_t.numpy().copy(), list(reasons_t)
-                    if strict and not valid.all():
-                        first = int(np.flatnonzero(~valid)[0])
-                        raise InvalidImageError(
-                            f"cannot read image {split_ids[rows[first]]!r}: {reasons[first]} "
-                            "(strict mode; drop --strict to mark such images invalid and go on)."
+                    x = images
+                    if copy_stream is not None and images.device.type == "cpu":
+                        with torch.cuda.stream(copy_stream):
+                            x = images.to(fx.policy.device, non_blocking=True)
+                        torch.cuda.current_stream().wait_stream(copy_stream)
+                        x.record_stream(torch.cuda.current_stream())
+                    t_batch = time.perf_counter()
+                    out = fx(x)
+                    if fixed_batch and processed == 0 and not lagged and compile_s == 0.0:
+                        compile_s = time.perf_counter() - t_batch  # the first call compiles
+                    if copy_stream is None:
+                        consume(
+                            rows,
+                            {k: v[:b].cpu().numpy() for k, v in out.items()},
+                            valid_t,
+                            reasons_t,
                         )
-                    finite = np.logical_and.reduce(
-                        [np.isfinite(v).all(axis=1) for v in feats.values()]
-                    )
-                    for i in np.flatnonzero(~finite & valid):
-                        valid[i], reasons[i] = False, "non-finite features"
-                    for k, v in feats.items():
-                        v[~valid] = 0.0
-                        acc.setdefault(k, []).append(v)
-                    acc.setdefault("valid", []).append(valid)
-                    acc.setdefault("errors", []).append(np.array(reasons, dtype=object))
-                    processed += b
-                    elapsed = time.perf_counter() - t_start
-                    progress.update(
-                        task, advance=b, rate=f"{processed / max(elapsed, 1e-9):.1f} img/s"
-                    )
-                    chunk = rows[0] // chunk_rows
-                    start, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
-                    if rows[-1] + 1 < stop:
-                        continue  # batches never straddle chunks: this chunk is not full yet
-                    columns = _columns(acc, dtype, f32)
-                    columns["labels"] = labels[start:stop]
-                    columns["ids"] = np.array(split_ids[start:stop], dtype=str)
-                    columns["errors"] = columns["errors"].astype(str)
-                    inflight.append(
-                        writer.submit(store.write_chunk, split, chunk, chunk_rows, columns)
-                    )
-                    acc = {}
-                    while len(inflight) > 2:  # bounded: at most two chunks wait for storage
-                        inflight.pop(0).result()
+                        continue
+                    host = {k: v[:b].to("cpu", non_blocking=True) for k, v in out.items()}
+                    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    done.record()
+                    lagged.append((rows, host, done, valid_t, reasons_t, (x, images)))
+                    while len(lagged) > 1:
+                        r, h, ev, v_t, why, _ = lagged.pop(0)
+                        ev.synchronize()
+                        consume(r, {k: t.numpy() for k, t in h.items()}, v_t, why)
+                for r, h, ev, v_t, why, _ in lagged:
+                    ev.synchronize()
+                    consume(r, {k: t.numpy() for k, t in h.items()}, v_t, why)
         for f in inflight:
             f.result()
     finally:
         writer.shutdown(wait=True)
-    return processed
+    return processed, compile_s, time.perf_counter() - t_start
+
+
+class _Sink:
+    """The host side of one split: validity, accumulation into row chunks, chunk writes."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        split: str,
+        ds: Dataset,
+        chunk_rows: int,
+        dtype: str,
+        f32: set[str],
+        strict: bool,
+        writer: ThreadPoolExecutor,
+        inflight: list[Future[None]],
+    ):
+        self.store, self.split, self.chunk_rows, self.dtype, self.f32 = (
+            store,
+            split,
+            chunk_rows,
+            dtype,
+            f32,
+        )
+        self.ids, self.labels = ds.splits[split].ids, ds.splits[split].labels
+        self.n = len(self.ids)
+        self.strict, self.writer, self.inflight = strict, writer, inflight
+        self.acc: dict[str, list[np.ndarray]] = {}
+
+    def consume(
+        self,
+        rows: list[int],
+        feats: dict[str, np.ndarray],
+        valid_t: torch.Tensor,
+        reasons_t: list[str],
+    ) -> None:
+        valid, reasons = valid_t.numpy().copy(), list(reasons_t)
+        if self.strict and not valid.all():
+            first = int(np.flatnonzero(~valid)[0])
+            raise InvalidImageError(
+                f"cannot read image {self.ids[rows[first]]!r}: {reasons[first]} "
+                "(strict mode; drop --strict to mark such images invalid and go on)."
+            )
+        finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
+        for i in np.flatnonzero(~finite & valid):
+            valid[i], reasons[i] = False, "non-finite features"
+        acc = self.acc
+        for k, v in feats.items():
+            v[~valid] = 0.0
+            acc.setdefault(k, []).append(v)
+        acc.setdefault("valid", []).append(valid)
+        acc.setdefault("errors", []).append(np.array(reasons, dtype=object))
+        chunk = rows[0] // self.chunk_rows
+        start, stop = chunk * self.chunk_rows, min(self.n, (chunk + 1) * self.chunk_rows)
+        if rows[-1] + 1 < stop:
+            return  # batches never straddle chunks: this chunk is not full yet
+        columns = _columns(acc, self.dtype, self.f32)
+        columns["labels"] = self.labels[start:stop]
+        columns["ids"] = np.array(self.ids[start:stop], dtype=str)
+        columns["errors"] = columns["errors"].astype(str)
+        self.inflight.append(
+            self.writer.submit(self.store.write_chunk, self.split, chunk, self.chunk_rows, columns)
+        )
+        self.acc = {}
+        while len(self.inflight) > 2:  # bounded: at most two chunks wait for storage
+            self.inflight.pop(0).result()
 
 
 def _columns(acc: dict[str, list[np.ndarray]], dtype: str, f32: set[str]) -> dict[str, np.ndarray]:

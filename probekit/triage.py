@@ -109,6 +109,7 @@ def triage(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     precision: str = "auto",
+    pixel_cache: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     plots: bool = True,
     quiet: bool = False,
@@ -118,7 +119,8 @@ def triage(
 
     `backbones`: NAME, NAME@random or NAME@WEIGHTS_FILE (comma list). `transfer`: SRC->DST
     pairs; SRC must be among `data`, DST is extracted for its test split. A failure of one
-    backbone on one dataset becomes a row of the report; the others go on.
+    backbone on one dataset becomes a row of the report; the others go on. `pixel_cache`
+    (default: on for more than one backbone) decodes each image once per geometry.
     """
     say = log or (lambda _: None)
     specs = parse_backbones(backbones)
@@ -143,7 +145,11 @@ def triage(
         if spec not in datasets:
             datasets[spec] = load_dataset(spec)
 
-    opts = _ExtractArgs(layers, pool, img_size, batch_size, device, precision, cache_dir, quiet)
+    # the pixel cache pays off as soon as a second backbone reads the same images
+    use_pixels = len(specs) > 1 if pixel_cache is None else pixel_cache
+    opts = _ExtractArgs(
+        layers, pool, img_size, batch_size, device, precision, use_pixels, cache_dir, quiet
+    )
     records: list[dict[str, Any]] = []
     say(
         f"triage: {len(specs)} backbones x {len(data_specs)} datasets"
@@ -184,6 +190,7 @@ class _ExtractArgs:
     batch_size: int
     device: str
     precision: str
+    pixel_cache: bool
     cache_dir: str | os.PathLike[str] | None
     quiet: bool
 
@@ -211,6 +218,7 @@ def _extract(
         batch_size=a.batch_size,
         device=a.device,
         precision=a.precision,
+        pixel_cache=a.pixel_cache,
         cache_dir=a.cache_dir,
         quiet=a.quiet,
     )
@@ -232,6 +240,8 @@ def _extract(
             cache_hit=res.cache_hit,
             num_layers=meta["backbone"].get("num_layers"),
             precision=meta["precision"],
+            pixels=res.pixels,
+            compile_seconds=res.compile_seconds,
             input_size=meta["config"]["preprocessing"]["input_size"],
             store=res.store_path,
         )

@@ -200,6 +200,13 @@ def extract(
         Optional[bool],  # noqa: UP045
         typer.Option("--compile/--no-compile", help="torch.compile [default: on for CUDA]."),
     ] = None,
+    pixel_cache: Annotated[
+        bool,
+        typer.Option(help="Decode each image once into a uint8 pixel store shared by backbones."),
+    ] = False,
+    decode: Annotated[
+        str, typer.Option(help="cpu (workers), or gpu: JPEGs decoded and resized on CUDA.")
+    ] = "cpu",
     cache_dir: CacheDir = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image.")] = False,
     overwrite: Annotated[
@@ -225,6 +232,8 @@ def extract(
         num_workers=num_workers,
         chunk_rows=chunk_rows,
         compile=compile,
+        pixel_cache=pixel_cache,
+        decode=decode,  # type: ignore[arg-type]
         cache_dir=cache_dir,
         strict=strict,
         overwrite=overwrite,
@@ -504,6 +513,13 @@ def triage_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16.")] = "auto",
     plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+    pixel_cache: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--pixel-cache/--no-pixel-cache",
+            help="Decode each image once per geometry [default: on for 2+ backbones].",
+        ),
+    ] = None,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -524,6 +540,7 @@ def triage_cmd(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        pixel_cache=pixel_cache,
         cache_dir=cache_dir,
         plots=plots,
         quiet=quiet,

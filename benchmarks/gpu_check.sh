@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check: one script, run from the repository root on a machine with a CUDA GPU.
+#
+#   bash benchmarks/gpu_check.sh            # writes to $OUT (default benchmarks/results)
+#   SMALL=1 bash benchmarks/gpu_check.sh    # a dry run of every step, tiny sizes (CPU is fine)
+#
+# 1. installs the wheels in .whl/ (zarr, numcodecs, faiss-cpu, ... that the machine lacks),
+# 2. runs the tests marked `gpu`,
+# 3. benchmarks vit_small_patch16_224 and resnet50 (random init) at batch 256, bf16, compiled
+#    and eager, from synthetic tensors and from the pixel cache, and a JPEG folder decoded by
+#    CPU workers and on the GPU; each row lands in JSON as soon as it is measured.
+# Every step has its own time limit so the whole check ends within 8 minutes.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+step() { echo "== [$(($(date +%s) - T0)) s] $*"; }
+
+has_all() {  # what probekit needs beyond torch, at the versions it needs
+    $PY - <<'PY' 2>/dev/null
+import faiss, numcodecs, zarr, timm
+assert int(zarr.__version__.split(".")[0]) >= 3
+assert tuple(int(v) for v in timm.__version__.split(".")[:3]) >= (1, 0, 15)
+PY
+}
+if ! has_all && compgen -G ".whl/*.whl" > /dev/null; then
+    step "installing carried wheels"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/probekit-site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/probekit-site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+
+step "environment"
+{
+    nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+    $PY - <<'PY'
+import torch, timm, zarr, numpy, faiss
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+print("timm", timm.__version__, "zarr", zarr.__version__, "numpy", numpy.__version__,
+      "faiss", faiss.__version__)
+import os; print("cpus", os.cpu_count())
+PY
+} 2>&1 | tee "$OUT/gpu_env.txt"
+
+if $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    DEVICE=cuda; DECODES="cpu gpu"
+else
+    DEVICE=cpu; DECODES="cpu"  # a dry run
+fi
+if [ -n "${SMALL:-}" ]; then
+    MODELS=test_vit,test_resnet; IMAGES=512; BATCH=64; JPEGS=128; BENCH_LIMIT=300
+else
+    MODELS=vit_small_patch16_224,resnet50; IMAGES=32768; BATCH=256; JPEGS=2048; BENCH_LIMIT=330
+fi
+
+step "tests marked gpu"
+timeout 150 $PY -m pytest -q -o addopts="" -W default -m gpu -p no:cacheprovider -rs \
+    tests/test_gpu.py 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.txt"
+
+step "bench: $MODELS, batch $BATCH, bf16, compiled then eager, synthetic and pixel cache"
+timeout "$BENCH_LIMIT" $PY benchmarks/bench_extract.py --device "$DEVICE" --precision bf16 \
+    --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --compile both \
+    --source pixels,synthetic --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt"
+
+for dec in $DECODES; do
+    step "bench: $JPEGS JPEGs decoded by $dec (eager, ${MODELS%%,*})"
+    timeout 60 $PY benchmarks/bench_extract.py --device "$DEVICE" --precision bf16 \
+        --models "${MODELS%%,*}" --batch-size "$BATCH" --images "$JPEGS" --compile off \
+        --source jpeg --decode "$dec" --repeats 1 --out "$OUT/jpeg_$dec" 2>&1 \
+        | tee -a "$OUT/gpu_bench.txt"
+done
+step "done"

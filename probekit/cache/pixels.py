@@ -1,0 +1,253 @@
+"""The pixel cache: each image decoded and resized once, kept as uint8 in a Zarr v3 store.
+
+A triage runs many backbones over the same images; most share a geometry (resize, crop,
+interpolation), so decoding JPEGs again for every backbone wastes most of the time on small
+models. A pixel store holds the images exactly as a model with that geometry receives them
+before normalization; any backbone with the same geometry reads them from here, and
+normalization (and, where asked, a resize to another size) runs batched on the device.
+
+Layout (`<cache>/<dataset>/pixels/<key>.zarr`, key = hash of dataset fingerprint + geometry):
+
+    zarr.json          attributes["probekit_pixels"]: dataset, geometry, size, status, timings
+    <split>/pixels     (N, H, W, 3) uint8, chunked along N
+    <split>/valid      (N,) bool     <split>/errors (N,) string
+    <split>/done       (n_chunks,) bool: a chunk's flag is set after its arrays are written
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs
+
+from probekit.cache.store import StoreLock, cache_root
+from probekit.data import Batch, Dataset, ImageSource, pass_batch
+from probekit.errors import StoreError
+
+__all__ = [
+    "PIXEL_CHUNK_ROWS",
+    "PixelSource",
+    "PixelStore",
+    "build_pixel_store",
+    "pixel_store_path",
+]
+
+PIXEL_KEY = "probekit_pixels"
+PIXEL_FORMAT = 1
+# 64 rows of 224 x 224 x 3 = 9.6 MB per chunk: batches of 64 (or multiples) read whole chunks
+PIXEL_CHUNK_ROWS = 64
+_COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def geometry_key(dataset: Dataset, geometry: str, size: tuple[int, int]) -> str:
+    blob = json.dumps(
+        {"format": PIXEL_FORMAT, "data": dataset.fingerprint, "geometry": geometry, "size": size},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pixel_store_path(
+    dataset: Dataset, geometry: str, size: tuple[int, int], cache_dir: Any = None
+) -> Path:
+    return (
+        cache_root(cache_dir)
+        / dataset.name
+        / "pixels"
+        / f"{geometry_key(dataset, geometry, size)}.zarr"
+    )
+
+
+class PixelStore:
+    """A pixel store opened for reading or (by `build_pixel_store`) writing."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path, self.group = path, group
+
+    @classmethod
+    def open(cls, path: Path) -> PixelStore | None:
+        """The store at `path`, or None where there is none (or only an interrupted start)."""
+        if not (path / "zarr.json").is_file():
+            return None
+        group = zarr.open_group(str(path), mode="r+")
+        if PIXEL_KEY not in group.attrs:
+            return None
+        return cls(path, group)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs.asdict()[PIXEL_KEY])  # type: ignore[arg-type]
+
+    @property
+    def is_complete(self) -> bool:
+        return self.meta.get("status") == "complete"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = self.meta["size"]
+        return int(h), int(w)
+
+    def array(self, split: str, name: str) -> Any:
+        return self.group[f"{split}/{name}"]
+
+    def pending_chunks(self, split: str) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~np.asarray(self.array(split, "done")[:]))]
+
+    def nbytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    @classmethod
+    def create(
+        cls, path: Path, dataset: Dataset, geometry: str, size: tuple[int, int], chunk_rows: int
+    ) -> PixelStore:
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        h, w = size
+        for split, s in dataset.splits.items():
+            n = len(s)
+            g = group.create_group(split)
+            rows = max(1, min(chunk_rows, n))
+            g.create_array(
+                "pixels",
+                shape=(n, h, w, 3),
+                chunks=(rows, h, w, 3),
+                dtype="uint8",
+                compressors=_COMPRESSOR,
+                fill_value=0,
+            )
+            g.create_array("valid", shape=(n,), chunks=(rows,), dtype="bool")
+            g.create_array("errors", shape=(n,), chunks=(rows,), dtype=str)
+            g.create_array(
+                "done", shape=(max(1, -(-n // rows)),), chunks=(1,), dtype="bool", fill_value=False
+            )
+        # the metadata goes last: a store without it is an interrupted start, rebuilt anew
+        group.attrs[PIXEL_KEY] = {
+            "format_version": PIXEL_FORMAT,
+            "dataset": {"spec": dataset.spec, "fingerprint": dataset.fingerprint},
+            "geometry": geometry,
+            "size": list(size),
+            "splits": {k: len(v) for k, v in dataset.splits.items()},
+            "chunk_rows": chunk_rows,
+            "status": "partial",
+            "created": _now(),
+        }
+        return cls(path, group)
+
+    def update_meta(self, **fields: Any) -> None:
+        self.group.attrs[PIXEL_KEY] = {**self.meta, **fields, "updated": _now()}
+
+
+def build_pixel_store(
+    dataset: Dataset,
+    geometry: Callable[[Any], Any],
+    geometry_desc: str,
+    size: tuple[int, int],
+    *,
+    cache_dir: Any = None,
+    num_workers: int = 0,
+    identity: bool = False,
+    chunk_rows: int = PIXEL_CHUNK_ROWS,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[PixelStore, bool, float]:
+    """Decode every image once into the pixel store for this geometry (resumable by chunk).
+
+    Returns (store, built now?, seconds spent decoding). A complete store is returned as is.
+    """
+    path = pixel_store_path(dataset, geometry_desc, size, cache_dir)
+    with StoreLock(path):
+        store = PixelStore.open(path)
+        if store is not None and store.is_complete:
+            return store, False, 0.0
+        if store is None:
+            store = PixelStore.create(path, dataset, geometry_desc, size, chunk_rows)
+        rows_per_chunk = int(store.meta["chunk_rows"])
+        t0 = time.perf_counter()
+        for split, s in dataset.splits.items():
+            n = len(s)
+            rows = max(1, min(rows_per_chunk, n))
+            chunks = store.pending_chunks(split)
+            if n == 0 or not chunks:
+                continue
+            batches = [list(range(c * rows, min(n, (c + 1) * rows))) for c in chunks]
+            loader = torch.utils.data.DataLoader(
+                ImageSource(dataset, split, geometry, size, identity=identity),
+                batch_sampler=batches,
+                collate_fn=pass_batch,
+                num_workers=num_workers,
+            )
+            pix, valid, errors, done = (
+                store.array(split, k) for k in ("pixels", "valid", "errors", "done")
+            )
+            for c, idx, (images, ok, reasons) in zip(chunks, batches, loader, strict=True):
+                start, stop = idx[0], idx[-1] + 1
+                pix[start:stop] = images.permute(0, 2, 3, 1).numpy()
+                valid[start:stop] = ok.numpy()
+                errors[start:stop] = np.array(reasons, dtype=str)
+                done[c] = True  # only after the chunk's arrays are on disk
+                if on_batch is not None:
+                    on_batch(stop - start)
+        seconds = time.perf_counter() - t0
+        total = sum(len(s) for s in dataset.splits.values())
+        store.update_meta(
+            status="complete",
+            seconds=round(seconds, 3),
+            images_per_s=round(total / seconds, 2) if seconds > 0 else None,
+        )
+        return store, True, seconds
+
+
+class PixelSource(torch.utils.data.Dataset[Batch]):
+    """Batches of cached pixels, the same contract as `ImageSource`: a contiguous run of rows
+    is one Zarr read. Opens the store lazily in each process (DataLoader workers fork)."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = path, split
+        self._pid = -1
+        self._arrays: tuple[Any, Any, Any] | None = None
+        store = PixelStore.open(path)
+        if store is None or not store.is_complete:
+            raise StoreError(f"pixel store {str(path)!r} is missing or incomplete.")
+        self.n = int(store.meta["splits"][split])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _open(self) -> tuple[Any, Any, Any]:
+        if self._arrays is None or self._pid != os.getpid():
+            store = PixelStore.open(self.path)
+            assert store is not None
+            self._arrays = tuple(store.array(self.split, k) for k in ("pixels", "valid", "errors"))  # type: ignore[assignment]
+            self._pid = os.getpid()
+        assert self._arrays is not None
+        return self._arrays
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        pix, valid, errors = self._open()
+        lo, hi = min(indices), max(indices) + 1
+        if hi - lo == len(indices) and indices == list(range(lo, hi)):
+            hwc = np.asarray(pix[lo:hi])
+            ok, why = np.asarray(valid[lo:hi]), list(errors[lo:hi])
+        else:
+            sel = np.asarray(indices)
+            hwc = np.asarray(
+                pix.get_orthogonal_selection((sel, slice(None), slice(None), slice(None)))
+            )
+            ok, why = np.asarray(valid[sel]), list(errors[sel])
+        images = torch.from_numpy(np.ascontiguousarray(hwc)).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(ok.astype(bool)), [str(r) for r in why]
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])

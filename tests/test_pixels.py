@@ -1,0 +1,123 @@
+"""The pixel cache (decode once, shared by backbones of one geometry) and device-side decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import probekit
+from probekit.cache.pixels import PixelStore, build_pixel_store
+from probekit.cache.store import open_store
+from probekit.data import EncodedSource, ImageSource, decode_on_device, load_dataset
+from probekit.extract import geometry_transform
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path: Path) -> Path:
+    """Smooth photo-like JPEGs of mixed sizes (2 classes, train 10 + test 5 each), one PNG."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "jpegs"
+    for split, n in (("train", 10), ("test", 5)):
+        for c, cls in enumerate(("cat", "dog")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = 120 + 13 * i, 170 - 9 * i
+                yy, xx = np.mgrid[0:h, 0:w]
+                base = np.stack([xx * (1 + c), yy * 2, (xx + yy) * (2 - c)], -1) % 256
+                noise = rng.integers(0, 40, size=(h, w, 3))
+                img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+                img.save(d / f"{i}.{'png' if (split, i) == ('test', 0) else 'jpg'}", quality=92)
+    return root
+
+
+def _features(path: str) -> dict[str, np.ndarray]:
+    st = open_store(path)
+    return {f"{s}:{n}": st.features(s, n) for s in st.splits for n in st.feature_names}
+
+
+def test_pixel_cache_gives_identical_features_and_is_shared(
+    jpeg_folder: Path, tmp_path: Path
+) -> None:
+    spec = f"imagefolder:{jpeg_folder}"
+    kw = dict(random_init=True, quiet=True, pool="mean", layers="last2", chunk_rows=8)
+    plain = probekit.extract("test_vit", spec, cache_dir=tmp_path / "a", **kw)
+    cached = probekit.extract("test_vit", spec, cache_dir=tmp_path / "b", pixel_cache=True, **kw)
+    assert plain.pixels == "decoded" and cached.pixels.startswith("from the pixel cache (built")
+    a, b = _features(plain.store_path), _features(cached.store_path)
+    assert a.keys() == b.keys()
+    for k in a:  # the same uint8 pixels in, so the same numbers out
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # a second backbone with the same geometry (bicubic, 160 px, crop 0.95) reads the pixels
+    other = probekit.extract(
+        "test_convnext", spec, cache_dir=tmp_path / "b", pixel_cache=True, **kw
+    )
+    assert other.pixels == "from the pixel cache"
+    assert len(list((tmp_path / "b").glob("*/pixels/*.zarr"))) == 1
+    # another geometry (bilinear) gets its own pixel store
+    probekit.extract("test_resnet", spec, cache_dir=tmp_path / "b", pixel_cache=True, **kw)
+    assert len(list((tmp_path / "b").glob("*/pixels/*.zarr"))) == 2
+    # pixel stores are not feature stores: `ls` does not list them
+    assert len(probekit.list_stores(tmp_path / "b")) == 3
+
+
+def test_pixel_store_holds_what_the_loader_gives_and_resumes(
+    jpeg_folder: Path, tmp_path: Path
+) -> None:
+    ds = load_dataset(f"imagefolder:{jpeg_folder}")
+    bb = probekit.create_backbone("test_vit", random_init=True)
+    geo = geometry_transform(dict(bb.data_config))
+    size = (160, 160)
+    store, built, _ = build_pixel_store(
+        ds, geo, geo.describe(), size, cache_dir=tmp_path, chunk_rows=4
+    )
+    assert built and store.is_complete
+    n = len(ds.splits["train"])
+    want = ImageSource(ds, "train", geo, size).__getitems__(list(range(n)))[0]
+    got = np.asarray(store.array("train", "pixels")[:])
+    np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
+    # a run killed after some chunks: flags reset (and pixels lost) for chunks 1 and 3
+    done = store.array("train", "done")
+    pix = store.array("train", "pixels")
+    for c in (1, 3):
+        done[c] = False
+        pix[4 * c : 4 * c + 4] = 0
+    store.update_meta(status="partial")
+    again, built2, _ = build_pixel_store(
+        ds, geo, geo.describe(), size, cache_dir=tmp_path, chunk_rows=4
+    )
+    assert built2 and again.path == store.path
+    np.testing.assert_array_equal(np.asarray(again.array("train", "pixels")[:]), got)
+    assert build_pixel_store(ds, geo, geo.describe(), size, cache_dir=tmp_path)[1] is False
+    assert PixelStore.open(tmp_path / "nowhere.zarr") is None
+
+
+def test_device_decode_matches_the_cpu_reader(jpeg_folder: Path) -> None:
+    """The GPU decode path, run on the CPU device: nvJPEG's job done by libjpeg here."""
+    ds = load_dataset(f"imagefolder:{jpeg_folder}")
+    bb = probekit.create_backbone("test_vit", random_init=True)
+    geo = geometry_transform(dict(bb.data_config))
+    idx = list(range(len(ds.splits["test"])))
+    Path(ds.splits["test"].ids[1]).write_bytes(b"\xff\xd8\xff" + b"\0" * 64)
+    items, valid, reasons = EncodedSource(ds, "test").__getitems__(idx)
+    assert items[0].ndim == 3  # the PNG: decoded on the host, resized on the device
+    assert items[2].ndim == 1  # a JPEG travels as bytes
+    got, ok, why = decode_on_device(items, valid, reasons, geo, (160, 160), "cpu")
+    want, ok_cpu, _ = ImageSource(ds, "test", geo, (160, 160)).__getitems__(idx)
+    assert ok.tolist() == ok_cpu.tolist() and not ok[1] and why[1]
+    diff = (got.float() - want.float()).abs()[ok]
+    # tensor and PIL resizes round differently: close, not equal
+    assert diff.mean() < 1.5 and torch.quantile(diff.flatten(), 0.99) <= 8
+
+
+def test_decode_gpu_needs_cuda(jpeg_folder: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(probekit.ProbekitError, match="needs a CUDA device"):
+        probekit.extract(
+            "test_vit", f"imagefolder:{jpeg_folder}", random_init=True, decode="gpu", quiet=True
+        )
