@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # writes to $OUT (default benchmarks/results)
 #   SMALL=1 bash benchmarks/gpu_check.sh    # a dry run of every step, tiny sizes (CPU is fine)
+#   STEPS="bench" bash benchmarks/gpu_check.sh   # some of the steps: tests, bench, jpeg
 #
 # 1. installs the wheels in .whl/ (zarr, numcodecs, faiss-cpu, ... that the machine lacks),
 # 2. runs the tests marked `gpu`,
@@ -58,16 +59,18 @@ else
     MODELS=vit_small_patch16_224,resnet50; IMAGES=32768; BATCH=256; JPEGS=2048; BENCH_LIMIT=330
 fi
 
-step "tests marked gpu"
-timeout 150 $PY -m pytest -q -o addopts="" -W default -m gpu -p no:cacheprovider -rs \
+STEPS=${STEPS:-tests bench jpeg}
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+has_step tests && step "tests marked gpu" && timeout 150 $PY -m pytest -q -o addopts="" -W default -m gpu -p no:cacheprovider -rs \
     tests/test_gpu.py 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.txt"
 
-step "bench: $MODELS, batch $BATCH, bf16, compiled then eager, synthetic and pixel cache"
+has_step bench && step "bench: $MODELS, batch $BATCH, bf16, compiled, eager; synthetic, pixels" &&
 timeout "$BENCH_LIMIT" $PY benchmarks/bench_extract.py --device "$DEVICE" --precision bf16 \
     --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --compile both \
     --source pixels,synthetic --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt"
 
-for dec in $DECODES; do
+has_step jpeg && for dec in $DECODES; do
     step "bench: $JPEGS JPEGs decoded by $dec (eager, ${MODELS%%,*})"
     timeout 60 $PY benchmarks/bench_extract.py --device "$DEVICE" --precision bf16 \
         --models "${MODELS%%,*}" --batch-size "$BATCH" --images "$JPEGS" --compile off \

@@ -136,6 +136,8 @@ class ImageSource(torch.utils.data.Dataset[Batch]):
         arrays = dataset.arrays[split] if dataset.arrays is not None else None
         fits = arrays is not None and arrays.ndim == 4 and arrays.shape[1:] == (*size, 3)
         self._slice = arrays if fits and (identity or dataset.preprocessed) else None
+        # batches are slices of memory: the extractor reads them with threads, not processes
+        self.in_memory = self._slice is not None
 
     def __len__(self) -> int:
         return len(self.dataset.splits[self.split])
@@ -151,7 +153,9 @@ class ImageSource(torch.utils.data.Dataset[Batch]):
 
     def __getitems__(self, indices: list[int]) -> Batch:
         if self._slice is not None:
-            hwc = np.ascontiguousarray(self._slice[indices])
+            lo, hi = indices[0], indices[-1] + 1
+            contiguous = hi - lo == len(indices) and indices == list(range(lo, hi))
+            hwc = np.ascontiguousarray(self._slice[lo:hi] if contiguous else self._slice[indices])
             valid, reasons = np.ones(len(indices), dtype=bool), [""] * len(indices)
         else:
             items = [self._one(i) for i in indices]

@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -646,14 +646,20 @@ def _run(
                 else:
                     source = ImageSource(ds, split, geometry, size, identity=geometry.identity_ok)
                 batches = list(_batches(chunks, n, chunk_rows, batch_size))
-                loader = torch.utils.data.DataLoader(
-                    source,
-                    batch_sampler=batches,
-                    collate_fn=pass_batch,
-                    num_workers=workers,
-                    pin_memory=fx.policy.is_cuda,
-                    persistent_workers=False,
-                )
+                loader: Iterable[Any]
+                if pixel_path is not None or getattr(source, "in_memory", False):
+                    # reads that release the GIL (Zarr chunks, array slices): threads here,
+                    # one copy into pinned memory, no worker processes to copy through
+                    loader = _threaded(source, batches, max(2, workers), fx.policy.is_cuda)
+                else:  # decoding is CPU work under the GIL: worker processes
+                    loader = torch.utils.data.DataLoader(
+                        source,
+                        batch_sampler=batches,
+                        collate_fn=pass_batch,
+                        num_workers=workers,
+                        pin_memory=fx.policy.is_cuda,
+                        persistent_workers=False,
+                    )
                 sink = _Sink(store, split, ds, chunk_rows, dtype, f32, strict, writer, inflight)
 
                 def consume(
@@ -718,6 +724,32 @@ def _run(
     finally:
         writer.shutdown(wait=True)
     return processed, compile_s, time.perf_counter() - t_start
+
+
+def _threaded(source: Any, batches: list[list[int]], threads: int, pin: bool) -> Iterator[Any]:
+    """`source`'s batches in order, read by `threads` threads up to 2 x threads ahead; each
+    batch copied once into pinned memory when `pin` (for asynchronous copies to the GPU)."""
+
+    def load(rows: list[int]) -> Any:
+        images, valid, reasons = source.__getitems__(rows)
+        if pin:
+            pinned = torch.empty_like(images, pin_memory=True)  # keeps channels-last strides
+            images = pinned.copy_(images)
+        return images, valid, reasons
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="probekit-reader") as pool:
+        ahead: list[Future[Any]] = []
+        todo = iter(batches)
+        for rows in todo:
+            ahead.append(pool.submit(load, rows))
+            if len(ahead) >= 2 * threads:
+                break
+        while ahead:
+            batch = ahead.pop(0).result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append(pool.submit(load, nxt))
+            yield batch
 
 
 class _Sink:
