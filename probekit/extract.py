@@ -731,6 +731,9 @@ def _threaded(source: Any, batches: list[list[int]], threads: int, pin: bool) ->
     batch copied once into pinned memory when `pin` (for asynchronous copies to the GPU)."""
 
     def load(rows: list[int]) -> Any:
+        if pin and hasattr(source, "read_into"):  # straight from the file into pinned memory
+            buf = torch.empty((len(rows), *source.shape), dtype=torch.uint8, pin_memory=True)
+            return source.read_into(rows, buf.numpy())
         images, valid, reasons = source.__getitems__(rows)
         if pin:
             pinned = torch.empty_like(images, pin_memory=True)  # keeps channels-last strides

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import probekit
-from probekit.cache.pixels import PixelStore, build_pixel_store
+from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
 from probekit.cache.store import open_store
 from probekit.data import EncodedSource, ImageSource, decode_on_device, load_dataset
 from probekit.extract import geometry_transform
@@ -94,6 +94,17 @@ def test_pixel_store_holds_what_the_loader_gives_and_resumes(
     np.testing.assert_array_equal(np.asarray(again.array("train", "pixels")[:]), got)
     assert build_pixel_store(ds, geo, geo.describe(), size, cache_dir=tmp_path)[1] is False
     assert PixelStore.open(tmp_path / "nowhere.zarr") is None
+    # the file reader (contiguous rows) and Zarr (any rows) agree; a chunk Zarr never wrote
+    # (all fill value) reads as zeros
+    src = PixelSource(store.path, "train")
+    assert src.raw
+    fast = src.__getitems__(list(range(2, 11)))[0].numpy()
+    order = [10, 3, 2, 7, 5, 4, 9, 8, 6]
+    slow = src.__getitems__(order)[0].numpy()
+    np.testing.assert_array_equal(fast[[o - 2 for o in order]], slow)
+    np.testing.assert_array_equal(fast.transpose(0, 2, 3, 1), got[2:11])
+    (store.path / "train" / "pixels" / "c" / "1" / "0" / "0" / "0").unlink()
+    assert not src.__getitems__([4, 5, 6, 7])[0].any()
 
 
 def test_device_decode_matches_the_cpu_reader(jpeg_folder: Path) -> None:

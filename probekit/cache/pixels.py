@@ -9,7 +9,9 @@ normalization (and, where asked, a resize to another size) runs batched on the d
 Layout (`<cache>/<dataset>/pixels/<key>.zarr`, key = hash of dataset fingerprint + geometry):
 
     zarr.json          attributes["probekit_pixels"]: dataset, geometry, size, status, timings
-    <split>/pixels     (N, H, W, 3) uint8, chunked along N
+    <split>/pixels     (N, H, W, 3) uint8, chunked along N, uncompressed: each chunk file holds
+                       its rows' bytes, so readers copy straight from the file into (pinned)
+                       memory with the GIL released, no decoding step
     <split>/valid      (N,) bool     <split>/errors (N,) string
     <split>/done       (n_chunks,) bool: a chunk's flag is set after its arrays are written
 """
@@ -120,12 +122,12 @@ class PixelStore:
             n = len(s)
             g = group.create_group(split)
             rows = max(1, min(chunk_rows, n))
-            g.create_array(
+            g.create_array(  # uncompressed: a chunk file is the rows' bytes, read in one call
                 "pixels",
                 shape=(n, h, w, 3),
                 chunks=(rows, h, w, 3),
                 dtype="uint8",
-                compressors=_COMPRESSOR,
+                compressors=None,
                 fill_value=0,
             )
             g.create_array("valid", shape=(n,), chunks=(rows,), dtype="bool")
@@ -210,44 +212,71 @@ def build_pixel_store(
 
 
 class PixelSource(torch.utils.data.Dataset[Batch]):
-    """Batches of cached pixels, the same contract as `ImageSource`: a contiguous run of rows
-    is one Zarr read. Opens the store lazily in each process (DataLoader workers fork)."""
+    """Batches of cached pixels, the same contract as `ImageSource`.
+
+    `read_into` copies rows from the chunk files straight into a given array (pinned memory for
+    the GPU): one copy, with the GIL released, so reader threads scale. Arrays that are not
+    plain uncompressed chunks (or chunks never written: all fill) go through Zarr.
+    """
 
     def __init__(self, path: Path, split: str):
         self.path, self.split = path, split
-        self._pid = -1
-        self._arrays: tuple[Any, Any, Any] | None = None
         store = PixelStore.open(path)
         if store is None or not store.is_complete:
             raise StoreError(f"pixel store {str(path)!r} is missing or incomplete.")
         self.n = int(store.meta["splits"][split])
+        arr = store.array(split, "pixels")
+        self.shape = tuple(int(v) for v in arr.shape[1:])
+        self.rows = int(arr.chunks[0])
+        meta = json.loads((path / split / "pixels" / "zarr.json").read_text())
+        self.raw = [c["name"] for c in meta["codecs"]] == ["bytes"] and meta[
+            "chunk_key_encoding"
+        ] == {"name": "default", "configuration": {"separator": "/"}}
+        self.valid = np.asarray(store.array(split, "valid")[:], dtype=bool)
+        self.errors = [str(e) for e in store.array(split, "errors")[:]]
+        self._pid, self._zarr = -1, None
 
     def __len__(self) -> int:
         return self.n
 
-    def _open(self) -> tuple[Any, Any, Any]:
-        if self._arrays is None or self._pid != os.getpid():
+    def _array(self) -> Any:
+        if self._zarr is None or self._pid != os.getpid():  # a forked worker opens its own
             store = PixelStore.open(self.path)
             assert store is not None
-            self._arrays = tuple(store.array(self.split, k) for k in ("pixels", "valid", "errors"))  # type: ignore[assignment]
-            self._pid = os.getpid()
-        assert self._arrays is not None
-        return self._arrays
+            self._zarr, self._pid = store.array(self.split, "pixels"), os.getpid()
+        return self._zarr
+
+    def read_into(self, indices: list[int], out: np.ndarray) -> Batch:
+        """Rows `indices` into `out` (len(indices), H, W, 3) uint8; return the batch tuple."""
+        row_bytes = int(np.prod(self.shape))
+        lo, hi = min(indices), max(indices) + 1
+        if self.raw and indices == list(range(lo, hi)):
+            flat = out.reshape(len(indices), row_bytes)
+            r = lo
+            while r < hi:
+                chunk = r // self.rows
+                stop = min(hi, (chunk + 1) * self.rows)
+                f = self.path / self.split / "pixels" / "c" / str(chunk) / "0" / "0" / "0"
+                try:
+                    with open(f, "rb", buffering=0) as fh:
+                        fh.seek((r - chunk * self.rows) * row_bytes)
+                        view = flat[r - lo : stop - lo].data.cast("B")
+                        if fh.readinto(view) != view.nbytes:
+                            raise OSError("short read")
+                except FileNotFoundError:  # a chunk Zarr never wrote: all fill value
+                    flat[r - lo : stop - lo] = 0
+                r = stop
+        else:
+            arr = self._array()
+            sel = np.asarray(indices)
+            out[...] = arr.get_orthogonal_selection((sel, slice(None), slice(None), slice(None)))
+        valid = torch.from_numpy(self.valid[indices].copy())
+        images = torch.from_numpy(out).permute(0, 3, 1, 2)  # NHWC memory as NCHW: channels-last
+        return images, valid, [self.errors[i] for i in indices]
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        pix, valid, errors = self._open()
-        lo, hi = min(indices), max(indices) + 1
-        if hi - lo == len(indices) and indices == list(range(lo, hi)):
-            hwc = np.asarray(pix[lo:hi])
-            ok, why = np.asarray(valid[lo:hi]), list(errors[lo:hi])
-        else:
-            sel = np.asarray(indices)
-            hwc = np.asarray(
-                pix.get_orthogonal_selection((sel, slice(None), slice(None), slice(None)))
-            )
-            ok, why = np.asarray(valid[sel]), list(errors[sel])
-        images = torch.from_numpy(np.ascontiguousarray(hwc)).permute(0, 3, 1, 2)
-        return images, torch.from_numpy(ok.astype(bool)), [str(r) for r in why]
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        return self.read_into(indices, out)
 
     def __getitem__(self, index: int) -> Batch:
         return self.__getitems__([index])
