@@ -18,9 +18,16 @@ import torch
 import zarr
 from timm.data import create_transform  # type: ignore[attr-defined]
 
-from probekit import __version__
+from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
-from probekit.cache.store import FeatureStore, StoreConfig, StoreDtype, StoreLock, cache_root
+from probekit.cache.store import (
+    FeatureStore,
+    StoreConfig,
+    StoreDtype,
+    StoreLock,
+    cache_root,
+    open_store,
+)
 from probekit.data import (
     Dataset,
     EncodedSource,
@@ -380,6 +387,12 @@ def extract(
     t0 = time.perf_counter()
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     policy = resolve_policy(device, precision)
+    # under torchrun: every rank extracts its share of the store's chunks (see _run)
+    dist = distributed.init()
+    main = dist is None or dist.is_main
+    if dist is not None and policy.is_cuda and torch.device(policy.device).index is None:
+        policy = DevicePolicy(f"cuda:{dist.local_rank}", policy.precision)
+    quiet = quiet or not main
     if decode == "gpu" and not policy.is_cuda:
         raise ProbekitError("decode='gpu' needs a CUDA device; use decode='cpu' on this machine.")
     skeleton = create_backbone(
@@ -404,28 +417,33 @@ def extract(
     path = _store_path(cache_root(cache_dir), ds, backbone, config.key)
     n_total = sum(len(s) for s in ds.splits.values())
 
-    with StoreLock(path):
+    # one process of a job holds the lock (against other jobs); its ranks coordinate by barriers
+    with StoreLock(path) if main else contextlib.nullcontext():
         store: FeatureStore | None = None
-        if path.exists() and not overwrite:
+        hit = False
+        if main and path.exists() and not overwrite:
             store = _open_existing(path, ds)
-            if store is not None and store.is_complete:
-                meta = store.meta
-                return ExtractResult(
-                    str(path),
-                    True,
-                    n_total,
-                    int(meta.get("invalid", 0)),
-                    time.perf_counter() - t0,
-                    0.0,
-                    0,
-                    backbone,
-                    ds.spec,
-                )
+            hit = store is not None and store.is_complete
+        if dist is not None:
+            hit = dist.broadcast(hit)
+        if hit:
+            meta = open_store(path).meta
+            return ExtractResult(
+                str(path),
+                True,
+                n_total,
+                int(meta.get("invalid", 0)),
+                time.perf_counter() - t0,
+                0.0,
+                0,
+                backbone,
+                ds.spec,
+            )
         bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
         use_compile = policy.is_cuda if compile is None else compile
         fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile)
         size = tuple(bb.data_config["input_size"][1:])
-        if store is None:
+        if main and store is None:
             dims = fx.dims(size)  # type: ignore[arg-type]
             meta = _store_meta(ds, bb, layer_idx, config, pool_notes, policy)
             store = FeatureStore.create(
@@ -437,8 +455,12 @@ def extract(
                 chunk_rows,
                 set(),
             )
-        else:
+        elif main and store is not None:
             store.remove_partial_files()
+        if dist is not None:
+            dist.barrier()  # the store exists, as rank 0 made or found it
+        if store is None:
+            store = open_store(path, allow_partial=True)
         chunk_rows = int(store.meta["chunk_rows"])
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         geometry = geometry_transform(dict(bb.data_config))
@@ -448,23 +470,29 @@ def extract(
         if pixel_cache and any(store.pending_chunks(s) for s in ds.splits):
             from probekit.cache.pixels import build_pixel_store
 
-            pstore, built, _secs = build_pixel_store(
-                ds,
-                geometry,
-                geometry.describe(),
-                size,  # type: ignore[arg-type]
-                cache_dir=cache_dir,
-                num_workers=workers,
-                identity=geometry.identity_ok,
-            )
-            pixel_path = pstore.path
-            rate = pstore.meta.get("images_per_s")
+            built_info: tuple[str, bool, Any] | None = None
+            if main:  # one process decodes; the ranks then read the same pixel store
+                pstore, built, _secs = build_pixel_store(
+                    ds,
+                    geometry,
+                    geometry.describe(),
+                    size,  # type: ignore[arg-type]
+                    cache_dir=cache_dir,
+                    num_workers=workers,
+                    identity=geometry.identity_ok,
+                )
+                built_info = (str(pstore.path), built, pstore.meta.get("images_per_s"))
+            if dist is not None:
+                built_info = dist.broadcast(built_info)
+            assert built_info is not None
+            pixel_path, built, rate = Path(built_info[0]), built_info[1], built_info[2]
             pixels = (
-                f"from the pixel cache (built now, decode {rate} images/s)"
+                f"from the pixel cache (built now, decode {rate:.0f} images/s)"
                 if built
                 else "from the pixel cache"
             )
         while True:
+            need: str | None = None
             try:
                 done_images, compile_s, loop_s = _run(
                     store,
@@ -481,30 +509,48 @@ def extract(
                     use_compile,
                     pixel_path,
                     decode,
+                    (0, 1) if dist is None else (dist.rank, dist.world),
                 )
-                break
             except _NeedsFloat32 as e:
+                need = e.name
+            needs = sorted({n for n in ([need] if dist is None else dist.all_gather(need)) if n})
+            if not needs:
+                break
+            for name in needs:
                 warnings.warn(
-                    f"{e.name} overflows float16; storing it in float32 and redoing "
+                    f"{name} overflows float16; storing it in float32 and redoing "
                     "the chunks written so far",
                     ProbekitWarning,
                     stacklevel=2,
                 )
-                store.switch_to_float32(e.name)
-        invalid = sum(int((~store.valid(s)).sum()) for s in ds.splits)
-        seconds = time.perf_counter() - t0
+                if main:  # every rank has stopped writing (the gather above)
+                    store.switch_to_float32(name)
+            if dist is not None:
+                dist.barrier()
+                store = open_store(path, allow_partial=True)
         # throughput of the extraction loop (loading, forward, pooling, writing); model and
         # store set-up and the compiling first batch are outside it, `seconds` has them all
         run_s = loop_s - compile_s
+        if dist is not None:  # all ranks' images over the slowest rank's loop
+            parts = dist.all_gather((done_images, run_s, compile_s))
+            done_images = sum(p[0] for p in parts)
+            run_s, compile_s = max(p[1] for p in parts), max(p[2] for p in parts)
         rate = done_images / run_s if run_s > 0 else 0.0
-        store.update_meta(
-            status="complete",
-            invalid=invalid,
-            seconds=round(seconds, 3),
-            compile_seconds=round(compile_s, 3),
-            images_per_s=round(rate, 2),
-            pixels=pixels,
-        )
+        seconds = time.perf_counter() - t0
+        invalid = 0
+        if main:  # every chunk of every rank is written (the gather above)
+            invalid = sum(int((~store.valid(s)).sum()) for s in ds.splits)
+            store.update_meta(
+                status="complete",
+                invalid=invalid,
+                seconds=round(seconds, 3),
+                compile_seconds=round(compile_s, 3),
+                images_per_s=round(rate, 2),
+                pixels=pixels,
+                processes=1 if dist is None else dist.world,
+            )
+        if dist is not None:
+            invalid = dist.broadcast(invalid)  # after rank 0 marked the store complete
     return ExtractResult(
         str(path),
         False,
@@ -522,7 +568,7 @@ def extract(
 
 def _open_existing(path: Path, ds: Dataset) -> FeatureStore | None:
     """The store at `path` if it can be reused or resumed; None when it must be rebuilt."""
-    from probekit.cache.store import META_KEY, open_store
+    from probekit.cache.store import META_KEY
 
     try:
         store = open_store(path, allow_partial=True)
@@ -591,6 +637,7 @@ def _run(
     fixed_batch: bool,
     pixel_path: Path | None = None,
     decode: str = "cpu",
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[int, float, float]:
     """Extract every pending chunk of every split.
 
@@ -607,7 +654,8 @@ def _run(
     )
 
     f32 = set(store.meta.get("float32_features", []))
-    pending = {s: store.pending_chunks(s) for s in ds.splits}
+    rank, world = shard  # this process takes every world-th pending chunk: no chunk has 2 writers
+    pending = {s: store.pending_chunks(s)[rank::world] for s in ds.splits}
     todo = sum(
         min(len(ds.splits[s]), (c + 1) * chunk_rows) - c * chunk_rows
         for s, cs in pending.items()

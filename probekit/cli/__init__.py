@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from probekit import __version__
+from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, list_backbones
 from probekit.cache.store import cache_root, list_stores, open_store
 from probekit.errors import ProbekitError, ProbekitWarning
@@ -239,6 +239,9 @@ def extract(
         overwrite=overwrite,
         quiet=quiet,
     )
+    dist = distributed.current()
+    if dist is not None and not dist.is_main:
+        return  # under torchrun, rank 0 reports
     out.print(result.summary())
     if result.invalid:
         store = open_store(result.store_path)

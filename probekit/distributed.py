@@ -1,0 +1,64 @@
+"""Several processes with PyTorch's own engine: `torchrun` (or `srun torchrun`) sets the
+environment, probekit joins the process group (gloo on CPUs; gloo and nccl with GPUs) and
+splits work by store chunks. One process: nothing here does anything."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Dist", "current", "init"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the group, and the collectives probekit uses."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable, host side), in rank order, on every rank."""
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def init() -> Dist | None:
+    """Join the process group `torchrun` describes (WORLD_SIZE > 1); None for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group(backend="gloo")
+    return Dist(rank, world, local)
+
+
+def current() -> Dist | None:
+    """The group this process already joined, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_initialized():
+        return None
+    return init()

@@ -1,0 +1,112 @@
+"""`torchrun` extraction (gloo on the CPU): ranks split the store's chunks; results equal one
+process byte for byte; a run killed midway finishes with another number of processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+KILLER = """
+import os, signal, sys
+from probekit.cache.store import FeatureStore
+real, calls = FeatureStore.write_chunk, [0]
+def write_chunk(self, split, chunk, chunk_rows, columns):
+    calls[0] += 1
+    mine = os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0")
+    if mine and calls[0] == int(os.environ.get("KILL_AT", "0")):
+        name = next(iter(columns))
+        self._node(f"{split}/{name}")[chunk * chunk_rows] = columns[name][:1]  # half a chunk
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, split, chunk, chunk_rows, columns)
+FeatureStore.write_chunk = write_chunk
+from probekit.cli import main
+sys.argv = ["probekit"] + sys.argv[1:]
+main()
+"""
+
+ARGS = [
+    "extract",
+    "-b",
+    "test_resnet",
+    "-d",
+    "synthetic:20",
+    "--random-init",
+    "--layers",
+    "last2",
+    "--pool",
+    "mean",
+    "--chunk-rows",
+    "8",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--quiet",
+]
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # one thread everywhere: the same arithmetic in every process, so bytes can be compared
+    return {**env, "PROBEKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _run(script: Path, cache: Path, procs: int, **extra: str) -> subprocess.CompletedProcess[str]:
+    if procs == 1:
+        cmd = [sys.executable, str(script), *ARGS]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            str(script),
+            *ARGS,
+        ]
+    return subprocess.run(cmd, env=_env(cache, **extra), capture_output=True, text=True)
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    """Every array file of the one store under `cache` (the root metadata holds timestamps)."""
+    root = next(cache.glob("*/*.zarr"))
+    return {
+        str(f.relative_to(root)): f.read_bytes()
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.relative_to(root) != Path("zarr.json")
+    }
+
+
+@pytest.mark.slow
+def test_torchrun_store_is_byte_identical_and_resumes_with_other_process_counts(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "probekit_killer.py"
+    script.write_text(KILLER)
+    one = _run(script, tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(script, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("extracted test_resnet") == 1  # rank 0 reports
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    meta = zarr.open_group(str(next((tmp_path / "two").glob("*/*.zarr")))).attrs["probekit"]
+    assert meta["status"] == "complete" and meta["processes"] == 2  # type: ignore[index]
+
+    # rank 1 dies on its second chunk (half written); torchrun stops the job
+    killed = _run(script, tmp_path / "killed", 2, KILL_RANK="1", KILL_AT="2")
+    assert killed.returncode != 0
+    store = next((tmp_path / "killed").glob("*/*.zarr"))
+    group = zarr.open_group(str(store))
+    done = {s: np.asarray(group[f"{s}/done"][:]) for s in ("train", "test")}
+    assert not all(d.all() for d in done.values())
+    # rerun in one process: it finishes the missing chunks and nothing else
+    again = _run(script, tmp_path / "killed", 1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stdout
+    assert _files(tmp_path / "killed") == _files(tmp_path / "one")
