@@ -8,8 +8,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 __all__ = ["Dist", "current", "init"]
 
 
@@ -26,15 +24,21 @@ class Dist:
         return self.rank == 0
 
     def barrier(self) -> None:
+        import torch.distributed
+
         torch.distributed.barrier()
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (picklable, host side), in rank order, on every rank."""
+        import torch.distributed
+
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        import torch.distributed
+
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
@@ -45,6 +49,8 @@ def init() -> Dist | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
+    import torch  # only here: one process never pays for it
+
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dist = torch.distributed
@@ -59,6 +65,8 @@ def init() -> Dist | None:
 
 def current() -> Dist | None:
     """The group this process already joined, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    return init()
+    import torch.distributed
+
+    return init() if torch.distributed.is_initialized() else None

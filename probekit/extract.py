@@ -654,8 +654,12 @@ def _run(
     )
 
     f32 = set(store.meta.get("float32_features", []))
-    rank, world = shard  # this process takes every world-th pending chunk: no chunk has 2 writers
-    pending = {s: store.pending_chunks(s)[rank::world] for s in ds.splits}
+    # this process takes every world-th pending (split, chunk): no chunk has two writers
+    rank, world = shard
+    everything = [(s, c) for s in ds.splits for c in store.pending_chunks(s)]
+    pending: dict[str, list[int]] = {s: [] for s in ds.splits}
+    for s, c in everything[rank::world]:
+        pending[s].append(c)
     todo = sum(
         min(len(ds.splits[s]), (c + 1) * chunk_rows) - c * chunk_rows
         for s, cs in pending.items()

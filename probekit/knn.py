@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numba
 import numpy as np
 
+from probekit import distributed
 from probekit.cache.store import FeatureStore, open_store
 from probekit.errors import ProbekitError
 from probekit.metrics import (
@@ -125,11 +126,34 @@ def search(
     only one block is in memory at a time. Inputs are used as given (normalize them first for
     cosine). `exclude[i]` is a database index to drop from query i's neighbours (itself), or -1.
     """
+    extra = 0 if exclude is None else 1
+    sims, idx, total = _topk(queries, database, k + extra, backend, memory_mb)
+    _check_k(k, extra, total)
+    if exclude is None:
+        return sims, idx
+    return _drop_self(sims, idx, exclude, k)
+
+
+def _check_k(k: int, extra: int, total: int) -> None:
+    if k + extra > total:
+        raise ProbekitError(
+            f"k={k} is larger than the database ({total - extra} items"
+            + (" besides the query itself" if extra else "")
+            + f"); use k <= {total - extra}."
+        )
+
+
+def _topk(
+    queries: np.ndarray,
+    database: np.ndarray | Iterable[tuple[int, np.ndarray]],
+    kk: int,
+    backend: str,
+    memory_mb: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The kk best (similarities, indices) over all blocks (-inf/-1 pads), and the row count."""
     import faiss
 
     backend = resolve_backend(backend)
-    extra = 0 if exclude is None else 1
-    kk = k + extra
     heap = faiss.ResultHeap(len(queries), kk, keep_max=True)
     blocks: Iterable[tuple[int, np.ndarray]]
     if isinstance(database, np.ndarray):
@@ -154,17 +178,21 @@ def search(
             np.ascontiguousarray(d, dtype=np.float32),
             np.ascontiguousarray(np.where(i >= 0, i + start, -1), dtype=np.int64),
         )
-    if k + extra > total:
-        raise ProbekitError(
-            f"k={k} is larger than the database ({total - extra} items"
-            + (" besides the query itself" if extra else "")
-            + f"); use k <= {total - extra}."
-        )
     heap.finalize()
-    sims, idx = heap.D, heap.I
-    if exclude is None:
-        return sims, idx
-    return _drop_self(sims, idx, exclude, k)
+    return heap.D, heap.I, total
+
+
+def _merge(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], kk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top-kk lists (global indices) into the overall top-kk, in shard order."""
+    import faiss
+
+    heap = faiss.ResultHeap(len(parts[0][0]), kk, keep_max=True)
+    for d, i in parts:
+        heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i, np.int64))
+    heap.finalize()
+    return heap.D, heap.I
 
 
 def _drop_self(
@@ -311,11 +339,18 @@ class KnnResult:
 
 
 def _stream(
-    store: FeatureStore, split: str, name: str, rows: int, keep: np.ndarray
+    store: FeatureStore,
+    split: str,
+    name: str,
+    rows: int,
+    keep: np.ndarray,
+    row_range: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Normalized valid rows of a store array, block by block; indices count valid rows only."""
-    first = 0
-    for start, block in store.iter_features(split, name, rows=rows):
+    """Normalized valid rows of a store array, block by block; indices count valid rows only.
+    `row_range`: only store rows [lo, hi) (a shard), indexed as in the whole array."""
+    lo, hi = row_range or (0, len(keep))
+    first = int(keep[:lo].sum())
+    for start, block in store.iter_features(split, name, rows=rows, start=lo, stop=hi):
         mask = keep[start : start + len(block)]
         part = l2_normalize(block if mask.all() else block[mask])
         yield first, part
@@ -354,6 +389,7 @@ def knn(
     if temperature <= 0:
         raise ProbekitError(f"temperature must be > 0, got {temperature}.")
     votes: list[Vote] = ["weighted", "majority"] if vote_method == "both" else [vote_method]  # type: ignore[list-item]
+    dist = distributed.init() if not isinstance(source, tuple) else None
     backend = resolve_backend(backend)
     store: FeatureStore | None = None
     if isinstance(source, tuple):
@@ -408,14 +444,38 @@ def knn(
             rows = max(chunk, rows // chunk * chunk)
             database = _stream(store, train_split, name, rows, db_keep)
         exclude = np.arange(len(queries)) if same else None
+        if dist is not None and not retrieval:  # this rank's shard of the database
+            chunk = int(meta["chunk_rows"])
+            n_db = len(db_keep)
+            bounds = [
+                min(n_db, (n_db * r // dist.world) // chunk * chunk) for r in range(dist.world)
+            ]
+            bounds.append(n_db)
+            database = _stream(
+                store,  # type: ignore[arg-type]
+                train_split,
+                name,
+                rows,
+                db_keep,
+                (bounds[dist.rank], bounds[dist.rank + 1]),
+            )
         if retrieval:
             records += _retrieval(
                 queries, database, db_y, q_y, exclude, backend, memory_mb, base, layer, pool
             )
             continue
-        sims, idx = search(
-            queries, database, ks[-1], backend=backend, memory_mb=memory_mb, exclude=exclude
-        )
+        if dist is None:
+            sims, idx = search(
+                queries, database, ks[-1], backend=backend, memory_mb=memory_mb, exclude=exclude
+            )
+        else:  # each rank searches its shard; the local top-k lists merge as one search would
+            kk = ks[-1] + (0 if exclude is None else 1)
+            d, i, n = _topk(queries, database, kk, backend, memory_mb)
+            parts = dist.all_gather((d, i, n))
+            _check_k(ks[-1], 0 if exclude is None else 1, sum(p[2] for p in parts))
+            sims, idx = _merge([(p[0], p[1]) for p in parts], kk)
+            if exclude is not None:
+                sims, idx = _drop_self(sims, idx, exclude, ks[-1])
         nbr = db_y[idx]
         for v in votes:
             ranked = vote(nbr, sims, ks, n_classes, temperature, v)
@@ -440,7 +500,7 @@ def knn(
                     _per_class_record(common, r[:, 0], q_y, n_classes),
                 ]
     path = None
-    if write and store is not None:
+    if write and store is not None and (dist is None or dist.is_main):
         config = [ks, temperature, vote_method, names, train_split, test_split, retrieval]
         path = store.write_records(
             "knn", config, ({**r.to_dict(), "backend": backend} for r in records)

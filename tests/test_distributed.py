@@ -110,3 +110,40 @@ def test_torchrun_store_is_byte_identical_and_resumes_with_other_process_counts(
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stdout
     assert _files(tmp_path / "killed") == _files(tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
+    """Each rank searches its chunk-aligned shard of the database; merged, the records equal
+    those of one process, for a query split and for leave-one-out on the train split."""
+    script = tmp_path / "probekit_cli.py"
+    script.write_text(KILLER)
+    assert _run(script, tmp_path / "c", 1).returncode == 0
+    store = next((tmp_path / "c").glob("*/*.zarr"))
+    for split in ("test", "train"):
+        knn_args = ["knn", str(store), "--k", "3,10", "--vote", "both", "--test-split", split]
+        outs = []
+        for procs in (1, 2):
+            launcher = (
+                [sys.executable]
+                if procs == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={procs}",
+                ]
+            )
+            res = subprocess.run(
+                [*launcher, str(script), *knn_args],
+                env=_env(tmp_path / "c"),
+                capture_output=True,
+                text=True,
+            )
+            assert res.returncode == 0, res.stderr[-3000:]
+            assert res.stdout.count("records:") == 1
+            records = res.stdout.split("records:")[1].strip().split()[0]
+            outs.append(Path(records).read_text())
+        assert outs[0] == outs[1]
+        assert len(outs[0].splitlines()) > 10

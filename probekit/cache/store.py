@@ -174,13 +174,20 @@ class FeatureStore:
         return np.asarray(self._array(split, name)[:])
 
     def iter_features(
-        self, split: str, name: str = "head/embed", rows: int | None = None
+        self,
+        split: str,
+        name: str = "head/embed",
+        rows: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Stream (start_row, block) over a feature array, `rows` at a time (default: a chunk)."""
+        """Stream (start_row, block) over rows [start, stop) of a feature array, `rows` at a
+        time (default: a chunk)."""
         arr = self._array(split, name)
         step = rows or int(arr.chunks[0])
-        for start in range(0, int(arr.shape[0]), step):
-            yield start, np.asarray(arr[start : start + step])
+        end = int(arr.shape[0]) if stop is None else min(stop, int(arr.shape[0]))
+        for first in range(start, end, step):
+            yield first, np.asarray(arr[first : min(first + step, end)])
 
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._array(split, "labels")[:])

@@ -313,6 +313,9 @@ def knn_cmd(
         backend=backend,
         memory_mb=memory_mb,
     )
+    dist = distributed.current()
+    if dist is not None and not dist.is_main:
+        return  # under torchrun the ranks share the search; rank 0 reports
     rows = result.table()
     table = Table(*rows[0], title=f"kNN ({result.backend}), {test_split} vs {train_split}")
     for row in rows[1:]:
