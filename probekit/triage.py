@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from probekit import distributed
 from probekit.backbones import DEFAULT_LAYERS
 from probekit.cache.store import FeatureStore, open_store
 from probekit.data import Dataset, load_dataset
 from probekit.errors import ProbekitError
 from probekit.extract import DEFAULT_BATCH_SIZE, DEFAULT_POOLS, extract
 from probekit.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
-from probekit.report import METHODS, Report, write_report
+from probekit.report import METHODS, Report, build_report, write_report
 
 __all__ = [
     "BackboneSpec",
@@ -122,7 +123,10 @@ def triage(
     backbone on one dataset becomes a row of the report; the others go on. `pixel_cache`
     (default: on for more than one backbone) decodes each image once per geometry.
     """
-    say = log or (lambda _: None)
+    # under torchrun every rank extracts and searches its share; rank 0 probes and reports
+    dist = distributed.init()
+    main = dist is None or dist.is_main
+    say = (log if main else None) or (lambda _: None)
     specs = parse_backbones(backbones)
     data_specs = [d.strip() for d in (data.split(",") if isinstance(data, str) else data)]
     data_specs = [d for d in data_specs if d]
@@ -178,7 +182,11 @@ def triage(
             secs = time.perf_counter() - t0
             records.append(_record("time", b.label, spec, stage="evaluate", seconds=secs))
             say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
-    rep, files = write_report(records, out, reference=reference, plots=plots)
+    if main:
+        rep, files = write_report(records, out, reference=reference, plots=plots)
+    if dist is not None:  # every rank returns rank 0's report
+        records, files = dist.broadcast((records, files) if main else None)
+        rep = build_report(records, reference)
     return TriageResult(rep, files, str(Path(out).expanduser()))
 
 
@@ -269,7 +277,8 @@ def _evaluate(
             records.append(_record("error", b.label, spec, stage="knn", message=_msg(e)))
             said.append(f"kNN FAILED: {_msg(e)}")
     probe_methods = [m for m in methods if m in ("linear", "logreg")]
-    if probe_methods:
+    dist = distributed.current()
+    if probe_methods and (dist is None or dist.is_main):
         try:
             said.append(_probe_all(store, targets, probe_methods, b.label, records))
         except Exception as e:

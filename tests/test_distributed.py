@@ -147,3 +147,38 @@ def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
             outs.append(Path(records).read_text())
         assert outs[0] == outs[1]
         assert len(outs[0].splitlines()) > 10
+
+
+@pytest.mark.slow
+def test_torchrun_triage_reports_what_one_process_reports(tmp_path: Path) -> None:
+    script = tmp_path / "probekit_cli.py"
+    script.write_text(KILLER)
+    args = [
+        "triage",
+        "--backbones",
+        "test_resnet@random,test_vit@random",
+        "--data",
+        "synthetic:12",
+        "--methods",
+        "knn,logreg",
+        "--layers",
+        "last2",
+        "--no-plots",
+        "--quiet",
+    ]
+    csv = []
+    for procs, launcher in (
+        (1, [sys.executable]),
+        (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]),
+    ):
+        out = tmp_path / f"report{procs}"
+        res = subprocess.run(
+            [*launcher, str(script), *args, "--out", str(out)],
+            env=_env(tmp_path / f"cache{procs}"),
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("report: ") == 1
+        csv.append((out / "results.csv").read_text())
+    assert csv[0] == csv[1] and len(csv[0].splitlines()) == 5

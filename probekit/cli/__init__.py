@@ -552,7 +552,9 @@ def triage_cmd(
         quiet=quiet,
         log=out.print,
     )
-    _print_report(result.report, result.files)
+    dist = distributed.current()
+    if dist is None or dist.is_main:  # under torchrun, rank 0 reports
+        _print_report(result.report, result.files)
 
 
 @app.command(name="report")
