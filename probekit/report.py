@@ -78,37 +78,34 @@ def _normalize(r: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+_MEASUREMENT = {  # the fields that say what was measured, per kind of record
+    "extract": ("dataset", "stage"),
+    "error": ("dataset", "stage"),
+    "time": ("dataset", "stage"),
+    # a probe's test numbers belong to the probe chosen on validation: its layer is a result,
+    # not part of what was measured, so a rerun replaces them whatever it chose
+    "probe": ("train_dataset", "dataset", "split", "method", "metric"),
+}
+_FULL = (
+    "train_dataset",
+    "dataset",
+    "split",
+    "layer",
+    "pool",
+    "method",
+    "k",
+    "vote",
+    "temperature",
+    "metric",
+)
+
+
 def _key(r: dict[str, Any]) -> tuple[Any, ...]:
     """Records with the same key are the same measurement: a later one replaces an earlier."""
-    kind = r["kind"]
-    if kind in ("extract", "error", "time"):
-        return (kind, r.get("model"), r.get("dataset"), r.get("stage"))
-    if kind == "probe" and r.get("metric") != "val_top1":
-        # a probe's test numbers belong to the probe chosen on validation: its layer is a
-        # result, not part of what was measured, so a rerun replaces them whatever it chose
-        return (
-            kind,
-            r.get("model"),
-            r.get("train_dataset"),
-            r.get("dataset"),
-            r.get("split"),
-            r.get("method"),
-            r.get("metric"),
-        )
-    return (
-        kind,
-        r.get("model"),
-        r.get("train_dataset"),
-        r.get("dataset"),
-        r.get("split"),
-        r.get("layer"),
-        r.get("pool"),
-        r.get("method"),
-        r.get("k"),
-        r.get("vote"),
-        r.get("temperature"),
-        r.get("metric"),
-    )
+    fields = _MEASUREMENT.get(r["kind"], _FULL)
+    if r["kind"] == "probe" and r.get("metric") == "val_top1":
+        fields = _FULL  # one per feature: the layer-wise curve
+    return (r["kind"], r.get("model"), *(r.get(f) for f in fields))
 
 
 def load_records(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:

@@ -11,24 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-KILLER = """
-import os, signal, sys
-from probekit.cache.store import FeatureStore
-real, calls = FeatureStore.write_chunk, [0]
-def write_chunk(self, split, chunk, chunk_rows, columns):
-    calls[0] += 1
-    mine = os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0")
-    if mine and calls[0] == int(os.environ.get("KILL_AT", "0")):
-        name = next(iter(columns))
-        self._node(f"{split}/{name}")[chunk * chunk_rows] = columns[name][:1]  # half a chunk
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(self, split, chunk, chunk_rows, columns)
-FeatureStore.write_chunk = write_chunk
-from probekit.cli import main
-sys.argv = ["probekit"] + sys.argv[1:]
-main()
-"""
+from conftest import KILLER
 
 ARGS = [
     "extract",

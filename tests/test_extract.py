@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import zarr
+from conftest import KILLER
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
@@ -172,24 +173,6 @@ def test_fp16_overflow_is_kept_in_float32(tmp_path: Path) -> None:
     feats = store.features("train", "head/embed")
     assert feats.dtype == np.float32 and np.isfinite(feats).all() and np.abs(feats).max() > 65504
     assert store.features("train", "layer1/mean").dtype == np.float16  # untouched layers stay
-
-
-KILLER = """
-import os, signal, sys
-from probekit.cache.store import FeatureStore
-real, calls = FeatureStore.write_chunk, [0]
-def write_chunk(self, split, chunk, chunk_rows, columns):
-    calls[0] += 1
-    if calls[0] == int(os.environ["KILL_AT"]):
-        name = next(iter(columns))
-        self._node(f"{split}/{name}")[chunk * chunk_rows] = columns[name][:1]  # half a chunk
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(self, split, chunk, chunk_rows, columns)
-FeatureStore.write_chunk = write_chunk
-from probekit.cli import main
-sys.argv = ["probekit"] + sys.argv[1:]
-main()
-"""
 
 
 def _arrays(path: str) -> dict[str, object]:
