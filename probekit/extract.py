@@ -9,7 +9,6 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -22,10 +21,12 @@ from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
 from probekit.cache.store import (
     FeatureStore,
+    Location,
     StoreConfig,
     StoreDtype,
     StoreLock,
     cache_root,
+    location,
     open_store,
 )
 from probekit.data import (
@@ -332,7 +333,7 @@ def _default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) // 2))
 
 
-def _store_path(root: Path, dataset: Dataset, backbone: str, key: str) -> Path:
+def _store_path(root: Location, dataset: Dataset, backbone: str, key: str) -> Location:
     safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in backbone)
     return root / dataset.name / f"{safe}-{key}.zarr"
 
@@ -485,7 +486,7 @@ def extract(
             if dist is not None:
                 built_info = dist.broadcast(built_info)
             assert built_info is not None
-            pixel_path, built, rate = Path(built_info[0]), built_info[1], built_info[2]
+            pixel_path, built, rate = location(built_info[0]), built_info[1], built_info[2]
             pixels = (
                 f"from the pixel cache (built now, decode {rate:.0f} images/s)"
                 if built
@@ -566,7 +567,7 @@ def extract(
     )
 
 
-def _open_existing(path: Path, ds: Dataset) -> FeatureStore | None:
+def _open_existing(path: Location, ds: Dataset) -> FeatureStore | None:
     """The store at `path` if it can be reused or resumed; None when it must be rebuilt."""
     from probekit.cache.store import META_KEY
 
@@ -635,7 +636,7 @@ def _run(
     quiet: bool,
     dtype: str,
     fixed_batch: bool,
-    pixel_path: Path | None = None,
+    pixel_path: Location | None = None,
     decode: str = "cpu",
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[int, float, float]:

@@ -24,7 +24,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 import zarr
 import zarr.codecs
 
-from probekit.cache.store import StoreLock, cache_root
+from probekit.cache.store import Location, StoreLock, cache_root, is_remote
 from probekit.data import Batch, Dataset, ImageSource, pass_batch
 from probekit.errors import StoreError
 
@@ -65,7 +64,7 @@ def geometry_key(dataset: Dataset, geometry: str, size: tuple[int, int]) -> str:
 
 def pixel_store_path(
     dataset: Dataset, geometry: str, size: tuple[int, int], cache_dir: Any = None
-) -> Path:
+) -> Location:
     return (
         cache_root(cache_dir)
         / dataset.name
@@ -77,11 +76,11 @@ def pixel_store_path(
 class PixelStore:
     """A pixel store opened for reading or (by `build_pixel_store`) writing."""
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Location, group: zarr.Group):
         self.path, self.group = path, group
 
     @classmethod
-    def open(cls, path: Path) -> PixelStore | None:
+    def open(cls, path: Location) -> PixelStore | None:
         """The store at `path`, or None where there is none (or only an interrupted start)."""
         if not (path / "zarr.json").is_file():
             return None
@@ -114,7 +113,7 @@ class PixelStore:
 
     @classmethod
     def create(
-        cls, path: Path, dataset: Dataset, geometry: str, size: tuple[int, int], chunk_rows: int
+        cls, path: Location, dataset: Dataset, geometry: str, size: tuple[int, int], chunk_rows: int
     ) -> PixelStore:
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         h, w = size
@@ -219,7 +218,7 @@ class PixelSource(torch.utils.data.Dataset[Batch]):
     plain uncompressed chunks (or chunks never written: all fill) go through Zarr.
     """
 
-    def __init__(self, path: Path, split: str):
+    def __init__(self, path: Location, split: str):
         self.path, self.split = path, split
         store = PixelStore.open(path)
         if store is None or not store.is_complete:
@@ -229,9 +228,12 @@ class PixelSource(torch.utils.data.Dataset[Batch]):
         self.shape = tuple(int(v) for v in arr.shape[1:])
         self.rows = int(arr.chunks[0])
         meta = json.loads((path / split / "pixels" / "zarr.json").read_text())
-        self.raw = [c["name"] for c in meta["codecs"]] == ["bytes"] and meta[
-            "chunk_key_encoding"
-        ] == {"name": "default", "configuration": {"separator": "/"}}
+        plain = {"name": "default", "configuration": {"separator": "/"}}
+        self.raw = (  # chunk files are read directly where they are plain files on a local disk
+            not is_remote(path)
+            and [c["name"] for c in meta["codecs"]] == ["bytes"]
+            and meta["chunk_key_encoding"] == plain
+        )
         self.valid = np.asarray(store.array(split, "valid")[:], dtype=bool)
         self.errors = [str(e) for e in store.array(split, "errors")[:]]
         self._pid, self._zarr = -1, None

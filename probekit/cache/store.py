@@ -41,7 +41,9 @@ __all__ = [
     "StoreLock",
     "StoreSummary",
     "cache_root",
+    "is_remote",
     "list_stores",
+    "location",
     "open_store",
 ]
 
@@ -51,10 +53,36 @@ StoreDtype = Literal["float16", "float32"]
 _COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
 
 
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`cache_dir`, else `$PROBEKIT_CACHE`, else `~/.cache/probekit`."""
+# A store's place: a local Path, or a UPath for any fsspec URL that Zarr reads and writes
+# (s3://bucket/prefix, gs://..., ...); credentials come from the storage client's own config.
+Location = Any
+
+
+def location(path: str | os.PathLike[str] | Any) -> Location:
+    """A local path (expanded, absolute), or a UPath for a URL such as s3://bucket/prefix."""
+    if is_remote(path):
+        try:
+            import fsspec  # type: ignore[import-untyped]
+            from upath import UPath
+
+            fsspec.get_filesystem_class(str(path).split("://")[0])
+        except (ImportError, ValueError) as e:
+            raise StoreError(
+                f"cannot use {str(path)!r}: {e}; object-store caches need "
+                "`pip install 'probekit[s3]'` (or the fsspec package of that protocol)."
+            ) from None
+        return path if isinstance(path, UPath) else UPath(str(path))
+    return Path(path).expanduser().resolve()
+
+
+def is_remote(path: Any) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Location:
+    """`cache_dir`, else `$PROBEKIT_CACHE`, else `~/.cache/probekit`; a URL for object storage."""
     root = cache_dir or os.environ.get("PROBEKIT_CACHE") or Path.home() / ".cache" / "probekit"
-    return Path(root).expanduser().resolve()
+    return location(root)
 
 
 @dataclass(frozen=True)
@@ -94,11 +122,16 @@ def _now() -> str:
 class StoreLock:
     """An exclusive advisory lock next to the store; the OS drops it when its holder dies."""
 
-    def __init__(self, store_path: Path):
+    def __init__(self, store_path: Location):
+        # object stores have no locks: there one job writes a store at a time (the ranks of a
+        # torchrun job never write the same chunk)
+        self.remote = is_remote(store_path)
         self.path = store_path.with_name(store_path.name + ".lock")
         self._fd: int | None = None
 
     def __enter__(self) -> StoreLock:
+        if self.remote:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -125,7 +158,7 @@ class StoreLock:
 class FeatureStore:
     """A feature store opened for reading (and, for the extractor, writing)."""
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Location, group: zarr.Group):
         self.path = path
         self.group = group
 
@@ -222,7 +255,7 @@ class FeatureStore:
     @classmethod
     def create(
         cls,
-        path: Path,
+        path: Location,
         config: StoreConfig,
         meta: Mapping[str, Any],
         split_sizes: Mapping[str, int],
@@ -321,15 +354,19 @@ class FeatureStore:
         """
         tag = hashlib.sha256(json.dumps(config, default=str).encode()).hexdigest()[:8]
         path = self.path.with_name(f"{self.path.stem}.{kind}-{tag}.jsonl")
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if is_remote(path):  # an object is written whole or not at all
+            path.write_text(text)
+            return str(path)
         tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        tmp.write_text(text)
         tmp.replace(path)
         return str(path)
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind; return how many."""
+        if is_remote(self.path):  # object stores write whole objects: no partial files
+            return 0
         stale = list(self.path.rglob("*.partial"))
         for f in stale:
             f.unlink(missing_ok=True)
@@ -338,7 +375,7 @@ class FeatureStore:
 
 def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> FeatureStore:
     """Open a feature store directory for reading (plain Zarr v3 under the hood)."""
-    p = Path(path).expanduser().resolve()
+    p = location(path)
     if not (p / "zarr.json").is_file():
         raise StoreError(
             f"{str(p)!r} is not a probekit feature store (no zarr.json); "
@@ -346,7 +383,7 @@ def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> 
         )
     group = (
         zarr.open_group(str(p), mode="r+", zarr_format=3)
-        if os.access(p, os.W_OK)
+        if is_remote(p) or os.access(p, os.W_OK)  # object stores check rights on write
         else zarr.open_group(str(p), mode="r", zarr_format=3)
     )
     store = FeatureStore(p, group)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, list_backbones
-from probekit.cache.store import cache_root, list_stores, open_store
+from probekit.cache.store import cache_root, is_remote, list_stores, open_store
 from probekit.errors import ProbekitError, ProbekitWarning
 from probekit.extract import (
     DEFAULT_BATCH_SIZE,
@@ -65,8 +65,12 @@ out = Console(
 err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 CacheDir = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.10
-    typer.Option("--cache-dir", help="Cache root [default: $PROBEKIT_CACHE or ~/.cache/probekit]."),
+    Optional[str],  # noqa: UP045 - typer needs Optional at runtime on 3.10
+    typer.Option(
+        "--cache-dir",
+        help="Cache root: a directory, or a URL such as s3://bucket/prefix "
+        "[default: $PROBEKIT_CACHE or ~/.cache/probekit].",
+    ),
 ]
 
 # options shared by the commands that may extract (same names as the Python API's parameters)
@@ -92,7 +96,7 @@ ImgSizeOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option(help="No progress bar.")]
 # commands that evaluate a store take it by path, or by --backbone/--data (extracted if needed)
 StoreArg = Annotated[
-    Optional[Path],  # noqa: UP045
+    Optional[str],  # noqa: UP045
     typer.Argument(help="A feature store; or give --backbone and --data (extracts if needed)."),
 ]
 BackboneOpt = Annotated[
@@ -106,8 +110,8 @@ DataOpt = Annotated[
 
 
 def _store_path(
-    store: Path | None, backbone: str | None, data: str | None, **extract_kw: Any
-) -> Path:
+    store: str | None, backbone: str | None, data: str | None, **extract_kw: Any
+) -> str:
     """The store to evaluate: as given, or extracted (a cache hit when it exists)."""
     if store is not None:
         return store
@@ -115,7 +119,7 @@ def _store_path(
         raise ProbekitError("give a STORE path, or --backbone and --data.")
     res = extract_features(backbone, data, **extract_kw)
     out.print(res.summary())
-    return Path(res.store_path)
+    return res.store_path
 
 
 def _parse_ks(k: str) -> list[int]:
@@ -357,7 +361,7 @@ def probe_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Linear probes on cached features, chosen on validation data, tested once."""
-    others: list[Path] = []
+    others: list[str] = []
     extract_kw: dict[str, Any] = dict(
         layers=layers,
         pool=pool,
@@ -371,8 +375,8 @@ def probe_cmd(
     for spec in (eval_on or "").split(","):
         if not spec.strip():
             continue
-        if Path(spec).expanduser().is_dir():
-            others.append(Path(spec).expanduser())
+        if is_remote(spec) or Path(spec).expanduser().is_dir():  # a store
+            others.append(spec)
         elif backbone:
             others.append(_store_path(None, backbone, spec.strip(), **extract_kw))
         else:
@@ -626,7 +630,7 @@ def ls(cache_dir: CacheDir = None) -> None:
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="Path of a feature store (see `probekit ls`).")],
+    store: Annotated[str, typer.Argument(help="Path or URL of a feature store (`probekit ls`).")],
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the full metadata as JSON.")
     ] = False,
