@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +263,49 @@ def test_hub_backbone_extracts_when_online() -> None:
     store = probekit.open_store(res.store_path)
     assert store.meta["weights"]["source"] == "hub"
     assert store.features("train", "layer11/cls").shape == (1437, 384)
+
+
+@pytest.mark.slow
+def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> None:
+    """SIGKILL the same extraction 10 times at seeded random moments (imports, model load, store
+    creation, batches, chunk writes, metadata), rerunning each time; then let it finish."""
+    args = [
+        "extract",
+        "-b",
+        "test_vit",
+        "-d",
+        "synthetic:24",
+        "--random-init",
+        "--chunk-rows",
+        "8",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
+    cmd = [sys.executable, "-c", KILLER, *args]
+    clean_env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean")}
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=clean_env, check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+    clean_path = str(next((tmp_path / "clean").glob("*/*.zarr")))
+    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "killed")}
+    rng = np.random.default_rng(0)
+    killed = 0
+    for delay in rng.uniform(0.3, 1.1, size=10) * duration:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -9), err.decode()[-2000:]
+    assert killed >= 5  # most runs really were cut short
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    path = str(next((tmp_path / "killed").glob("*/*.zarr")))
+    assert probekit.open_store(path).is_complete
+    assert _arrays(path) == _arrays(clean_path)
+    assert _chunk_files(path) == _chunk_files(clean_path)
