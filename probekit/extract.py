@@ -701,7 +701,7 @@ def _run(
                 batches = list(_batches(chunks, n, chunk_rows, batch_size))
                 loader: Iterable[Any]
                 if pixel_path is not None or getattr(source, "in_memory", False):
-                    # reads that release the GIL (Zarr chunks, array slices): threads here,
+                    # reads that release the GIL (chunk files, array slices): threads here,
                     # one copy into pinned memory, no worker processes to copy through
                     loader = _threaded(source, batches, max(2, workers), fx.policy.is_cuda)
                 else:  # decoding is CPU work under the GIL: worker processes

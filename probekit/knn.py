@@ -430,6 +430,11 @@ def knn(
     else:  # labels and validity are per split: read once for every feature
         db_keep, q_keep = store.valid(train_split), store.valid(test_split)
         db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
+    shard = None  # under torchrun: this rank's chunk-aligned rows of the database
+    if dist is not None and store is not None and not retrieval:
+        chunk, n_db = int(meta["chunk_rows"]), len(db_keep)
+        bounds = [(n_db * r // dist.world) // chunk * chunk for r in range(dist.world)] + [n_db]
+        shard = (bounds[dist.rank], bounds[dist.rank + 1])
     for name in names:
         layer, _, pool = name.partition("/")
         if store is None:
@@ -442,23 +447,8 @@ def knn(
             chunk = int(meta["chunk_rows"])
             rows = max(1, memory_mb * 2**20 // (6 * dim + 4 * len(queries)))
             rows = max(chunk, rows // chunk * chunk)
-            database = _stream(store, train_split, name, rows, db_keep)
+            database = _stream(store, train_split, name, rows, db_keep, shard)
         exclude = np.arange(len(queries)) if same else None
-        if dist is not None and not retrieval:  # this rank's shard of the database
-            chunk = int(meta["chunk_rows"])
-            n_db = len(db_keep)
-            bounds = [
-                min(n_db, (n_db * r // dist.world) // chunk * chunk) for r in range(dist.world)
-            ]
-            bounds.append(n_db)
-            database = _stream(
-                store,  # type: ignore[arg-type]
-                train_split,
-                name,
-                rows,
-                db_keep,
-                (bounds[dist.rank], bounds[dist.rank + 1]),
-            )
         if retrieval:
             records += _retrieval(
                 queries, database, db_y, q_y, exclude, backend, memory_mb, base, layer, pool

@@ -406,6 +406,7 @@ def probe(
         "backbone": meta["backbone"]["name"],
         "weights": meta["weights"]["source"],
         "dataset": meta["dataset"]["spec"],
+        "train_dataset": meta["dataset"]["spec"],  # kept when `dataset` is a transfer target
     }
     records: list[ProbeRecord] = []
     selected: dict[str, dict[str, Any]] = {}
@@ -506,7 +507,6 @@ def probe(
                 value=float(acc),
                 n=len(val_y),
                 config=cfg,
-                train_dataset=base["dataset"],
             )
         )
 
@@ -537,7 +537,6 @@ def probe(
                     n=len(train_y_m),
                     value=train_top1,
                     extra={"underfit": underfit},
-                    train_dataset=base["dataset"],
                 )
             )
             for st, split, ds_spec in evals:
@@ -559,7 +558,6 @@ def probe(
                     method=m,
                     config=cfg,
                     n=len(y),
-                    train_dataset=base["dataset"],
                 )
                 per_class = per_class_accuracy(ranked[:, 0], y, n_classes)
                 records += [
