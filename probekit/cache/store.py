@@ -222,6 +222,17 @@ class FeatureStore:
         for first in range(start, end, step):
             yield first, np.asarray(arr[first : min(first + step, end)])
 
+    def read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (sorted indices) of one array, reading only the chunks that hold them."""
+        arr = self._array(split, name)
+        if not len(rows):
+            return np.asarray(arr[0:0])
+        first, last = int(rows[0]), int(rows[-1]) + 1
+        if 2 * len(rows) >= last - first:  # dense: read the span, then pick
+            span = np.asarray(arr[first:last])
+            return span if len(rows) == last - first else span[np.asarray(rows) - first]
+        return np.asarray(arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._array(split, "labels")[:])
 

@@ -356,6 +356,13 @@ def probe_cmd(
     ] = 1e-4,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    memory_mb: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Features held at once, MiB; beyond it they stream from the store "
+            "[default: half the free memory of the device]."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Holdout and minibatch seed.")] = 0,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
@@ -397,6 +404,7 @@ def probe_cmd(
         tol=tol,
         dtype=cast(Any, dtype),
         device=device,
+        memory_mb=memory_mb,
         eval_on=others,
     )
     table = Table(
