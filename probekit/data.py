@@ -330,6 +330,14 @@ def load_dataset(spec: str) -> Dataset:
     )
 
 
+def _user_path(arg: str, kind: str) -> Path:
+    """PATH of a spec, with ~ expanded; an unusable one (unknown ~user, a NUL byte) is an error."""
+    try:
+        return Path(arg).expanduser().resolve()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise DatasetError(f"{kind}:{arg!r}: not a usable path ({e}).") from None
+
+
 def _digest(*parts: bytes | str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -393,7 +401,7 @@ def _subdirs(p: Path) -> list[Path]:
 def _imagefolder(arg: str) -> Dataset:
     if not arg:
         raise DatasetError("imagefolder needs a path: imagefolder:PATH.")
-    root = Path(arg).expanduser().resolve()
+    root = _user_path(arg, "imagefolder")
     if not root.is_dir():
         raise DatasetError(f"imagefolder path {str(root)!r} is not a directory.")
     tops = _subdirs(root)
@@ -414,7 +422,7 @@ def _imagefolder(arg: str) -> Dataset:
 
 
 def _csv(arg: str) -> Dataset:
-    path = Path(arg).expanduser().resolve()
+    path = _user_path(arg, "csv")
     if not path.is_file():
         raise DatasetError(f"csv file {str(path)!r} does not exist.")
     with path.open(newline="") as f:

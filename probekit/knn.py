@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from probekit import distributed
-from probekit.cache.store import FeatureStore, open_store
+from probekit.cache.store import FeatureStore, open_for_reading
 from probekit.errors import ProbekitError
 from probekit.metrics import (
     balanced_accuracy,
@@ -372,6 +372,7 @@ def knn(
     retrieval: bool = False,
     backend: str = "auto",
     memory_mb: int = DEFAULT_MEMORY_MB,
+    allow_partial: bool = False,
     write: bool = True,
 ) -> KnnResult:
     """kNN classification (DINO protocol) of `test_split` against `train_split`, every feature.
@@ -402,7 +403,7 @@ def knn(
         }
         n_classes = int(max(arrays[1].max(initial=0), arrays[3].max(initial=0))) + 1
     else:
-        store = source if isinstance(source, FeatureStore) else open_store(source)
+        store = open_for_reading(source, allow_partial=allow_partial)
         meta = store.meta
         names = list(features) if features else store.feature_names
         unknown = [n for n in names if n not in store.feature_names]

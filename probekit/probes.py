@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from probekit.cache.store import FeatureStore, open_store
+from probekit.cache.store import FeatureStore, open_for_reading, open_store
 from probekit.errors import ProbekitError
 from probekit.metrics import (
     balanced_accuracy,
@@ -577,6 +577,7 @@ def probe(
     dtype: Literal["float32", "float64"] = "float32",
     device: str = "auto",
     memory_mb: int | None = None,
+    allow_partial: bool = False,
     eval_on: Sequence[FeatureStore | str | os.PathLike[str]] = (),
     test_split: str = "test",
     write: bool = True,
@@ -591,7 +592,7 @@ def probe(
     Features are held on the device when they fit `memory_mb` (default: half the free
     memory), otherwise streamed from the store in blocks.
     """
-    store = source if isinstance(source, FeatureStore) else open_store(source)
+    store = open_for_reading(source, allow_partial=allow_partial)
     meta = store.meta
     names = list(features) if features else store.feature_names
     unknown = [n for n in names if n not in store.feature_names]

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from probekit.errors import StoreError
+from probekit.errors import ProbekitWarning, StoreError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -237,7 +238,13 @@ class FeatureStore:
         return np.asarray(self._array(split, "labels")[:])
 
     def valid(self, split: str) -> np.ndarray:
-        return np.asarray(self._array(split, "valid")[:])
+        """Rows holding features: read without error, in a chunk marked done (a chunk being
+        written, or cut short by a kill, is never counted)."""
+        valid = np.asarray(self._array(split, "valid")[:])
+        if not self.is_complete:
+            done = np.asarray(self._array(split, "done")[:])
+            valid &= np.repeat(done, int(self.meta["chunk_rows"]))[: len(valid)]
+        return valid
 
     def ids(self, split: str) -> list[str]:
         return [str(s) for s in self._array(split, "ids")[:]]
@@ -406,10 +413,31 @@ def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> 
             f"{str(p)!r} has store format {meta.get('format_version')}, this probekit reads "
             f"format {FORMAT_VERSION}; re-extract it (probekit extract ... --overwrite)."
         )
-    if not allow_partial and not store.is_complete:
+    if not store.is_complete and not allow_partial:
         raise StoreError(
-            f"{str(p)!r} is incomplete (an extraction was interrupted); rerun the same "
-            "`probekit extract` command to finish it, or pass allow_partial=True."
+            f"{str(p)!r} is incomplete (an extraction was interrupted or is running); "
+            "rerun the same `probekit extract` command to finish it, or read the rows "
+            "written so far with --allow-partial."
+        )
+    return store
+
+
+def open_for_reading(
+    source: FeatureStore | str | os.PathLike[str], *, allow_partial: bool = False
+) -> FeatureStore:
+    """A store for knn/probe: complete, or (allow_partial) the chunks written so far, said in a
+    warning; rows of unwritten chunks are invalid and never read."""
+    store = source if isinstance(source, FeatureStore) else open_store(source, allow_partial=True)
+    if not store.is_complete:
+        if not allow_partial:
+            open_store(store.path)  # raises the one-line error
+        done = sum(int(np.asarray(store._array(s, "done")[:]).sum()) for s in store.splits)
+        total = sum(store.num_chunks(s) for s in store.splits)
+        warnings.warn(
+            f"{store.path.name} is incomplete: using the {done} of {total} chunks written so "
+            "far (--allow-partial); numbers will change when it is complete.",
+            ProbekitWarning,
+            stacklevel=2,
         )
     return store
 

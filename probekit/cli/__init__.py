@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -48,6 +50,15 @@ class _Group(typer.core.TyperGroup):
         except ProbekitError as e:
             err.print(f"error: {e}")
             raise typer.Exit(code=1) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            err.print(
+                f"error: cannot write {e.filename or 'the cache'}: {os.strerror(e.errno)}. "
+                "Free space (or use --cache-dir on another disk) and run the same command "
+                "again: finished chunks are kept."
+            )
+            raise typer.Exit(code=1) from None
 
 
 app = typer.Typer(
@@ -92,6 +103,13 @@ RandomInitOpt = Annotated[bool, typer.Option(help="Random (seeded) weights, a ba
 ImgSizeOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(help="Override the input resolution."),
+]
+AllowPartialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-partial",
+        help="Read an incomplete store: only the chunks written so far (with a warning).",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option(help="No progress bar.")]
 # commands that evaluate a store take it by path, or by --backbone/--data (extracted if needed)
@@ -286,6 +304,7 @@ def knn_cmd(
     memory_mb: Annotated[
         int, typer.Option(help="Block budget for streaming the database.")
     ] = DEFAULT_MEMORY_MB,
+    allow_partial: AllowPartialOpt = False,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -316,6 +335,7 @@ def knn_cmd(
         retrieval=retrieval,
         backend=backend,
         memory_mb=memory_mb,
+        allow_partial=allow_partial,
     )
     dist = distributed.current()
     if dist is not None and not dist.is_main:
@@ -363,6 +383,7 @@ def probe_cmd(
             "[default: half the free memory of the device]."
         ),
     ] = None,
+    allow_partial: AllowPartialOpt = False,
     seed: Annotated[int, typer.Option(help="Holdout and minibatch seed.")] = 0,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
@@ -405,6 +426,7 @@ def probe_cmd(
         dtype=cast(Any, dtype),
         device=device,
         memory_mb=memory_mb,
+        allow_partial=allow_partial,
         eval_on=others,
     )
     table = Table(
