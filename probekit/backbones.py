@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 DEFAULT_LAYERS = "last4"
-WeightsSource = Literal["hub", "file", "package", "random-init"]
+WeightsSource = Literal["hub", "file", "package", "random-init", "python"]
 
 
 @dataclass(frozen=True)
@@ -404,6 +404,8 @@ def create_backbone(
     With `load=False` the model is built on the meta device and no weights are read: enough to
     know its layers, preprocessing and which weights it would get (a cache lookup).
     """
+    if _PYTHON_PATH.match(name):  # module:function, given by the user in so many words
+        return _python_backbone(name, weights=weights, random_init=random_init, img_size=img_size)
     alias, timm_name = resolve_backbone_name(name)
     if weights is not None and random_init:
         raise WeightsError("pass either --weights FILE or --random-init, not both.")
@@ -483,3 +485,59 @@ def create_backbone(
     if img_size is not None:
         data_config["input_size"] = (3, img_size, img_size)
     return Backbone(name, timm_name, model, info, data_config)
+
+
+# `package.module:function`: the only form that imports user code, and only when a user passes it
+_PYTHON_PATH = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
+
+
+def _python_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    img_size: int | None,
+) -> Backbone:
+    """A backbone built by the user's own function: `--backbone package.module:function`.
+
+    The function takes no arguments and returns a timm model (anything with
+    `forward_intermediates` and `feature_info`) holding its weights; `weights` loads a file
+    on top. The weights are identified by a hash of the model's tensors, so a changed function
+    gets its own cache. Store metadata, reports and listings never import it: only a
+    --backbone given in so many words does.
+    """
+    match = _PYTHON_PATH.match(name)
+    assert match is not None
+    module, func = match.groups()
+    if random_init or img_size is not None:
+        raise BackboneError(
+            f"--backbone {name!r} builds its own model: --random-init and --img-size do not apply "
+            "(set them inside the function)."
+        )
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise BackboneError(
+            f"cannot import {module!r} for --backbone {name!r} ({e}); put it on PYTHONPATH."
+        ) from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise BackboneError(f"{module!r} has no function {func!r} (from --backbone {name!r}).")
+    model = fn()
+    if not isinstance(model, torch.nn.Module):
+        raise BackboneError(f"{name}() returned {type(model).__name__}, not a torch.nn.Module.")
+    num_layers(model)
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        if not path.is_file():
+            raise WeightsError(f"weights file {str(path)!r} does not exist; pass an existing file.")
+        _load_into(model, load_state_dict_file(path), f"weights file {str(path)!r}")
+        info = WeightsInfo("file", str(path), sha256_file(path))
+    else:
+        digest = hashlib.sha256()
+        for key, tensor in sorted(model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        info = WeightsInfo("python", name, digest.hexdigest())
+    model.eval().requires_grad_(False)
+    return Backbone(name, name, model, info, dict(resolve_model_data_config(model)))

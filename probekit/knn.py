@@ -429,7 +429,7 @@ def knn(
     if store is None:
         db_y, q_y = arrays[1], arrays[3]
     else:  # labels and validity are per split: read once for every feature
-        db_keep, q_keep = store.valid(train_split), store.valid(test_split)
+        db_keep, q_keep = store.usable(train_split), store.usable(test_split)
         db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
     shard = None  # under torchrun: this rank's chunk-aligned rows of the database
     if dist is not None and store is not None and not retrieval:

@@ -614,12 +614,12 @@ def probe(
     budget = memory_budget(dev, memory_mb)
 
     # ---- labels and the validation split: the test split is not read until evaluation
-    train_rows = np.flatnonzero(store.valid("train"))
+    train_rows = np.flatnonzero(store.usable("train"))
     train_y = store.labels("train")[train_rows]
     if len(np.unique(train_y)) < 2:
         raise ProbekitError("the train split has fewer than 2 classes; a probe needs at least 2.")
     if "val" in store.splits:  # a real validation split
-        val_split, val_rows = "val", np.flatnonzero(store.valid("val"))
+        val_split, val_rows = "val", np.flatnonzero(store.usable("val"))
         fit_rows, val_y = train_rows, store.labels("val")[val_rows]
         fit_y = train_y
     else:
@@ -805,7 +805,7 @@ def probe(
                 )
             )
             for st, split, ds_spec in evals:
-                rows = np.flatnonzero(st.valid(split))
+                rows = np.flatnonzero(st.usable(split))
                 x = Rows.from_store(
                     st, split, [f.name], rows, f.mean[None], f.std[None], budget=budget
                 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -155,6 +157,8 @@ def triage(
         layers, pool, img_size, batch_size, device, precision, use_pixels, cache_dir, quiet
     )
     records: list[dict[str, Any]] = []
+    # evaluations an interrupted run into the same `out` finished are kept, not redone
+    journal = _Journal(Path(out).expanduser() / ".progress.jsonl") if dist is None else None
     say(
         f"triage: {len(specs)} backbones x {len(data_specs)} datasets"
         + (f" + {len(pairs)} transfers" if pairs else "")
@@ -172,7 +176,14 @@ def triage(
             if spec not in stores:
                 continue
             targets = [stores[dst] for src, dst in pairs if src == spec and dst in stores]
+            key = _journal_key(b.label, stores[spec], targets, wanted, ks)
+            kept = journal.get(key) if journal is not None else None
+            if kept is not None:
+                records += kept["records"]
+                say(f"  {b.label} on {spec}: {kept['lines']} (kept from an earlier run)")
+                continue
             t0 = time.perf_counter()
+            first = len(records)
             try:
                 lines = _evaluate(b, stores[spec], targets, wanted, ks, records)
             except Exception as e:
@@ -182,12 +193,55 @@ def triage(
             secs = time.perf_counter() - t0
             records.append(_record("time", b.label, spec, stage="evaluate", seconds=secs))
             say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
+            if journal is not None and not any(r["kind"] == "error" for r in records[first:]):
+                journal.add(key, {"records": records[first:], "lines": lines})
     if main:
         rep, files = write_report(records, out, reference=reference, plots=plots)
     if dist is not None:  # every rank returns rank 0's report
         records, files = dist.broadcast((records, files) if main else None)
         rep = build_report(records, reference)
     return TriageResult(rep, files, str(Path(out).expanduser()))
+
+
+class _Journal:
+    """Finished evaluations of a triage, one JSON line each, appended and synced as they end:
+    a rerun into the same report folder keeps them (a torn last line is ignored)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.done[entry["key"]] = entry["value"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # cut short by a kill
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.done.get(key)
+
+    def add(self, key: str, value: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "value": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = value
+
+
+def _journal_key(
+    label: str,
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    methods: list[str],
+    ks: Sequence[int],
+) -> str:
+    """What an evaluation's numbers depend on: model label, the stores (each extraction has its
+    own creation time) and the evaluation options."""
+    ident = [(s.meta.get("cache_key"), s.meta.get("created")) for s in [store, *targets]]
+    blob = json.dumps([label, ident, methods, sorted(int(k) for k in ks)], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -337,3 +337,138 @@ def test_store_metadata_round_trips(
         }
     )
     assert again.key == cfg.key  # the cache key survives the JSON round trip
+
+
+# --------------------------------------------------------------------------- interrupted triage
+
+TRIAGE_KILLER = """
+import os, signal, sys
+import probekit.triage
+t = sys.modules["probekit.triage"]
+real, calls = t._evaluate, [0]
+def evaluate(b, *args, **kw):
+    calls[0] += 1
+    print(f"evaluating {b.label}", flush=True)
+    if calls[0] == int(os.environ.get("KILL_AT", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(b, *args, **kw)
+t._evaluate = evaluate
+from probekit.cli import main
+sys.argv = ["probekit"] + sys.argv[1:]
+main()
+"""
+
+
+def _numbers(out: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    keep = ("model", "dataset", "split", "method", "metric", "layer", "pool", "k", "vote", "value")
+    return sorted(
+        tuple(str(r.get(f)) for f in keep) for r in rows if r.get("kind") in ("knn", "probe")
+    )
+
+
+@pytest.mark.slow
+def test_an_interrupted_triage_keeps_finished_evaluations(tmp_path: Path) -> None:
+    args = ["triage", "--backbones", "test_resnet@random,test_vit@random", "-d", "synthetic:16"]
+    args += ["--methods", "knn,logreg", "--k", "3", "--img-size", "32", "--no-plots", "--quiet"]
+    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "cache"), "KILL_AT": "2"}
+    out = tmp_path / "report"
+    killed = subprocess.run(
+        [sys.executable, "-c", TRIAGE_KILLER, *args, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert killed.stdout.count("evaluating") == 2 and not (out / "results.jsonl").exists()
+    env["KILL_AT"] = "0"
+    rerun = subprocess.run(
+        [sys.executable, "-c", TRIAGE_KILLER, *args, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.stdout.count("evaluating") == 1  # only the interrupted one is redone
+    assert "evaluating test_vit@random" in rerun.stdout
+    assert "test_resnet@random on synthetic:16" in rerun.stdout and "kept from an earlier run" in (
+        rerun.stdout
+    )
+    clean = subprocess.run(
+        [sys.executable, "-c", TRIAGE_KILLER, *args, "--out", str(tmp_path / "clean")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert _numbers(out) == _numbers(tmp_path / "clean") and _numbers(out)
+
+
+def test_non_finite_features_are_never_written_nor_scored(tmp_path: Path) -> None:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = {
+        k: v.clone().contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()
+    }
+    sd["layer4.0.downsample.2.weight"][0] = float("nan")  # the last stage turns NaN
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    res = probekit.extract(
+        "test_resnet", "synthetic:4", weights=tmp_path / "nan.safetensors", pool="mean", **SMALL
+    )
+    store = probekit.open_store(res.store_path)
+    assert res.invalid == 16 and "16 invalid" in res.summary()
+    assert {why for _, why in store.invalid("train")} == {"non-finite features"}
+    for name in store.feature_names:  # nothing non-finite on disk, invalid rows are zeros
+        x = store.features("train", name)
+        assert np.isfinite(x).all() and not x.any()
+    with pytest.raises(StoreError, match="no usable rows \\(non-finite features: 12\\)"):
+        probekit.knn(store, write=False)
+    with pytest.raises(StoreError, match="no usable rows"):
+        probekit.probe(store, write=False)
+
+
+# --------------------------------------------------------------------------- code from a path
+
+USER_MODULE = """
+import pathlib, timm, torch
+pathlib.Path(__file__).with_name("imported").write_text("yes")  # the side effect we watch
+def build():
+    torch.manual_seed(3)
+    return timm.create_model("test_resnet")
+"""
+
+
+@pytest.mark.slow
+def test_a_python_path_backbone_runs_only_when_given_explicitly(tmp_path: Path) -> None:
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "userbackbones.py").write_text(USER_MODULE)
+    marker = tmp_path / "code" / "imported"
+    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "code"), env.get("PYTHONPATH", "")])
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "probekit", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+
+    assert cli("extract", "-b", "userbackbones", "-d", "synthetic:2").returncode == 1
+    assert not marker.exists()  # a bare module name is never imported
+    run = cli("extract", "-b", "userbackbones:build", "-d", "synthetic:16", "--pool", "mean")
+    assert run.returncode == 0 and marker.exists(), run.stderr
+    store = next((tmp_path / "cache").glob("*/*.zarr"))
+    meta = probekit.open_store(store).meta
+    assert meta["weights"]["source"] == "python" and meta["config"]["backbone"] == (
+        "userbackbones:build"
+    )
+    marker.unlink()
+    for args in (["ls"], ["info", str(store)], ["knn", str(store), "--k", "3"]):
+        assert cli(*args).returncode == 0
+    assert cli("probe", str(store), "--method", "logreg").returncode == 0
+    assert cli("report", str(store.parent), "--out", str(tmp_path / "rep")).returncode == 0
+    assert not marker.exists()  # stores, records and reports never run the code they name
+    again = cli("extract", "-b", "userbackbones:build", "-d", "synthetic:16", "--pool", "mean")
+    assert again.returncode == 0 and "cache hit" in again.stdout + again.stderr
+    bad = cli("extract", "-b", "userbackbones:nothing", "-d", "synthetic:2")
+    assert bad.returncode == 1 and "has no function 'nothing'" in bad.stderr

@@ -246,6 +246,20 @@ class FeatureStore:
             valid &= np.repeat(done, int(self.meta["chunk_rows"]))[: len(valid)]
         return valid
 
+    def usable(self, split: str) -> np.ndarray:
+        """`valid(split)`, or a one-line error when no row of the split can be used."""
+        valid = self.valid(split)
+        if not valid.any():
+            reasons: dict[str, int] = {}
+            for _, why in self.invalid(split):
+                reasons[why] = reasons.get(why, 0) + 1
+            said = ", ".join(f"{why}: {n}" for why, n in sorted(reasons.items())) or "no rows"
+            raise StoreError(
+                f"split {split!r} of {self.path.name} has no usable rows ({said}); "
+                f"see `probekit info {self.path}`."
+            )
+        return valid
+
     def ids(self, split: str) -> list[str]:
         return [str(s) for s in self._array(split, "ids")[:]]
 
