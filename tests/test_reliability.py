@@ -472,3 +472,33 @@ def test_a_python_path_backbone_runs_only_when_given_explicitly(tmp_path: Path) 
     assert again.returncode == 0 and "cache hit" in again.stdout + again.stderr
     bad = cli("extract", "-b", "userbackbones:nothing", "-d", "synthetic:2")
     assert bad.returncode == 1 and "has no function 'nothing'" in bad.stderr
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments_on_the_command_line_are_one_line_and_change_nothing(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    _one_line_error(
+        runner.invoke(app, ["extract", *EXTRACT, "-d", f"imagefolder:{tmp_path / 'empty'}"]),
+        "holds no images",
+    )
+    spec = f"imagefolder:{image_folder}"
+    ok = runner.invoke(app, ["extract", *EXTRACT, "-d", spec])
+    assert ok.exit_code == 0, ok.output
+    store = next((tmp_path / "cache").glob("*/*.zarr"))
+    before = _files(str(store))
+    _one_line_error(
+        runner.invoke(app, ["knn", str(store), "--k", "500"]), "larger than the database"
+    )
+    _one_line_error(runner.invoke(app, ["knn", str(store), "--k", "ten"]), "--k takes integers")
+    _one_line_error(
+        runner.invoke(app, ["probe", str(store), "--features", "layer9/max"]), "unknown features"
+    )
+    (image_folder / "test" / "cat" / "new.png").write_bytes(
+        (image_folder / "test" / "cat" / "1.png").read_bytes()
+    )
+    _one_line_error(runner.invoke(app, ["extract", *EXTRACT, "-d", spec]), "changed since")
+    assert _files(str(store)) == before  # none of it touched the store
