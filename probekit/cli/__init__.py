@@ -168,26 +168,44 @@ def backbones(
         Optional[str],  # noqa: UP045
         typer.Argument(help="Wildcard over aliases and timm pretrained names, e.g. 'vit_*dino*'."),
     ] = None,
+    group: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="supervised, ssl, vision-language, generative, depth or random."),
+    ] = None,
+    bob: Annotated[
+        bool, typer.Option("--bob", help="Only the Battle of the Backbones models.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON records.")] = False,
 ) -> None:
     """List backbone aliases (and timm names matching PATTERN) with params and default layers."""
-    rows = list_backbones(pattern)
+    rows = list_backbones(pattern, group=group, bob=bob)
     if as_json:
         out.print_json(json.dumps([r.to_dict() for r in rows]))
         return
     table = Table(
-        "alias", "timm name", "group", "params (M)", f"default layers ({DEFAULT_LAYERS})", "weights"
+        "alias",
+        "timm name",
+        "group",
+        "BoB",
+        "availability",
+        "params (M)",
+        f"default layers ({DEFAULT_LAYERS})",
+        "weights",
     )
     for r in rows:
         table.add_row(
             r.alias or "-",
             r.timm_name,
             r.group,
+            "yes" if r.bob else "",
+            r.availability,
             f"{r.params_m:.1f}",
             ",".join(map(str, r.default_layers)) + " + head",
             r.weights,
         )
     out.print(table)
+    if group == "generative" and not rows:
+        out.print("no generative backbone is built in yet (the Stable Diffusion encoder is not).")
 
 
 @app.command()
