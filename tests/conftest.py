@@ -23,6 +23,28 @@ def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
+def hide_modules(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    """Imports of modules named `prefix...` fail, as if the package were not installed."""
+    import builtins
+    import importlib
+
+    real_import, real_import_module = builtins.__import__, importlib.import_module
+
+    def fake_import(name: str, *args: object, **kwargs: object) -> object:
+        level = args[3] if len(args) > 3 else kwargs.get("level", 0)
+        if name.startswith(prefix) and level == 0:  # absolute imports only
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    def fake_import_module(name: str, package: str | None = None) -> object:
+        if name.startswith(prefix):
+            raise ImportError(name)
+        return real_import_module(name, package)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setattr(importlib, "import_module", fake_import_module)
+
+
 def make_image(rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
 

@@ -3,6 +3,7 @@ host, each tested on a checkpoint written in its original key format from random
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import hide_modules
 from typer.testing import CliRunner
 
 from probekit.backbones import ALIASES, GROUPS, create_backbone, list_backbones
@@ -30,6 +32,7 @@ BOB = {
     "clip_laion2b_vitb16", "clip_laion2b_vitl14", "clip_resnet50", "clip_resnet101",
     "mocov3_vits16", "mocov3_vitb16", "mocov3_resnet50", "vicreg_resnet50",
     "vicregl_convnext_base", "dino_resnet50", "midas31_swinv2_tiny", "midas31_swinv2_base",
+    "stable_diffusion_v1_5",
 }  # fmt: skip
 NEWER = {"dinov2_vits14", "dinov2_vitb14_reg", "dinov3_vitb16", "eva02_base", "siglip_vitb16"}
 
@@ -40,7 +43,10 @@ def test_every_alias_resolves_to_a_timm_tag_or_a_registered_loader() -> None:
     assert {a for a, row in ALIASES.items() if row.bob} == BOB
     for row in ALIASES.values():
         assert row.group in GROUPS, row
-        if row.loader is not None:
+        if row.builder is not None:  # probekit's own non-timm model: module:function exists
+            module, _, func = row.builder.partition(":")
+            assert callable(getattr(importlib.import_module(module), func)), row
+        elif row.loader is not None:
             assert row.loader in LOADERS and LOADERS[row.loader].arch == row.timm_name, row
             assert row.timm_name in archs and LOADERS[row.loader].url.startswith("https://"), row
         elif row.package is not None:
@@ -54,7 +60,7 @@ def test_backbones_bob_lists_availability_and_params() -> None:
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
     assert {r["alias"] for r in rows} == BOB and all(r["bob"] for r in rows)
-    assert {r["availability"] for r in rows} == {"timm-hosted", "loader"}
+    assert {r["availability"] for r in rows} == {"timm-hosted", "loader", "needs extra [sd]"}
     assert all(r["params_m"] > 1 for r in rows)
     by = {r["alias"]: r for r in rows}
     assert by["mocov3_vits16"]["params_m"] == pytest.approx(21.7, abs=0.1)  # 12-head ViT-S
@@ -120,59 +126,57 @@ def test_resnet50_loaders(tmp_path: Path, alias: str, prefix: str, wrap: bool) -
     assert bb.model(x).shape == (1, 2048)  # no classifier
 
 
-VITS_KEYS = [  # MoCo v3 `vits.py` ViT-S/16 (12 heads), under module.base_encoder.
-    ("cls_token", (1, 1, 384)),
-    ("pos_embed", (1, 197, 384)),
-    ("patch_embed.proj.weight", (384, 3, 16, 16)),
-    ("patch_embed.proj.bias", (384,)),
-    *[
-        (f"blocks.{i}.{name}", shape)
-        for i in range(12)
-        for name, shape in [
-            ("norm1.weight", (384,)),
-            ("norm1.bias", (384,)),
-            ("attn.qkv.weight", (1152, 384)),
-            ("attn.qkv.bias", (1152,)),
-            ("attn.proj.weight", (384, 384)),
-            ("attn.proj.bias", (384,)),
-            ("norm2.weight", (384,)),
-            ("norm2.bias", (384,)),
-            ("mlp.fc1.weight", (1536, 384)),
-            ("mlp.fc1.bias", (1536,)),
-            ("mlp.fc2.weight", (384, 1536)),
-            ("mlp.fc2.bias", (384,)),
-        ]
-    ],
-    ("norm.weight", (384,)),
-    ("norm.bias", (384,)),
-]
+def moco_vit_keys(dim: int) -> list[tuple[str, tuple[int, ...]]]:
+    """MoCo v3 `vits.py` ViT-S/16 and ViT-B/16 (12 blocks, 12 heads, MLP 4x), the keys under
+    module.base_encoder."""
+    block = [
+        ("norm1.weight", (dim,)),
+        ("norm1.bias", (dim,)),
+        ("attn.qkv.weight", (3 * dim, dim)),
+        ("attn.qkv.bias", (3 * dim,)),
+        ("attn.proj.weight", (dim, dim)),
+        ("attn.proj.bias", (dim,)),
+        ("norm2.weight", (dim,)),
+        ("norm2.bias", (dim,)),
+        ("mlp.fc1.weight", (4 * dim, dim)),
+        ("mlp.fc1.bias", (4 * dim,)),
+        ("mlp.fc2.weight", (dim, 4 * dim)),
+        ("mlp.fc2.bias", (dim,)),
+    ]
+    return [
+        ("cls_token", (1, 1, dim)),
+        ("pos_embed", (1, 197, dim)),
+        ("patch_embed.proj.weight", (dim, 3, 16, 16)),
+        ("patch_embed.proj.bias", (dim,)),
+        *[(f"blocks.{i}.{name}", shape) for i in range(12) for name, shape in block],
+        ("norm.weight", (dim,)),
+        ("norm.bias", (dim,)),
+    ]
 
 
-def test_mocov3_vit_loader(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("alias", "dim"), [("mocov3_vits16", 384), ("mocov3_vitb16", 768)])
+def test_mocov3_vit_loader(tmp_path: Path, alias: str, dim: int) -> None:
     g = torch.Generator().manual_seed(2)
-    backbone = {k: torch.randn(shape, generator=g) for k, shape in VITS_KEYS}
+    backbone = {k: torch.randn(shape, generator=g) for k, shape in moco_vit_keys(dim)}
     ckpt = {f"module.base_encoder.{k}": v for k, v in backbone.items()}
     ckpt |= {f"module.momentum_encoder.{k}": v + 1 for k, v in backbone.items()}
     ckpt |= {  # the projection head (Linear, BN, ReLU, Linear, BN, ReLU, Linear, BN)
-        "module.base_encoder.head.0.weight": torch.randn(4096, 384),
+        "module.base_encoder.head.0.weight": torch.randn(4096, dim),
         "module.base_encoder.head.1.weight": torch.randn(4096),
         "module.base_encoder.head.6.weight": torch.randn(256, 4096),
         "module.predictor.0.weight": torch.randn(4096, 256),
     }
-    path = _save(tmp_path, "vit-s-300ep.pth.tar", {"epoch": 300, "state_dict": ckpt})
-    bb = create_backbone("mocov3_vits16", weights=path)
+    path = _save(tmp_path, "vit-300ep.pth.tar", {"epoch": 300, "state_dict": ckpt})
+    bb = create_backbone(alias, weights=path)
     _check(bb.model, backbone)
-    assert bb.model.blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, not timm's 6-head one
+    assert bb.model.blocks[0].attn.num_heads == 12  # ViT-S too: MoCo v3's, not timm's 6 heads
     x = torch.randn(2, 3, 224, 224)
-    assert bb.model.forward_features(x).shape == (2, 197, 384)
-    assert bb.model(x).shape == (2, 384)
-    bad = _save(
-        tmp_path,
-        "bad.pth",
-        {"state_dict": {"module.base_encoder.cls_token": backbone["cls_token"]}},
-    )
+    assert bb.model.forward_features(x).shape == (2, 197, dim)
+    assert bb.model(x).shape == (2, dim)
+    part = {"module.base_encoder.cls_token": backbone["cls_token"]}
+    bad = _save(tmp_path, "bad.pth", {"state_dict": part})
     with pytest.raises(WeightsError, match="does not have the facebookresearch/moco-v3 format"):
-        create_backbone("mocov3_vits16", weights=bad)
+        create_backbone(alias, weights=bad)
 
 
 def test_vicregl_convnext_loader(tmp_path: Path) -> None:
@@ -220,10 +224,18 @@ def test_vicregl_convnext_loader(tmp_path: Path) -> None:
     assert bb.model(x).shape == (1, 1024)
 
 
-def test_midas_swinv2_loader(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("alias", "size", "dim"),
+    [
+        ("midas31_swinv2_tiny", 256, 768),
+        ("midas31_swinv2_base", 384, 1024),
+        pytest.param("midas31_swinv2_large", 384, 1536, marks=pytest.mark.slow),
+    ],
+)
+def test_midas_swinv2_loader(tmp_path: Path, alias: str, size: int, dim: int) -> None:
     """MiDaS v3.1 holds timm 0.6's SwinV2 (patch merging at the end of a stage) under
     pretrained.model., next to the DPT decoder."""
-    ref = timm.create_model("swinv2_tiny_window16_256", num_classes=0)
+    ref = timm.create_model(LOADERS[alias].arch, num_classes=0)
     expected = _randomize(ref.state_dict(), 4)
     ckpt: dict[str, torch.Tensor] = {}
     for k, v in expected.items():
@@ -234,15 +246,16 @@ def test_midas_swinv2_loader(tmp_path: Path) -> None:
     ckpt["pretrained.model.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(
         256, 256, dtype=torch.long
     )
-    ckpt["pretrained.model.head.weight"] = torch.randn(1000, 768)
+    ckpt["pretrained.model.head.weight"] = torch.randn(1000, dim)
     ckpt["scratch.output_conv.0.weight"] = torch.randn(128, 256, 3, 3)
     ckpt["pretrained.act_postprocess1.0.weight"] = torch.randn(96, 96, 1, 1)
     assert "pretrained.model.layers.0.downsample.reduction.weight" in ckpt
-    bb = create_backbone("midas31_swinv2_tiny", weights=_save(tmp_path, "dpt_swin2.pt", ckpt))
+    del ref
+    bb = create_backbone(alias, weights=_save(tmp_path, "dpt_swin2.pt", ckpt))
     _check(bb.model, expected)
-    x = torch.randn(1, 3, 256, 256)
-    assert bb.model.forward_features(x).shape == (1, 8, 8, 768)
-    assert bb.model(x).shape == (1, 768)
+    x = torch.randn(1, 3, size, size)
+    assert bb.model.forward_features(x).shape == (1, size // 32, size // 32, dim)
+    assert bb.model(x).shape == (1, dim)
 
 
 def test_loader_weights_from_the_hub_cache_or_a_clear_offline_error(
@@ -332,15 +345,6 @@ def test_stable_diffusion_encoder_layers_are_the_unet_down_blocks(
 def test_stable_diffusion_alias_needs_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     row = ALIASES["stable_diffusion_v1_5"]
     assert row.bob and row.group == "generative" and row.availability == "needs extra [sd]"
-    import builtins
-
-    real = builtins.__import__
-
-    def no_transformers(name: str, *args: object, **kw: object) -> object:
-        if name.startswith("transformers"):
-            raise ImportError(name)
-        return real(name, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    hide_modules(monkeypatch, "transformers")
     with pytest.raises(BackboneError, match=r"pip install 'probekit\[sd\]'"):
         create_backbone("stable_diffusion_v1_5")
