@@ -137,3 +137,31 @@ def test_probes_on_cuda_match_the_cpu(tmp_path: Path) -> None:
         )
         < 0.05
     )
+
+
+def test_streamed_probes_on_cuda_match_held_ones(tmp_path: Path) -> None:
+    """Linear heads and logreg on CUDA, features held on the device vs streamed to it."""
+    ext = probekit.extract(
+        "test_resnet",
+        "synthetic:768",
+        random_init=True,
+        quiet=True,
+        device="cpu",
+        layers="all",
+        pool="mean",
+        cache_dir=tmp_path,
+    )
+    kw = {"device": "cuda", "write": False, "epochs": 3, "cs": [1e-3, 1e-2, 0.1, 1.0]}
+    held = probekit.probe(ext.store_path, **kw)
+    streamed = probekit.probe(ext.store_path, memory_mb=1, **kw)
+    for m in ("linear", "logreg"):
+        assert streamed.selected[m].get("features_streamed") is True
+        assert "features_streamed" not in held.selected[m]
+    assert streamed.selected["logreg"]["C"] == held.selected["logreg"]["C"]
+    assert (
+        abs(
+            streamed.value("top1", method="logreg", split="test")
+            - held.value("top1", method="logreg", split="test")
+        )
+        <= 0.01
+    )
