@@ -526,8 +526,13 @@ def _cached_hub_file(hf_hub_id: str) -> str | None:
     return None
 
 
+def _url_cache_path(url: str) -> Path:
+    """Where torch.hub keeps a downloaded checkpoint: $TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 def _cached_url_file(url: str) -> Path | None:
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    path = _url_cache_path(url)
     return path if path.is_file() else None
 
 
@@ -537,18 +542,19 @@ def _fetch_url(url: str, name: str) -> Path:
     if cached is not None:
         return cached
     host = urlparse(url).hostname or ""
+    target = _url_cache_path(url)
     try:
         with socket.create_connection((host, 443), timeout=3.0):
             pass
-        torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # torch.hub downloads to a temporary file and moves it into place when complete
+        torch.hub.download_url_to_file(url, str(target), progress=False)
     except Exception as e:
         raise WeightsError(
             f"cannot fetch the weights of {name!r} from {url} ({type(e).__name__}). "
             f"Download that file where you are online and pass it with --weights FILE."
         ) from None
-    cached = _cached_url_file(url)
-    assert cached is not None
-    return cached
+    return target
 
 
 def _load_converted(model: torch.nn.Module, loader: str, sd: dict[str, torch.Tensor]) -> None:
