@@ -322,17 +322,16 @@ class LinearHeads:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(L, B, D) -> (L, B, H, C): one batched matmul for every feature and head."""
         n_feat, d, h, c = self.weight.shape
-        flat = torch.bmm(x, self.weight.view(n_feat, d, h * c))
-        return flat.view(n_feat, -1, h, c) + self.bias[:, None]
+        flat = torch.baddbmm(
+            self.bias.view(n_feat, 1, h * c), x, self.weight.view(n_feat, d, h * c)
+        )
+        return flat.view(n_feat, -1, h, c)
 
 
 def _softmax_minus_onehot(heads: LinearHeads, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """(L, B, H, C) softmax of every head's logits minus the one-hot labels: B times the
     gradient of the batch's mean cross-entropy with respect to the logits."""
-    n_feat, d, h, c = heads.weight.shape
-    logits = torch.baddbmm(
-        heads.bias.view(n_feat, 1, h * c), xb, heads.weight.view(n_feat, d, h * c)
-    ).view(n_feat, -1, h, c)
+    logits = heads.logits(xb)
     logits -= logits.amax(-1, keepdim=True)
     p = logits.exp_()
     p /= p.sum(-1, keepdim=True)

@@ -445,8 +445,8 @@ def open_for_reading(
     if not store.is_complete:
         if not allow_partial:
             open_store(store.path)  # raises the one-line error
-        done = sum(int(np.asarray(store._array(s, "done")[:]).sum()) for s in store.splits)
         total = sum(store.num_chunks(s) for s in store.splits)
+        done = total - sum(len(store.pending_chunks(s)) for s in store.splits)
         warnings.warn(
             f"{store.path.name} is incomplete: using the {done} of {total} chunks written so "
             "far (--allow-partial); numbers will change when it is complete.",
