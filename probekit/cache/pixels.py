@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -161,7 +162,6 @@ def build_pixel_store(
     num_workers: int = 0,
     identity: bool = False,
     chunk_rows: int = PIXEL_CHUNK_ROWS,
-    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[PixelStore, bool, float]:
     """Decode every image once into the pixel store for this geometry (resumable by chunk).
 
@@ -189,17 +189,17 @@ def build_pixel_store(
                 collate_fn=pass_batch,
                 num_workers=num_workers,
             )
-            pix, valid, errors, done = (
-                store.array(split, k) for k in ("pixels", "valid", "errors", "done")
-            )
-            for c, idx, (images, ok, reasons) in zip(chunks, batches, loader, strict=True):
-                start, stop = idx[0], idx[-1] + 1
-                pix[start:stop] = images.permute(0, 2, 3, 1).numpy()
-                valid[start:stop] = ok.numpy()
-                errors[start:stop] = np.array(reasons, dtype=str)
-                done[c] = True  # only after the chunk's arrays are on disk
-                if on_batch is not None:
-                    on_batch(stop - start)
+            arrays = tuple(store.array(split, k) for k in ("pixels", "valid", "errors", "done"))
+            # chunks are written by threads (file writes release the GIL) while the next ones
+            # decode; each chunk's done flag follows its own arrays
+            with ThreadPoolExecutor(4, thread_name_prefix="probekit-pixels") as pool:
+                writes: list[Future[None]] = []
+                for c, idx, batch in zip(chunks, batches, loader, strict=True):
+                    writes.append(pool.submit(_write_chunk, arrays, c, idx[0], idx[-1] + 1, *batch))
+                    while len(writes) > 8 or (writes and writes[0].done()):
+                        writes.pop(0).result()
+                for f in writes:
+                    f.result()
         seconds = time.perf_counter() - t0
         total = sum(len(s) for s in dataset.splits.values())
         store.update_meta(
@@ -208,6 +208,16 @@ def build_pixel_store(
             images_per_s=round(total / seconds, 2) if seconds > 0 else None,
         )
         return store, True, seconds
+
+
+def _write_chunk(
+    arrays: tuple[Any, ...], c: int, start: int, stop: int, images: Any, ok: Any, reasons: Any
+) -> None:
+    pix, valid, errors, done = arrays
+    pix[start:stop] = images.permute(0, 2, 3, 1).numpy()
+    valid[start:stop] = ok.numpy()
+    errors[start:stop] = np.array(reasons, dtype=str)
+    done[c] = True  # only after the chunk's arrays are on disk
 
 
 class PixelSource(torch.utils.data.Dataset[Batch]):

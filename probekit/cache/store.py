@@ -18,6 +18,7 @@ half-written chunk.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.sync import sync
 
 from probekit.errors import ProbekitWarning, StoreError
 
@@ -162,6 +164,7 @@ class FeatureStore:
     def __init__(self, path: Location, group: zarr.Group):
         self.path = path
         self.group = group
+        self._writing: dict[str, Any] = {}  # the writer's array handles, opened once
 
     # ---- metadata
     @property
@@ -356,12 +359,25 @@ class FeatureStore:
     ) -> None:
         """Write every array's rows of one chunk, then (only then) mark the chunk done."""
         start = chunk * chunk_rows
-        for name, values in columns.items():
-            self._node(f"{split}/{name}")[start : start + len(values)] = values
+        arrays = [self._node(f"{split}/{name}") for name in columns]
+
+        async def write_all() -> None:  # the arrays concurrently, one pass through Zarr's loop
+            rows = [slice(start, start + len(v)) for v in columns.values()]
+            await asyncio.gather(
+                *(
+                    a.async_array.setitem(r, v)
+                    for a, r, v in zip(arrays, rows, columns.values(), strict=True)
+                )
+            )
+
+        sync(write_all())
         self._node(f"{split}/done")[chunk] = True
 
     def _node(self, path: str) -> Any:
-        return self.group[path]
+        node = self._writing.get(path)
+        if node is None:
+            node = self._writing[path] = self.group[path]
+        return node
 
     def switch_to_float32(self, name: str) -> None:
         """Keep feature `name` in float32 from now on: reset progress, recreate its arrays.
@@ -370,6 +386,7 @@ class FeatureStore:
         """
         for split in self.splits:
             self._node(f"{split}/done")[:] = False
+        self._writing.clear()  # the feature's arrays are created anew
         f32 = sorted({*self.meta.get("float32_features", []), name})
         self.update_meta(float32_features=f32)
         meta = self.meta
