@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -226,9 +226,11 @@ class FeatureExtractor:
         self.shift = (mean / std).float().to(policy.device)
         self.names = [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
         self._token_kw = self._token_format(tuple(cfg["input_size"][1:]))
-        self._fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self.features
+        # uint8 batch on the device -> features: compiled as one graph, the normalization is
+        # fused into the first kernels instead of passing over the batch on its own
+        self._fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self._forward
         if compile:
-            self._fn = torch.compile(self.features, dynamic=False)  # type: ignore[assignment]
+            self._fn = torch.compile(self._forward, dynamic=False)  # type: ignore[assignment]
 
     @torch.inference_mode()
     def _token_format(self, size: tuple[int, ...]) -> dict[str, Any]:
@@ -247,11 +249,13 @@ class FeatureExtractor:
         return kw
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> (x / 255 - mean) / std as float32, channels-last, in place."""
+        """uint8 (B, 3, H, W) -> (x / 255 - mean) / std as float32 on the device, channels-last."""
+        return self._normalize(batch.to(self.policy.device, non_blocking=True))
+
+    def _normalize(self, batch: torch.Tensor) -> torch.Tensor:
         # NHWC rows of W*3 values: the per-channel constants, tiled along a row, broadcast over
         # a long contiguous dim (a (3,) broadcast is several times slower on CPUs)
-        x = batch.permute(0, 2, 3, 1).to(self.policy.device, non_blocking=True).float()
-        x = x.contiguous()
+        x = batch.permute(0, 2, 3, 1).float().contiguous()
         w = x.shape[2]
         x.view(-1, w * 3).mul_(self.scale.repeat(w)).sub_(self.shift.repeat(w))
         return x.permute(0, 3, 1, 2)  # (B, 3, H, W) in channels-last memory
@@ -274,9 +278,13 @@ class FeatureExtractor:
         out["head/embed"] = head.float().flatten(1)
         return out
 
+    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.features(self._normalize(batch))
+
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._fn(self.normalize(batch))
+        """uint8 (B, 3, H, W) images (on any device) -> {name: (B, D) float32} on the device."""
+        return self._fn(batch.to(self.policy.device, non_blocking=True))
 
     @torch.inference_mode()
     def dims(self, size: tuple[int, int]) -> dict[str, int]:
@@ -303,6 +311,8 @@ class ExtractResult:
     # where the pixels came from: "decoded", or the pixel cache ("pixel cache hit"/"built")
     pixels: str = "decoded"
     compile_seconds: float = 0.0  # the first (compiling) batch, kept out of images_per_s
+    # seconds the loop waited for input, the device and storage (see `Waits`)
+    waits: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,8 +330,30 @@ class ExtractResult:
         return (
             f"extracted {self.backbone} on {self.dataset}: {self.images} images, "
             f"{self.invalid} invalid, {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
-            f"{compiled}, pixels {self.pixels}{resumed} -> {self.store_path}"
+            f"{compiled}{self._bound()}, pixels {self.pixels}{resumed} -> {self.store_path}"
         )
+
+    def _bound(self) -> str:
+        """What held the loop back when it was not the model: input or storage (> 25%)."""
+        loop = self.images / self.images_per_s if self.images_per_s > 0 else 0.0
+        worst = max(("input", "storage"), key=lambda k: self.waits.get(k, 0.0))
+        share = self.waits.get(worst, 0.0) / loop if loop > 0 else 0.0
+        return f", waited for {worst} {share:.0%} of the time" if share > 0.25 else ""
+
+
+@dataclass
+class Waits:
+    """Seconds the extraction loop's host thread waited: for input batches (decoding or
+    reading), for the device (its queue full: the device is the bottleneck, as it should be
+    on a GPU) and for storage (chunk writes)."""
+
+    input: float = 0.0
+    device: float = 0.0
+    storage: float = 0.0
+
+
+# batches queued on a CUDA device ahead of the one whose features the host is reading back
+DEVICE_QUEUE = 3
 
 
 class _NeedsFloat32(Exception):
@@ -466,7 +498,7 @@ def extract(
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         geometry = geometry_transform(dict(bb.data_config))
         workers = _default_workers() if num_workers is None else num_workers
-        done_images, compile_s, loop_s = 0, 0.0, 0.0
+        done_images, compile_s, loop_s, waits = 0, 0.0, 0.0, Waits()
         pixels, pixel_path = "decoded" if decode == "cpu" else "decoded on the GPU", None
         if pixel_cache and any(store.pending_chunks(s) for s in ds.splits):
             from probekit.cache.pixels import build_pixel_store
@@ -495,7 +527,7 @@ def extract(
         while True:
             need: str | None = None
             try:
-                done_images, compile_s, loop_s = _run(
+                done_images, compile_s, loop_s, waits = _run(
                     store,
                     ds,
                     fx,
@@ -532,10 +564,12 @@ def extract(
         # throughput of the extraction loop (loading, forward, pooling, writing); model and
         # store set-up and the compiling first batch are outside it, `seconds` has them all
         run_s = loop_s - compile_s
+        waited = {k: round(v, 3) for k, v in asdict(waits).items()}
         if dist is not None:  # all ranks' images over the slowest rank's loop
-            parts = dist.all_gather((done_images, run_s, compile_s))
+            parts = dist.all_gather((done_images, run_s, compile_s, waited))
             done_images = sum(p[0] for p in parts)
             run_s, compile_s = max(p[1] for p in parts), max(p[2] for p in parts)
+            waited = {k: max(p[3][k] for p in parts) for k in waited}
         rate = done_images / run_s if run_s > 0 else 0.0
         seconds = time.perf_counter() - t0
         invalid = 0
@@ -547,6 +581,7 @@ def extract(
                 seconds=round(seconds, 3),
                 compile_seconds=round(compile_s, 3),
                 images_per_s=round(rate, 2),
+                waits_seconds=waited,
                 pixels=pixels,
                 processes=1 if dist is None else dist.world,
             )
@@ -564,6 +599,7 @@ def extract(
         ds.spec,
         pixels,
         compile_s,
+        waited,
     )
 
 
@@ -639,11 +675,11 @@ def _run(
     pixel_path: Location | None = None,
     decode: str = "cpu",
     shard: tuple[int, int] = (0, 1),
-) -> tuple[int, float, float]:
+) -> tuple[int, float, float, Waits]:
     """Extract every pending chunk of every split.
 
     Returns (images processed, seconds of the first batch when compiling: the compile time,
-    seconds from the first batch requested to the last chunk written).
+    seconds from the first batch requested to the last chunk written, the loop's waits).
     """
     from rich.console import Console
     from rich.progress import (
@@ -668,7 +704,7 @@ def _run(
     )
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probekit-writer")
     inflight: list[Future[None]] = []
-    processed, compile_s = 0, 0.0
+    processed, compile_s, waits = 0, 0.0, Waits()
     copy_stream = torch.cuda.Stream() if fx.policy.is_cuda else None  # type: ignore[no-untyped-call]
     console = Console(stderr=True)
     progress = Progress(
@@ -681,6 +717,11 @@ def _run(
         disable=quiet or not console.is_terminal,  # a live bar only where someone watches
         transient=True,
     )
+    names, dims = list(fx.names), [0]  # a feature's columns in a batch's one host array
+
+    def unpack(flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: flat[:, dims[i] : dims[i + 1]] for i, k in enumerate(names)}
+
     t_start = time.perf_counter()
     try:
         with progress:
@@ -713,7 +754,18 @@ def _run(
                         pin_memory=fx.policy.is_cuda,
                         persistent_workers=False,
                     )
-                sink = _Sink(store, split, ds, chunk_rows, dtype, f32, strict, writer, inflight)
+                sink = _Sink(
+                    store,
+                    split,
+                    ds,
+                    chunk_rows,
+                    dtype,
+                    f32,
+                    strict,
+                    writer,
+                    inflight,
+                    waits,
+                )
 
                 def consume(
                     rows: list[int],
@@ -728,13 +780,17 @@ def _run(
                     rate = processed / max(time.perf_counter() - t_start, 1e-9)
                     progress.update(task, advance=len(rows), rate=f"{rate:.1f} img/s")
 
-                # On CUDA a batch's features are read back one batch late: the host finishes
-                # batch i (and copies batch i + 1 in on a side stream) while the GPU computes
-                # batch i + 1, so the device never waits for the host.
-                # (rows, features on the host, their copy's event, valid, reasons, the batch:
-                # kept referenced so its pinned memory is not reused while a copy reads it)
-                lagged: list[tuple[list[int], dict[str, torch.Tensor], Any, Any, Any, Any]] = []
-                for rows, (images, valid_t, reasons_t) in zip(batches, loader, strict=True):
+                # On CUDA a batch's features are read back DEVICE_QUEUE batches late: the host
+                # finishes batch i (and copies the next batches in on a side stream) while the
+                # GPU computes batches i + 1 ..., so a hiccup of the host never idles the device.
+                # (rows, features on the host (one array), their copy's event, valid, reasons,
+                # the batch: kept referenced so its pinned memory is not reused while read)
+                lagged: list[tuple[list[int], torch.Tensor, Any, Any, Any, Any]] = []
+                batches_in = iter(loader)
+                for rows in batches:
+                    t_wait = time.perf_counter()
+                    images, valid_t, reasons_t = next(batches_in)
+                    waits.input += time.perf_counter() - t_wait
                     b = len(rows)
                     if decode == "gpu" and pixel_path is None:
                         images, valid_t, reasons_t = decode_on_device(
@@ -749,6 +805,9 @@ def _run(
                             x = images.to(fx.policy.device, non_blocking=True)
                         torch.cuda.current_stream().wait_stream(copy_stream)
                         x.record_stream(torch.cuda.current_stream())
+                    # one layout for every batch, whatever its source (a padded batch, decoded
+                    # on the device): a compiled graph is specialized to its input's strides
+                    x = x.contiguous(memory_format=torch.channels_last)
                     t_batch = time.perf_counter()
                     out = fx(x)
                     if fixed_batch and processed == 0 and not lagged and compile_s == 0.0:
@@ -761,22 +820,36 @@ def _run(
                             reasons_t,
                         )
                         continue
-                    host = {k: v[:b].to("cpu", non_blocking=True) for k, v in out.items()}
+                    if len(dims) == 1:
+                        dims.extend(np.cumsum([out[k].shape[1] for k in names]).tolist())
+                    # every feature in one (B, sum of dims) array: one copy back per batch
+                    flat = torch.cat([out[k][:b] for k in names], dim=1)
+                    host = flat.to("cpu", non_blocking=True)
                     done = torch.cuda.Event()  # type: ignore[no-untyped-call]
                     done.record()
                     lagged.append((rows, host, done, valid_t, reasons_t, (x, images)))
-                    while len(lagged) > 1:
+                    while len(lagged) > DEVICE_QUEUE:
                         r, h, ev, v_t, why, _ = lagged.pop(0)
+                        t_wait = time.perf_counter()
                         ev.synchronize()
-                        consume(r, {k: t.numpy() for k, t in h.items()}, v_t, why)
+                        waits.device += time.perf_counter() - t_wait
+                        consume(r, unpack(h.numpy()), v_t, why)
+                # the loader must be spent: its end shuts worker processes down (and a loader
+                # with more batches than asked for is a bug, as zip(strict=True) would say)
+                if next(batches_in, None) is not None:
+                    raise AssertionError("the loader yielded more batches than were asked for")
                 for r, h, ev, v_t, why, _ in lagged:
+                    t_wait = time.perf_counter()
                     ev.synchronize()
-                    consume(r, {k: t.numpy() for k, t in h.items()}, v_t, why)
+                    waits.device += time.perf_counter() - t_wait
+                    consume(r, unpack(h.numpy()), v_t, why)
+        t_wait = time.perf_counter()
         for f in inflight:
             f.result()
+        waits.storage += time.perf_counter() - t_wait
     finally:
         writer.shutdown(wait=True)
-    return processed, compile_s, time.perf_counter() - t_start
+    return processed, compile_s, time.perf_counter() - t_start, waits
 
 
 def _threaded(source: Any, batches: list[list[int]], threads: int, pin: bool) -> Iterator[Any]:
@@ -786,7 +859,10 @@ def _threaded(source: Any, batches: list[list[int]], threads: int, pin: bool) ->
     def load(rows: list[int]) -> Any:
         if pin and hasattr(source, "read_into"):  # straight from the file into pinned memory
             buf = torch.empty((len(rows), *source.shape), dtype=torch.uint8, pin_memory=True)
-            return source.read_into(rows, buf.numpy())
+            _, valid, reasons = source.read_into(rows, buf.numpy())
+            # the pinned tensor itself (NHWC as NCHW, channels-last), not a view made through
+            # NumPy: asynchronous copies record their use of it with the pinned-memory cache
+            return buf.permute(0, 3, 1, 2), valid, reasons
         images, valid, reasons = source.__getitems__(rows)
         if pin:
             pinned = torch.empty_like(images, pin_memory=True)  # keeps channels-last strides
@@ -822,6 +898,7 @@ class _Sink:
         strict: bool,
         writer: ThreadPoolExecutor,
         inflight: list[Future[None]],
+        waits: Waits,
     ):
         self.store, self.split, self.chunk_rows, self.dtype, self.f32 = (
             store,
@@ -832,7 +909,7 @@ class _Sink:
         )
         self.ids, self.labels = ds.splits[split].ids, ds.splits[split].labels
         self.n = len(self.ids)
-        self.strict, self.writer, self.inflight = strict, writer, inflight
+        self.strict, self.writer, self.inflight, self.waits = strict, writer, inflight, waits
         self.acc: dict[str, list[np.ndarray]] = {}
 
     def consume(
@@ -849,41 +926,54 @@ class _Sink:
                 f"cannot read image {self.ids[rows[first]]!r}: {reasons[first]} "
                 "(strict mode; drop --strict to mark such images invalid and go on)."
             )
-        finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
-        for i in np.flatnonzero(~finite & valid):
-            valid[i], reasons[i] = False, "non-finite features"
         acc = self.acc
         for k, v in feats.items():
-            v[~valid] = 0.0
             acc.setdefault(k, []).append(v)
         acc.setdefault("valid", []).append(valid)
         acc.setdefault("errors", []).append(np.array(reasons, dtype=object))
         chunk = rows[0] // self.chunk_rows
-        start, stop = chunk * self.chunk_rows, min(self.n, (chunk + 1) * self.chunk_rows)
+        stop = min(self.n, (chunk + 1) * self.chunk_rows)
         if rows[-1] + 1 < stop:
             return  # batches never straddle chunks: this chunk is not full yet
-        columns = _columns(acc, self.dtype, self.f32)
-        columns["labels"] = self.labels[start:stop]
-        columns["ids"] = np.array(self.ids[start:stop], dtype=str)
-        columns["errors"] = columns["errors"].astype(str)
-        self.inflight.append(
-            self.writer.submit(self.store.write_chunk, self.split, chunk, self.chunk_rows, columns)
-        )
+        # the chunk's array work (checks, casts, compression) runs on the writer thread, where
+        # NumPy and the codecs release the GIL: this thread goes on feeding the device
+        self.inflight.append(self.writer.submit(self._write, chunk, acc))
         self.acc = {}
+        t_wait = time.perf_counter()
         while len(self.inflight) > 2:  # bounded: at most two chunks wait for storage
             self.inflight.pop(0).result()
+        self.waits.storage += time.perf_counter() - t_wait
+
+    def _write(self, chunk: int, acc: dict[str, list[np.ndarray]]) -> None:
+        start, stop = chunk * self.chunk_rows, min(self.n, (chunk + 1) * self.chunk_rows)
+        valid = np.concatenate(acc.pop("valid"))
+        reasons = np.concatenate(acc.pop("errors"))
+        feats = {k: np.concatenate(parts) for k, parts in acc.items()}
+        finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
+        bad = ~finite & valid
+        valid &= finite
+        reasons[bad] = "non-finite features"
+        columns = _columns(feats, ~valid, self.dtype, self.f32)
+        columns["valid"] = valid
+        columns["errors"] = reasons.astype(str)
+        columns["labels"] = self.labels[start:stop]
+        columns["ids"] = np.array(self.ids[start:stop], dtype=str)
+        self.store.write_chunk(self.split, chunk, self.chunk_rows, columns)
 
 
-def _columns(acc: dict[str, list[np.ndarray]], dtype: str, f32: set[str]) -> dict[str, np.ndarray]:
+def _columns(
+    feats: dict[str, np.ndarray], invalid: np.ndarray, dtype: str, f32: set[str]
+) -> dict[str, np.ndarray]:
+    """Feature arrays as stored: invalid rows zeroed, cast to the store's dtype (float16 unless
+    the feature overflows it: then `_NeedsFloat32`)."""
     out: dict[str, np.ndarray] = {}
-    for k, parts in acc.items():
-        v = np.concatenate(parts)
-        if "/" in k:  # a feature array such as layer11/cls or head/embed
-            if dtype == "float16" and k not in f32:
-                if np.abs(v).max(initial=0.0) > FP16_MAX:
-                    raise _NeedsFloat32(k)
-                v = v.astype(np.float16)
-            else:
-                v = v.astype(np.float32)
+    for k, v in feats.items():
+        v[invalid] = 0.0
+        if dtype == "float16" and k not in f32:
+            if np.abs(v).max(initial=0.0) > FP16_MAX:
+                raise _NeedsFloat32(k)
+            v = v.astype(np.float16)
+        else:
+            v = v.astype(np.float32)
         out[k] = v
     return out

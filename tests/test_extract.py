@@ -309,3 +309,46 @@ def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> Non
     assert probekit.open_store(path).is_complete
     assert _arrays(path) == _arrays(clean_path)
     assert _chunk_files(path) == _chunk_files(clean_path)
+
+
+def test_the_loop_reports_what_it_waited_for(image_folder: Path, monkeypatch) -> None:
+    """Slow image loading shows as input waits, in the result, the store and the summary."""
+    from probekit.data import ImageSource
+
+    load = ImageSource._one
+
+    def slow(self: ImageSource, index: int) -> tuple:
+        time.sleep(0.1)
+        return load(self, index)
+
+    monkeypatch.setattr(ImageSource, "_one", slow)
+    res = probekit.extract(
+        "test_resnet", f"imagefolder:{image_folder}", random_init=True, device="cpu", **SMALL
+    )
+    waits = res.waits
+    assert set(waits) == {"input", "device", "storage"} and min(waits.values()) >= 0
+    loop = res.images / res.images_per_s
+    assert 0.1 * res.images <= waits["input"] + 0.01 and waits["input"] <= loop
+    assert waits["device"] == 0.0  # a CPU computes in the loop's own thread: no device queue
+    assert "waited for input" in res.summary()
+    assert probekit.open_store(res.store_path).meta["waits_seconds"] == waits
+
+
+def test_compiled_extraction_pads_the_last_batch_and_never_recompiles(image_folder: Path) -> None:
+    """A compiled graph is specialized to its input's shape and strides: partial last batches
+    (padded) and mixed image sizes must reach it in one layout; features match eager."""
+    import torch._dynamo
+
+    spec = f"imagefolder:{image_folder}"
+    kw = dict(random_init=True, device="cpu", quiet=True, batch_size=4, num_workers=0)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile fails the test
+        comp = probekit.extract("test_vit", spec, compile=True, cache_dir=image_folder / "a", **kw)
+    eager = probekit.extract("test_vit", spec, compile=False, cache_dir=image_folder / "b", **kw)
+    assert comp.compile_seconds > 0 and eager.compile_seconds == 0
+    a, b = probekit.open_store(comp.store_path), probekit.open_store(eager.store_path)
+    for split in ("train", "test"):
+        for name in a.feature_names:
+            np.testing.assert_allclose(
+                a.features(split, name), b.features(split, name), rtol=2e-3, atol=2e-3
+            )
