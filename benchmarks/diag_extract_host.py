@@ -1,0 +1,161 @@
+"""Where the extraction loop's host time goes: the same `extract` with parts of the host side
+taken out, and a sampling profile of the loop's thread.
+
+On a GPU the loop's one Python thread must feed the device faster than it computes. This runs
+one model (compiled) over pre-decoded images from memory ("synthetic") and from the pixel
+cache, and repeats each run with the chunk writes removed (`_Sink._write` a no-op: no checks,
+no casts, no Zarr) or only Zarr's part removed (`FeatureStore.write_chunk` a no-op), with a
+smaller GIL switch interval, and with 2 reader threads instead of the default. A run whose
+features are not written is a diagnosis, never a result: the store it leaves is discarded.
+
+    python benchmarks/diag_extract_host.py --model vit_small_patch16_224 --images 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_extract import predecoded
+from common import RESULTS, cpu_name, save_result
+
+import probekit
+from probekit.backbones import create_backbone
+from probekit.cache.pixels import build_pixel_store
+from probekit.cache.store import FeatureStore
+
+extract_module = importlib.import_module("probekit.extract")
+
+
+class Sampler(threading.Thread):
+    """Every 0.5 ms: the main thread's innermost frame, and its innermost probekit frame."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.main = threading.main_thread().ident
+        self.inner: collections.Counter[str] = collections.Counter()
+        self.ours: collections.Counter[str] = collections.Counter()
+        self.stop, self.n = False, 0
+
+    def run(self) -> None:
+        while not self.stop:
+            f = sys._current_frames().get(self.main or 0)
+            if f is not None:
+                self.n += 1
+                code = f.f_code
+                self.inner[f"{os.path.basename(code.co_filename)}:{f.f_lineno} {code.co_name}"] += 1
+                g: Any = f
+                while g is not None and f"{os.sep}probekit{os.sep}" not in g.f_code.co_filename:
+                    g = g.f_back
+                if g is not None:
+                    name = f"{os.path.basename(g.f_code.co_filename)}:{g.f_lineno}"
+                    self.ours[f"{name} {g.f_code.co_name}"] += 1
+            time.sleep(0.0005)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--images", type=int, default=32768)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bb = create_backbone(args.model, random_init=True, load=False)
+    size = int(bb.data_config["input_size"][-1])
+    ds = predecoded(args.images, size)
+    root = Path(tempfile.mkdtemp(prefix="probekit-diag-"))
+    geo = extract_module.geometry_transform(dict(bb.data_config))
+    build_pixel_store(
+        ds, geo, geo.describe(), (size, size), cache_dir=root, identity=geo.identity_ok
+    )
+    rows: list[dict[str, Any]] = []
+
+    def run(name: str, pixels: bool, patch: str = "", swi: float = 0.0, **kw: Any) -> None:
+        undo: list[Callable[[], None]] = []
+        if patch == "no chunk writes":
+            real = extract_module._Sink._write
+            extract_module._Sink._write = lambda self, chunk, acc: None
+            undo.append(lambda: setattr(extract_module._Sink, "_write", real))
+        if patch == "no Zarr writes":
+            real_zarr = FeatureStore.write_chunk
+            FeatureStore.write_chunk = lambda *a, **k: None  # type: ignore[method-assign]
+            undo.append(lambda: setattr(FeatureStore, "write_chunk", real_zarr))
+        old = sys.getswitchinterval()
+        if swi:
+            sys.setswitchinterval(swi)
+        sampler = Sampler() if kw.pop("sample", False) else None
+        if sampler:
+            sampler.start()
+        try:
+            res = probekit.extract(
+                args.model,
+                ds,
+                random_init=True,
+                device=device,
+                quiet=True,
+                batch_size=args.batch_size,
+                layers="last4",
+                compile=True,
+                cache_dir=root,
+                pixel_cache=pixels,
+                overwrite=True,
+                **kw,
+            )
+        finally:
+            sys.setswitchinterval(old)
+            for u in undo:
+                u()
+            if sampler:
+                sampler.stop = True
+                sampler.join()
+        row: dict[str, Any] = {
+            "run": name,
+            "images_per_s": round(res.images_per_s, 1),
+            "compile_seconds": round(res.compile_seconds, 1),
+            "waits_seconds": res.waits,
+        }
+        if sampler:  # shares of the whole call (model set-up included), not only the loop
+            row["main_thread_innermost"] = [
+                (k, round(v / sampler.n, 4)) for k, v in sampler.inner.most_common(30)
+            ]
+            row["main_thread_probekit_frame"] = [
+                (k, round(v / sampler.n, 4)) for k, v in sampler.ours.most_common(30)
+            ]
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("main")}), flush=True)
+        rows.append(row)
+        name_dev = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+        save_result(
+            f"diag_extract_host-{args.model}",
+            device,
+            name_dev,
+            {"images": args.images, "batch_size": args.batch_size, "runs": rows},
+            args.out,
+        )
+
+    run("pixels, warm-up (compiles)", True)
+    run("pixels", True)
+    run("pixels, sampled", True, sample=True)
+    run("pixels, no chunk writes", True, "no chunk writes")
+    run("pixels, no Zarr writes", True, "no Zarr writes")
+    run("pixels, switch interval 0.5 ms", True, swi=0.0005)
+    run("pixels, 2 reader threads", True, num_workers=2)
+    run("pixels, no chunk writes, switch interval 0.5 ms", True, "no chunk writes", 0.0005)
+    run("synthetic", False)
+    run("synthetic, no chunk writes", False, "no chunk writes")
+    run("synthetic, sampled", False, sample=True)
+
+
+if __name__ == "__main__":
+    main()
