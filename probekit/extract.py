@@ -717,7 +717,8 @@ def _run(
         disable=quiet or not console.is_terminal,  # a live bar only where someone watches
         transient=True,
     )
-    names, dims = list(fx.names), [0]  # a feature's columns in a batch's one host array
+    names = list(fx.names)  # a feature's columns in a batch's one host array (on CUDA)
+    dims = np.cumsum([0, *(store.meta["feature_dims"][k] for k in names)]).tolist()
 
     def unpack(flat: np.ndarray) -> dict[str, np.ndarray]:
         return {k: flat[:, dims[i] : dims[i + 1]] for i, k in enumerate(names)}
@@ -820,8 +821,6 @@ def _run(
                             reasons_t,
                         )
                         continue
-                    if len(dims) == 1:
-                        dims.extend(np.cumsum([out[k].shape[1] for k in names]).tolist())
                     # every feature in one (B, sum of dims) array: one copy back per batch
                     flat = torch.cat([out[k][:b] for k in names], dim=1)
                     host = flat.to("cpu", non_blocking=True)
