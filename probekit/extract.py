@@ -351,6 +351,15 @@ class Waits:
     device: float = 0.0
     storage: float = 0.0
 
+    @contextlib.contextmanager
+    def on(self, what: Literal["input", "device", "storage"]) -> Iterator[None]:
+        """Add the time spent in the block to the waits for `what`."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, what, getattr(self, what) + time.perf_counter() - t)
+
 
 # batches queued on a CUDA device ahead of the one whose features the host is reading back
 DEVICE_QUEUE = 3
@@ -781,6 +790,13 @@ def _run(
                     rate = processed / max(time.perf_counter() - t_start, 1e-9)
                     progress.update(task, advance=len(rows), rate=f"{rate:.1f} img/s")
 
+                def settle(
+                    rows: list[int], host: torch.Tensor, done: Any, valid_t: Any, why: Any, _: Any
+                ) -> None:  # a lagged batch: wait for its copy back, then hand it on
+                    with waits.on("device"):
+                        done.synchronize()
+                    consume(rows, unpack(host.numpy()), valid_t, why)
+
                 # On CUDA a batch's features are read back DEVICE_QUEUE batches late: the host
                 # finishes batch i (and copies the next batches in on a side stream) while the
                 # GPU computes batches i + 1 ..., so a hiccup of the host never idles the device.
@@ -789,9 +805,8 @@ def _run(
                 lagged: list[tuple[list[int], torch.Tensor, Any, Any, Any, Any]] = []
                 batches_in = iter(loader)
                 for rows in batches:
-                    t_wait = time.perf_counter()
-                    images, valid_t, reasons_t = next(batches_in)
-                    waits.input += time.perf_counter() - t_wait
+                    with waits.on("input"):
+                        images, valid_t, reasons_t = next(batches_in)
                     b = len(rows)
                     if decode == "gpu" and pixel_path is None:
                         images, valid_t, reasons_t = decode_on_device(
@@ -828,24 +843,16 @@ def _run(
                     done.record()
                     lagged.append((rows, host, done, valid_t, reasons_t, (x, images)))
                     while len(lagged) > DEVICE_QUEUE:
-                        r, h, ev, v_t, why, _ = lagged.pop(0)
-                        t_wait = time.perf_counter()
-                        ev.synchronize()
-                        waits.device += time.perf_counter() - t_wait
-                        consume(r, unpack(h.numpy()), v_t, why)
+                        settle(*lagged.pop(0))
                 # the loader must be spent: its end shuts worker processes down (and a loader
                 # with more batches than asked for is a bug, as zip(strict=True) would say)
                 if next(batches_in, None) is not None:
                     raise AssertionError("the loader yielded more batches than were asked for")
-                for r, h, ev, v_t, why, _ in lagged:
-                    t_wait = time.perf_counter()
-                    ev.synchronize()
-                    waits.device += time.perf_counter() - t_wait
-                    consume(r, unpack(h.numpy()), v_t, why)
-        t_wait = time.perf_counter()
-        for f in inflight:
-            f.result()
-        waits.storage += time.perf_counter() - t_wait
+                for item in lagged:
+                    settle(*item)
+        with waits.on("storage"):
+            for f in inflight:
+                f.result()
     finally:
         writer.shutdown(wait=True)
     return processed, compile_s, time.perf_counter() - t_start, waits
@@ -938,10 +945,9 @@ class _Sink:
         # NumPy and the codecs release the GIL: this thread goes on feeding the device
         self.inflight.append(self.writer.submit(self._write, chunk, acc))
         self.acc = {}
-        t_wait = time.perf_counter()
-        while len(self.inflight) > 2:  # bounded: at most two chunks wait for storage
-            self.inflight.pop(0).result()
-        self.waits.storage += time.perf_counter() - t_wait
+        with self.waits.on("storage"):
+            while len(self.inflight) > 2:  # bounded: at most two chunks wait for storage
+                self.inflight.pop(0).result()
 
     def _write(self, chunk: int, acc: dict[str, list[np.ndarray]]) -> None:
         start, stop = chunk * self.chunk_rows, min(self.n, (chunk + 1) * self.chunk_rows)
