@@ -1,4 +1,4 @@
-"""The extraction engine: loader -> device -> forward_intermediates -> pooling -> Zarr writer."""
+"""The extraction engine: loader -> device -> forward_intermediates -> pooling -> chunk writer."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from probekit.cache.store import (
     location,
     open_store,
 )
+from probekit.cache.writer import ChunkBuffer, ChunkWriter, NeedsFloat32
 from probekit.data import (
     Dataset,
     EncodedSource,
@@ -64,7 +65,6 @@ POOLS = ("cls", "mean", "cls+mean", "gem")
 DEFAULT_POOLS = "cls,mean"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CHUNK_ROWS = 1024
-FP16_MAX = float(np.finfo(np.float16).max)
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -365,11 +365,6 @@ class Waits:
 DEVICE_QUEUE = 3
 
 
-class _NeedsFloat32(Exception):
-    def __init__(self, name: str):
-        self.name = name
-
-
 def _default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) // 2))
 
@@ -460,7 +455,9 @@ def extract(
     n_total = sum(len(s) for s in ds.splits.values())
 
     # one process of a job holds the lock (against other jobs); its ranks coordinate by barriers
-    with StoreLock(path) if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if main:
+            stack.enter_context(StoreLock(path))
         store: FeatureStore | None = None
         hit = False
         if main and path.exists() and not overwrite:
@@ -481,6 +478,8 @@ def extract(
                 backbone,
                 ds.spec,
             )
+        # the writer process starts now: it imports NumPy and Zarr while the model is built
+        writer = stack.enter_context(ChunkWriter())
         bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
         use_compile = policy.is_cuda if compile is None else compile
         fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile)
@@ -538,6 +537,7 @@ def extract(
             try:
                 done_images, compile_s, loop_s, waits = _run(
                     store,
+                    writer,
                     ds,
                     fx,
                     geometry,
@@ -553,7 +553,7 @@ def extract(
                     decode,
                     (0, 1) if dist is None else (dist.rank, dist.world),
                 )
-            except _NeedsFloat32 as e:
+            except NeedsFloat32 as e:
                 need = e.name
             needs = sorted({n for n in ([need] if dist is None else dist.all_gather(need)) if n})
             if not needs:
@@ -670,6 +670,7 @@ def _store_meta(
 
 def _run(
     store: FeatureStore,
+    writer: ChunkWriter,
     ds: Dataset,
     fx: FeatureExtractor,
     geometry: Geometry,
@@ -711,8 +712,9 @@ def _run(
         for s, cs in pending.items()
         for c in cs
     )
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probekit-writer")
-    inflight: list[Future[None]] = []
+    names = list(fx.names)  # a batch's features side by side, in this order
+    dims = {k: int(store.meta["feature_dims"][k]) for k in names}
+    writer.begin(store.path, dims, dtype, f32, chunk_rows)
     processed, compile_s, waits = 0, 0.0, Waits()
     copy_stream = torch.cuda.Stream() if fx.policy.is_cuda else None  # type: ignore[no-untyped-call]
     console = Console(stderr=True)
@@ -726,12 +728,6 @@ def _run(
         disable=quiet or not console.is_terminal,  # a live bar only where someone watches
         transient=True,
     )
-    names = list(fx.names)  # a feature's columns in a batch's one host array (on CUDA)
-    dims = np.cumsum([0, *(store.meta["feature_dims"][k] for k in names)]).tolist()
-
-    def unpack(flat: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: flat[:, dims[i] : dims[i + 1]] for i, k in enumerate(names)}
-
     t_start = time.perf_counter()
     try:
         with progress:
@@ -764,22 +760,11 @@ def _run(
                         pin_memory=fx.policy.is_cuda,
                         persistent_workers=False,
                     )
-                sink = _Sink(
-                    store,
-                    split,
-                    ds,
-                    chunk_rows,
-                    dtype,
-                    f32,
-                    strict,
-                    writer,
-                    inflight,
-                    waits,
-                )
+                sink = _Sink(writer, split, ds, chunk_rows, strict, waits)
 
                 def consume(
                     rows: list[int],
-                    feats: dict[str, np.ndarray],
+                    feats: np.ndarray,
                     valid_t: torch.Tensor,
                     reasons_t: list[str],
                     sink: _Sink = sink,
@@ -795,7 +780,7 @@ def _run(
                 ) -> None:  # a lagged batch: wait for its copy back, then hand it on
                     with waits.on("device"):
                         done.synchronize()
-                    consume(rows, unpack(host.numpy()), valid_t, why)
+                    consume(rows, host.numpy(), valid_t, why)
 
                 # On CUDA a batch's features are read back DEVICE_QUEUE batches late: the host
                 # finishes batch i (and copies the next batches in on a side stream) while the
@@ -828,16 +813,11 @@ def _run(
                     out = fx(x)
                     if fixed_batch and processed == 0 and not lagged and compile_s == 0.0:
                         compile_s = time.perf_counter() - t_batch  # the first call compiles
-                    if copy_stream is None:
-                        consume(
-                            rows,
-                            {k: v[:b].cpu().numpy() for k, v in out.items()},
-                            valid_t,
-                            reasons_t,
-                        )
-                        continue
                     # every feature in one (B, sum of dims) array: one copy back per batch
                     flat = torch.cat([out[k][:b] for k in names], dim=1)
+                    if copy_stream is None:
+                        consume(rows, flat.numpy(), valid_t, reasons_t)
+                        continue
                     host = flat.to("cpu", non_blocking=True)
                     done = torch.cuda.Event()  # type: ignore[no-untyped-call]
                     done.record()
@@ -851,10 +831,9 @@ def _run(
                 for item in lagged:
                     settle(*item)
         with waits.on("storage"):
-            for f in inflight:
-                f.result()
+            writer.wait()
     finally:
-        writer.shutdown(wait=True)
+        writer.settle()  # no chunk of this pass is written after it returns
     return processed, compile_s, time.perf_counter() - t_start, waits
 
 
@@ -891,94 +870,59 @@ def _threaded(source: Any, batches: list[list[int]], threads: int, pin: bool) ->
 
 
 class _Sink:
-    """The host side of one split: validity, accumulation into row chunks, chunk writes."""
+    """The host side of one split: validity, chunk buffers filled batch by batch, and handed to
+    the writer process when full."""
 
     def __init__(
         self,
-        store: FeatureStore,
+        writer: ChunkWriter,
         split: str,
         ds: Dataset,
         chunk_rows: int,
-        dtype: str,
-        f32: set[str],
         strict: bool,
-        writer: ThreadPoolExecutor,
-        inflight: list[Future[None]],
         waits: Waits,
     ):
-        self.store, self.split, self.chunk_rows, self.dtype, self.f32 = (
-            store,
-            split,
-            chunk_rows,
-            dtype,
-            f32,
-        )
+        self.writer, self.split, self.chunk_rows = writer, split, chunk_rows
         self.ids, self.labels = ds.splits[split].ids, ds.splits[split].labels
         self.n = len(self.ids)
-        self.strict, self.writer, self.inflight, self.waits = strict, writer, inflight, waits
-        self.acc: dict[str, list[np.ndarray]] = {}
+        self.strict, self.waits = strict, waits
+        self.buf: ChunkBuffer | None = None
+        self.reasons: dict[int, str] = {}  # why rows of the chunk being filled are invalid
 
     def consume(
         self,
         rows: list[int],
-        feats: dict[str, np.ndarray],
+        feats: np.ndarray,
         valid_t: torch.Tensor,
         reasons_t: list[str],
     ) -> None:
-        valid, reasons = valid_t.numpy().copy(), list(reasons_t)
+        """One batch: rows `rows`, features (B, sum of dims) float32 in the store's order."""
+        valid = valid_t.numpy()
         if self.strict and not valid.all():
             first = int(np.flatnonzero(~valid)[0])
             raise InvalidImageError(
-                f"cannot read image {self.ids[rows[first]]!r}: {reasons[first]} "
+                f"cannot read image {self.ids[rows[first]]!r}: {reasons_t[first]} "
                 "(strict mode; drop --strict to mark such images invalid and go on)."
             )
-        acc = self.acc
-        for k, v in feats.items():
-            acc.setdefault(k, []).append(v)
-        acc.setdefault("valid", []).append(valid)
-        acc.setdefault("errors", []).append(np.array(reasons, dtype=object))
         chunk = rows[0] // self.chunk_rows
-        stop = min(self.n, (chunk + 1) * self.chunk_rows)
+        start, stop = chunk * self.chunk_rows, min(self.n, (chunk + 1) * self.chunk_rows)
+        if self.buf is None:
+            with self.waits.on("storage"):  # at most SLOTS - 1 chunks wait for storage
+                self.buf = self.writer.acquire()
+            self.reasons = {}
+        at = rows[0] - start
+        self.buf.features[at : at + len(rows)] = feats
+        self.buf.valid[at : at + len(rows)] = valid
+        self.reasons.update((at + i, why) for i, why in enumerate(reasons_t) if why)
         if rows[-1] + 1 < stop:
             return  # batches never straddle chunks: this chunk is not full yet
-        # the chunk's array work (checks, casts, compression) runs on the writer thread, where
-        # NumPy and the codecs release the GIL: this thread goes on feeding the device
-        self.inflight.append(self.writer.submit(self._write, chunk, acc))
-        self.acc = {}
-        with self.waits.on("storage"):
-            while len(self.inflight) > 2:  # bounded: at most two chunks wait for storage
-                self.inflight.pop(0).result()
-
-    def _write(self, chunk: int, acc: dict[str, list[np.ndarray]]) -> None:
-        start, stop = chunk * self.chunk_rows, min(self.n, (chunk + 1) * self.chunk_rows)
-        valid = np.concatenate(acc.pop("valid"))
-        reasons = np.concatenate(acc.pop("errors"))
-        feats = {k: np.concatenate(parts) for k, parts in acc.items()}
-        finite = np.logical_and.reduce([np.isfinite(v).all(axis=1) for v in feats.values()])
-        bad = ~finite & valid
-        valid &= finite
-        reasons[bad] = "non-finite features"
-        columns = _columns(feats, ~valid, self.dtype, self.f32)
-        columns["valid"] = valid
-        columns["errors"] = reasons.astype(str)
-        columns["labels"] = self.labels[start:stop]
-        columns["ids"] = np.array(self.ids[start:stop], dtype=str)
-        self.store.write_chunk(self.split, chunk, self.chunk_rows, columns)
-
-
-def _columns(
-    feats: dict[str, np.ndarray], invalid: np.ndarray, dtype: str, f32: set[str]
-) -> dict[str, np.ndarray]:
-    """Feature arrays as stored: invalid rows zeroed, cast to the store's dtype (float16 unless
-    the feature overflows it: then `_NeedsFloat32`)."""
-    out: dict[str, np.ndarray] = {}
-    for k, v in feats.items():
-        v[invalid] = 0.0
-        if dtype == "float16" and k not in f32:
-            if np.abs(v).max(initial=0.0) > FP16_MAX:
-                raise _NeedsFloat32(k)
-            v = v.astype(np.float16)
-        else:
-            v = v.astype(np.float32)
-        out[k] = v
-    return out
+        self.writer.submit(
+            self.buf,
+            self.split,
+            chunk,
+            stop - start,
+            self.labels[start:stop],
+            self.ids[start:stop],
+            self.reasons,
+        )
+        self.buf = None

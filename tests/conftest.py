@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,26 +116,21 @@ def write_store(
     return path
 
 
-# `python -c KILLER <probekit CLI args>`: the CLI, but the process SIGKILLs itself in the middle
-# of its KILL_AT-th chunk write (one array of the chunk written, its done flag not), in the
-# process whose RANK (0 without torchrun) is KILL_RANK (default 0). KILL_AT=0: never.
-KILLER = """
-import os, signal, sys
-from probekit.cache.store import FeatureStore
-real, calls = FeatureStore.write_chunk, [0]
-def write_chunk(self, split, chunk, chunk_rows, columns):
-    calls[0] += 1
-    mine = os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0")
-    if mine and calls[0] == int(os.environ.get("KILL_AT", "0")):
-        name = next(iter(columns))
-        self._node(f"{split}/{name}")[chunk * chunk_rows] = columns[name][:1]  # half a chunk
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(self, split, chunk, chunk_rows, columns)
-FeatureStore.write_chunk = write_chunk
+# `python -c CLI <probekit CLI args>` with `env=faulty(...)`: the CLI, with the faults of
+# tests/faults/sitecustomize.py (KILL_AT, KILL_RANK, FULL_AT) in it and in its writer process
+CLI = """
+import sys
 from probekit.cli import main
 sys.argv = ["probekit"] + sys.argv[1:]
 main()
 """
+FAULTS = str(Path(__file__).parent / "faults")
+
+
+def faulty(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the fault injection of tests/faults on the Python path."""
+    path = [FAULTS, *filter(None, [env.get("PYTHONPATH")])]
+    return {**env, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import KILLER
+from conftest import CLI, faulty
 
 ARGS = [
     "extract",
@@ -37,7 +37,7 @@ ARGS = [
 def _env(cache: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # one thread everywhere: the same arithmetic in every process, so bytes can be compared
-    return {**env, "PROBEKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **extra}
+    return faulty({**env, "PROBEKIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **extra})
 
 
 def _run(script: Path, cache: Path, procs: int, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -71,7 +71,7 @@ def test_torchrun_store_is_byte_identical_and_resumes_with_other_process_counts(
     tmp_path: Path,
 ) -> None:
     script = tmp_path / "probekit_killer.py"
-    script.write_text(KILLER)
+    script.write_text(CLI)
     one = _run(script, tmp_path / "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run(script, tmp_path / "two", 2)
@@ -100,7 +100,7 @@ def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
     """Each rank searches its chunk-aligned shard of the database; merged, the records equal
     those of one process, for a query split and for leave-one-out on the train split."""
     script = tmp_path / "probekit_cli.py"
-    script.write_text(KILLER)
+    script.write_text(CLI)
     assert _run(script, tmp_path / "c", 1).returncode == 0
     store = next((tmp_path / "c").glob("*/*.zarr"))
     for split in ("test", "train"):
@@ -135,7 +135,7 @@ def test_sharded_knn_equals_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_triage_reports_what_one_process_reports(tmp_path: Path) -> None:
     script = tmp_path / "probekit_cli.py"
-    script.write_text(KILLER)
+    script.write_text(CLI)
     args = [
         "triage",
         "--backbones",

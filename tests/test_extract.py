@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import zarr
-from conftest import KILLER
+from conftest import CLI, faulty
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
@@ -224,11 +224,13 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) ->
         "--quiet",
     ]
     # the uninterrupted run: the same command in the same kind of process
-    clean_env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean"), "KILL_AT": "0"}
-    subprocess.run([sys.executable, "-c", KILLER, *args], env=clean_env, check=True)
+    clean_env = faulty({**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean"), "KILL_AT": "0"})
+    subprocess.run([sys.executable, "-c", CLI, *args], env=clean_env, check=True)
     clean_path = str(next((tmp_path / "clean").glob("*/*.zarr")))
-    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "killed"), "KILL_AT": str(kill_at)}
-    run = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True)
+    env = faulty(
+        {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "killed"), "KILL_AT": str(kill_at)}
+    )
+    run = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True)
     assert run.returncode == -9, run.stderr.decode()[-2000:]
     path = next((tmp_path / "killed").glob("*/*.zarr"))
     with pytest.raises(StoreError, match="incomplete"):
@@ -239,7 +241,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) ->
     assert done_before == kill_at - 1  # the half-written chunk is not counted as done
     env["KILL_AT"] = "0"
     rerun = subprocess.run(
-        [sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True
+        [sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed ({done_before} chunks were done)" in rerun.stdout or done_before == 0
@@ -284,7 +286,7 @@ def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> Non
         "0",
         "--quiet",
     ]
-    cmd = [sys.executable, "-c", KILLER, *args]
+    cmd = [sys.executable, "-c", CLI, *args]
     clean_env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean")}
     t0 = time.perf_counter()
     subprocess.run(cmd, env=clean_env, check=True, capture_output=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import CLI, faulty
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -210,28 +211,10 @@ def test_a_store_of_another_format_version_is_refused() -> None:
     _one_line_error(runner.invoke(app, ["probe", res.store_path]), "re-extract it")
 
 
-FULL_DISK = """
-import errno, os, sys
-from probekit.cache.store import FeatureStore
-real, calls = FeatureStore.write_chunk, [0]
-def write_chunk(self, split, chunk, chunk_rows, columns):
-    calls[0] += 1
-    if calls[0] == int(os.environ["FULL_AT"]):
-        name = next(iter(columns))
-        self._node(f"{split}/{name}")[chunk * chunk_rows] = columns[name][:1]
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{split}/{name}")
-    real(self, split, chunk, chunk_rows, columns)
-FeatureStore.write_chunk = write_chunk
-from probekit.cli import main
-sys.argv = ["probekit"] + sys.argv[1:]
-main()
-"""
-
-
 def test_a_full_disk_is_one_line_and_the_rerun_finishes_the_store(tmp_path: Path) -> None:
     args = ["extract", *EXTRACT, "-d", "synthetic:4"]
-    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "full"), "FULL_AT": "3"}
-    run = subprocess.run([sys.executable, "-c", FULL_DISK, *args], env=env, capture_output=True)
+    env = faulty({**os.environ, "PROBEKIT_CACHE": str(tmp_path / "full"), "FULL_AT": "3"})
+    run = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True)
     err = run.stderr.decode()
     assert run.returncode == 1 and "No space left on device" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -240,9 +223,9 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes_the_store(tmp_path: Path
     total = sum(int(zarr.open_group(str(path))[f"{s}/done"].shape[0]) for s in ("train", "test"))
     assert 2 <= done < total  # chunks written before (or beside) the failed one; it is not done
     env["FULL_AT"] = "0"
-    subprocess.run([sys.executable, "-c", FULL_DISK, *args], env=env, check=True)
-    clean = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean"), "FULL_AT": "0"}
-    subprocess.run([sys.executable, "-c", FULL_DISK, *args], env=clean, check=True)
+    subprocess.run([sys.executable, "-c", CLI, *args], env=env, check=True)
+    clean = faulty({**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean"), "FULL_AT": "0"})
+    subprocess.run([sys.executable, "-c", CLI, *args], env=clean, check=True)
     assert _files(str(path)) == _files(str(next((tmp_path / "clean").glob("*/*.zarr"))))
 
 

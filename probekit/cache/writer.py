@@ -1,0 +1,359 @@
+"""Feature chunks written by a child process, off the extraction loop's interpreter.
+
+Zarr writes run in Python (asyncio, codec dispatch); in the process that feeds a GPU they take
+the GIL from the thread that must launch the next batch. Here the loop copies each batch's
+features into a chunk buffer in shared memory and sends the child a short message per chunk;
+the child checks the chunk (non-finite rows, float16 range), casts it and writes it with Zarr,
+then hands the buffer back. `SLOTS` buffers: one filling, the others queued or being written;
+a loop that finds none free waits for storage.
+
+A chunk's `done` flag is set after its arrays (see `FeatureStore.write_chunk`), so a writer
+killed mid-chunk leaves that chunk pending. The child dies with its parent (on Linux by a
+parent-death signal, elsewhere it polls) and ignores Ctrl-C: the parent ends it once the
+chunks it sent are written.
+
+    with ChunkWriter() as writer:
+        writer.begin(store_path, dims, "float16", set(), chunk_rows)
+        buf = writer.acquire()      # buf.features (rows, sum of dims) float32, buf.valid (rows,)
+        ...                         # fill the chunk's rows
+        writer.submit(buf, split, chunk, rows, labels, ids, {row: reason})
+        writer.wait()               # every chunk submitted is written (or its error raised)
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Pipe
+from multiprocessing.reduction import recv_handle, send_handle
+from typing import Any, NoReturn
+
+import numpy as np
+
+from probekit.errors import StoreError
+
+__all__ = ["FP16_MAX", "SLOTS", "ChunkBuffer", "ChunkWriter", "NeedsFloat32", "chunk_columns"]
+
+FP16_MAX = float(np.finfo(np.float16).max)
+SLOTS = 3
+
+
+class NeedsFloat32(Exception):
+    """Feature `name` overflows float16: the store must keep it in float32 (and redo chunks)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def chunk_columns(
+    features: np.ndarray,
+    valid: np.ndarray,
+    reasons: np.ndarray,
+    dims: Mapping[str, int],
+    dtype: str,
+    f32: set[str] | frozenset[str],
+) -> dict[str, np.ndarray]:
+    """One chunk's feature arrays as stored, with its valid flags and reasons.
+
+    features: (n, sum of dims) float32, every feature side by side (changed in place);
+    valid: (n,) bool; reasons: (n,) str. A row with a non-finite feature becomes invalid
+    ("non-finite features"); invalid rows are zeros; features are cast to `dtype`, except those
+    in `f32` (float32); a float16 feature that overflows raises `NeedsFloat32`.
+    """
+    finite = np.isfinite(features).all(axis=1)
+    reasons = reasons.astype(object)
+    reasons[~finite & valid] = "non-finite features"
+    valid = valid & finite
+    features[~valid] = 0.0
+    peak = np.abs(features).max(axis=0, initial=0.0) if dtype == "float16" else None
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for name, dim in dims.items():
+        col = features[:, start : start + dim]
+        if peak is not None and name not in f32:
+            if peak[start : start + dim].max(initial=0.0) > FP16_MAX:
+                raise NeedsFloat32(name)
+            out[name] = col.astype(np.float16)
+        else:
+            out[name] = col.astype(np.float32)
+        start += dim
+    out["valid"] = valid
+    out["errors"] = reasons.astype(str)
+    return out
+
+
+@dataclass
+class ChunkBuffer:
+    """One chunk's rows in shared memory: filled by the loop, read by the writer process."""
+
+    slot: int
+    features: np.ndarray  # (chunk_rows, sum of dims) float32
+    valid: np.ndarray  # (chunk_rows,) bool
+
+
+def _stride(rows: int, width: int) -> int:
+    return -(-(rows * width * 4 + rows) // 64) * 64  # a slot's bytes, 64-byte aligned
+
+
+def _buffers(shared: Any, rows: int, width: int) -> list[ChunkBuffer]:
+    """The slots over one shared mapping: each slot's features, then its valid flags."""
+    out = []
+    for s in range(SLOTS):
+        at = s * _stride(rows, width)
+        feats = np.frombuffer(shared, np.float32, rows * width, at).reshape(rows, width)
+        valid = np.frombuffer(shared, np.bool_, rows, at + rows * width * 4)
+        out.append(ChunkBuffer(s, feats, valid))
+    return out
+
+
+def _shared_memory(size: int) -> int:
+    """A file descriptor of `size` bytes of memory that no path names (nothing to clean up)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("probekit-chunks")
+    else:  # an unlinked temporary file, in memory where /dev/shm is
+        fd, path = tempfile.mkstemp(
+            prefix="probekit-chunks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
+        os.unlink(path)
+    os.ftruncate(fd, size)
+    return fd
+
+
+# the child runs this module's `main` (imported, not as __main__: its exceptions must unpickle)
+_CHILD = "from probekit.cache.writer import main; main()"
+
+
+class ChunkWriter:
+    """The loop's side: starts the writer process, lends chunk buffers, takes its replies.
+
+    Start it early (the child imports NumPy and Zarr meanwhile); `begin` before each pass.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = Pipe(duplex=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn: Connection = ours
+        self._shared: mmap.mmap | None = None
+        self._buffers: list[ChunkBuffer] = []
+        self._free: list[int] = []
+        self._pending = 0  # chunks submitted, not yet written
+        self._error: BaseException | None = None
+
+    def begin(
+        self,
+        store_path: Any,
+        dims: Mapping[str, int],
+        dtype: str,
+        f32: set[str],
+        chunk_rows: int,
+    ) -> None:
+        """Write chunks of the store at `store_path`, whose features are `dims` (in order)."""
+        self.settle()
+        width = sum(dims.values())
+        size = SLOTS * _stride(chunk_rows, width)
+        fd = _shared_memory(size)
+        try:
+            self._shared = mmap.mmap(fd, size)
+            self._send(("begin", str(store_path), dict(dims), dtype, sorted(f32), chunk_rows))
+            try:
+                send_handle(self._conn, fd, self._proc.pid)
+            except OSError:
+                self._died()
+        finally:
+            os.close(fd)
+        while self._reply(block=True) != "begun":  # the store opened there, or why not
+            pass
+        self._raise()
+        self._buffers = _buffers(self._shared, chunk_rows, width)
+        self._free = list(range(SLOTS))
+
+    def acquire(self) -> ChunkBuffer:
+        """A free chunk buffer; waits for the writer to finish a chunk when none is free.
+
+        Raises the error of a chunk that failed (or of opening the store) once it is known.
+        """
+        while self._reply(block=not self._free):  # replies already there are taken too
+            pass
+        self._raise()
+        return self._buffers[self._free.pop()]
+
+    def submit(
+        self,
+        buf: ChunkBuffer,
+        split: str,
+        chunk: int,
+        rows: int,
+        labels: np.ndarray,
+        ids: Sequence[str],
+        reasons: Mapping[int, str],
+    ) -> None:
+        """Hand rows [0, rows) of `buf` to the writer: chunk `chunk` of `split`.
+
+        `reasons`: why an invalid row could not be read, by row within the chunk.
+        """
+        self._send(("chunk", buf.slot, split, chunk, rows, labels, list(ids), dict(reasons)))
+        self._pending += 1
+
+    def wait(self) -> None:
+        """Return when every chunk submitted is written; raise the first error of one."""
+        while self._pending:
+            self._reply(block=True)
+        self._raise()
+
+    def settle(self) -> None:
+        """Wait for every chunk submitted to be written or to fail, and forget the errors: after
+        a failed pass, before the store is changed (no write of that pass lands after this)."""
+        try:
+            while self._pending:
+                self._reply(block=True)
+        except StoreError:  # the writer is gone: nothing of it lands any more
+            pass
+        self._error = None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send(msg)
+        except OSError:
+            self._died()
+
+    def _reply(self, block: bool) -> str:
+        """Take one reply of the writer and return its kind ("" when there is none and `block`
+        is False): "done" or "error" for a chunk, "begun" for `begin` (with its error if any)."""
+        try:
+            if not block and not self._conn.poll():
+                return ""
+            kind, slot, error = self._conn.recv()
+        except (EOFError, OSError):
+            self._died()
+        if slot is not None:  # a chunk written, or failed: its buffer is free again
+            self._pending -= 1
+            self._free.append(slot)
+        if error is not None and self._error is None:
+            self._error = error
+        return str(kind)
+
+    def _died(self) -> NoReturn:
+        self._pending = 0
+        code = self._proc.wait()
+        raise StoreError(
+            f"the chunk writer process ended unexpectedly (exit code {code}); chunks written "
+            "before it stay done: rerun the same command to resume."
+        )
+
+    def close(self) -> None:
+        """Let the writer finish the chunks it was sent, then end it (and wait for that)."""
+        if self._proc.poll() is None:
+            try:
+                self._conn.send(("end", None))
+                while self._conn.recv()[0] != "ended":
+                    pass
+            except (EOFError, OSError):
+                pass
+        self._proc.wait()
+        self._conn.close()
+        self._buffers, self._free = [], []
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(1)
+
+
+def serve(conn: Connection, parent: int) -> None:
+    """The writer process: take messages until "end", answer each chunk."""
+    from probekit.cache.store import open_store
+
+    store: Any = None
+    buffers: list[ChunkBuffer] = []
+    dims: dict[str, int] = {}
+    dtype, f32, chunk_rows = "float16", frozenset[str](), 0
+    while True:
+        while not conn.poll(0.5):  # where no parent-death signal exists
+            if os.getppid() != parent:
+                return
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        kind = msg[0]
+        if kind == "end":
+            conn.send(("ended", None, None))
+            return
+        if kind == "begin":
+            path, dims, dtype, f32_names, chunk_rows = msg[1:]
+            f32 = frozenset(f32_names)
+            fd = recv_handle(conn)
+            width = sum(dims.values())
+            shared = mmap.mmap(fd, SLOTS * _stride(chunk_rows, width))
+            os.close(fd)
+            buffers = _buffers(shared, chunk_rows, width)
+            store, error = None, None
+            try:
+                store = open_store(path, allow_partial=True)
+            except Exception as e:
+                error = _picklable(e)
+            conn.send(("begun", None, error))
+            continue
+        slot, split, chunk, rows, labels, ids, reasons = msg[1:]
+        try:
+            if store is None:
+                raise StoreError("the chunk writer has no store open")
+            buf = buffers[slot]
+            why = np.full(rows, "", dtype=object)
+            for r, text in reasons.items():
+                why[r] = text
+            columns = chunk_columns(buf.features[:rows], buf.valid[:rows], why, dims, dtype, f32)
+            columns["labels"] = np.asarray(labels)
+            columns["ids"] = np.array(ids, dtype=str)
+            store.write_chunk(split, chunk, chunk_rows, columns)
+            conn.send(("done", slot, None))
+        except Exception as e:
+            conn.send(("error", slot, _picklable(e)))
+
+
+def _picklable(e: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return StoreError(f"{type(e).__name__}: {e}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
+    parent = int(sys.argv[2])
+    _die_with_parent(parent)
+    serve(Connection(int(sys.argv[1])), parent)
