@@ -3,10 +3,12 @@ taken out, and a sampling profile of the loop's thread.
 
 On a GPU the loop's one Python thread must feed the device faster than it computes. This runs
 one model (compiled) over pre-decoded images from memory ("synthetic") and from the pixel
-cache, and repeats each run with the chunk writes removed (`_Sink._write` a no-op: no checks,
-no casts, no Zarr) or only Zarr's part removed (`FeatureStore.write_chunk` a no-op), with a
+cache, and repeats each run with the chunk writes removed (chunks never reach the writer
+process: its buffer is handed back at once), with the device's work removed (the extractor
+returns the same features for every batch: what the host side alone can feed), with a
 smaller GIL switch interval, and with 2 reader threads instead of the default. A run whose
-features are not written is a diagnosis, never a result: the store it leaves is discarded.
+features are not written or not computed is a diagnosis, never a result: its store is
+discarded.
 
     python benchmarks/diag_extract_host.py --model vit_small_patch16_224 --images 32768
 """
@@ -33,7 +35,7 @@ from common import RESULTS, cpu_name, save_result
 import probekit
 from probekit.backbones import create_backbone
 from probekit.cache.pixels import build_pixel_store
-from probekit.cache.store import FeatureStore
+from probekit.cache.writer import ChunkBuffer, ChunkWriter
 
 extract_module = importlib.import_module("probekit.extract")
 
@@ -84,14 +86,26 @@ def main() -> None:
 
     def run(name: str, pixels: bool, patch: str = "", swi: float = 0.0, **kw: Any) -> None:
         undo: list[Callable[[], None]] = []
-        if patch == "no chunk writes":
-            real = extract_module._Sink._write
-            extract_module._Sink._write = lambda self, chunk, acc: None
-            undo.append(lambda: setattr(extract_module._Sink, "_write", real))
-        if patch == "no Zarr writes":
-            real_zarr = FeatureStore.write_chunk
-            FeatureStore.write_chunk = lambda *a, **k: None  # type: ignore[method-assign]
-            undo.append(lambda: setattr(FeatureStore, "write_chunk", real_zarr))
+        if "no chunk writes" in patch:
+            real = ChunkWriter.submit
+
+            def unsent(self: ChunkWriter, buf: ChunkBuffer, *a: Any, **k: Any) -> None:
+                self._free.append(buf.slot)
+
+            ChunkWriter.submit = unsent  # type: ignore[method-assign]
+            undo.append(lambda: setattr(ChunkWriter, "submit", real))
+        if "no device" in patch:
+            fx_class = extract_module.FeatureExtractor
+            real_call = fx_class.__call__
+            outputs: dict[int, Any] = {}
+
+            def same_features(self: Any, batch: torch.Tensor) -> Any:
+                if batch.shape[0] not in outputs:
+                    outputs[batch.shape[0]] = real_call(self, batch)
+                return outputs[batch.shape[0]]
+
+            fx_class.__call__ = same_features
+            undo.append(lambda: setattr(fx_class, "__call__", real_call))
         old = sys.getswitchinterval()
         if swi:
             sys.setswitchinterval(swi)
@@ -148,12 +162,14 @@ def main() -> None:
     run("pixels", True)
     run("pixels, sampled", True, sample=True)
     run("pixels, no chunk writes", True, "no chunk writes")
-    run("pixels, no Zarr writes", True, "no Zarr writes")
+    run("pixels, no device work", True, "no device")
+    run("pixels, no device work, no chunk writes", True, "no device, no chunk writes")
     run("pixels, switch interval 0.5 ms", True, swi=0.0005)
     run("pixels, 2 reader threads", True, num_workers=2)
     run("pixels, no chunk writes, switch interval 0.5 ms", True, "no chunk writes", 0.0005)
     run("synthetic", False)
     run("synthetic, no chunk writes", False, "no chunk writes")
+    run("synthetic, no device work", False, "no device")
     run("synthetic, sampled", False, sample=True)
 
 

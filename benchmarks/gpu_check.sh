@@ -3,14 +3,15 @@
 #
 #   bash benchmarks/gpu_check.sh            # writes to $OUT (default benchmarks/results)
 #   SMALL=1 bash benchmarks/gpu_check.sh    # a dry run of every step, tiny sizes (CPU is fine)
-#   STEPS="bench" bash benchmarks/gpu_check.sh   # some of the steps: tests, bench, jpeg, chunks
+#   STEPS="bench" bash benchmarks/gpu_check.sh   # some of the steps: tests, bench, diag, jpeg
 #
 # 1. installs the wheels in .whl/ (zarr, numcodecs, faiss-cpu, ... that the machine lacks),
 # 2. runs the tests marked `gpu`,
 # 3. benchmarks vit_small_patch16_224 and resnet50 (random init) at batch 256, bf16, compiled
-#    and eager, from synthetic tensors and from the pixel cache, and a JPEG folder decoded by
-#    CPU workers and on the GPU; each row lands in JSON as soon as it is measured.
-# 4. with the time left: ViT-S compiled from the pixel cache with 4x larger store chunks.
+#    and eager, from synthetic tensors and from the pixel cache; each row lands in JSON as soon
+#    as it is measured,
+# 4. takes the host side of ViT-S compiled apart (benchmarks/diag_extract_host.py),
+# 5. with the time left: a JPEG folder decoded by CPU workers and on the GPU.
 # Every step has its own time limit, cut to what is left of BUDGET seconds (default 540), so
 # the whole check ends within 9 minutes.
 set -uo pipefail
@@ -64,10 +65,10 @@ fi
 if [ -n "${SMALL:-}" ]; then
     MODELS=test_vit,test_resnet; IMAGES=512; BATCH=64; JPEGS=128; BENCH_LIMIT=300
 else
-    MODELS=vit_small_patch16_224,resnet50; IMAGES=32768; BATCH=256; JPEGS=2048; BENCH_LIMIT=330
+    MODELS=vit_small_patch16_224,resnet50; IMAGES=32768; BATCH=256; JPEGS=2048; BENCH_LIMIT=200
 fi
 
-STEPS=${STEPS:-tests bench jpeg chunks}
+STEPS=${STEPS:-tests bench diag jpeg}
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # the whole log goes to the file (failures in full, no captured debug logging), its end here
@@ -80,19 +81,16 @@ timeout "$(limit "$BENCH_LIMIT")" $PY benchmarks/bench_extract.py --device "$DEV
     --precision bf16 --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --compile both \
     --source pixels,synthetic --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt"
 
+has_step diag && step "diag: the host side of ${MODELS%%,*} compiled, parts taken out" &&
+timeout "$(limit 170)" $PY benchmarks/diag_extract_host.py --model "${MODELS%%,*}" \
+    --images "$IMAGES" --batch-size "$BATCH" --out "$OUT" 2>&1 | tee "$OUT/gpu_diag.txt"
+
 has_step jpeg && for dec in $DECODES; do
+    [ "$(limit 50)" -ge 30 ] || break
     step "bench: $JPEGS JPEGs decoded by $dec (eager, ${MODELS%%,*})"
     timeout "$(limit 50)" $PY benchmarks/bench_extract.py --device "$DEVICE" --precision bf16 \
         --models "${MODELS%%,*}" --batch-size "$BATCH" --images "$JPEGS" --compile off \
         --source jpeg --decode "$dec" --repeats 1 --out "$OUT/jpeg_$dec" 2>&1 \
         | tee -a "$OUT/gpu_bench.txt"
 done
-
-if has_step chunks && [ "$(limit 60)" -ge 45 ]; then
-    step "bench: ${MODELS%%,*} compiled from the pixel cache, chunk rows 4096"
-    timeout "$(limit 60)" $PY benchmarks/bench_extract.py --device "$DEVICE" --precision bf16 \
-        --models "${MODELS%%,*}" --batch-size "$BATCH" --images "$IMAGES" --compile on \
-        --source pixels --chunk-rows 4096 --repeats 1 --out "$OUT/chunks4096" 2>&1 \
-        | tee -a "$OUT/gpu_bench.txt"
-fi
 step "done"
