@@ -20,6 +20,7 @@ import collections
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -158,19 +159,22 @@ def main() -> None:
             args.out,
         )
 
-    run("pixels, warm-up (compiles)", True)
-    run("pixels", True)
-    run("pixels, sampled", True, sample=True)
-    run("pixels, no chunk writes", True, "no chunk writes")
-    run("pixels, no device work", True, "no device")
-    run("pixels, no device work, no chunk writes", True, "no device, no chunk writes")
-    run("pixels, switch interval 0.5 ms", True, swi=0.0005)
-    run("pixels, 2 reader threads", True, num_workers=2)
-    run("pixels, no chunk writes, switch interval 0.5 ms", True, "no chunk writes", 0.0005)
-    run("synthetic", False)
-    run("synthetic, no chunk writes", False, "no chunk writes")
-    run("synthetic, no device work", False, "no device")
-    run("synthetic, sampled", False, sample=True)
+    try:
+        run("pixels, warm-up (compiles)", True)
+        run("pixels", True)
+        run("pixels, sampled", True, sample=True)
+        run("pixels, no chunk writes", True, "no chunk writes")
+        run("pixels, no device work", True, "no device")
+        run("pixels, no device work, no chunk writes", True, "no device, no chunk writes")
+        run("pixels, switch interval 0.5 ms", True, swi=0.0005)
+        run("pixels, 2 reader threads", True, num_workers=2)
+        run("pixels, no chunk writes, switch interval 0.5 ms", True, "no chunk writes", 0.0005)
+        run("synthetic", False)
+        run("synthetic, no chunk writes", False, "no chunk writes")
+        run("synthetic, no device work", False, "no device")
+        run("synthetic, sampled", False, sample=True)
+    finally:  # the pixel store and the feature stores: gigabytes at full size
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
