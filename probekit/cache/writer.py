@@ -251,7 +251,11 @@ class ChunkWriter:
 
     def _died(self) -> NoReturn:
         self._pending = 0
-        code = self._proc.wait()
+        try:  # its end of the connection is closed: it is exiting, or stuck on the way out
+            code = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
         raise StoreError(
             f"the chunk writer process ended unexpectedly (exit code {code}); chunks written "
             "before it stay done: rerun the same command to resume."
