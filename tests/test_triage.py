@@ -136,6 +136,21 @@ def test_readme_quickstart_and_triage_commands(
 
 
 @pytest.mark.slow
+def test_readme_python_block_runs_as_written(cache_dir: Path) -> None:
+    """The README's step-by-step Python block (packaged weights, built-in data), at 64 px."""
+    code = next(b for b in _blocks("python") if "probekit.open_store(" in b)
+    assert "img_size=128" in code
+    printed: list[tuple] = []
+    scope = {"print": lambda *a: printed.append(a)}
+    exec(compile(code.replace("img_size=128", "img_size=64"), "README", "exec"), scope)
+    train = scope["train"]
+    assert train.dtype == np.float16 and train.shape == (1437, 320)  # digits' train split
+    (knn_top1,), (selected, probe_top1) = printed
+    assert 0.5 < knn_top1 <= 1.0 and 0.8 < probe_top1 <= 1.0  # ImageNet weights, 10 classes
+    assert selected["feature"] in scope["store"].feature_names
+
+
+@pytest.mark.slow
 def test_triage_reports_a_failed_backbone_and_goes_on(tmp_path: Path, cache_dir: Path) -> None:
     from probekit.triage import triage
 
