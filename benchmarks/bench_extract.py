@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import shutil
 import tempfile
 import time
@@ -243,6 +244,7 @@ def bench(
         "precision": policy.precision,
         "repeats": repeats,
         "workers": workers,
+        "pixel_reader": importlib.import_module("probekit.extract").PIXEL_READER,
         "bare_images_per_s": round(bare_med, 1),
         "pipeline_images_per_s": round(pipe_med, 1),
         "ratio": round(float(np.median(arr[:, 1] / arr[:, 0])), 3),
@@ -331,9 +333,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="[default: half the cores, <= 8]")
     ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per feature store chunk")
     ap.add_argument("--pixel-pair", default=None, help="A,B: the pixel-cache comparison")
+    ap.add_argument("--pixel-reader", default="process", help="process or threads")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     from probekit.extract import _default_workers
+
+    extract_module = importlib.import_module("probekit.extract")
+    extract_module.PIXEL_READER = args.pixel_reader  # who reads the pixel cache
 
     args.workers = _default_workers() if args.workers is None else args.workers
     device = resolve_policy(args.device, args.precision).device

@@ -5,8 +5,9 @@ On a GPU the loop's one Python thread must feed the device faster than it comput
 one model (compiled) over pre-decoded images from memory ("synthetic") and from the pixel
 cache, and repeats each run with the chunk writes removed (chunks never reach the writer
 process: its buffer is handed back at once), with the device's work removed (the extractor
-returns the same features for every batch: what the host side alone can feed), with a
-smaller GIL switch interval, and with 2 reader threads instead of the default. A run whose
+returns the same features for every batch: what the host side alone can feed), with the pixel
+cache read by threads of the loop's process instead of the reader process, with a smaller GIL
+switch interval, and with 2 reader threads instead of the default. A run whose
 features are not written or not computed is a diagnosis, never a result: its store is
 discarded.
 
@@ -107,6 +108,9 @@ def main() -> None:
 
             fx_class.__call__ = same_features
             undo.append(lambda: setattr(fx_class, "__call__", real_call))
+        if "reader threads" in patch:  # the pixel cache read by threads of this process
+            extract_module.PIXEL_READER = "threads"
+            undo.append(lambda: setattr(extract_module, "PIXEL_READER", "process"))
         old = sys.getswitchinterval()
         if swi:
             sys.setswitchinterval(swi)
@@ -162,8 +166,10 @@ def main() -> None:
     try:
         run("pixels, warm-up (compiles)", True)
         run("pixels", True)
-        run("pixels, sampled", True, sample=True)
+        run("pixels, reader threads", True, "reader threads")
         run("pixels, no chunk writes", True, "no chunk writes")
+        run("pixels, reader threads, no chunk writes", True, "reader threads, no chunk writes")
+        run("pixels, sampled", True, sample=True)
         run("pixels, no device work", True, "no device")
         run("pixels, no device work, no chunk writes", True, "no device, no chunk writes")
         run("pixels, switch interval 0.5 ms", True, swi=0.0005)

@@ -19,6 +19,7 @@ from timm.data import create_transform  # type: ignore[attr-defined]
 
 from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
+from probekit.cache.reader import PixelReader
 from probekit.cache.store import (
     FeatureStore,
     Location,
@@ -363,6 +364,9 @@ class Waits:
 
 # batches queued on a CUDA device ahead of the one whose features the host is reading back
 DEVICE_QUEUE = 3
+# who reads a local pixel cache: a reader process ("process"), or threads of this one
+# ("threads": object stores, and a diagnosis)
+PIXEL_READER: Literal["process", "threads"] = "process"
 
 
 def _default_workers() -> int:
@@ -478,8 +482,11 @@ def extract(
                 backbone,
                 ds.spec,
             )
-        # the writer process starts now: it imports NumPy and Zarr while the model is built
+        # the writer (and reader) processes start now: they import while the model is built
         writer = stack.enter_context(ChunkWriter())
+        reader = None
+        if pixel_cache and PIXEL_READER == "process":
+            reader = stack.enter_context(PixelReader())
         bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
         use_compile = policy.is_cuda if compile is None else compile
         fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile)
@@ -552,6 +559,7 @@ def extract(
                     pixel_path,
                     decode,
                     (0, 1) if dist is None else (dist.rank, dist.world),
+                    reader,
                 )
             except NeedsFloat32 as e:
                 need = e.name
@@ -685,6 +693,7 @@ def _run(
     pixel_path: Location | None = None,
     decode: str = "cpu",
     shard: tuple[int, int] = (0, 1),
+    reader: PixelReader | None = None,
 ) -> tuple[int, float, float, Waits]:
     """Extract every pending chunk of every split.
 
@@ -747,7 +756,19 @@ def _run(
                     source = ImageSource(ds, split, geometry, size, identity=geometry.identity_ok)
                 batches = list(_batches(chunks, n, chunk_rows, batch_size))
                 loader: Iterable[Any]
-                if pixel_path is not None or getattr(source, "in_memory", False):
+                if reader is not None and getattr(source, "raw", False):
+                    # a batch's buffer is read into again once the device has copied it: when
+                    # the batch DEVICE_QUEUE + 1 later is asked for (the next one on a CPU)
+                    hold = DEVICE_QUEUE + 1 if fx.policy.is_cuda else 1
+                    loader = reader.read(
+                        pixel_path,
+                        split,
+                        batches,
+                        threads=max(2, workers),
+                        hold=hold,
+                        pin=fx.policy.is_cuda,
+                    )
+                elif pixel_path is not None or getattr(source, "in_memory", False):
                     # reads that release the GIL (chunk files, array slices): threads here,
                     # one copy into pinned memory, no worker processes to copy through
                     loader = _threaded(source, batches, max(2, workers), fx.policy.is_cuda)

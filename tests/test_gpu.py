@@ -165,3 +165,29 @@ def test_streamed_probes_on_cuda_match_held_ones(tmp_path: Path) -> None:
         )
         <= 0.01
     )
+
+
+def test_pixel_reader_buffers_are_page_locked_and_reused_only_after_the_copy(
+    jpegs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 4 with 2 reader threads: 20 train batches through 8 buffers, each read into
+    again while the device still works on later batches; features equal the threads' read."""
+    import importlib
+
+    from probekit.cache.reader import PixelReader
+
+    extract_module = importlib.import_module("probekit.extract")
+    spec = f"imagefolder:{jpegs}"
+    kw = dict(KW, device="cuda", precision="fp32", batch_size=4, num_workers=1, pixel_cache=True)
+    by_process = probekit.extract("test_vit", spec, cache_dir=tmp_path / "p", **kw)
+    monkeypatch.setattr(extract_module, "PIXEL_READER", "threads")
+    by_threads = probekit.extract("test_vit", spec, cache_dir=tmp_path / "t", **kw)
+    a, b = _feats(by_process.store_path), _feats(by_threads.store_path)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    pixels = next((tmp_path / "p").glob("*/pixels/*.zarr"))
+    with PixelReader() as reader:
+        read = reader.read(pixels, "train", [[0, 1, 2]], threads=1, hold=1, pin=True)
+        images, _, _ = next(read)
+        assert images.is_pinned()  # so copies to the device are asynchronous
+        read.close()

@@ -32,6 +32,7 @@ import torch
 import zarr
 import zarr.codecs
 
+from probekit.cache.reader import read_rows
 from probekit.cache.store import Location, StoreLock, cache_root, is_remote
 from probekit.data import Batch, Dataset, ImageSource, pass_batch
 from probekit.errors import StoreError
@@ -263,21 +264,8 @@ class PixelSource(torch.utils.data.Dataset[Batch]):
         row_bytes = int(np.prod(self.shape))
         lo, hi = min(indices), max(indices) + 1
         if self.raw and indices == list(range(lo, hi)):
-            flat = out.reshape(len(indices), row_bytes)
-            r = lo
-            while r < hi:
-                chunk = r // self.rows
-                stop = min(hi, (chunk + 1) * self.rows)
-                f = self.path / self.split / "pixels" / "c" / str(chunk) / "0" / "0" / "0"
-                try:
-                    with open(f, "rb", buffering=0) as fh:
-                        fh.seek((r - chunk * self.rows) * row_bytes)
-                        view = flat[r - lo : stop - lo].data.cast("B")
-                        if fh.readinto(view) != view.nbytes:
-                            raise OSError("short read")
-                except FileNotFoundError:  # a chunk Zarr never wrote: all fill value
-                    flat[r - lo : stop - lo] = 0
-                r = stop
+            flat = out.reshape(hi - lo, row_bytes)
+            read_rows(str(self.path), self.split, self.rows, lo, hi, flat)
         else:
             arr = self._array()
             sel = np.asarray(indices)

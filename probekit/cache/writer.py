@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import mmap
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, NoReturn
 
 import numpy as np
 
+from probekit.cache.child import die_with_parent, picklable, shared_memory, start_child
 from probekit.errors import StoreError
 
 __all__ = ["FP16_MAX", "SLOTS", "ChunkBuffer", "ChunkWriter", "NeedsFloat32", "chunk_columns"]
@@ -113,23 +112,6 @@ def _buffers(shared: Any, rows: int, width: int) -> list[ChunkBuffer]:
     return out
 
 
-def _shared_memory(size: int) -> int:
-    """A file descriptor of `size` bytes of memory that no path names (nothing to clean up)."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("probekit-chunks")
-    else:  # an unlinked temporary file, in memory where /dev/shm is
-        fd, path = tempfile.mkstemp(
-            prefix="probekit-chunks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-        )
-        os.unlink(path)
-    os.ftruncate(fd, size)
-    return fd
-
-
-# the child runs this module's `main` (imported, not as __main__: its exceptions must unpickle)
-_CHILD = "from probekit.cache.writer import main; main()"
-
-
 class ChunkWriter:
     """The loop's side: starts the writer process, lends chunk buffers, takes its replies.
 
@@ -137,15 +119,7 @@ class ChunkWriter:
     """
 
     def __init__(self) -> None:
-        ours, theirs = Pipe(duplex=True)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(theirs.fileno()), str(os.getpid())],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._conn: Connection = ours
+        self._proc, self._conn = start_child("probekit.cache.writer")
         self._shared: mmap.mmap | None = None
         self._buffers: list[ChunkBuffer] = []
         self._free: list[int] = []
@@ -164,7 +138,7 @@ class ChunkWriter:
         self.settle()
         width = sum(dims.values())
         size = SLOTS * _stride(chunk_rows, width)
-        fd = _shared_memory(size)
+        fd = shared_memory(size, "probekit-chunks")
         try:
             self._shared = mmap.mmap(fd, size)
             self._send(("begin", str(store_path), dict(dims), dtype, sorted(f32), chunk_rows))
@@ -284,16 +258,6 @@ class ChunkWriter:
 # --------------------------------------------------------------------------- the child
 
 
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the signal was set
-        os._exit(1)
-
-
 def serve(conn: Connection, parent: int) -> None:
     """The writer process: take messages until "end", answer each chunk."""
     from probekit.cache.store import open_store
@@ -326,7 +290,7 @@ def serve(conn: Connection, parent: int) -> None:
             try:
                 store = open_store(path, allow_partial=True)
             except Exception as e:
-                error = _picklable(e)
+                error = picklable(e)
             conn.send(("begun", None, error))
             continue
         slot, split, chunk, rows, labels, ids, reasons = msg[1:]
@@ -343,21 +307,10 @@ def serve(conn: Connection, parent: int) -> None:
             store.write_chunk(split, chunk, chunk_rows, columns)
             conn.send(("done", slot, None))
         except Exception as e:
-            conn.send(("error", slot, _picklable(e)))
-
-
-def _picklable(e: BaseException) -> BaseException:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return StoreError(f"{type(e).__name__}: {e}")
+            conn.send(("error", slot, picklable(e)))
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
     parent = int(sys.argv[2])
-    _die_with_parent(parent)
+    die_with_parent(parent)
     serve(Connection(int(sys.argv[1])), parent)

@@ -1,0 +1,167 @@
+"""The pixel reader process: its batches equal the store's pixels, a buffer is never read into
+while the loop holds it, its errors are one line, and it never outlives its parent."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import probekit
+from probekit.cache.pixels import PixelStore, build_pixel_store
+from probekit.cache.reader import PixelReader
+from probekit.cache.store import open_store
+from probekit.data import Dataset, Split
+from probekit.errors import StoreError
+
+N, SIZE = 203, 12
+
+
+@pytest.fixture
+def pixels(tmp_path: Path) -> tuple[PixelStore, np.ndarray]:
+    """A pixel store of N random images (chunks of 16 rows, the last one short)."""
+    images = np.random.default_rng(0).integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
+    split = Split("train", tuple(f"img{i}" for i in range(N)), np.arange(N) % 3)
+    ds = Dataset(
+        "px",
+        "px",
+        ("a", "b", "c"),
+        {"train": split},
+        fingerprint="px",
+        arrays={"train": images},
+        preprocessed=True,
+    )
+    store, _, _ = build_pixel_store(
+        ds, lambda im: im, "as is", (SIZE, SIZE), cache_dir=tmp_path, identity=True, chunk_rows=16
+    )
+    return store, images
+
+
+def _batches(sizes: list[int]) -> list[list[int]]:
+    out, at = [], 0
+    for b in sizes:
+        if at < N:
+            out.append(list(range(at, min(N, at + b))))
+        at += b
+    return out
+
+
+@pytest.mark.parametrize(("threads", "hold"), [(1, 1), (3, 4)])
+def test_batches_equal_the_stored_pixels_and_held_ones_stay_intact(
+    pixels: tuple[PixelStore, np.ndarray], threads: int, hold: int
+) -> None:
+    store, images = pixels
+    # batches across chunk boundaries, of several sizes, the last one short; many more batches
+    # than buffers, so buffers are read into again and again
+    batches = _batches([7, 16, 3, 1, 9, 5] * 8)
+    assert len(batches) == 30 and len(batches[-1]) == 3
+    held: list[tuple[torch.Tensor, list[int]]] = []
+    with PixelReader() as reader:
+        got = reader.read(store.path, "train", batches, threads=threads, hold=hold, pin=False)
+        for (img, valid, why), rows in zip(got, batches, strict=True):
+            assert img.shape == (len(rows), 3, SIZE, SIZE) and img.dtype == torch.uint8
+            assert img.is_contiguous(memory_format=torch.channels_last)
+            held = [*held[-(hold - 1) :], (img, rows)] if hold > 1 else [(img, rows)]
+            time.sleep(0.01)  # the loop's work on the batch: the reader reads on meanwhile
+            for tensor, r in held:  # this batch and the `hold - 1` before it are intact
+                want = torch.from_numpy(images[r[0] : r[-1] + 1]).permute(0, 3, 1, 2)
+                assert torch.equal(tensor, want)
+            assert valid.tolist() == [True] * len(rows) and why == [""] * len(rows)
+        # a read left half way is ended by the next one, which starts afresh
+        first = reader.read(store.path, "train", batches, threads=threads, hold=hold, pin=False)
+        next(first)
+        again = list(reader.read(store.path, "train", batches[:2], threads=2, hold=1, pin=False))
+        assert torch.equal(again[1][0].permute(0, 2, 3, 1), torch.from_numpy(images[7:23]))
+
+
+def test_a_missing_chunk_reads_as_zeros_and_a_truncated_one_is_a_clear_error(
+    pixels: tuple[PixelStore, np.ndarray],
+) -> None:
+    store, _ = pixels
+    chunk = store.path / "train" / "pixels" / "c"
+    (chunk / "1" / "0" / "0" / "0").unlink()  # as Zarr leaves a chunk of fill values
+    with PixelReader() as reader:
+        one = reader.read(store.path, "train", [list(range(16, 32))], threads=1, hold=1, pin=False)
+        ((img, _, _),) = list(one)
+        assert not img.any()
+        data = (chunk / "2" / "0" / "0" / "0").read_bytes()
+        (chunk / "2" / "0" / "0" / "0").write_bytes(data[: len(data) // 2])
+        with pytest.raises(StoreError, match=r"cannot read the pixel cache .*truncated.*delete"):
+            list(reader.read(store.path, "train", _batches([32, 32]), threads=2, hold=1, pin=False))
+        # the reader goes on after an error
+        rows = list(reader.read(store.path, "train", _batches([8]), threads=1, hold=1, pin=False))
+        assert rows[0][0].shape[0] == 8
+
+
+def test_a_reader_that_dies_is_one_store_error(pixels: tuple[PixelStore, np.ndarray]) -> None:
+    store, _ = pixels
+    reader = PixelReader()
+    reader._proc.kill()
+    with pytest.raises(StoreError, match=r"pixel reader process ended unexpectedly"):
+        list(reader.read(store.path, "train", _batches([16] * 4), threads=1, hold=1, pin=False))
+    reader.close()
+
+
+PARENT = """
+import sys, time
+from probekit.cache.reader import PixelReader
+r = PixelReader()
+print(r._proc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_reader_dies_with_the_process_that_started_it() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    with parent.stdout:
+        child = int(parent.stdout.readline())
+    os.kill(child, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:  # gone, or a zombie waiting for whoever inherited it to reap it
+            if Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    pytest.fail("the reader process outlived its parent")
+
+
+def test_extraction_reads_the_pixel_cache_through_the_reader_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extract_module = importlib.import_module("probekit.extract")  # the module, not the function
+    calls: list[str] = []
+    real = PixelReader.read
+
+    def counted(self: PixelReader, path: object, split: str, *a: object, **kw: object) -> object:
+        calls.append(split)
+        return real(self, path, split, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PixelReader, "read", counted)
+    kw = dict(random_init=True, quiet=True, pool="mean", layers="last2", chunk_rows=8)
+    kw["batch_size"] = 3
+    spec = "synthetic:20"
+    by_process = probekit.extract(
+        "test_vit", spec, cache_dir=tmp_path / "p", pixel_cache=True, **kw
+    )
+    assert sorted(calls) == ["test", "train"]
+    monkeypatch.setattr(extract_module, "PIXEL_READER", "threads")
+    by_threads = probekit.extract(
+        "test_vit", spec, cache_dir=tmp_path / "t", pixel_cache=True, **kw
+    )
+    assert len(calls) == 2  # threads this time
+    a, b = open_store(by_process.store_path), open_store(by_threads.store_path)
+    for split in ("train", "test"):
+        for name in a.feature_names:
+            assert np.array_equal(a.features(split, name), b.features(split, name)), name
