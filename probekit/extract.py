@@ -761,8 +761,7 @@ def _run(
                     # the batch DEVICE_QUEUE + 1 later is asked for (the next one on a CPU)
                     hold = DEVICE_QUEUE + 1 if fx.policy.is_cuda else 1
                     loader = reader.read(
-                        pixel_path,
-                        split,
+                        source,  # type: ignore[arg-type]
                         batches,
                         threads=max(2, workers),
                         hold=hold,

@@ -174,6 +174,7 @@ def test_pixel_reader_buffers_are_page_locked_and_reused_only_after_the_copy(
     again while the device still works on later batches; features equal the threads' read."""
     import importlib
 
+    from probekit.cache.pixels import PixelSource
     from probekit.cache.reader import PixelReader
 
     extract_module = importlib.import_module("probekit.extract")
@@ -187,7 +188,7 @@ def test_pixel_reader_buffers_are_page_locked_and_reused_only_after_the_copy(
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
     pixels = next((tmp_path / "p").glob("*/pixels/*.zarr"))
     with PixelReader() as reader:
-        read = reader.read(pixels, "train", [[0, 1, 2]], threads=1, hold=1, pin=True)
+        read = reader.read(PixelSource(pixels, "train"), [[0, 1, 2]], threads=1, hold=1, pin=True)
         images, _, _ = next(read)
         assert images.is_pinned()  # so copies to the device are asynchronous
         read.close()

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import probekit
-from probekit.cache.pixels import PixelStore, build_pixel_store
+from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
 from probekit.cache.reader import PixelReader
 from probekit.cache.store import open_store
 from probekit.data import Dataset, Split
@@ -54,6 +55,13 @@ def _batches(sizes: list[int]) -> list[list[int]]:
     return out
 
 
+def _read(
+    reader: PixelReader, store: PixelStore, batches: list[list[int]], threads: int, hold: int
+) -> Any:
+    source = PixelSource(store.path, "train")
+    return reader.read(source, batches, threads=threads, hold=hold, pin=False)
+
+
 @pytest.mark.parametrize(("threads", "hold"), [(1, 1), (3, 4)])
 def test_batches_equal_the_stored_pixels_and_held_ones_stay_intact(
     pixels: tuple[PixelStore, np.ndarray], threads: int, hold: int
@@ -65,7 +73,7 @@ def test_batches_equal_the_stored_pixels_and_held_ones_stay_intact(
     assert len(batches) == 30 and len(batches[-1]) == 3
     held: list[tuple[torch.Tensor, list[int]]] = []
     with PixelReader() as reader:
-        got = reader.read(store.path, "train", batches, threads=threads, hold=hold, pin=False)
+        got = _read(reader, store, batches, threads, hold)
         for (img, valid, why), rows in zip(got, batches, strict=True):
             assert img.shape == (len(rows), 3, SIZE, SIZE) and img.dtype == torch.uint8
             assert img.is_contiguous(memory_format=torch.channels_last)
@@ -76,9 +84,9 @@ def test_batches_equal_the_stored_pixels_and_held_ones_stay_intact(
                 assert torch.equal(tensor, want)
             assert valid.tolist() == [True] * len(rows) and why == [""] * len(rows)
         # a read left half way is ended by the next one, which starts afresh
-        first = reader.read(store.path, "train", batches, threads=threads, hold=hold, pin=False)
+        first = _read(reader, store, batches, threads, hold)
         next(first)
-        again = list(reader.read(store.path, "train", batches[:2], threads=2, hold=1, pin=False))
+        again = list(_read(reader, store, batches[:2], 2, 1))
         assert torch.equal(again[1][0].permute(0, 2, 3, 1), torch.from_numpy(images[7:23]))
 
 
@@ -89,15 +97,15 @@ def test_a_missing_chunk_reads_as_zeros_and_a_truncated_one_is_a_clear_error(
     chunk = store.path / "train" / "pixels" / "c"
     (chunk / "1" / "0" / "0" / "0").unlink()  # as Zarr leaves a chunk of fill values
     with PixelReader() as reader:
-        one = reader.read(store.path, "train", [list(range(16, 32))], threads=1, hold=1, pin=False)
+        one = _read(reader, store, [list(range(16, 32))], 1, 1)
         ((img, _, _),) = list(one)
         assert not img.any()
         data = (chunk / "2" / "0" / "0" / "0").read_bytes()
         (chunk / "2" / "0" / "0" / "0").write_bytes(data[: len(data) // 2])
         with pytest.raises(StoreError, match=r"cannot read the pixel cache .*truncated.*delete"):
-            list(reader.read(store.path, "train", _batches([32, 32]), threads=2, hold=1, pin=False))
+            list(_read(reader, store, _batches([32, 32]), 2, 1))
         # the reader goes on after an error
-        rows = list(reader.read(store.path, "train", _batches([8]), threads=1, hold=1, pin=False))
+        rows = list(_read(reader, store, _batches([8]), 1, 1))
         assert rows[0][0].shape[0] == 8
 
 
@@ -106,7 +114,7 @@ def test_a_reader_that_dies_is_one_store_error(pixels: tuple[PixelStore, np.ndar
     reader = PixelReader()
     reader._proc.kill()
     with pytest.raises(StoreError, match=r"pixel reader process ended unexpectedly"):
-        list(reader.read(store.path, "train", _batches([16] * 4), threads=1, hold=1, pin=False))
+        list(_read(reader, store, _batches([16] * 4), 1, 1))
     reader.close()
 
 
@@ -144,9 +152,9 @@ def test_extraction_reads_the_pixel_cache_through_the_reader_process(
     calls: list[str] = []
     real = PixelReader.read
 
-    def counted(self: PixelReader, path: object, split: str, *a: object, **kw: object) -> object:
-        calls.append(split)
-        return real(self, path, split, *a, **kw)  # type: ignore[arg-type]
+    def counted(self: PixelReader, source: PixelSource, *a: object, **kw: object) -> object:
+        calls.append(source.split)
+        return real(self, source, *a, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(PixelReader, "read", counted)
     kw = dict(random_init=True, quiet=True, pool="mean", layers="last2", chunk_rows=8)
@@ -165,3 +173,18 @@ def test_extraction_reads_the_pixel_cache_through_the_reader_process(
     for split in ("train", "test"):
         for name in a.feature_names:
             assert np.array_equal(a.features(split, name), b.features(split, name)), name
+
+
+def test_validity_is_read_only_where_the_store_has_invalid_rows(
+    pixels: tuple[PixelStore, np.ndarray],
+) -> None:
+    store, _ = pixels
+    assert store.meta["invalid"] == {"train": 0}  # counted when the store was built
+    assert PixelSource(store.path, "train").errors is None  # so its flags are never read
+    store.array("train", "valid")[5] = False
+    store.array("train", "errors")[5] = "cannot identify image file"
+    store.update_meta(invalid={"train": 1})
+    with PixelReader() as reader:
+        (_, valid, why), *_ = list(_read(reader, store, _batches([8, 8]), 1, 1))
+    assert valid.tolist() == [True] * 5 + [False] + [True] * 2
+    assert why == [""] * 5 + ["cannot identify image file"] + [""] * 2

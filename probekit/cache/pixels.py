@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -203,8 +203,11 @@ def build_pixel_store(
                     f.result()
         seconds = time.perf_counter() - t0
         total = sum(len(s) for s in dataset.splits.values())
+        # readers skip the per-row flags of a split with no invalid image (thousands of chunks)
+        invalid = {k: int((~np.asarray(store.array(k, "valid")[:])).sum()) for k in dataset.splits}
         store.update_meta(
             status="complete",
+            invalid=invalid,
             seconds=round(seconds, 3),
             images_per_s=round(total / seconds, 2) if seconds > 0 else None,
         )
@@ -245,8 +248,11 @@ class PixelSource(torch.utils.data.Dataset[Batch]):
             and [c["name"] for c in meta["codecs"]] == ["bytes"]
             and meta["chunk_key_encoding"] == plain
         )
-        self.valid = np.asarray(store.array(split, "valid")[:], dtype=bool)
-        self.errors = [str(e) for e in store.array(split, "errors")[:]]
+        self.valid = np.ones(self.n, dtype=bool)
+        self.errors: list[str] | None = None  # why each row is invalid; None: none is
+        if store.meta.get("invalid", {}).get(split, -1) != 0:  # some are, or not recorded
+            self.valid = np.asarray(store.array(split, "valid")[:], dtype=bool)
+            self.errors = [str(e) for e in store.array(split, "errors")[:]]
         self._pid, self._zarr = -1, None
 
     def __len__(self) -> int:
@@ -272,7 +278,12 @@ class PixelSource(torch.utils.data.Dataset[Batch]):
             out[...] = arr.get_orthogonal_selection((sel, slice(None), slice(None), slice(None)))
         valid = torch.from_numpy(self.valid[indices].copy())
         images = torch.from_numpy(out).permute(0, 3, 1, 2)  # NHWC memory as NCHW: channels-last
-        return images, valid, [self.errors[i] for i in indices]
+        return images, valid, self.reasons(indices)
+
+    def reasons(self, indices: Sequence[int]) -> list[str]:
+        """Why each of rows `indices` is invalid ("" where it is valid)."""
+        errors = self.errors
+        return [""] * len(indices) if errors is None else [errors[i] for i in indices]
 
     def __getitems__(self, indices: list[int]) -> Batch:
         out = np.empty((len(indices), *self.shape), dtype=np.uint8)

@@ -9,8 +9,7 @@ to the device is asynchronous) and lends it back `hold` batches later, when the 
 with it.
 
     with PixelReader() as reader:
-        for images, valid, reasons in reader.read(path, split, batches, threads=8, hold=4,
-                                                  pin=True):
+        for images, valid, reasons in reader.read(source, batches, threads=8, hold=4, pin=True):
             ...  # images (B, 3, H, W) uint8 in channels-last memory, valid (B,), reasons [B]
 """
 
@@ -26,12 +25,15 @@ from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from probekit.cache.child import die_with_parent, shared_memory, start_child
 from probekit.errors import StoreError
+
+if TYPE_CHECKING:
+    from probekit.cache.pixels import PixelSource
 
 __all__ = ["PixelReader", "read_rows"]
 
@@ -77,15 +79,14 @@ class PixelReader:
 
     def read(
         self,
-        path: Any,
-        split: str,
+        source: PixelSource,
         batches: Sequence[Sequence[int]],
         *,
         threads: int,
         hold: int,
         pin: bool,
     ) -> Generator[tuple[Any, Any, list[str]], None, None]:
-        """`split`'s batches (each a run of consecutive rows) from the pixel store at `path`.
+        """Batches (each a run of consecutive rows) of one split of a pixel store.
 
         A batch's buffer is read into again once `hold` later batches were taken: the caller
         must be done with it by then. `pin`: page-lock the buffers for CUDA copies.
@@ -93,13 +94,12 @@ class PixelReader:
         assert hold >= 1 and threads >= 1, (hold, threads)
         if self._active is not None:
             self._active.close()  # an abandoned read ends before the next one starts
-        self._active = self._read(path, split, batches, threads, hold, pin)
+        self._active = self._read(source, batches, threads, hold, pin)
         return self._active
 
     def _read(
         self,
-        path: Any,
-        split: str,
+        source: PixelSource,
         batches: Sequence[Sequence[int]],
         threads: int,
         hold: int,
@@ -107,9 +107,7 @@ class PixelReader:
     ) -> Generator[tuple[Any, Any, list[str]], None, None]:
         import torch
 
-        from probekit.cache.pixels import PixelSource
-
-        source = PixelSource(path, split)  # validity and reasons stay on this side
+        path, split = source.path, source.split  # validity and reasons stay on this side
         if not source.raw:
             raise StoreError(f"pixel store {str(path)!r} is not plain chunk files on a disk.")
         shape = source.shape  # (H, W, 3)
@@ -148,7 +146,7 @@ class PixelReader:
                 at = slot * slot_bytes
                 rows = self._memory[at : at + (hi - lo) * row_bytes].view(hi - lo, *shape)
                 valid = torch.from_numpy(source.valid[lo:hi].copy())
-                yield rows.permute(0, 3, 1, 2), valid, source.errors[lo:hi]
+                yield rows.permute(0, 3, 1, 2), valid, source.reasons(range(lo, hi))
         finally:
             self._send(("stop",))
             while self._recv()[0] != -1:  # reads in flight end; their buffers are not used
