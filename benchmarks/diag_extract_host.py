@@ -12,6 +12,7 @@ features are not written or not computed is a diagnosis, never a result: its sto
 discarded.
 
     python benchmarks/diag_extract_host.py --model vit_small_patch16_224 --images 32768
+    python benchmarks/diag_extract_host.py --only "no device work" --eager --images 16384  # CPU
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32768)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", default="", help="runs whose name has one of these (comma list)")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile (a CPU's host side)")
     args = ap.parse_args()
+    only = [s for s in args.only.split(",") if s]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bb = create_backbone(args.model, random_init=True, load=False)
     size = int(bb.data_config["input_size"][-1])
@@ -87,6 +91,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
 
     def run(name: str, pixels: bool, patch: str = "", swi: float = 0.0, **kw: Any) -> None:
+        if only and not any(s in name for s in only):
+            return
         undo: list[Callable[[], None]] = []
         if "no chunk writes" in patch:
             real = ChunkWriter.submit
@@ -102,9 +108,14 @@ def main() -> None:
             outputs: dict[int, Any] = {}
 
             def same_features(self: Any, batch: torch.Tensor) -> Any:
-                if batch.shape[0] not in outputs:
-                    outputs[batch.shape[0]] = real_call(self, batch)
-                return outputs[batch.shape[0]]
+                b = batch.shape[0]
+                if b not in outputs and args.eager:  # one image's features for every row: an
+                    # eager CPU forward of a whole batch would outweigh the host side measured
+                    one = real_call(self, batch[:1])
+                    outputs[b] = {k: v.expand(b, *v.shape[1:]).contiguous() for k, v in one.items()}
+                elif b not in outputs:  # the compiled graph takes whole batches only
+                    outputs[b] = real_call(self, batch)
+                return outputs[b]
 
             fx_class.__call__ = same_features
             undo.append(lambda: setattr(fx_class, "__call__", real_call))
@@ -126,7 +137,7 @@ def main() -> None:
                 quiet=True,
                 batch_size=args.batch_size,
                 layers="last4",
-                compile=True,
+                compile=not args.eager,
                 cache_dir=root,
                 pixel_cache=pixels,
                 overwrite=True,
@@ -159,7 +170,12 @@ def main() -> None:
             f"diag_extract_host-{args.model}",
             device,
             name_dev,
-            {"images": args.images, "batch_size": args.batch_size, "runs": rows},
+            {
+                "images": args.images,
+                "batch_size": args.batch_size,
+                "compile": not args.eager,
+                "runs": rows,
+            },
             args.out,
         )
 
@@ -172,6 +188,12 @@ def main() -> None:
         run("pixels, sampled", True, sample=True)
         run("pixels, no device work", True, "no device")
         run("pixels, no device work, no chunk writes", True, "no device, no chunk writes")
+        run("pixels, reader threads, no device work", True, "reader threads, no device")
+        run(
+            "pixels, reader threads, no device work, no chunk writes",
+            True,
+            "reader threads, no device, no chunk writes",
+        )
         run("pixels, switch interval 0.5 ms", True, swi=0.0005)
         run("pixels, 2 reader threads", True, num_workers=2)
         run("pixels, no chunk writes, switch interval 0.5 ms", True, "no chunk writes", 0.0005)
