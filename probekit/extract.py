@@ -19,6 +19,7 @@ from timm.data import create_transform  # type: ignore[attr-defined]
 
 from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
+from probekit.cache.child import pooled
 from probekit.cache.reader import PixelReader
 from probekit.cache.store import (
     FeatureStore,
@@ -482,11 +483,12 @@ def extract(
                 backbone,
                 ds.spec,
             )
-        # the writer (and reader) processes start now: they import while the model is built
-        writer = stack.enter_context(ChunkWriter())
+        # the writer (and reader) processes start now, or were kept from an earlier call:
+        # they import while the model is built
+        writer = stack.enter_context(pooled(ChunkWriter))
         reader = None
         if pixel_cache and PIXEL_READER == "process":
-            reader = stack.enter_context(PixelReader())
+            reader = stack.enter_context(pooled(PixelReader))
         bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
         use_compile = policy.is_cuda if compile is None else compile
         fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile)

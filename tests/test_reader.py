@@ -188,3 +188,22 @@ def test_validity_is_read_only_where_the_store_has_invalid_rows(
         (_, valid, why), *_ = list(_read(reader, store, _batches([8, 8]), 1, 1))
     assert valid.tolist() == [True] * 5 + [False] + [True] * 2
     assert why == [""] * 5 + ["cannot identify image file"] + [""] * 2
+
+
+def test_helper_processes_are_kept_for_the_next_extraction(tmp_path: Path) -> None:
+    from probekit.cache import child
+    from probekit.cache.writer import ChunkWriter
+
+    kw = dict(random_init=True, quiet=True, pool="mean", layers="last2", pixel_cache=True)
+    probekit.extract("test_vit", "synthetic:6", cache_dir=tmp_path, **kw)
+    kept = {kind: helper._proc.pid for kind, (_, helper) in child._IDLE.items()}
+    assert set(kept) == {ChunkWriter, PixelReader}
+    assert child._IDLE[PixelReader][1]._shared is None  # unmapped
+    probekit.extract("test_resnet", "synthetic:6", cache_dir=tmp_path, **kw)
+    again = {kind: helper._proc.pid for kind, (_, helper) in child._IDLE.items()}
+    assert again == kept  # the same processes served the second call
+    # a helper that died while idle is replaced, not used
+    os.kill(kept[ChunkWriter], signal.SIGKILL)
+    child._IDLE[ChunkWriter][1]._proc.wait()
+    probekit.extract("test_convnext", "synthetic:6", cache_dir=tmp_path, **kw)
+    assert child._IDLE[ChunkWriter][1]._proc.pid != kept[ChunkWriter]

@@ -16,10 +16,10 @@ with it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import mmap
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from probekit.cache.child import die_with_parent, shared_memory, start_child
+from probekit.cache.child import run_child, shared_memory, start_child
 from probekit.errors import StoreError
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ class PixelReader:
     then `read` streams one split's batches from a pixel store through it."""
 
     def __init__(self) -> None:
-        self._proc, self._conn = start_child("probekit.cache.reader")
+        # NumPy and the standard library only: it is reading by the time the model is built
+        self._proc, self._conn = start_child("probekit.cache.reader", bare=True)
         self._shared: mmap.mmap | None = None
         self._fd = -1
         self._memory: Any = None  # the shared memory as one uint8 tensor
@@ -206,6 +207,20 @@ class PixelReader:
             "written by it: rerun the same command."
         )
 
+    def idle(self) -> bool:
+        """Alive, with no read going on: ready for another call."""
+        if self._active is not None and inspect.getgeneratorstate(self._active) in (
+            "GEN_SUSPENDED",
+            "GEN_RUNNING",
+        ):
+            return False  # a read started and not ended
+        return self._proc.poll() is None
+
+    def release(self) -> None:
+        """Unmap (and unlock) the batch buffers: an idle reader holds no memory."""
+        self._active = None
+        self._unmap()
+
     def close(self) -> None:
         """End the current read, then the reader process (and wait for that)."""
         with contextlib.suppress(StoreError):  # a dead reader: nothing more to end
@@ -293,6 +308,4 @@ def _serve_read(
 
 
 def main() -> None:
-    parent = int(sys.argv[2])
-    die_with_parent(parent)
-    serve(Connection(int(sys.argv[1])), parent)
+    run_child(serve)

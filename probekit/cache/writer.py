@@ -25,7 +25,6 @@ from __future__ import annotations
 import mmap
 import os
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -34,7 +33,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from probekit.cache.child import die_with_parent, picklable, shared_memory, start_child
+from probekit.cache.child import picklable, run_child, shared_memory, start_child
 from probekit.errors import StoreError
 
 __all__ = ["FP16_MAX", "SLOTS", "ChunkBuffer", "ChunkWriter", "NeedsFloat32", "chunk_columns"]
@@ -119,7 +118,8 @@ class ChunkWriter:
     """
 
     def __init__(self) -> None:
-        self._proc, self._conn = start_child("probekit.cache.writer")
+        # NumPy, Zarr and the store module only (not the rest of probekit): a quick start
+        self._proc, self._conn = start_child("probekit.cache.writer", bare=True)
         self._shared: mmap.mmap | None = None
         self._buffers: list[ChunkBuffer] = []
         self._free: list[int] = []
@@ -235,6 +235,13 @@ class ChunkWriter:
             "before it stay done: rerun the same command to resume."
         )
 
+    def idle(self) -> bool:
+        """Alive, with no chunk pending and no error held: ready for another call."""
+        return self._proc.poll() is None and not self._pending and self._error is None
+
+    def release(self) -> None:
+        """Nothing to drop between calls (the next `begin` maps new buffers)."""
+
     def close(self) -> None:
         """Let the writer finish the chunks it was sent, then end it (and wait for that)."""
         if self._proc.poll() is None:
@@ -311,6 +318,4 @@ def serve(conn: Connection, parent: int) -> None:
 
 
 def main() -> None:
-    parent = int(sys.argv[2])
-    die_with_parent(parent)
-    serve(Connection(int(sys.argv[1])), parent)
+    run_child(serve)
