@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +135,28 @@ def faulty(env: dict[str, str]) -> dict[str, str]:
     """`env` with the fault injection of tests/faults on the Python path."""
     path = [FAULTS, *filter(None, [env.get("PYTHONPATH")])]
     return {**env, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def assert_child_dies_with_parent(parent_code: str) -> None:
+    """Run `parent_code` (which prints its helper's pid, then sleeps), SIGKILL it: the helper
+    must be gone (or a zombie for whoever inherited it to reap) within 5 s."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    with parent.stdout:
+        child = int(parent.stdout.readline())
+    os.kill(child, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            if Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    pytest.fail("the helper process outlived its parent")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

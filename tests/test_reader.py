@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import assert_child_dies_with_parent
 
 import probekit
 from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
@@ -128,21 +127,7 @@ time.sleep(60)
 
 
 def test_the_reader_dies_with_the_process_that_started_it() -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    with parent.stdout:
-        child = int(parent.stdout.readline())
-    os.kill(child, 0)  # alive
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    for _ in range(100):
-        try:  # gone, or a zombie waiting for whoever inherited it to reap it
-            if Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z":
-                return
-        except FileNotFoundError:
-            return
-        time.sleep(0.05)
-    pytest.fail("the reader process outlived its parent")
+    assert_child_dies_with_parent(PARENT)
 
 
 def test_extraction_reads_the_pixel_cache_through_the_reader_process(

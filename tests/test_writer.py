@@ -3,15 +3,11 @@ never outlives the process that started it."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_child_dies_with_parent
 
 from probekit.cache.store import FeatureStore, StoreConfig, open_store
 from probekit.cache.writer import FP16_MAX, ChunkWriter, NeedsFloat32, chunk_columns
@@ -159,18 +155,4 @@ time.sleep(60)
 
 
 def test_the_writer_dies_with_the_process_that_started_it() -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    with parent.stdout:
-        child = int(parent.stdout.readline())
-    os.kill(child, 0)  # alive
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    for _ in range(100):
-        try:  # gone, or a zombie waiting for whoever inherited it to reap it
-            if Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z":
-                return
-        except FileNotFoundError:
-            return
-        time.sleep(0.05)
-    pytest.fail("the writer process outlived its parent")
+    assert_child_dies_with_parent(PARENT)

@@ -20,6 +20,7 @@ from typing import NoReturn, Protocol, TypeVar
 __all__ = [
     "Helper",
     "die_with_parent",
+    "exit_code",
     "picklable",
     "pooled",
     "run_child",
@@ -68,6 +69,16 @@ def start_child(module: str, *, bare: bool = False) -> tuple[subprocess.Popen[by
     )
     theirs.close()
     return proc, ours
+
+
+def exit_code(proc: subprocess.Popen[bytes]) -> int:
+    """The exit code of a child whose end of the connection closed: it is exiting, or stuck on
+    the way out (waited for 10 s, then killed: never an endless wait)."""
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def die_with_parent(parent: int) -> None:

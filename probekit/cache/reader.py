@@ -19,7 +19,6 @@ import contextlib
 import inspect
 import mmap
 import os
-import subprocess
 import threading
 from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from probekit.cache.child import run_child, shared_memory, start_child
+from probekit.cache.child import exit_code, run_child, shared_memory, start_child
 from probekit.errors import StoreError
 
 if TYPE_CHECKING:
@@ -197,11 +196,7 @@ class PixelReader:
             self._died()
 
     def _died(self) -> NoReturn:
-        try:
-            code = self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            code = self._proc.wait()
+        code = exit_code(self._proc)
         raise StoreError(
             f"the pixel reader process ended unexpectedly (exit code {code}); nothing was "
             "written by it: rerun the same command."

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -33,7 +32,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from probekit.cache.child import picklable, run_child, shared_memory, start_child
+from probekit.cache.child import exit_code, picklable, run_child, shared_memory, start_child
 from probekit.errors import StoreError
 
 __all__ = ["FP16_MAX", "SLOTS", "ChunkBuffer", "ChunkWriter", "NeedsFloat32", "chunk_columns"]
@@ -225,11 +224,7 @@ class ChunkWriter:
 
     def _died(self) -> NoReturn:
         self._pending = 0
-        try:  # its end of the connection is closed: it is exiting, or stuck on the way out
-            code = self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            code = self._proc.wait()
+        code = exit_code(self._proc)
         raise StoreError(
             f"the chunk writer process ended unexpectedly (exit code {code}); chunks written "
             "before it stay done: rerun the same command to resume."
