@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import timm
@@ -47,6 +47,9 @@ from probekit.errors import (
     ProbekitWarning,
     StoreError,
 )
+
+if TYPE_CHECKING:
+    from probekit.cache.pixels import PixelSource
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -748,22 +751,23 @@ def _run(
                 if not chunks or n == 0:
                     continue
                 source: torch.utils.data.Dataset[Any]
+                pixels: PixelSource | None = None
                 if pixel_path is not None:
                     from probekit.cache.pixels import PixelSource
 
-                    source = PixelSource(pixel_path, split)
+                    source = pixels = PixelSource(pixel_path, split)
                 elif decode == "gpu":
                     source = EncodedSource(ds, split)
                 else:
                     source = ImageSource(ds, split, geometry, size, identity=geometry.identity_ok)
                 batches = list(_batches(chunks, n, chunk_rows, batch_size))
                 loader: Iterable[Any]
-                if reader is not None and getattr(source, "raw", False):
+                if reader is not None and pixels is not None and pixels.raw:
                     # a batch's buffer is read into again once the device has copied it: when
                     # the batch DEVICE_QUEUE + 1 later is asked for (the next one on a CPU)
                     hold = DEVICE_QUEUE + 1 if fx.policy.is_cuda else 1
                     loader = reader.read(
-                        source,  # type: ignore[arg-type]
+                        pixels,
                         batches,
                         threads=max(2, workers),
                         hold=hold,
