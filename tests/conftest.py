@@ -137,9 +137,13 @@ def faulty(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(path)}
 
 
-def assert_child_dies_with_parent(parent_code: str) -> None:
-    """Run `parent_code` (which prints its helper's pid, then sleeps), SIGKILL it: the helper
-    must be gone (or a zombie for whoever inherited it to reap) within 5 s."""
+def assert_child_dies_with_parent(module: str, cls: str) -> None:
+    """Start helper `module.cls` in a process, SIGKILL that process: the helper must be gone (or
+    a zombie for whoever inherited it to reap) within 5 s."""
+    parent_code = (
+        f"import time\nfrom {module} import {cls}\nh = {cls}()\n"
+        "print(h._proc.pid, flush=True)\ntime.sleep(60)\n"
+    )
     parent = subprocess.Popen(
         [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
     )

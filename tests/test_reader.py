@@ -117,17 +117,8 @@ def test_a_reader_that_dies_is_one_store_error(pixels: tuple[PixelStore, np.ndar
     reader.close()
 
 
-PARENT = """
-import sys, time
-from probekit.cache.reader import PixelReader
-r = PixelReader()
-print(r._proc.pid, flush=True)
-time.sleep(60)
-"""
-
-
 def test_the_reader_dies_with_the_process_that_started_it() -> None:
-    assert_child_dies_with_parent(PARENT)
+    assert_child_dies_with_parent("probekit.cache.reader", "PixelReader")
 
 
 def test_extraction_reads_the_pixel_cache_through_the_reader_process(

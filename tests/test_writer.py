@@ -145,14 +145,5 @@ def test_a_writer_that_dies_is_one_store_error(tmp_path: Path) -> None:
     writer.close()
 
 
-PARENT = """
-import sys, time
-from probekit.cache.writer import ChunkWriter
-w = ChunkWriter()
-print(w._proc.pid, flush=True)
-time.sleep(60)
-"""
-
-
 def test_the_writer_dies_with_the_process_that_started_it() -> None:
-    assert_child_dies_with_parent(PARENT)
+    assert_child_dies_with_parent("probekit.cache.writer", "ChunkWriter")

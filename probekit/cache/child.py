@@ -15,12 +15,13 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, Pipe
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 __all__ = [
     "Helper",
     "die_with_parent",
     "exit_code",
+    "next_message",
     "picklable",
     "pooled",
     "run_child",
@@ -79,6 +80,18 @@ def exit_code(proc: subprocess.Popen[bytes]) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def next_message(conn: Connection, parent: int) -> Any:
+    """In the child: the parent's next message, or None once the parent is gone (polled where no
+    parent-death signal exists) or its end of the connection closed."""
+    while not conn.poll(0.5):
+        if os.getppid() != parent:
+            return None
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
 
 
 def die_with_parent(parent: int) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from probekit.cache.child import exit_code, run_child, shared_memory, start_child
+from probekit.cache.child import exit_code, next_message, run_child, shared_memory, start_child
 from probekit.errors import StoreError
 
 if TYPE_CHECKING:
@@ -242,14 +242,8 @@ class PixelReader:
 def serve(conn: Connection, parent: int) -> None:
     """The reader process: one read at a time, until "end"."""
     while True:
-        while not conn.poll(0.5):  # where no parent-death signal exists
-            if os.getppid() != parent:
-                return
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg[0] == "end":
+        msg = next_message(conn, parent)
+        if msg is None or msg[0] == "end":
             return
         if msg[0] == "read":
             _, path, split, chunk_rows, row_bytes, slot_bytes, slots, threads = msg

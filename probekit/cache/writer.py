@@ -32,7 +32,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from probekit.cache.child import exit_code, picklable, run_child, shared_memory, start_child
+from probekit.cache.child import (
+    exit_code,
+    next_message,
+    picklable,
+    run_child,
+    shared_memory,
+    start_child,
+)
 from probekit.errors import StoreError
 
 __all__ = ["FP16_MAX", "SLOTS", "ChunkBuffer", "ChunkWriter", "NeedsFloat32", "chunk_columns"]
@@ -269,12 +276,8 @@ def serve(conn: Connection, parent: int) -> None:
     dims: dict[str, int] = {}
     dtype, f32, chunk_rows = "float16", frozenset[str](), 0
     while True:
-        while not conn.poll(0.5):  # where no parent-death signal exists
-            if os.getppid() != parent:
-                return
-        try:
-            msg = conn.recv()
-        except EOFError:
+        msg = next_message(conn, parent)
+        if msg is None:
             return
         kind = msg[0]
         if kind == "end":
