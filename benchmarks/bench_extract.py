@@ -42,7 +42,12 @@ from common import RESULTS, cpu_name, save_result
 import probekit
 from probekit.backbones import create_backbone, parse_layers
 from probekit.data import Dataset, ImageSource, Split, load_dataset, pass_batch
-from probekit.extract import FeatureExtractor, geometry_transform, resolve_policy
+from probekit.extract import (
+    FeatureExtractor,
+    _default_workers,
+    geometry_transform,
+    resolve_policy,
+)
 
 # dense bf16 peak of the chips a lent GPU may be (spec sheet, SXM)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -151,7 +156,7 @@ def bench(
     precision: str,
     compile: bool,
     repeats: int,
-    workers: int,
+    workers: int | None,
     jpegs: Path | None,
     decode: str,
     peak: float | None,
@@ -162,6 +167,10 @@ def bench(
     """One row: bare forward and the whole `extract` from `source`; `root` holds the caches
     (a pixel store built by an earlier row of the same model is reused, untimed)."""
     policy = resolve_policy(device, precision)
+    # None: extract's own defaults (every core builds the pixel cache; fewer decode beside a model)
+    loop_workers = (
+        _default_workers("cuda" if policy.is_cuda else "cpu") if workers is None else workers
+    )
     bb = create_backbone(model_name, random_init=True)
     size = int(bb.data_config["input_size"][-1])
     layers = list(parse_layers("last4", bb.num_layers))
@@ -192,7 +201,7 @@ def bench(
         if source == "jpeg":
             assert jpegs is not None
             ds: Dataset = load_dataset(f"imagefolder:{jpegs}")
-            dec = decode_rate(ds, model_name, workers)
+            dec = decode_rate(ds, model_name, loop_workers)
             n = len(ds.splits["train"])
         else:
             ds, dec = predecoded(n, size), float("nan")
@@ -206,7 +215,7 @@ def bench(
                 geo.describe(),
                 (size, size),
                 cache_dir=root,
-                num_workers=workers,
+                num_workers=_default_workers("decode") if workers is None else workers,
                 identity=geo.identity_ok,
             )
             dec = float(pstore.meta["images_per_s"])
@@ -243,7 +252,7 @@ def bench(
         "device": policy.device,
         "precision": policy.precision,
         "repeats": repeats,
-        "workers": workers,
+        "workers": loop_workers,
         "pixel_reader": importlib.import_module("probekit.extract").PIXEL_READER,
         "bare_images_per_s": round(bare_med, 1),
         "pipeline_images_per_s": round(pipe_med, 1),
@@ -330,18 +339,15 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", default="off", help="off, on, or both")
     ap.add_argument("--decode", default="cpu", help="jpeg source: cpu workers or gpu")
-    ap.add_argument("--workers", type=int, default=None, help="[default: half the cores, <= 8]")
+    ap.add_argument("--workers", type=int, default=None, help="[default: extract's own]")
     ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per feature store chunk")
     ap.add_argument("--pixel-pair", default=None, help="A,B: the pixel-cache comparison")
     ap.add_argument("--pixel-reader", default="process", help="process or threads")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    from probekit.extract import _default_workers
-
     extract_module = importlib.import_module("probekit.extract")
     extract_module.PIXEL_READER = args.pixel_reader  # who reads the pixel cache
 
-    args.workers = _default_workers() if args.workers is None else args.workers
     device = resolve_policy(args.device, args.precision).device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     if args.pixel_pair:

@@ -373,8 +373,28 @@ DEVICE_QUEUE = 3
 PIXEL_READER: Literal["process", "threads"] = "process"
 
 
-def _default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) // 2))
+def _cores() -> int:
+    """The CPU cores this process may use (its affinity), shared by the ranks of one host."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _default_workers(job: Literal["decode", "cpu", "cuda"]) -> int:
+    """Decoding worker processes when none are asked for, by what else runs meanwhile.
+
+    decode: nothing (the pixel cache is built before the loop): every core. cuda: the loop's
+    thread and the chunk writer take a core each; the rest decode. cpu: the model's own threads
+    take half the cores.
+    """
+    cores = _cores()
+    if job == "decode":
+        return min(32, cores)
+    if job == "cuda":
+        return min(32, max(1, cores - 2))
+    return min(8, cores // 2)
 
 
 def _store_path(root: Location, dataset: Dataset, backbone: str, key: str) -> Location:
@@ -422,6 +442,8 @@ def extract(
     `pixel_cache`: decode and resize each image once into a uint8 pixel store shared by every
     backbone with the same geometry (features are identical to decoding anew). `decode="gpu"`:
     JPEGs are decoded and resized on the CUDA device (nvJPEG) instead of by CPU workers.
+    `num_workers`: decoding processes; by default every core builds the pixel cache, and beside
+    the model all cores but two decode on CUDA, half of them on the CPU.
     """
     if batch_size < 1 or chunk_rows < 1:
         raise ProbekitError("batch_size and chunk_rows must be positive integers.")
@@ -517,7 +539,11 @@ def extract(
         chunk_rows = int(store.meta["chunk_rows"])
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         geometry = geometry_transform(dict(bb.data_config))
-        workers = _default_workers() if num_workers is None else num_workers
+        workers = (
+            _default_workers("cuda" if policy.is_cuda else "cpu")
+            if num_workers is None
+            else num_workers
+        )
         done_images, compile_s, loop_s, waits = 0, 0.0, 0.0, Waits()
         pixels, pixel_path = "decoded" if decode == "cpu" else "decoded on the GPU", None
         if pixel_cache and any(store.pending_chunks(s) for s in ds.splits):
@@ -531,7 +557,7 @@ def extract(
                     geometry.describe(),
                     size,  # type: ignore[arg-type]
                     cache_dir=cache_dir,
-                    num_workers=workers,
+                    num_workers=_default_workers("decode") if num_workers is None else workers,
                     identity=geometry.identity_ok,
                 )
                 built_info = (str(pstore.path), built, pstore.meta.get("images_per_s"))

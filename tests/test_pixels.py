@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +13,13 @@ import torch
 from PIL import Image
 
 import probekit
+from probekit.cache import pixels
 from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
 from probekit.cache.store import open_store
 from probekit.data import EncodedSource, ImageSource, decode_on_device, load_dataset
 from probekit.extract import geometry_transform
+
+extract_module = importlib.import_module("probekit.extract")  # the module (not the function)
 
 
 @pytest.fixture
@@ -63,6 +69,43 @@ def test_pixel_cache_gives_identical_features_and_is_shared(
     assert len(list((tmp_path / "b").glob("*/pixels/*.zarr"))) == 2
     # pixel stores are not feature stores: `ls` does not list them
     assert len(probekit.list_stores(tmp_path / "b")) == 3
+
+
+def test_default_workers_follow_the_cores_and_what_else_runs(
+    jpeg_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = ("decode", "cuda", "cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert [extract_module._default_workers(j) for j in jobs] == [12, 10, 6]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks of torchrun share the host
+    assert [extract_module._default_workers(j) for j in jobs] == [3, 1, 1]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)))
+    assert [extract_module._default_workers(j) for j in jobs] == [32, 32, 8]
+
+    # extract: every core builds the pixel cache (nothing else runs), half of them beside a
+    # model on the CPU; a number asked for is used for both
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    seen: list[tuple[str, int]] = []
+    real_build, real_run = pixels.build_pixel_store, extract_module._run
+
+    def build(*args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(("build", kw["num_workers"]))
+        return real_build(*args, **{**kw, "num_workers": 0})
+
+    def run(*args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(("loop", inspect.signature(real_run).bind(*args, **kw).arguments["workers"]))
+        return real_run(*args, **kw)
+
+    monkeypatch.setattr(pixels, "build_pixel_store", build)
+    monkeypatch.setattr(extract_module, "_run", run)
+    spec = f"imagefolder:{jpeg_folder}"
+    kw = dict(random_init=True, quiet=True, device="cpu", pool="mean", layers="last1")
+    probekit.extract("test_vit", spec, cache_dir=tmp_path / "a", pixel_cache=True, **kw)
+    probekit.extract(
+        "test_vit", spec, cache_dir=tmp_path / "b", pixel_cache=True, num_workers=0, **kw
+    )
+    assert seen == [("build", 12), ("loop", 6), ("build", 0), ("loop", 0)]
 
 
 def test_pixel_store_holds_what_the_loader_gives_and_resumes(

@@ -231,7 +231,11 @@ def extract(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = DEFAULT_BATCH_SIZE,
     num_workers: Annotated[
-        Optional[int], typer.Option(help="DataLoader workers [default: half the cores].")  # noqa: UP045
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Decoding worker processes [default: every core to build the pixel cache; beside "
+            "the model, all cores but 2 on CUDA, half of them on the CPU]."
+        ),
     ] = None,
     chunk_rows: Annotated[
         int, typer.Option(help="Rows per store chunk (the resume unit).")
