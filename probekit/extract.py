@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "DEFAULT_POOLS",
     "POOLS",
+    "DeviceCrop",
     "DevicePolicy",
     "ExtractResult",
     "FeatureExtractor",
@@ -64,6 +65,7 @@ __all__ = [
     "parse_pools",
     "pool_features",
     "resolve_policy",
+    "square",
 ]
 
 POOLS = ("cls", "mean", "cls+mean", "gem")
@@ -193,9 +195,28 @@ class Geometry:
             for s in steps[:-2]
         )
 
+        # (the short side's resize, the crop's side, interpolation) of a Resize + square
+        # CenterCrop inside the resized image: the crop can then be cut from a larger square
+        self.center: tuple[int, int, str] | None = None
+        if len(steps) == 4 and isinstance(steps[0], Resize) and isinstance(steps[1], CenterCrop):
+            scale, crop = steps[0].size, tuple(steps[1].size)
+            scale = scale[0] if isinstance(scale, (list, tuple)) and len(scale) == 1 else scale
+            if isinstance(scale, int) and crop == (h, w) and h == w and h <= scale:
+                self.center = (scale, h, steps[0].interpolation.value)
+
     def describe(self) -> str:
         """The geometry as text (the steps and their parameters): the pixel cache's key."""
         return " | ".join(repr(s) for s in self.transform.transforms)
+
+    def cut_from(self, side: int) -> DeviceCrop | None:
+        """How this geometry's input comes out of a `square(side)` image: the square holds the
+        whole short side, resized to `side`; this geometry's crop is its centre part, resized.
+        None where this geometry is not a centre crop (or its resize is larger than `side`)."""
+        if self.center is None or self.center[0] > side:
+            return None
+        scale, crop, mode = self.center
+        cut = min(side, round(crop * side / scale))  # the crop's side in the square's pixels
+        return DeviceCrop(cut, crop, "bicubic" if mode not in ("bilinear", "nearest") else mode)
 
     def __call__(self, img: Any) -> Any:
         if self.identity_ok and getattr(img, "size", None) == self.size:
@@ -208,8 +229,44 @@ def geometry_transform(data_config: dict[str, Any]) -> Geometry:
     return Geometry(data_config)
 
 
+def square(side: int) -> Geometry:
+    """The short side resized to `side` (bicubic), its centre square: a pixel cache that every
+    centre-crop geometry whose resize is at most `side` is cut from (see `DeviceCrop`)."""
+    cfg = {"input_size": (3, side, side), "interpolation": "bicubic", "crop_pct": 1.0}
+    return Geometry({**cfg, "crop_mode": "center", "mean": (0.0,) * 3, "std": (1.0,) * 3})
+
+
+@dataclass(frozen=True)
+class DeviceCrop:
+    """On the device, batched: the centre `cut` x `cut` of square uint8 images, resized to
+    `size` x `size` (antialiased, rounded to whole pixel values as a decoder's resize gives).
+    Where `cut` == `size` it is a crop alone, and exact."""
+
+    cut: int
+    size: int
+    mode: str  # bicubic, bilinear or nearest
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        side = x.shape[-1]
+        top = round((side - self.cut) / 2.0)  # where torchvision's CenterCrop cuts
+        x = x[:, :, top : top + self.cut, top : top + self.cut]
+        if self.cut == self.size:
+            return x
+        y = torch.nn.functional.interpolate(
+            x.float(),
+            size=(self.size, self.size),
+            mode=self.mode,
+            antialias=self.mode != "nearest",
+            **({} if self.mode == "nearest" else {"align_corners": False}),
+        )
+        return y.round().clamp(0, 255)
+
+
 class FeatureExtractor:
-    """uint8 image batches in, pooled fp32 features per layer/pool out, from ONE forward pass."""
+    """uint8 image batches in, pooled fp32 features per layer/pool out, from ONE forward pass.
+
+    `crop`: the batches are larger squares (a shared pixel cache): this geometry's input is cut
+    from them first, in the same (compiled) graph."""
 
     def __init__(
         self,
@@ -218,10 +275,12 @@ class FeatureExtractor:
         pools: Sequence[str],
         policy: DevicePolicy,
         compile: bool = False,
+        crop: DeviceCrop | None = None,
     ):
         # Any: timm's uniform contract (forward_intermediates, forward_head) is not in nn.Module
         self.model: Any = backbone.model.to(policy.device).to(memory_format=torch.channels_last)
         self.layers, self.pools, self.policy = list(layers), list(pools), policy
+        self.crop = crop  # input cut from a larger square pixel cache first
         self.has_prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0
         cfg = backbone.data_config
         shape = (3,)
@@ -284,6 +343,8 @@ class FeatureExtractor:
         return out
 
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.crop is not None:
+            batch = self.crop(batch)
         return self.features(self._normalize(batch))
 
     @torch.inference_mode()
@@ -428,6 +489,7 @@ def extract(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     compile: bool | None = None,
     pixel_cache: bool = False,
+    pixel_size: int | None = None,
     decode: Literal["cpu", "gpu"] = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     strict: bool = False,
@@ -440,7 +502,11 @@ def extract(
     `layers`: last, lastN, all or indices (the pooled `head` embedding is always stored);
     `pool`: any of cls, mean, cls+mean, gem (cls falls back to mean without a class token).
     `pixel_cache`: decode and resize each image once into a uint8 pixel store shared by every
-    backbone with the same geometry (features are identical to decoding anew). `decode="gpu"`:
+    backbone with the same geometry (features are identical to decoding anew). `pixel_size`
+    (implies the pixel cache): one pixel store for backbones of any centre-crop geometry, each
+    image's short side resized to `pixel_size` (at least the backbone's own resize) and its
+    centre square kept; each backbone's crop is cut and resized from it on the device (exact
+    where its own resize is to `pixel_size`, bicubic; close otherwise). `decode="gpu"`:
     JPEGs are decoded and resized on the CUDA device (nvJPEG) instead of by CPU workers.
     `num_workers`: decoding processes; by default every core builds the pixel cache, and beside
     the model all cores but two decode on CUDA, half of them on the CPU.
@@ -451,6 +517,8 @@ def extract(
         raise ProbekitError(f"unknown dtype {dtype!r}; use float16 or float32.")
     if decode not in ("cpu", "gpu"):
         raise ProbekitError(f"unknown decode {decode!r}; use cpu or gpu.")
+    if pixel_size is not None and pixel_size < 1:
+        raise ProbekitError(f"pixel_size must be a positive number of pixels, not {pixel_size}.")
     t0 = time.perf_counter()
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     policy = resolve_policy(device, precision)
@@ -471,6 +539,19 @@ def extract(
         k: skeleton.data_config[k]
         for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     }
+    # a shared pixel cache: this backbone's crop is cut from larger squares on the device
+    crop = None
+    if pixel_size is not None:
+        pixel_cache = True
+        own = geometry_transform(dict(skeleton.data_config))
+        crop = own.cut_from(pixel_size)
+        if crop is None and own.center is not None:
+            raise ProbekitError(
+                f"pixel_size {pixel_size} is smaller than {backbone}'s own resize "
+                f"({own.center[0]} px): use {own.center[0]} or more, or leave it out."
+            )
+        if crop is not None:  # other pixels than its own resize: other features, another store
+            preprocessing["pixel_size"] = pixel_size
     config = StoreConfig(
         ds.spec,
         skeleton.timm_name,
@@ -516,7 +597,7 @@ def extract(
             reader = stack.enter_context(pooled(PixelReader))
         bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
         use_compile = policy.is_cuda if compile is None else compile
-        fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile)
+        fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile, crop=crop)
         size = tuple(bb.data_config["input_size"][1:])
         if main and store is None:
             dims = fx.dims(size)  # type: ignore[arg-type]
@@ -539,6 +620,9 @@ def extract(
         chunk_rows = int(store.meta["chunk_rows"])
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         geometry = geometry_transform(dict(bb.data_config))
+        # the pixel cache holds this geometry, or squares this backbone's crop is cut from
+        cached = geometry if crop is None else square(pixel_size)  # type: ignore[arg-type]
+        cached_size = size if crop is None else (pixel_size, pixel_size)
         workers = (
             _default_workers("cuda" if policy.is_cuda else "cpu")
             if num_workers is None
@@ -553,23 +637,24 @@ def extract(
             if main:  # one process decodes; the ranks then read the same pixel store
                 pstore, built, _secs = build_pixel_store(
                     ds,
-                    geometry,
-                    geometry.describe(),
-                    size,  # type: ignore[arg-type]
+                    cached,
+                    cached.describe(),
+                    cached_size,  # type: ignore[arg-type]
                     cache_dir=cache_dir,
                     num_workers=_default_workers("decode") if num_workers is None else workers,
-                    identity=geometry.identity_ok,
+                    identity=cached.identity_ok,
                 )
                 built_info = (str(pstore.path), built, pstore.meta.get("images_per_s"))
             if dist is not None:
                 built_info = dist.broadcast(built_info)
             assert built_info is not None
             pixel_path, built, rate = location(built_info[0]), built_info[1], built_info[2]
-            pixels = (
-                f"from the pixel cache (built now, decode {rate:.0f} images/s)"
-                if built
-                else "from the pixel cache"
-            )
+            pixels = "from the pixel cache"
+            if crop is not None:
+                resized = " and resized" if crop.cut != crop.size else ""
+                pixels += f" of {pixel_size} px squares, cut{resized} on the device"
+            if built:
+                pixels += f" (built now, decode {rate:.0f} images/s)"
         while True:
             need: str | None = None
             try:

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from probekit import distributed
-from probekit.backbones import DEFAULT_LAYERS
+from probekit.backbones import DEFAULT_LAYERS, create_backbone
 from probekit.cache.store import FeatureStore, open_store
 from probekit.data import Dataset, load_dataset
 from probekit.errors import ProbekitError
-from probekit.extract import DEFAULT_BATCH_SIZE, DEFAULT_POOLS, extract
+from probekit.extract import DEFAULT_BATCH_SIZE, DEFAULT_POOLS, extract, geometry_transform
 from probekit.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
 from probekit.report import METHODS, Report, build_report, write_report
 
@@ -113,6 +113,7 @@ def triage(
     device: str = "auto",
     precision: str = "auto",
     pixel_cache: bool | None = None,
+    pixel_size: int | str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     plots: bool = True,
     quiet: bool = False,
@@ -123,7 +124,9 @@ def triage(
     `backbones`: NAME, NAME@random or NAME@WEIGHTS_FILE (comma list). `transfer`: SRC->DST
     pairs; SRC must be among `data`, DST is extracted for its test split. A failure of one
     backbone on one dataset becomes a row of the report; the others go on. `pixel_cache`
-    (default: on for more than one backbone) decodes each image once per geometry.
+    (default: on for more than one backbone) decodes each image once per geometry;
+    `pixel_size` ("auto": the largest resize among the backbones) once for all of them, each
+    backbone's crop cut and resized on the device (see `extract`).
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
@@ -153,8 +156,11 @@ def triage(
 
     # the pixel cache pays off as soon as a second backbone reads the same images
     use_pixels = len(specs) > 1 if pixel_cache is None else pixel_cache
+    side = _pixel_size(pixel_size, specs, img_size)
+    if side is not None and not use_pixels:
+        raise ProbekitError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
     opts = _ExtractArgs(
-        layers, pool, img_size, batch_size, device, precision, use_pixels, cache_dir, quiet
+        layers, pool, img_size, batch_size, device, precision, use_pixels, side, cache_dir, quiet
     )
     records: list[dict[str, Any]] = []
     # evaluations an interrupted run into the same `out` finished are kept, not redone
@@ -253,8 +259,37 @@ class _ExtractArgs:
     device: str
     precision: str
     pixel_cache: bool
+    pixel_size: int | None
     cache_dir: str | os.PathLike[str] | None
     quiet: bool
+
+
+def _pixel_size(
+    value: int | str | None, specs: Sequence[BackboneSpec], img_size: int | None
+) -> int | None:
+    """The side of a pixel cache shared by `specs`: as given, or "auto": the largest resize of
+    a centre-crop geometry among them (None when none has one)."""
+    if value is None or isinstance(value, int):
+        return value
+    if value.strip().lower() != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise ProbekitError(
+                f"pixel_size {value!r} is neither a number of pixels nor 'auto'."
+            ) from None
+    sides = []
+    for b in specs:
+        try:
+            bb = create_backbone(
+                b.name, weights=b.weights, random_init=b.random_init, img_size=img_size, load=False
+            )
+        except ProbekitError:
+            continue  # its extraction fails on its own, as a row of the report
+        center = geometry_transform(dict(bb.data_config)).center
+        if center is not None:
+            sides.append(center[0])
+    return max(sides, default=None)
 
 
 def _msg(e: Exception) -> str:
@@ -281,6 +316,7 @@ def _extract(
         device=a.device,
         precision=a.precision,
         pixel_cache=a.pixel_cache,
+        pixel_size=a.pixel_size,
         cache_dir=a.cache_dir,
         quiet=a.quiet,
     )

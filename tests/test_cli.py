@@ -71,6 +71,14 @@ def test_extract_ls_info(cache_dir: Path) -> None:
             ["extract", "-b", "test_vit", "-d", "synthetic", "--weights", "nope.pt"],
             "does not exist",
         ),
+        (
+            ["extract", "-b", "test_vit", "-d", "synthetic", "--random-init", "--pixel-size", "99"],
+            "smaller than test_vit's own resize (168 px): use 168 or more",
+        ),
+        (
+            ["triage", "-b", "test_vit@random", "-d", "synthetic", "--pixel-size", "big"],
+            "neither a number of pixels nor 'auto'",
+        ),
         (["info", "/nonexistent/store.zarr"], "not a probekit feature store"),
     ],
 )

@@ -103,6 +103,29 @@ def test_gpu_decode_and_pixel_cache_match_cpu_decoding(jpegs: Path, tmp_path: Pa
         assert _cos(a[k], b[k]) > 0.98, k  # nvJPEG + tensor resize: close to PIL's
 
 
+def test_shared_pixel_cache_cut_on_cuda_compiled_matches_the_cpu(
+    jpegs: Path, tmp_path: Path
+) -> None:
+    """Crops cut and resized from 200 px squares inside the compiled graph on CUDA (fp32, so
+    only TF32 and kernel order differ) against the same on the CPU, eager."""
+    spec = f"imagefolder:{jpegs}"
+    kw = dict(KW, pixel_size=200, batch_size=16)
+    cpu = probekit.extract("test_vit", spec, device="cpu", cache_dir=tmp_path / "c", **kw)
+    gpu = probekit.extract(
+        "test_vit",
+        spec,
+        device="cuda",
+        precision="fp32",
+        compile=True,
+        cache_dir=tmp_path / "g",
+        **kw,
+    )
+    assert "of 200 px squares, cut and resized on the device (built now" in gpu.pixels
+    a, b = _feats(cpu.store_path), _feats(gpu.store_path)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=2e-2, atol=2e-2, err_msg=k)
+
+
 def test_knn_on_cuda_matches_faiss_cpu() -> None:
     from probekit.knn import l2_normalize, search
 

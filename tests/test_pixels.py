@@ -17,7 +17,9 @@ from probekit.cache import pixels
 from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
 from probekit.cache.store import open_store
 from probekit.data import EncodedSource, ImageSource, decode_on_device, load_dataset
-from probekit.extract import geometry_transform
+from probekit.errors import ProbekitError
+from probekit.extract import DeviceCrop, geometry_transform, square
+from probekit.triage import BackboneSpec, _pixel_size
 
 extract_module = importlib.import_module("probekit.extract")  # the module (not the function)
 
@@ -69,6 +71,79 @@ def test_pixel_cache_gives_identical_features_and_is_shared(
     assert len(list((tmp_path / "b").glob("*/pixels/*.zarr"))) == 2
     # pixel stores are not feature stores: `ls` does not list them
     assert len(probekit.list_stores(tmp_path / "b")) == 3
+
+
+def test_one_pixel_cache_serves_every_geometry_cut_on_the_device(
+    jpeg_folder: Path, tmp_path: Path
+) -> None:
+    spec = f"imagefolder:{jpeg_folder}"
+    kw = dict(random_init=True, quiet=True, pool="mean", layers="last2", chunk_rows=8)
+    plain = probekit.extract("test_vit", spec, cache_dir=tmp_path / "a", **kw)
+    # test_vit resizes to 168 px (bicubic), then crops 160: from 168 px squares that is a crop
+    # alone, the same pixels, so the same features
+    same = probekit.extract("test_vit", spec, cache_dir=tmp_path / "b", pixel_size=168, **kw)
+    assert same.pixels.startswith("from the pixel cache of 168 px squares, cut on the device")
+    a, b = _features(plain.store_path), _features(same.store_path)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # from larger squares the crop is resized too: close, not equal; a store of its own
+    big = probekit.extract("test_vit", spec, cache_dir=tmp_path / "c", pixel_size=200, **kw)
+    assert "of 200 px squares, cut and resized on the device (built now" in big.pixels
+    assert big.store_path != same.store_path
+    c = _features(big.store_path)
+    for k in a:
+        cos = (a[k] * c[k]).sum(1) / np.linalg.norm(a[k], axis=1) / np.linalg.norm(c[k], axis=1)
+        assert cos.min() > 0.99 and not np.array_equal(a[k], c[k]), k
+    # another geometry (bilinear) reads the same squares: one pixel store for both
+    other = probekit.extract("test_resnet", spec, cache_dir=tmp_path / "c", pixel_size=200, **kw)
+    assert other.pixels == "from the pixel cache of 200 px squares, cut and resized on the device"
+    assert len(list((tmp_path / "c").glob("*/pixels/*.zarr"))) == 1
+    with pytest.raises(ProbekitError, match="smaller than test_vit's own resize"):
+        probekit.extract("test_vit", spec, cache_dir=tmp_path / "c", pixel_size=160, **kw)
+
+
+@pytest.mark.parametrize(("name", "side"), [("test_vit", 200), ("test_resnet", 240)])
+def test_device_crop_is_close_to_the_models_own_resize(
+    jpeg_folder: Path, name: str, side: int
+) -> None:
+    """The crop cut and resized from a larger square against timm's transform on the image:
+    a few levels apart on average (two resamplings, an offset of under a pixel); the
+    model's crop without its scale (or off centre by 3 px) is far off."""
+    import timm
+
+    ds = load_dataset(f"imagefolder:{jpeg_folder}")
+    model = timm.create_model(name)
+    geo = geometry_transform(timm.data.resolve_data_config({}, model=model))
+    crop, sq = geo.cut_from(side), square(side)
+    assert crop is not None and crop.size == 160 and crop.cut == round(160 * side / 168)
+
+    def error(cut: object) -> float:
+        errs = []
+        for i in range(len(ds.splits["train"])):
+            img = ds.load_image("train", i)
+            want = torch.from_numpy(np.array(geo(img))).permute(2, 0, 1)[None].float()
+            got = cut(torch.from_numpy(np.array(sq(img))).permute(2, 0, 1)[None])  # type: ignore[operator]
+            assert got.shape == want.shape
+            errs.append(float((got.float() - want).abs().mean()))
+        return float(np.mean(errs))
+
+    close = error(crop)
+    unscaled = error(DeviceCrop(crop.size, crop.size, crop.mode))
+    shifted = error(lambda x: crop(x[:, :, 3:, 3:]))  # the centre 1.5 px off on each axis
+    assert close < 4.0 and unscaled > 3 * close and shifted > 1.5 * close, (
+        close,
+        unscaled,
+        shifted,
+    )
+
+
+def test_triage_pixel_size_auto_is_the_largest_resize() -> None:
+    specs = [BackboneSpec("test_vit", "test_vit", random_init=True)]
+    assert _pixel_size("auto", specs, None) == 168
+    specs.append(BackboneSpec("lite0", "tf_efficientnet_lite0", random_init=True))
+    assert _pixel_size("auto", specs, None) == 256  # 224 / 0.875
+    assert _pixel_size("auto", specs[:1], 192) == 202  # the input size asked for: 192 / 0.95
+    assert _pixel_size("300", specs, None) == 300 and _pixel_size(None, specs, None) is None
 
 
 def test_default_workers_follow_the_cores_and_what_else_runs(

@@ -4,7 +4,9 @@ A triage runs many backbones over the same images; most share a geometry (resize
 interpolation), so decoding JPEGs again for every backbone wastes most of the time on small
 models. A pixel store holds the images exactly as a model with that geometry receives them
 before normalization; any backbone with the same geometry reads them from here, and
-normalization (and, where asked, a resize to another size) runs batched on the device.
+normalization runs batched on the device. A store of squares (each short side resized, its
+centre square kept: `extract(pixel_size=...)`) serves every centre-crop geometry: each
+backbone's crop is cut and resized from it on the device, batched.
 
 Layout (`<cache>/<dataset>/pixels/<key>.zarr`, key = hash of dataset fingerprint + geometry):
 

@@ -248,6 +248,13 @@ def extract(
         bool,
         typer.Option(help="Decode each image once into a uint8 pixel store shared by backbones."),
     ] = False,
+    pixel_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="One pixel cache for any centre-crop geometry: short sides resized to this many "
+            "px (>= the backbone's resize), crops cut and resized on the device."
+        ),
+    ] = None,
     decode: Annotated[
         str, typer.Option(help="cpu (workers), or gpu: JPEGs decoded and resized on CUDA.")
     ] = "cpu",
@@ -277,6 +284,7 @@ def extract(
         chunk_rows=chunk_rows,
         compile=compile,
         pixel_cache=pixel_cache,
+        pixel_size=pixel_size,
         decode=decode,  # type: ignore[arg-type]
         cache_dir=cache_dir,
         strict=strict,
@@ -582,6 +590,13 @@ def triage_cmd(
             help="Decode each image once per geometry [default: on for 2+ backbones].",
         ),
     ] = None,
+    pixel_size: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="One pixel cache for all backbones: short sides resized to this many px, or "
+            "'auto' (the largest resize among them); crops cut and resized on the device."
+        ),
+    ] = None,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -603,6 +618,7 @@ def triage_cmd(
         device=device,
         precision=precision,
         pixel_cache=pixel_cache,
+        pixel_size=pixel_size,
         cache_dir=cache_dir,
         plots=plots,
         quiet=quiet,
