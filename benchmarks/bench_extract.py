@@ -16,11 +16,13 @@ batch already on the device through normalization, forward_intermediates and poo
 seconds the loop waited for input, for the device's queue and for storage.
 
 --pixel-pair A,B: two backbones of one geometry over the same JPEG folder; B's extraction with
-the pixel cache (built while A ran) against B decoding the JPEGs again.
+the pixel cache (built while A ran) against B decoding the JPEGs again. With --pixel-size N the
+cache holds N px squares and B may have another geometry (its crop cut on the device).
 
     python benchmarks/bench_extract.py [--models vit_tiny_patch16_224,resnet18]
         [--source synthetic,pixels,jpeg] [--compile both] [--device cuda --batch-size 256]
     python benchmarks/bench_extract.py --pixel-pair mobilenetv3_large_100,mobilenetv3_small_100
+    python benchmarks/bench_extract.py --pixel-pair mobilenetv3_large_100,resnet10t --pixel-size 256
 """
 
 from __future__ import annotations
@@ -278,7 +280,9 @@ def bench(
 
 def pixel_pair(models: list[str], n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Backbone A decodes the JPEGs (building the pixel cache); B then decodes again, or reads
-    the pixel cache: rounds alternate the two and time both whole `extract` calls."""
+    the pixel cache: rounds alternate the two and time both whole `extract` calls. With
+    `--pixel-size` the cache holds squares and B (of any centre-crop geometry) cuts its crop
+    from them on the device: features close to decoding again, not identical."""
     a, b = models
     root = Path(tempfile.mkdtemp(prefix="probekit-pair-"))
     try:
@@ -292,36 +296,41 @@ def pixel_pair(models: list[str], n: int, args: argparse.Namespace) -> dict[str,
             layers="last4",
             num_workers=args.workers,
         )
-        first = probekit.extract(a, spec, cache_dir=root / "c", pixel_cache=True, **kw)
-        assert first.pixels.startswith("from the pixel cache (built")
-        rounds, equal = [], True
+        shared = dict(cache_dir=root / "c", pixel_cache=True, pixel_size=args.pixel_size)
+        first = probekit.extract(a, spec, **shared, **kw)
+        assert first.pixels.startswith("from the pixel cache") and "(built now" in first.pixels
+        rounds, equal, cosines = [], True, []
         for _ in range(args.repeats):  # alternate: the machine's drifts hit both sides
             t = time.perf_counter()
             again = probekit.extract(b, spec, cache_dir=root / "plain", overwrite=True, **kw)
             t_plain = time.perf_counter() - t
             t = time.perf_counter()
-            cached = probekit.extract(
-                b, spec, cache_dir=root / "c", pixel_cache=True, overwrite=True, **kw
-            )
+            cached = probekit.extract(b, spec, overwrite=True, **shared, **kw)
             t_cached = time.perf_counter() - t
-            assert cached.pixels == "from the pixel cache"
+            assert cached.pixels.startswith("from the pixel cache") and "built" not in cached.pixels
             rounds.append((t_plain, t_cached))
             s1, s2 = probekit.open_store(again.store_path), probekit.open_store(cached.store_path)
             for name in s1.feature_names:
-                equal &= bool(
-                    np.array_equal(s1.features("train", name), s2.features("train", name))
-                )
+                f1, f2 = s1.features("train", name), s2.features("train", name)
+                equal &= bool(np.array_equal(f1, f2))
+                f1, f2 = f1.astype(np.float64), f2.astype(np.float64)
+                cos = (f1 * f2).sum(1) / (np.linalg.norm(f1, axis=1) * np.linalg.norm(f2, axis=1))
+                cosines.append(cos)
         r = np.array(rounds)
         return {
             "first": a,
             "second": b,
             "images": n,
             "jpeg": "500x375, quality 90",
+            "pixel_size": args.pixel_size,
+            "second_pixels": cached.pixels,
             "first_seconds_building_pixel_cache": round(first.seconds, 2),
             "second_decoding_again_s": round(float(np.median(r[:, 0])), 2),
             "second_from_pixel_cache_s": round(float(np.median(r[:, 1])), 2),
             "speedup": round(float(np.median(r[:, 0] / r[:, 1])), 2),
             "features_identical": equal,
+            "features_min_cosine": round(float(np.concatenate(cosines).min()), 5),
+            "features_mean_cosine": round(float(np.concatenate(cosines).mean()), 5),
             "rounds": [[round(float(v), 2) for v in row] for row in rounds],
         }
     finally:
@@ -343,6 +352,7 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per feature store chunk")
     ap.add_argument("--pixel-pair", default=None, help="A,B: the pixel-cache comparison")
     ap.add_argument("--pixel-reader", default="process", help="process or threads")
+    ap.add_argument("--pixel-size", type=int, default=None, help="--pixel-pair from squares")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     extract_module = importlib.import_module("probekit.extract")
@@ -356,10 +366,12 @@ def main() -> None:
             f"{row['second']} after {row['first']} over {row['images']} JPEGs: decoding again "
             f"{row['second_decoding_again_s']} s, from the pixel cache "
             f"{row['second_from_pixel_cache_s']} s: {row['speedup']}x, features identical: "
-            f"{row['features_identical']}"
+            f"{row['features_identical']} (cosine mean {row['features_mean_cosine']}, min "
+            f"{row['features_min_cosine']})"
         )
         save_result(
-            f"bench_pixel_cache-{row['second']}",
+            f"bench_pixel_cache-{row['second']}"
+            + (f"-squares{args.pixel_size}" if args.pixel_size else ""),
             device,
             name,
             {"threads": torch.get_num_threads(), **row},
