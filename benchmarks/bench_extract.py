@@ -48,6 +48,7 @@ from probekit.extract import (
     FeatureExtractor,
     _default_workers,
     geometry_transform,
+    keep_freed_memory,
     resolve_policy,
 )
 
@@ -359,6 +360,8 @@ def main() -> None:
     extract_module.PIXEL_READER = args.pixel_reader  # who reads the pixel cache
 
     device = resolve_policy(args.device, args.precision).device
+    if not device.startswith("cuda"):
+        keep_freed_memory()  # as `extract` does on a CPU: for the bare forward too, from the start
     name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     if args.pixel_pair:
         row = pixel_pair(args.pixel_pair.split(","), args.images, args)

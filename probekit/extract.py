@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,8 +62,10 @@ __all__ = [
     "DevicePolicy",
     "ExtractResult",
     "FeatureExtractor",
+    "Geometry",
     "extract",
     "geometry_transform",
+    "keep_freed_memory",
     "parse_pools",
     "pool_features",
     "resolve_policy",
@@ -434,6 +438,31 @@ DEVICE_QUEUE = 3
 PIXEL_READER: Literal["process", "threads"] = "process"
 
 
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed blocks in the process (this process, once; Linux).
+
+    By default glibc maps every block over a few MiB on its own and unmaps it on free, and
+    trims the heap's free top: a forward on the CPU then faults each activation's pages in
+    (zeroed by the kernel) batch after batch. Measured on a 2-core Xeon, EfficientNet-Lite0 at
+    batch 64: 44 img/s with 9 of 12 s in the kernel, 102 img/s with blocks up to 1 GiB taken
+    from the heap and no trimming below 1 GiB of free memory. The process keeps its peak heap.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return  # no glibc-style mallopt: nothing to tune
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def _cores() -> int:
     """The CPU cores this process may use (its affinity), shared by the ranks of one host."""
     try:
@@ -530,6 +559,8 @@ def extract(
     quiet = quiet or not main
     if decode == "gpu" and not policy.is_cuda:
         raise ProbekitError("decode='gpu' needs a CUDA device; use decode='cpu' on this machine.")
+    if not policy.is_cuda:
+        keep_freed_memory()  # a CPU forward's activations stay mapped between batches
     skeleton = create_backbone(
         backbone, weights=weights, random_init=random_init, img_size=img_size, load=False
     )
