@@ -18,7 +18,13 @@ from probekit.backbones import DEFAULT_LAYERS, create_backbone
 from probekit.cache.store import FeatureStore, open_store
 from probekit.data import Dataset, load_dataset
 from probekit.errors import ProbekitError
-from probekit.extract import DEFAULT_BATCH_SIZE, DEFAULT_POOLS, extract, geometry_transform
+from probekit.extract import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_POOLS,
+    Geometry,
+    extract,
+    geometry_transform,
+)
 from probekit.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
 from probekit.report import METHODS, Report, build_report, write_report
 
@@ -162,6 +168,14 @@ def triage(
     opts = _ExtractArgs(
         layers, pool, img_size, batch_size, device, precision, use_pixels, side, cache_dir, quiet
     )
+    if use_pixels and side is None and len(specs) > 1:
+        kinds = {g.describe() for g in _geometries(specs, img_size)}
+        if len(kinds) > 1:  # each geometry decodes the images once: say how to decode once
+            say(
+                f"pixel cache: {len(specs)} backbones, {len(kinds)} geometries, each decodes the "
+                "images once; --pixel-size auto decodes them once for all (each backbone's crop "
+                "cut and resized on the device: close to, not equal to, its own resize)"
+            )
     records: list[dict[str, Any]] = []
     # evaluations an interrupted run into the same `out` finished are kept, not redone
     journal = _Journal(Path(out).expanduser() / ".progress.jsonl") if dist is None else None
@@ -264,6 +278,21 @@ class _ExtractArgs:
     quiet: bool
 
 
+def _geometries(specs: Sequence[BackboneSpec], img_size: int | None) -> list[Geometry]:
+    """Each backbone's preprocessing geometry (backbones that cannot be built are left out:
+    their extraction fails on its own, as a row of the report)."""
+    out = []
+    for b in specs:
+        try:
+            bb = create_backbone(
+                b.name, weights=b.weights, random_init=b.random_init, img_size=img_size, load=False
+            )
+        except ProbekitError:
+            continue
+        out.append(geometry_transform(dict(bb.data_config)))
+    return out
+
+
 def _pixel_size(
     value: int | str | None, specs: Sequence[BackboneSpec], img_size: int | None
 ) -> int | None:
@@ -278,17 +307,7 @@ def _pixel_size(
             raise ProbekitError(
                 f"pixel_size {value!r} is neither a number of pixels nor 'auto'."
             ) from None
-    sides = []
-    for b in specs:
-        try:
-            bb = create_backbone(
-                b.name, weights=b.weights, random_init=b.random_init, img_size=img_size, load=False
-            )
-        except ProbekitError:
-            continue  # its extraction fails on its own, as a row of the report
-        center = geometry_transform(dict(bb.data_config)).center
-        if center is not None:
-            sides.append(center[0])
+    sides = [g.center[0] for g in _geometries(specs, img_size) if g.center is not None]
     return max(sides, default=None)
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from probekit.cache.store import open_store
 from probekit.cli import app
 
 runner = CliRunner()
@@ -196,6 +197,30 @@ def test_triage_reports_a_failed_backbone_and_goes_on(tmp_path: Path, cache_dir:
     ).read_text()
     rows = [json.loads(x) for x in Path(result.files["results.jsonl"]).read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"extract", "knn", "probe", "error", "time"}
+
+
+def test_triage_pixel_size_auto_decodes_once_for_every_geometry(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    from probekit.triage import triage
+
+    kw = dict(methods="knn", layers="last1", pool="mean", quiet=True, plots=False)
+    models = ["test_vit@random", "test_resnet@random"]  # bicubic and bilinear: two geometries
+    lines: list[str] = []
+    triage(models, "synthetic:4", out=tmp_path / "a", log=lines.append, **kw)
+    assert any("2 geometries" in x and "--pixel-size auto" in x for x in lines), lines
+    assert len(list(cache_dir.glob("*/pixels/*.zarr"))) == 2
+    lines.clear()
+    result = triage(
+        models, "synthetic:4", out=tmp_path / "b", pixel_size="auto", log=lines.append, **kw
+    )
+    assert not any("geometries" in x for x in lines)
+    assert len(list(cache_dir.glob("*/pixels/*.zarr"))) == 3  # one more: 168 px squares
+    extracted = [r for r in result.records if r["kind"] == "extract"]
+    assert [r["model"] for r in extracted] == models
+    for r in extracted:
+        assert r["pixels"].startswith("from the pixel cache of 168 px squares, cut"), r["pixels"]
+        assert open_store(r["store"]).meta["config"]["preprocessing"]["pixel_size"] == 168
 
 
 def test_triage_bad_input_is_one_line(tmp_path: Path) -> None:
