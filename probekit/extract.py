@@ -570,19 +570,22 @@ def extract(
         k: skeleton.data_config[k]
         for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     }
-    # a shared pixel cache: this backbone's crop is cut from larger squares on the device
-    crop = None
+    geometry = geometry_transform(dict(skeleton.data_config))
+    height, width = (int(v) for v in skeleton.data_config["input_size"][1:])
+    size = (height, width)
+    # what the pixel cache holds: this geometry, or squares this backbone's crop is cut from
+    cached, cached_size, crop = geometry, size, None
     if pixel_size is not None:
         pixel_cache = True
-        own = geometry_transform(dict(skeleton.data_config))
-        crop = own.cut_from(pixel_size)
-        if crop is None and own.center is not None:
+        crop = geometry.cut_from(pixel_size)
+        if crop is None and geometry.center is not None:
             raise ProbekitError(
                 f"pixel_size {pixel_size} is smaller than {backbone}'s own resize "
-                f"({own.center[0]} px): use {own.center[0]} or more, or leave it out."
+                f"({geometry.center[0]} px): use {geometry.center[0]} or more, or leave it out."
             )
         if crop is not None:  # other pixels than its own resize: other features, another store
             preprocessing["pixel_size"] = pixel_size
+            cached, cached_size = square(pixel_size), (pixel_size, pixel_size)
     config = StoreConfig(
         ds.spec,
         skeleton.timm_name,
@@ -629,9 +632,8 @@ def extract(
         bb = create_backbone(backbone, weights=weights, random_init=random_init, img_size=img_size)
         use_compile = policy.is_cuda if compile is None else compile
         fx = FeatureExtractor(bb, layer_idx, config.pools, policy, compile=use_compile, crop=crop)
-        size = tuple(bb.data_config["input_size"][1:])
         if main and store is None:
-            dims = fx.dims(size)  # type: ignore[arg-type]
+            dims = fx.dims(size)
             meta = _store_meta(ds, bb, layer_idx, config, pool_notes, policy)
             store = FeatureStore.create(
                 path,
@@ -650,10 +652,6 @@ def extract(
             store = open_store(path, allow_partial=True)
         chunk_rows = int(store.meta["chunk_rows"])
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
-        geometry = geometry_transform(dict(bb.data_config))
-        # the pixel cache holds this geometry, or squares this backbone's crop is cut from
-        cached = geometry if crop is None else square(pixel_size)  # type: ignore[arg-type]
-        cached_size = size if crop is None else (pixel_size, pixel_size)
         workers = (
             _default_workers("cuda" if policy.is_cuda else "cpu")
             if num_workers is None
@@ -670,7 +668,7 @@ def extract(
                     ds,
                     cached,
                     cached.describe(),
-                    cached_size,  # type: ignore[arg-type]
+                    cached_size,
                     cache_dir=cache_dir,
                     num_workers=_default_workers("decode") if num_workers is None else workers,
                     identity=cached.identity_ok,
