@@ -72,7 +72,7 @@ STEPS=${STEPS:-tests bench diag jpeg}
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # the whole log goes to the file (failures in full, no captured debug logging), its end here
-has_step tests && step "tests marked gpu" && timeout "$(limit 120)" $PY -m pytest -q -o addopts="" \
+has_step tests && step "tests marked gpu" && timeout "$(limit 180)" $PY -m pytest -q -o addopts="" \
     -W default -m gpu -p no:cacheprovider -p no:logging -rfs --tb=short tests/test_gpu.py 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -n 40
 
