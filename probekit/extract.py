@@ -548,6 +548,11 @@ def extract(
         raise ProbekitError(f"unknown decode {decode!r}; use cpu or gpu.")
     if pixel_size is not None and pixel_size < 1:
         raise ProbekitError(f"pixel_size must be a positive number of pixels, not {pixel_size}.")
+    if decode == "gpu" and (pixel_cache or pixel_size is not None):
+        raise ProbekitError(
+            "decode='gpu' decodes every batch on the device, the pixel cache decodes each image "
+            "once on the CPU: use one of them."
+        )
     t0 = time.perf_counter()
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     policy = resolve_policy(device, precision)
@@ -570,6 +575,8 @@ def extract(
         k: skeleton.data_config[k]
         for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     }
+    if decode == "gpu":  # nvJPEG and a tensor resize: close to the CPU's pixels, not equal
+        preprocessing["decode"] = "gpu"
     geometry = geometry_transform(dict(skeleton.data_config))
     height, width = (int(v) for v in skeleton.data_config["input_size"][1:])
     size = (height, width)

@@ -97,6 +97,9 @@ def test_gpu_decode_and_pixel_cache_match_cpu_decoding(jpegs: Path, tmp_path: Pa
     dev = probekit.extract("test_vit", spec, cache_dir=tmp_path / "b", decode="gpu", **kw)
     pix = probekit.extract("test_vit", spec, cache_dir=tmp_path / "c", pixel_cache=True, **kw)
     assert dev.pixels == "decoded on the GPU" and pix.pixels.startswith("from the pixel cache")
+    # other pixels, other features: a store of their own, never a cache hit for CPU decoding
+    assert Path(dev.store_path).name != Path(base.store_path).name
+    assert Path(pix.store_path).name == Path(base.store_path).name
     a, b, c = _feats(base.store_path), _feats(dev.store_path), _feats(pix.store_path)
     for k in a:
         np.testing.assert_allclose(c[k], a[k], rtol=1e-4, atol=1e-4, err_msg=k)  # same pixels

@@ -250,3 +250,11 @@ def test_decode_gpu_needs_cuda(jpeg_folder: Path) -> None:
         probekit.extract(
             "test_vit", f"imagefolder:{jpeg_folder}", random_init=True, decode="gpu", quiet=True
         )
+
+
+@pytest.mark.parametrize("cache", [dict(pixel_cache=True), dict(pixel_size=200)])
+def test_decode_gpu_and_the_pixel_cache_exclude_each_other(jpeg_folder: Path, cache: dict) -> None:
+    with pytest.raises(probekit.ProbekitError, match="use one of them"):
+        probekit.extract(
+            "test_vit", f"imagefolder:{jpeg_folder}", random_init=True, decode="gpu", **cache
+        )
