@@ -168,14 +168,6 @@ def triage(
     opts = _ExtractArgs(
         layers, pool, img_size, batch_size, device, precision, use_pixels, side, cache_dir, quiet
     )
-    if use_pixels and side is None and len(specs) > 1:
-        kinds = {g.describe() for g in _geometries(specs, img_size)}
-        if len(kinds) > 1:  # each geometry decodes the images once: say how to decode once
-            say(
-                f"pixel cache: {len(specs)} backbones, {len(kinds)} geometries, each decodes the "
-                "images once; --pixel-size auto decodes them once for all (each backbone's crop "
-                "cut and resized on the device: close to, not equal to, its own resize)"
-            )
     records: list[dict[str, Any]] = []
     # evaluations an interrupted run into the same `out` finished are kept, not redone
     journal = _Journal(Path(out).expanduser() / ".progress.jsonl") if dist is None else None
@@ -184,6 +176,14 @@ def triage(
         + (f" + {len(pairs)} transfers" if pairs else "")
         + f", methods {', '.join(wanted)}"
     )
+    if use_pixels and side is None and len(specs) > 1:
+        kinds = {g.describe() for g in _geometries(specs, img_size)}
+        if len(kinds) > 1:  # each geometry decodes the images once: say how to decode once
+            say(
+                f"pixel cache: {len(specs)} backbones, {len(kinds)} geometries, each decodes the "
+                "images once; --pixel-size auto decodes them once for all (each backbone's crop "
+                "cut and resized on the device: close to, not equal to, its own resize)"
+            )
     for b in specs:
         stores: dict[str, FeatureStore] = {}
         for spec, ds in datasets.items():
