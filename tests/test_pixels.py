@@ -98,6 +98,10 @@ def test_one_pixel_cache_serves_every_geometry_cut_on_the_device(
     other = probekit.extract("test_resnet", spec, cache_dir=tmp_path / "c", pixel_size=200, **kw)
     assert other.pixels == "from the pixel cache of 200 px squares, cut and resized on the device"
     assert len(list((tmp_path / "c").glob("*/pixels/*.zarr"))) == 1
+    inputs = {s.path: s.input for s in probekit.list_stores(tmp_path / "c")}
+    assert inputs[big.store_path] == "160px from 200px squares"
+    inputs = {s.path: s.input for s in probekit.list_stores(tmp_path / "a")}
+    assert inputs[plain.store_path] == "160px"
     with pytest.raises(ProbekitError, match="smaller than test_vit's own resize"):
         probekit.extract("test_vit", spec, cache_dir=tmp_path / "c", pixel_size=160, **kw)
 

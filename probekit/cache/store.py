@@ -481,6 +481,7 @@ class StoreSummary:
     dataset: str
     backbone: str
     weights: str
+    input: str  # the model's input, and where its pixels came from where not its own resize
     layers: tuple[str, ...]
     splits: Mapping[str, int]
     size_bytes: int
@@ -488,6 +489,17 @@ class StoreSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _input(pre: Mapping[str, Any]) -> str:
+    """ "224px", "224px from 256px squares", "224px gpu-decoded": what tells stores apart."""
+    h, w = (list(pre.get("input_size", [])) or [0, 0, 0])[-2:]
+    text = f"{h}px" if h == w else f"{h}x{w}px"
+    if "pixel_size" in pre:
+        text += f" from {pre['pixel_size']}px squares"
+    if pre.get("decode") == "gpu":
+        text += " gpu-decoded"
+    return text
 
 
 def list_stores(cache_dir: str | os.PathLike[str] | None = None) -> list[StoreSummary]:
@@ -505,6 +517,7 @@ def list_stores(cache_dir: str | os.PathLike[str] | None = None) -> list[StoreSu
                 dataset=str(meta.get("dataset", {}).get("spec", "?")),
                 backbone=str(meta.get("backbone", {}).get("name", "?")),
                 weights=str(meta.get("weights", {}).get("source", "?")),
+                input=_input(meta.get("config", {}).get("preprocessing", {})),
                 layers=tuple(store.feature_names),
                 splits=dict(meta.get("splits", {})),
                 size_bytes=store.nbytes_stored(),

@@ -675,18 +675,20 @@ def _size(n: int) -> str:
 
 @app.command(name="ls")
 def ls(cache_dir: CacheDir = None) -> None:
-    """List the feature stores in the cache: dataset, backbone, layers, splits, size, complete?"""
+    """List the feature stores in the cache: dataset, backbone, input, layers, splits, size..."""
     stores = list_stores(cache_dir)
     if not stores:
         out.print(f"no feature stores under {cache_root(cache_dir)}")
         return
-    table = Table("dataset", "backbone", "weights", "layers", "splits", "size", "complete", "path")
+    table = Table("dataset", "backbone", "weights", "input", "layers", "splits", "size", "complete")
+    table.add_column("path", overflow="fold")  # whole, to be copied
     for s in stores:
         layers = sorted({n.split("/")[0] for n in s.layers})
         table.add_row(
             s.dataset,
             s.backbone,
             s.weights,
+            s.input,
             ",".join(layers),
             " ".join(f"{k}:{v}" for k, v in s.splits.items()),
             _size(s.size_bytes),
