@@ -243,27 +243,26 @@ def square(side: int) -> Geometry:
 @dataclass(frozen=True)
 class DeviceCrop:
     """On the device, batched: the centre `cut` x `cut` of square uint8 images, resized to
-    `size` x `size` (antialiased, rounded to whole pixel values as a decoder's resize gives).
-    Where `cut` == `size` it is a crop alone, and exact."""
+    `size` x `size` (antialiased, uint8 as a decoder's resize gives). Where `cut` == `size` it
+    is a crop alone, and exact."""
 
     cut: int
     size: int
     mode: str  # bicubic, bilinear or nearest
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        side = x.shape[-1]
-        top = round((side - self.cut) / 2.0)  # where torchvision's CenterCrop cuts
-        x = x[:, :, top : top + self.cut, top : top + self.cut]
+        # torchvision's tensor kernels: its uint8 resize follows PIL's to within a level
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvf
+
+        x = tvf.center_crop_image(x, [self.cut, self.cut])
         if self.cut == self.size:
             return x
-        y = torch.nn.functional.interpolate(
-            x.float(),
-            size=(self.size, self.size),
-            mode=self.mode,
-            antialias=self.mode != "nearest",
-            **({} if self.mode == "nearest" else {"align_corners": False}),
+        mode = InterpolationMode(self.mode)
+        out: torch.Tensor = tvf.resize_image(
+            x, [self.size, self.size], interpolation=mode, antialias=True
         )
-        return y.round().clamp(0, 255)
+        return out
 
 
 class FeatureExtractor:

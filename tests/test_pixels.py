@@ -141,6 +141,27 @@ def test_device_crop_is_close_to_the_models_own_resize(
     )
 
 
+@pytest.mark.parametrize(
+    ("mode", "pil"), [("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)]
+)
+def test_device_crop_equals_pils_crop_and_resize(mode: str, pil: int) -> None:
+    """The step alone, against PIL on the same square: noise (bicubic overshoots and must clamp
+    as PIL does) and a smooth image, batched, within one level everywhere."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:200, 0:200]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)
+    squares = np.stack([rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), smooth])
+    got = DeviceCrop(190, 160, mode)(torch.from_numpy(squares).permute(0, 3, 1, 2))
+    assert got.dtype == torch.uint8 and got.shape == (2, 3, 160, 160)
+    for img, out in zip(squares, got, strict=True):
+        want = np.array(Image.fromarray(img).crop((5, 5, 195, 195)).resize((160, 160), pil))
+        diff = np.abs(out.permute(1, 2, 0).numpy().astype(int) - want)
+        assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    # a crop alone is exact, and cut at torchvision's CenterCrop offset
+    cut = DeviceCrop(160, 160, mode)(torch.from_numpy(squares).permute(0, 3, 1, 2))
+    assert torch.equal(cut.permute(0, 2, 3, 1), torch.from_numpy(squares[:, 20:180, 20:180]))
+
+
 def test_triage_pixel_size_auto_is_the_largest_resize() -> None:
     specs = [BackboneSpec("test_vit", "test_vit", random_init=True)]
     assert _pixel_size("auto", specs, None) == 168
