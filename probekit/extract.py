@@ -18,6 +18,8 @@ import timm
 import torch
 import zarr
 from timm.data import create_transform  # type: ignore[attr-defined]
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
 
 from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, Backbone, create_backbone, parse_layers
@@ -252,9 +254,6 @@ class DeviceCrop:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # torchvision's tensor kernels: its uint8 resize follows PIL's to within a level
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as tvf
-
         x = tvf.center_crop_image(x, [self.cut, self.cut])
         if self.cut == self.size:
             return x
@@ -676,7 +675,7 @@ def extract(
                     cached.describe(),
                     cached_size,
                     cache_dir=cache_dir,
-                    num_workers=_default_workers("decode") if num_workers is None else workers,
+                    num_workers=_default_workers("decode") if num_workers is None else num_workers,
                     identity=cached.identity_ok,
                 )
                 built_info = (str(pstore.path), built, pstore.meta.get("images_per_s"))
