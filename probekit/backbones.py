@@ -21,7 +21,13 @@ import timm
 import torch
 from timm.data import resolve_model_data_config  # type: ignore[attr-defined]
 
-from probekit.errors import BackboneError, LayerSpecError, WeightsError, close_matches
+from probekit.errors import (
+    BackboneError,
+    LayerSpecError,
+    WeightsError,
+    close_matches,
+    not_a_file,
+)
 
 __all__ = [
     "ALIASES",
@@ -418,8 +424,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load tensors from .safetensors, or .pth/.pt/.bin with `weights_only=True` (never pickles)."""
     p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"weights file {str(p)!r} does not exist; pass an existing file.")
+    if why := not_a_file(p, "weights file"):
+        raise WeightsError(why)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -631,8 +637,8 @@ def create_backbone(
         info = WeightsInfo("random-init", f"seed={seed}")
     elif weights is not None:
         path = Path(weights).expanduser().resolve()
-        if not path.is_file():
-            raise WeightsError(f"weights file {str(path)!r} does not exist; pass an existing file.")
+        if why := not_a_file(path, "weights file"):
+            raise WeightsError(why)
         info = WeightsInfo("file", str(path), sha256_file(path))
     elif alias is not None and alias.package is not None:
         path = _packaged_weights_file(alias)
@@ -738,8 +744,8 @@ def _python_backbone(
     num_layers(model)
     if weights is not None:
         path = Path(weights).expanduser().resolve()
-        if not path.is_file():
-            raise WeightsError(f"weights file {str(path)!r} does not exist; pass an existing file.")
+        if why := not_a_file(path, "weights file"):
+            raise WeightsError(why)
         _load_into(model, load_state_dict_file(path), f"weights file {str(path)!r}")
         info = WeightsInfo("file", str(path), sha256_file(path))
     else:

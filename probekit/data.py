@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from probekit.errors import DatasetError, InvalidImageError, close_matches
+from probekit.errors import DatasetError, InvalidImageError, close_matches, not_a_file
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -423,8 +423,8 @@ def _imagefolder(arg: str) -> Dataset:
 
 def _csv(arg: str) -> Dataset:
     path = _user_path(arg, "csv")
-    if not path.is_file():
-        raise DatasetError(f"csv file {str(path)!r} does not exist.")
+    if why := not_a_file(path, "csv file"):
+        raise DatasetError(why)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or [])

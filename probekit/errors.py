@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "StoreError",
     "WeightsError",
     "close_matches",
+    "not_a_file",
 ]
 
 
@@ -57,3 +59,11 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> str:
     """A ' Did you mean ...?' suffix for an error message, or '' when nothing is close."""
     matches = difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
     return f" Did you mean {', '.join(matches)}?" if matches else ""
+
+
+def not_a_file(path: str | os.PathLike[str], what: str) -> str | None:
+    """Why `path` cannot be read as the `what` file the user named, or None when it can."""
+    if os.path.isfile(path):
+        return None
+    why = "is a directory" if os.path.isdir(path) else "does not exist"
+    return f"{what} {os.fspath(path)!r} {why}; pass an existing file."

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -397,8 +398,8 @@ class ExtractResult:
         compiled = f", compile {self.compile_seconds:.1f} s" if self.compile_seconds else ""
         return (
             f"extracted {self.backbone} on {self.dataset}: {self.images} images, "
-            f"{self.invalid} invalid, {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
-            f"{compiled}{self._bound()}, pixels {self.pixels}{resumed} -> {self.store_path}"
+            f"{self.invalid} invalid, {self.seconds:.1f} s in all, loop {self.images_per_s:.1f} "
+            f"images/s{compiled}{self._bound()}, pixels {self.pixels}{resumed} -> {self.store_path}"
         )
 
     def _bound(self) -> str:
@@ -567,6 +568,12 @@ def extract(
     skeleton = create_backbone(
         backbone, weights=weights, random_init=random_init, img_size=img_size, load=False
     )
+    # as a triage names it: random init and a weights file are other models than the hub's
+    label = backbone
+    if random_init:
+        label = f"{backbone}@random"
+    elif weights is not None:
+        label = f"{backbone}@{Path(weights).name}"
     layer_idx = parse_layers(layers, skeleton.num_layers)
     pools, pool_notes = parse_pools(pool, skeleton.has_class_token)
     preprocessing = {
@@ -625,7 +632,7 @@ def extract(
                 time.perf_counter() - t0,
                 0.0,
                 0,
-                backbone,
+                label,
                 ds.spec,
             )
         # the writer (and reader) processes start now, or were kept from an earlier call:
@@ -762,7 +769,7 @@ def extract(
         seconds,
         rate,
         resumed,
-        backbone,
+        label,
         ds.spec,
         pixels,
         compile_s,

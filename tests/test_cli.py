@@ -40,9 +40,10 @@ def test_extract_ls_info(cache_dir: Path) -> None:
     ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert res.output.startswith("extracted test_vit on synthetic:2: 8 images, 0 invalid")
+    assert res.output.startswith("extracted test_vit@random on synthetic:2: 8 images, 0 invalid")
+    assert " s in all, loop " in res.output
     res = runner.invoke(app, args)
-    assert res.output.startswith("cache hit: test_vit on synthetic:2")
+    assert res.output.startswith("cache hit: test_vit@random on synthetic:2")
     res = runner.invoke(app, ["ls"])
     assert res.exit_code == 0 and "synthetic:2" in res.output and "yes" in res.output
     store = next(cache_dir.glob("*/*.zarr"))
@@ -71,6 +72,11 @@ def test_extract_ls_info(cache_dir: Path) -> None:
             ["extract", "-b", "test_vit", "-d", "synthetic", "--weights", "nope.pt"],
             "does not exist",
         ),
+        (
+            ["extract", "-b", "test_vit", "-d", "synthetic", "--weights", "tests"],
+            "is a directory; pass an existing file",
+        ),
+        (["extract", "-b", "test_vit", "-d", "csv:tests", "--random-init"], "is a directory"),
         (
             ["extract", "-b", "test_vit", "-d", "synthetic", "--random-init", "--pixel-size", "99"],
             "smaller than test_vit's own resize (168 px): use 168 or more",
