@@ -369,8 +369,9 @@ def list_backbones(
     return out
 
 
-# parameters of builder models, in millions: SD 1.5 = VAE 83.7 + UNet 859.5
-_BUILDER_PARAMS_M = {"stable_diffusion_v1_5": 943.2}
+# builder models, without building them: (parameters in millions, layers), SD 1.5 = VAE 83.7
+# + UNet 859.5 M, its layers the UNet's 4 down blocks
+_BUILDER_FACTS = {"stable_diffusion_v1_5": (943.2, 4)}
 
 
 def _info(
@@ -383,7 +384,8 @@ def _info(
 ) -> BackboneInfo:
     params, layers = 0.0, tuple[int, ...]()
     if with_params and row is not None and row.builder is not None:
-        params = _BUILDER_PARAMS_M.get(row.alias, 0.0)
+        params, n_layers = _BUILDER_FACTS.get(row.alias, (0.0, 0))
+        layers = parse_layers(DEFAULT_LAYERS, n_layers) if n_layers else ()
     elif with_params:
         kwargs: dict[str, Any] = {}
         if row is not None and row.loader:

@@ -342,6 +342,18 @@ def test_stable_diffusion_encoder_layers_are_the_unet_down_blocks(
     np.testing.assert_allclose(emb, store.features("train", "layer1/mean"), rtol=1e-2, atol=1e-3)
 
 
+def test_stable_diffusion_row_lists_the_unet_down_blocks() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    import inspect
+
+    # SD 1.5's UNet has diffusers' default block layout: one layer per down block
+    init = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
+    blocks = len(init["down_block_types"].default)
+    (row,) = list_backbones("stable_diffusion_v1_5")
+    assert row.default_layers == tuple(range(blocks)[-4:]) and blocks == 4
+    assert row.params_m > 900
+
+
 def test_stable_diffusion_alias_needs_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     row = ALIASES["stable_diffusion_v1_5"]
     assert row.bob and row.group == "generative" and row.availability == "needs extra [sd]"

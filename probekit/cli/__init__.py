@@ -200,7 +200,7 @@ def backbones(
             "yes" if r.bob else "",
             r.availability,
             f"{r.params_m:.1f}",
-            ",".join(map(str, r.default_layers)) + " + head",
+            ",".join(map(str, r.default_layers)) + " + head" if r.default_layers else "head",
             r.weights,
         )
     out.print(table)
