@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import hashlib
 import importlib
+import importlib.util
 import os
 import re
 import socket
@@ -64,7 +65,9 @@ class BackboneAlias:
     @property
     def availability(self) -> str:
         if self.builder:
-            return f"needs extra [{self.extra}]" if self.extra else "builder"
+            if self.extra and not _extra_installed(self.extra):
+                return f"needs extra [{self.extra}]"
+            return f"builder [{self.extra}]" if self.extra else "builder"
         if self.loader:
             return "loader"
         return "package" if self.package else "timm-hosted"
@@ -210,6 +213,14 @@ class Backbone:
         return int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0 and bool(
             getattr(self.model, "cls_token", None) is not None
         )
+
+
+# the modules a pip extra brings, for the rows of builders that need one
+EXTRA_MODULES = {"sd": ("diffusers", "transformers")}
+
+
+def _extra_installed(extra: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in EXTRA_MODULES.get(extra, ()))
 
 
 @dataclass(frozen=True)

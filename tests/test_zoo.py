@@ -15,7 +15,13 @@ import torchvision
 from conftest import hide_modules
 from typer.testing import CliRunner
 
-from probekit.backbones import ALIASES, GROUPS, create_backbone, list_backbones
+from probekit.backbones import (
+    ALIASES,
+    EXTRA_MODULES,
+    GROUPS,
+    create_backbone,
+    list_backbones,
+)
 from probekit.cli import app
 from probekit.errors import BackboneError, WeightsError
 from probekit.loaders import LOADERS
@@ -356,7 +362,11 @@ def test_stable_diffusion_row_lists_the_unet_down_blocks() -> None:
 
 def test_stable_diffusion_alias_needs_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     row = ALIASES["stable_diffusion_v1_5"]
-    assert row.bob and row.group == "generative" and row.availability == "needs extra [sd]"
+    assert row.bob and row.group == "generative"
+    monkeypatch.setitem(EXTRA_MODULES, "sd", ("diffusers", "probekit_no_such_module"))
+    assert row.availability == "needs extra [sd]"
+    monkeypatch.setitem(EXTRA_MODULES, "sd", ("probekit", "torch"))
+    assert row.availability == "builder [sd]"
     hide_modules(monkeypatch, "transformers")
     with pytest.raises(BackboneError, match=r"pip install 'probekit\[sd\]'"):
         create_backbone("stable_diffusion_v1_5")
