@@ -294,6 +294,10 @@ class KnnResult:
     records: list[KnnRecord]
     backend: str
     path: str | None = None
+    # classification: which rows of the test split were queried (one flag per row), and for
+    # each (layer, pool, k, vote) which of those queries were classified right
+    queried: np.ndarray | None = field(default=None, repr=False)
+    right: dict[tuple[str, str, int, str], np.ndarray] = field(default_factory=dict, repr=False)
 
     def value(
         self,
@@ -419,6 +423,7 @@ def knn(
             if s not in store.splits:
                 raise ProbekitError(f"store has no split {s!r}; it has {', '.join(store.splits)}.")
     records: list[KnnRecord] = []
+    right: dict[tuple[str, str, int, str], np.ndarray] = {}
     base = {
         "backbone": meta["backbone"]["name"],
         "weights": meta["weights"]["source"],
@@ -475,6 +480,7 @@ def knn(
                 t = temperature if v == "weighted" else None
                 common = dict(base, layer=layer, pool=pool, k=k, temperature=t, vote=v, n=len(q_y))
                 correct = (r[:, 0] == q_y).astype(np.float64)
+                right[(layer, pool, k, v)] = correct.astype(bool)
                 records += [
                     KnnRecord(
                         **common,
@@ -496,7 +502,8 @@ def knn(
         path = store.write_records(
             "knn", config, ({**r.to_dict(), "backend": backend} for r in records)
         )
-    return KnnResult(records, backend, path)
+    queried = np.ones(len(q_y), dtype=bool) if store is None else q_keep
+    return KnnResult(records, backend, path, None if retrieval else queried, right)
 
 
 def _per_class_record(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -11,6 +13,9 @@ __all__ = [
     "RetrievalMetrics",
     "balanced_accuracy",
     "bootstrap_ci",
+    "decode_outcomes",
+    "encode_outcomes",
+    "paired_bootstrap_ci",
     "per_class_accuracy",
     "retrieval_metrics",
     "topk_accuracy",
@@ -53,6 +58,62 @@ def bootstrap_ci(
     means = np.random.default_rng(seed).binomial(n, p, size=n_boot) / n
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def paired_bootstrap_ci(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(a) - mean(b) for two 0/1 vectors on the same items
+    (two models' hits on one test set), the items resampled together.
+
+    Each item's difference is +1, -1 or 0, so resampling n items with replacement draws those
+    three counts from Multinomial(n, their shares): the same distribution at O(n_boot) cost.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired vectors differ in shape: {a.shape} vs {b.shape}")
+    n = len(a)
+    if n == 0:
+        return float("nan"), float("nan")
+    up, down = int((a & ~b).sum()), int((~a & b).sum())
+    counts = np.random.default_rng(seed).multinomial(
+        n, [up / n, down / n, (n - up - down) / n], n_boot
+    )
+    diffs = (counts[:, 0] - counts[:, 1]) / n
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def encode_outcomes(
+    scored: np.ndarray, right: np.ndarray, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """Which rows of a split were scored (`scored`, one flag per row) and which of those were
+    classified right (`right`, one flag per scored row), as JSON: bit-packed, base64.
+    `fingerprint` names the rows (the dataset's), so only outcomes on the same rows pair up."""
+    scored = np.asarray(scored, dtype=bool)
+    full = np.zeros(len(scored), dtype=bool)
+    full[scored] = np.asarray(right, dtype=bool)
+
+    def pack(bits: np.ndarray) -> str:
+        return base64.b64encode(np.packbits(bits).tobytes()).decode("ascii")
+
+    return {
+        "rows": len(scored),
+        "scored": pack(scored),
+        "right": pack(full),
+        "fingerprint": fingerprint,
+    }
+
+
+def decode_outcomes(d: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(scored, right), one flag per row of the split each: the inverse of `encode_outcomes`."""
+    n = int(d["rows"])
+
+    def unpack(text: str) -> np.ndarray:
+        raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+        return np.unpackbits(raw, count=n).astype(bool)
+
+    return unpack(d["scored"]), unpack(d["right"])
 
 
 @dataclass(frozen=True)

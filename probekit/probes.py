@@ -20,6 +20,7 @@ from probekit.errors import ProbekitError
 from probekit.metrics import (
     balanced_accuracy,
     bootstrap_ci,
+    encode_outcomes,
     per_class_accuracy,
     topk_accuracy,
 )
@@ -820,6 +821,8 @@ def probe(
                 )
                 correct = (ranked[:, 0] == y).astype(np.float64)
                 lo, hi = bootstrap_ci(correct, seed=seed)
+                fingerprint = st.meta["dataset"].get("fingerprint")
+                outcomes = encode_outcomes(st.usable(split), correct, fingerprint)
                 common = dict(
                     base,
                     dataset=ds_spec,
@@ -836,7 +839,7 @@ def probe(
                         **common,
                         metric="top1",
                         value=float(correct.mean()),
-                        extra={"ci95": [lo, hi]},
+                        extra={"ci95": [lo, hi], "outcomes": outcomes},
                     ),
                     ProbeRecord(**common, metric="top5", value=topk_accuracy(ranked, y, 5)),
                     ProbeRecord(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from probekit.errors import ProbekitError
+from probekit.metrics import decode_outcomes, paired_bootstrap_ci
 
 __all__ = [
     "BOB_CAVEAT",
@@ -158,6 +159,8 @@ class Cell:
     hyper: dict[str, Any]
     n: int
     selected_on: str
+    # which test rows were scored and right (`encode_outcomes`), for paired differences
+    outcomes: dict[str, Any] | None = field(default=None, repr=False)
 
     def ci_text(self) -> str:
         if self.ci95 is None or any(math.isnan(v) for v in self.ci95):
@@ -250,6 +253,7 @@ def _knn_cells(recs: list[dict[str, Any]]) -> list[Cell]:
                 {"k": pick["k"], "vote": pick["vote"]},
                 int(pick["n"]),
                 on,
+                pick.get("extra", {}).get("outcomes"),
             )
         )
     return cells
@@ -277,6 +281,7 @@ def _probe_cells(recs: list[dict[str, Any]]) -> list[Cell]:
                 hyper,
                 int(r["n"]),
                 "validation",
+                r.get("extra", {}).get("outcomes"),
             )
         )
     return cells
@@ -363,10 +368,43 @@ def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
                 "value": c.value,
                 "reference_value": r.value,
                 "delta": c.value - r.value,
+                "delta_ci95": _paired_ci(c.outcomes, r.outcomes),
                 "ci_overlap": overlap,
             }
         )
     return out
+
+
+def _paired_ci(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[float] | None:
+    """95% paired bootstrap interval of a model's top-1 minus the reference's, image by image
+    over the test rows both scored; None unless both outcomes are of the same dataset's rows."""
+    if not a or not b or a.get("fingerprint") is None:
+        return None
+    if (a["rows"], a["fingerprint"]) != (b["rows"], b["fingerprint"]):
+        return None
+    (scored_a, right_a), (scored_b, right_b) = decode_outcomes(a), decode_outcomes(b)
+    both = scored_a & scored_b
+    if not both.any():
+        return None
+    return list(paired_bootstrap_ci(right_a[both], right_b[both]))
+
+
+def delta_texts(d: dict[str, Any]) -> list[str]:
+    """A delta row's difference, paired interval and interval overlap, as the tables show them."""
+    ci = d.get("delta_ci95")
+    return [
+        f"{100 * d['delta']:+.2f}",
+        f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "-",
+        {True: "yes", False: "no", None: "-"}[d["ci_overlap"]],
+    ]
+
+
+DELTA_COLUMNS = ["delta (points)", "paired 95% CI", "CIs overlap"]
+DELTA_NOTE = (
+    "Test top-1 minus the reference's, in points. The paired interval resamples the test images "
+    "of both models together (a difference whose interval excludes 0 is unlikely to be noise); "
+    "two leaderboard intervals that overlap say much less."
+)
 
 
 def build_report(records: Iterable[dict[str, Any]], reference: str | None = None) -> Report:
@@ -475,17 +513,9 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         md += ["", f"> {BOB_CAVEAT}"]
     if rep.reference:
         md += ["", f"## Difference to {rep.reference}", ""]
-        rows = [
-            [
-                d["task"],
-                d["method"],
-                d["model"],
-                f"{100 * d['delta']:+.2f}",
-                {True: "yes", False: "no", None: "-"}[d["ci_overlap"]],
-            ]
-            for d in rep.deltas
-        ]
-        md.append(_md_table(["task", "method", "model", "delta (points)", "CIs overlap"], rows))
+        md += [DELTA_NOTE, ""]
+        rows = [[d["task"], d["method"], d["model"], *delta_texts(d)] for d in rep.deltas]
+        md.append(_md_table(["task", "method", "model", *DELTA_COLUMNS], rows))
     if rep.timing:
         md += ["", "## Time per backbone", ""]
         rows = []

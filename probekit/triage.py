@@ -26,6 +26,7 @@ from probekit.extract import (
     geometry_transform,
 )
 from probekit.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
+from probekit.metrics import encode_outcomes
 from probekit.report import METHODS, Report, build_report, write_report
 
 __all__ = [
@@ -82,6 +83,11 @@ def parse_transfers(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
         src, sep, dst = item.partition("->")
         if not sep or not src.strip() or not dst.strip():
             raise ProbekitError(f"transfer {item!r}: write SOURCE->TARGET, e.g. 'mnist5k->digits'.")
+        if src.strip() == dst.strip():
+            raise ProbekitError(
+                f"transfer {item!r} is from a dataset to itself; its test split is already "
+                "evaluated. Name two datasets, e.g. 'mnist5k->digits'."
+            )
         out.append((src.strip(), dst.strip()))
     return out
 
@@ -159,6 +165,12 @@ def triage(
     for spec in [*data_specs, *[dst for _, dst in pairs]]:
         if spec not in datasets:
             datasets[spec] = load_dataset(spec)
+    for src, dst in pairs:
+        if datasets[src].spec == datasets[dst].spec:
+            raise ProbekitError(
+                f"transfer {src}->{dst} is from a dataset to itself ({datasets[src].spec}); its "
+                "test split is already evaluated. Name two datasets, e.g. 'mnist5k->digits'."
+            )
 
     # the pixel cache pays off as soon as a second backbone reads the same images
     use_pixels = len(specs) > 1 if pixel_cache is None else pixel_cache
@@ -422,6 +434,12 @@ def _knn_all(
         if r.metric == "top1"
         and (r.layer, r.pool, r.k, r.vote) == (best.layer, best.pool, best.k, best.vote)
     )
+    # the chosen configuration's hits image by image: paired comparisons between models
+    assert test.queried is not None
+    right = test.right[(best.layer, best.pool, best.k, best.vote)]
+    out[test.records.index(pick)]["extra"]["outcomes"] = encode_outcomes(
+        test.queried, right, _fingerprint(store)
+    )
     for t in targets:
         out += _knn_transfer(store, t, best, tag)
     records += out
@@ -498,5 +516,12 @@ def _knn_transfer(
             **tag,
         )
         d["extra"] = {**d.get("extra", {}), "selected_on": "leave-one-out on source train"}
+        if r.metric == "top1":
+            right = res.right[(r.layer, r.pool, r.k, r.vote)]
+            d["extra"]["outcomes"] = encode_outcomes(dv, right, _fingerprint(dst))
         out.append(d)
     return out
+
+
+def _fingerprint(store: FeatureStore) -> str | None:
+    return store.meta["dataset"].get("fingerprint")  # type: ignore[no-any-return]

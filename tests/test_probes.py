@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 import probekit
 from probekit.cache.store import FeatureStore
 from probekit.errors import ProbekitError
+from probekit.metrics import decode_outcomes, encode_outcomes, paired_bootstrap_ci
 from probekit.probes import (
     bootstrap_ci,
     fit_logreg,
@@ -111,6 +113,34 @@ def test_bootstrap_ci_brackets_the_mean() -> None:
     half = 1.96 * np.sqrt(0.8 * 0.2 / 400)
     assert lo < correct.mean() < hi
     assert hi - lo == pytest.approx(2 * half, rel=0.2)
+
+
+def test_paired_bootstrap_ci_matches_resampling_the_images() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.random(300) < 0.75
+    b = np.where(rng.random(300) < 0.8, a, ~a)  # mostly the same images right, as two models
+    lo, hi = paired_bootstrap_ci(a, b, n_boot=20000)
+    # the reference: resample image indices, both models together
+    idx = rng.integers(0, 300, size=(20000, 300))
+    diffs = a[idx].mean(1) - b[idx].mean(1)
+    ref_lo, ref_hi = np.quantile(diffs, [0.025, 0.975])
+    assert lo == pytest.approx(ref_lo, abs=0.006) and hi == pytest.approx(ref_hi, abs=0.006)
+    # pairing narrows the interval: unpaired intervals of the two means are wider
+    assert hi - lo < np.sqrt(2) * (bootstrap_ci(a)[1] - bootstrap_ci(a)[0])
+    assert paired_bootstrap_ci(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        paired_bootstrap_ci(a, b[:-1])
+
+
+def test_outcomes_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 1001):
+        scored = rng.random(n) < 0.9
+        right = rng.random(int(scored.sum())) < 0.5
+        d = json.loads(json.dumps(encode_outcomes(scored, right, "fp")))
+        got_scored, got_right = decode_outcomes(d)
+        assert np.array_equal(got_scored, scored) and np.array_equal(got_right[scored], right)
+        assert not got_right[~scored].any() and d["fingerprint"] == "fp"
 
 
 def _store(

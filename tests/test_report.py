@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from probekit.errors import ProbekitError
+from probekit.metrics import encode_outcomes, paired_bootstrap_ci
 from probekit.report import build_report, load_records, model_label, write_report
 
 
@@ -90,6 +91,27 @@ def test_zscore_ranking_matches_numpy_and_reference_deltas() -> None:
     assert len(rep.deltas) == 9
     with pytest.raises(ProbekitError, match="reference 'nope'"):
         build_report(recs, reference="nope")
+
+
+def test_reference_deltas_pair_the_test_images() -> None:
+    rng = np.random.default_rng(1)
+    scored = rng.random(200) < 0.95  # a few invalid images, the same for both models
+    ref_right = rng.random(int(scored.sum())) < 0.6
+    new_right = ref_right | (rng.random(len(ref_right)) < 0.3)  # right wherever ref is, and more
+    recs = []
+    for model, right in (("ref", ref_right), ("new", new_right)):
+        r = _probe(model, "d", float(right.mean()), (0.0, 1.0))  # leaderboard CIs overlap
+        r["extra"]["outcomes"] = encode_outcomes(scored, right, "fp")
+        recs.append(r)
+    (d,) = build_report(recs, reference="ref").deltas
+    assert d["delta"] == pytest.approx(new_right.mean() - ref_right.mean())
+    assert d["delta_ci95"] == list(paired_bootstrap_ci(new_right, ref_right))
+    assert 0 < d["delta_ci95"][0] < d["delta"] < d["delta_ci95"][1] and d["ci_overlap"]
+    # outcomes of other rows (another dataset's, or none recorded) are not paired
+    recs[1]["extra"]["outcomes"] = encode_outcomes(scored, new_right, "other")
+    assert build_report(recs, reference="ref").deltas[0]["delta_ci95"] is None
+    del recs[1]["extra"]["outcomes"]
+    assert build_report(recs, reference="ref").deltas[0]["delta_ci95"] is None
 
 
 def test_records_merge_later_wins_and_transfer_is_its_own_task(tmp_path: Path) -> None:

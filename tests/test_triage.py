@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from probekit.cache.store import open_store
 from probekit.cli import app
+from probekit.metrics import decode_outcomes
+from probekit.report import build_report, load_records
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -113,6 +115,14 @@ def test_readme_quickstart_and_triage_commands(
     task = f"imagefolder:{path}"
     assert f"## {task}" in md and f"## {task}->imagefolder:{other}" in md
     assert "## Difference to test_vit@random" in md and "## Time per backbone" in md
+    # every leaderboard entry keeps its test images' outcomes: the deltas are paired
+    report = build_report(load_records([rep / "results.jsonl"]), reference="test_vit@random")
+    assert len(report.deltas) == 3 * 3 * 3
+    assert all(d["delta_ci95"][0] <= d["delta"] <= d["delta_ci95"][1] for d in report.deltas)
+    for c in report.cells:
+        assert c.outcomes is not None, (c.task, c.method, c.model)
+        scored, right = decode_outcomes(c.outcomes)
+        assert scored.sum() == c.n and right[scored].mean() == pytest.approx(c.value)
     csv_rows = (rep / "results.csv").read_text().splitlines()
     # 4 backbones x 3 methods x 3 tasks (PATH, OTHER, PATH->OTHER)
     models = {r.split(",")[2] for r in csv_rows[1:]}
@@ -229,6 +239,7 @@ def test_triage_bad_input_is_one_line(tmp_path: Path) -> None:
         (["--backbones", "test_vit", "--data", "nope"], "unknown dataset spec"),
         (["--backbones", "a,a", "--data", "synthetic"], "backbones repeat"),
         (["--backbones", "a", "--data", "synthetic", "--transfer", "x"], "SOURCE->TARGET"),
+        (["-b", "a", "-d", "digits", "--transfer", "digits->digits"], "from a dataset to itself"),
         (["--backbones", "a", "--data", "synthetic", "--reference", "b"], "not among --backbones"),
     ]:
         res = runner.invoke(app, ["triage", *args, "--out", str(tmp_path / "r")])

@@ -31,8 +31,11 @@ from probekit.knn import knn as run_knn
 from probekit.probes import probe as run_probe
 from probekit.report import (
     BOB_CAVEAT,
+    DELTA_COLUMNS,
+    DELTA_NOTE,
     METHODS,
     Report,
+    delta_texts,
     leaderboard_rows,
     load_records,
     write_report,
@@ -523,17 +526,12 @@ def _print_report(rep: Report, files: dict[str, str]) -> None:
         out.print(BOB_CAVEAT)
     if rep.reference and rep.deltas:
         table = Table(
-            "task",
-            "method",
-            "model",
-            "delta (points)",
-            "CIs overlap",
-            title=f"difference to {rep.reference}",
+            "task", "method", "model", *DELTA_COLUMNS, title=f"difference to {rep.reference}"
         )
         for d in rep.deltas:
-            overlap = {True: "yes", False: "no", None: "-"}[d["ci_overlap"]]
-            table.add_row(d["task"], d["method"], d["model"], f"{100 * d['delta']:+.2f}", overlap)
+            table.add_row(d["task"], d["method"], d["model"], *delta_texts(d))
         out.print(table)
+        out.print(DELTA_NOTE)
     for e in rep.errors:
         out.print(f"FAILED {e['model']} on {e['dataset']} ({e.get('stage')}): {e['message']}")
     report_md = Path(files["report.md"])
@@ -547,7 +545,9 @@ def _print_report(rep: Report, files: dict[str, str]) -> None:
 
 ReferenceOpt = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(help="Show every model's difference to this one, and whether the CIs overlap."),
+    typer.Option(
+        help="Show every model's difference to this one, with a paired bootstrap interval."
+    ),
 ]
 
 
