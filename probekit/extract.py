@@ -634,6 +634,9 @@ def extract(
                 0,
                 label,
                 ds.spec,
+                # how the store was made (its pixels, its compile time), not this lookup
+                str(meta.get("pixels", "decoded")),
+                float(meta.get("compile_seconds", 0.0)),
             )
         # the writer (and reader) processes start now, or were kept from an earlier call:
         # they import while the model is built

@@ -93,10 +93,12 @@ def test_stored_features_equal_timm_forward(name: str, pools: list[str], dtype: 
 
 
 def test_rerun_is_a_cache_hit_and_other_configs_are_not(cache_dir: Path) -> None:
-    first = probekit.extract("test_vit", "synthetic:2", random_init=True, **SMALL)
+    first = probekit.extract("test_vit", "synthetic:2", random_init=True, pixel_cache=True, **SMALL)
+    assert first.pixels.startswith("from the pixel cache (built now")
     mtimes = {p: p.stat().st_mtime_ns for p in Path(first.store_path).rglob("*")}
     again = probekit.extract("test_vit", "synthetic:2", random_init=True, **SMALL)
     assert again.cache_hit and again.store_path == first.store_path
+    assert again.pixels == first.pixels  # how the store was made, not how it was looked up
     assert {p: p.stat().st_mtime_ns for p in Path(first.store_path).rglob("*")} == mtimes
     other = probekit.extract("test_vit", "synthetic:2", random_init=True, layers="last2", **SMALL)
     assert not other.cache_hit and other.store_path != first.store_path
