@@ -409,10 +409,7 @@ def knn(
     else:
         store = open_for_reading(source, allow_partial=allow_partial)
         meta = store.meta
-        names = list(features) if features else store.feature_names
-        unknown = [n for n in names if n not in store.feature_names]
-        if unknown:
-            raise ProbekitError(f"unknown features {unknown}; the store has {store.feature_names}.")
+        names = store.check_features(features) if features else store.feature_names
         n_classes = len(store.class_names)
         if {"query", "gallery"} <= set(store.splits) and (train_split, test_split) == (
             "train",
@@ -448,7 +445,7 @@ def knn(
             database: Any = l2_normalize(arrays[0])
         else:
             queries = l2_normalize(store.features(test_split, name)[q_keep])
-            dim = int(meta["feature_dims"][name])
+            dim = store.feature_dim(name)
             # a block: float16 rows read + their float32 normalized copy; whole store chunks
             chunk = int(meta["chunk_rows"])
             rows = max(1, memory_mb * 2**20 // (6 * dim + 4 * len(queries)))

@@ -594,10 +594,7 @@ def probe(
     """
     store = open_for_reading(source, allow_partial=allow_partial)
     meta = store.meta
-    names = list(features) if features else store.feature_names
-    unknown = [n for n in names if n not in store.feature_names]
-    if unknown:
-        raise ProbekitError(f"unknown features {unknown}; the store has {store.feature_names}.")
+    names = store.check_features(features) if features else store.feature_names
     if test_split not in store.splits or "train" not in store.splits:
         raise ProbekitError(
             f"probes need a train and a {test_split!r} split; the store has "
@@ -632,7 +629,7 @@ def probe(
 
     feats: dict[str, _Feature] = {}
     for name in names:  # train statistics, a block at a time
-        width = int(store.meta.get("feature_dims", {}).get(name, 1024))
+        width = store.feature_dim(name)
         block = max(256, min(16384, budget // (3 * 8 * width)))  # float64 blocks, temporaries
         mean_np, std_np = feature_stats(store, "train", name, fit_rows, block)
         mean = torch.from_numpy(mean_np).to(dev, tdtype)
@@ -912,8 +909,13 @@ def _check_transfer(src: FeatureStore, dst: FeatureStore, name: str) -> None:
             f"cannot evaluate on {dst.meta['dataset']['spec']}: classes {missing[:5]} are not "
             "among the probe's training classes."
         )
+    try:
+        dst.parts(name)
+        holds = True
+    except ProbekitError:
+        holds = False
     if (
-        name not in dst.feature_names
+        not holds
         or src.meta["config"]["backbone"] != dst.meta["config"]["backbone"]
         or src.meta["config"]["weights"] != dst.meta["config"]["weights"]
     ):

@@ -77,9 +77,11 @@ def write_store(
     feature: str = "head/embed",
     backbone: str = "arrays",
     chunk_rows: int | None = None,
+    num_layers: int | None = None,
 ) -> Path:
     """A complete feature store holding given arrays: splits = {name: (x (N, D), y (N,))},
-    x either one array (stored as `feature`) or {feature name: array}."""
+    x either one array (stored as `feature`) or {feature name: array}; `num_layers`: the
+    model's (for lastN/POOL features)."""
     from probekit.cache.store import FeatureStore, StoreConfig
 
     def named(x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,7 +95,7 @@ def write_store(
     assert sorted(cfg.feature_names) == sorted(dims), "features: layerN/POOL grid and head/embed"
     meta = {
         "dataset": {"spec": f"arrays:{path.name}", "fingerprint": "-"},
-        "backbone": {"name": backbone},
+        "backbone": {"name": backbone, "num_layers": num_layers},
         "weights": {"source": "given"},
         "class_names": class_names,
     }

@@ -227,3 +227,51 @@ def test_per_class_and_balanced_accuracy_equal_scikit_learn() -> None:
     assert worst.value == pytest.approx(want.min())
     assert res.value("balanced_accuracy", k=5) == pytest.approx(balanced_accuracy_score(q_y, pred))
     assert res.value("top1", k=5) == pytest.approx((pred == q_y).mean())
+
+
+def test_last_n_features_concatenate_the_models_last_layers(tmp_path: Path) -> None:
+    """`last2/cls` reads the last two layers' features side by side (DINO's linear protocol
+    concatenates the last 4 blocks' class tokens): as if the concatenation had been stored."""
+    from conftest import write_store
+
+    from probekit.cache.store import open_store
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 5))
+
+    def split(n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        y = rng.integers(0, 3, n)
+        x = {f"layer{i}/cls": centers[y, : 2 + i] + rng.normal(size=(n, 2 + i)) for i in range(4)}
+        return {**x, "head/embed": rng.normal(size=(n, 3))}, y
+
+    splits = {"train": split(90), "test": split(40)}
+    path = write_store(tmp_path / "s.zarr", splits, ["a", "b", "c"], chunk_rows=16, num_layers=4)
+    cat = {
+        s: (np.concatenate([x["layer2/cls"], x["layer3/cls"]], 1).astype(np.float32), y)
+        for s, (x, y) in splits.items()
+    }
+    flat = write_store(tmp_path / "flat.zarr", cat, ["a", "b", "c"], chunk_rows=16)
+    store, ref = open_store(path), open_store(flat)
+    assert store.feature_dim("last2/cls") == 4 + 5
+    np.testing.assert_array_equal(store.features("train", "last2/cls"), cat["train"][0])
+    rows = np.array([1, 5, 40, 89])
+    sparse = store.read_rows("train", "last2/cls", rows)
+    np.testing.assert_array_equal(sparse, cat["train"][0][rows])
+    blocks = [b for _, b in store.iter_features("train", "last2/cls", rows=16)]
+    np.testing.assert_array_equal(np.concatenate(blocks), cat["train"][0])
+    assert store.parts("last1/cls") == ["layer3/cls"]
+    assert store.parts("head/embed") == ["head/embed"]
+    # kNN and a probe on it give what they give on the stored concatenation
+    ks = [1, 5, 20]
+    got = probekit.knn(store, ks=ks, features=["last2/cls"], memory_mb=1, write=False)
+    want = probekit.knn(ref, ks=ks, memory_mb=1, write=False)
+    assert [r.value for r in got.records] == [r.value for r in want.records]
+    p_got = probekit.probe(store, method="logreg", features=["last2/cls"], write=False)
+    p_want = probekit.probe(ref, method="logreg", write=False)
+    assert p_got.selected["logreg"]["feature"] == "last2/cls"
+    assert p_got.value("top1", method="logreg", split="test") == pytest.approx(
+        p_want.value("top1", method="logreg", split="test")
+    )
+    for bad, msg in [("last5/cls", "pick N from 1 to 4"), ("last2/mean", "lacks layer2/mean")]:
+        with pytest.raises(ProbekitError, match=msg):
+            probekit.knn(store, features=[bad], write=False)

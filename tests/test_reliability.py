@@ -487,7 +487,10 @@ def test_bad_arguments_on_the_command_line_are_one_line_and_change_nothing(
     )
     _one_line_error(runner.invoke(app, ["knn", str(store), "--k", "ten"]), "--k takes integers")
     _one_line_error(
-        runner.invoke(app, ["probe", str(store), "--features", "layer9/max"]), "unknown features"
+        runner.invoke(app, ["probe", str(store), "--features", "layer9/max"]), "unknown feature"
+    )
+    _one_line_error(
+        runner.invoke(app, ["knn", str(store), "--features", "last9/cls"]), "lacks layer0/cls"
     )
     (image_folder / "test" / "cat" / "new.png").write_bytes(
         (image_folder / "test" / "cat" / "1.png").read_bytes()

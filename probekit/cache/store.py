@@ -24,8 +24,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -158,6 +159,14 @@ class StoreLock:
             self._fd = None
 
 
+_LAST_N = re.compile(r"^last(\d+)/(.+)$")
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Features side by side (one part: as stored; float16 next to float32: float32)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 class FeatureStore:
     """A feature store opened for reading (and, for the extractor, writing)."""
 
@@ -193,6 +202,42 @@ class FeatureStore:
     def feature_names(self) -> list[str]:
         return list(self.meta.get("feature_names", []))
 
+    def parts(self, name: str) -> list[str]:
+        """The stored features a feature name reads: itself, or for `lastN/POOL` the model's
+        last N layers with that pool, concatenated in layer order (DINO's linear evaluation of
+        ViT-S: the class tokens of the last 4 blocks, `last4/cls`)."""
+        stored = self.feature_names
+        if name in stored:
+            return [name]
+        m = _LAST_N.match(name)
+        if m is None:
+            raise StoreError(
+                f"unknown feature {name!r}; the store has {', '.join(stored)}, and lastN/POOL "
+                "concatenates its model's last N layers (e.g. last4/cls)."
+            )
+        n, pool = int(m[1]), m[2]
+        total = int(self.meta.get("backbone", {}).get("num_layers") or 0)
+        want = [f"layer{i}/{pool}" for i in range(max(0, total - n), total)]
+        missing = [w for w in want if w not in stored]
+        if not 1 <= n <= total or missing or not want:
+            raise StoreError(
+                f"feature {name!r} concatenates the model's last {n} layers (of {total}) pooled "
+                f"by {pool}; the store lacks {', '.join(missing) or 'them'}: extract with "
+                f"--layers last{n} --pool {pool}, or pick N from 1 to {total}."
+            )
+        return want
+
+    def check_features(self, names: Sequence[str]) -> list[str]:
+        """`names` if each is stored or a `lastN/POOL` concatenation of stored ones; else a
+        one-line error."""
+        for name in names:
+            self.parts(name)
+        return list(names)
+
+    def feature_dim(self, name: str) -> int:
+        dims = self.meta["feature_dims"]
+        return sum(int(dims[p]) for p in self.parts(name))
+
     # ---- readers
     def _array(self, split: str, name: str) -> Any:
         if split not in self.splits:
@@ -207,8 +252,9 @@ class FeatureStore:
         return arr
 
     def features(self, split: str, name: str = "head/embed") -> np.ndarray:
-        """(N, D) features of one layer/pool (e.g. 'layer11/cls'), invalid rows included (zeros)."""
-        return np.asarray(self._array(split, name)[:])
+        """(N, D) features of one layer/pool (e.g. 'layer11/cls', or a concatenation such as
+        'last4/cls'), invalid rows included (zeros)."""
+        return _concat([np.asarray(self._array(split, p)[:]) for p in self.parts(name)])
 
     def iter_features(
         self,
@@ -220,14 +266,18 @@ class FeatureStore:
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Stream (start_row, block) over rows [start, stop) of a feature array, `rows` at a
         time (default: a chunk)."""
-        arr = self._array(split, name)
-        step = rows or int(arr.chunks[0])
-        end = int(arr.shape[0]) if stop is None else min(stop, int(arr.shape[0]))
+        arrs = [self._array(split, p) for p in self.parts(name)]
+        step = rows or int(arrs[0].chunks[0])
+        end = int(arrs[0].shape[0]) if stop is None else min(stop, int(arrs[0].shape[0]))
         for first in range(start, end, step):
-            yield first, np.asarray(arr[first : min(first + step, end)])
+            last = min(first + step, end)
+            yield first, _concat([np.asarray(a[first:last]) for a in arrs])
 
     def read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (sorted indices) of one array, reading only the chunks that hold them."""
+        """Rows `rows` (sorted indices) of a feature, reading only the chunks that hold them."""
+        return _concat([self._read_rows(split, p, rows) for p in self.parts(name)])
+
+    def _read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
         arr = self._array(split, name)
         if not len(rows):
             return np.asarray(arr[0:0])

@@ -325,7 +325,8 @@ def knn_cmd(
     features: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            help="Stored features to evaluate, e.g. layer11/cls,head/embed [default: all]."
+            help="Stored features to evaluate, e.g. layer11/cls,head/embed; lastN/POOL "
+            "concatenates the model's last N layers (last4/cls) [default: all stored]."
         ),
     ] = None,
     train_split: Annotated[str, typer.Option(help="Database split.")] = "train",
@@ -394,7 +395,10 @@ def probe_cmd(
     method: Annotated[str, typer.Option(help="linear (batched heads), logreg, or both.")] = "both",
     features: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Stored features to probe, e.g. layer11/cls [default: all]."),
+        typer.Option(
+            help="Stored features to probe, e.g. layer11/cls; lastN/POOL concatenates the "
+            "model's last N layers (DINO: last4/cls) [default: all stored]."
+        ),
     ] = None,
     eval_on: Annotated[
         Optional[str],  # noqa: UP045
