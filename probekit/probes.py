@@ -909,13 +909,8 @@ def _check_transfer(src: FeatureStore, dst: FeatureStore, name: str) -> None:
             f"cannot evaluate on {dst.meta['dataset']['spec']}: classes {missing[:5]} are not "
             "among the probe's training classes."
         )
-    try:
-        dst.parts(name)
-        holds = True
-    except ProbekitError:
-        holds = False
     if (
-        not holds
+        not dst.has_feature(name)
         or src.meta["config"]["backbone"] != dst.meta["config"]["backbone"]
         or src.meta["config"]["weights"] != dst.meta["config"]["weights"]
     ):

@@ -315,6 +315,8 @@ def _curves(
             method, value, prefer = r["method"], float(r["value"]), True
         else:
             continue
+        if r["layer"] != "head" and not r["layer"].removeprefix("layer").isdigit():
+            continue  # a concatenation of layers (last4/cls) has no one depth
         key = (_task(r), method, r["model"])
         slot = pts.setdefault(key, {})
         # one point per layer: the chosen pool where the layer has it, else the best pool

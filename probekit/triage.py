@@ -119,6 +119,7 @@ def triage(
     pool: str | Sequence[str] = DEFAULT_POOLS,
     img_size: int | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    features: str | Sequence[str] | None = None,
     reference: str | None = None,
     out: str | os.PathLike[str] = "probekit-report",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -133,7 +134,9 @@ def triage(
 ) -> TriageResult:
     """Extract (cache-aware), kNN-evaluate and probe every backbone on every dataset; report.
 
-    `backbones`: NAME, NAME@random or NAME@WEIGHTS_FILE (comma list). `transfer`: SRC->DST
+    `backbones`: NAME, NAME@random or NAME@WEIGHTS_FILE (comma list). `features`: what kNN
+    and the probes evaluate (default: every stored feature), e.g. "last4/cls,head/embed":
+    names every backbone has (`lastN/POOL` concatenates its last N layers). `transfer`: SRC->DST
     pairs; SRC must be among `data`, DST is extracted for its test split. A failure of one
     backbone on one dataset becomes a row of the report; the others go on. `pixel_cache`
     (default: on for more than one backbone) decodes each image once per geometry;
@@ -150,6 +153,7 @@ def triage(
     if not data_specs:
         raise ProbekitError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
     pairs = parse_transfers(transfer)
+    feats = _names(features)
     for src, _ in pairs:
         if src not in data_specs:
             raise ProbekitError(f"transfer source {src!r} is not among --data ({data_specs}).")
@@ -208,7 +212,7 @@ def triage(
             if spec not in stores:
                 continue
             targets = [stores[dst] for src, dst in pairs if src == spec and dst in stores]
-            key = _journal_key(b.label, stores[spec], targets, wanted, ks)
+            key = _journal_key(b.label, stores[spec], targets, wanted, ks, feats)
             kept = journal.get(key) if journal is not None else None
             if kept is not None:
                 records += kept["records"]
@@ -217,7 +221,7 @@ def triage(
             t0 = time.perf_counter()
             first = len(records)
             try:
-                lines = _evaluate(b, stores[spec], targets, wanted, ks, records)
+                lines = _evaluate(b, stores[spec], targets, wanted, ks, feats, records)
             except Exception as e:
                 records.append(_record("error", b.label, spec, stage="evaluate", message=_msg(e)))
                 say(f"  {b.label} on {spec}: FAILED to evaluate: {_msg(e)}")
@@ -268,11 +272,15 @@ def _journal_key(
     targets: list[FeatureStore],
     methods: list[str],
     ks: Sequence[int],
+    features: list[str] | None,
 ) -> str:
     """What an evaluation's numbers depend on: model label, the stores (each extraction has its
     own creation time) and the evaluation options."""
     ident = [(s.meta.get("cache_key"), s.meta.get("created")) for s in [store, *targets]]
-    blob = json.dumps([label, ident, methods, sorted(int(k) for k in ks)], default=str)
+    options: list[Any] = [methods, sorted(int(k) for k in ks)]
+    if features is not None:
+        options.append(features)
+    blob = json.dumps([label, ident, *options], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -385,6 +393,7 @@ def _evaluate(
     targets: list[FeatureStore],
     methods: list[str],
     ks: Sequence[int],
+    features: list[str] | None,
     records: list[dict[str, Any]],
 ) -> str:
     """kNN (test + selection split) and probes on one store; transfers to `targets`."""
@@ -393,7 +402,7 @@ def _evaluate(
     said = []
     if "knn" in methods:
         try:
-            said.append(_knn_all(store, targets, ks, tag, records))
+            said.append(_knn_all(store, targets, ks, features, tag, records))
         except Exception as e:  # the probes may still work
             records.append(_record("error", b.label, spec, stage="knn", message=_msg(e)))
             said.append(f"kNN FAILED: {_msg(e)}")
@@ -401,7 +410,7 @@ def _evaluate(
     dist = distributed.current()
     if probe_methods and (dist is None or dist.is_main):
         try:
-            said.append(_probe_all(store, targets, probe_methods, b.label, records))
+            said.append(_probe_all(store, targets, probe_methods, features, b.label, records))
         except Exception as e:
             records.append(_record("error", b.label, spec, stage="probe", message=_msg(e)))
             said.append(f"probes FAILED: {_msg(e)}")
@@ -412,19 +421,20 @@ def _knn_all(
     store: FeatureStore,
     targets: list[FeatureStore],
     ks: Sequence[int],
+    features: list[str] | None,
     tag: dict[str, Any],
     records: list[dict[str, Any]],
 ) -> str:
     # k beyond a small database is capped (leave-one-out leaves n - 1 neighbours)
     n_db = int(store.valid("train").sum()) if "train" in store.splits else 0
     ks = sorted({min(int(k), max(1, n_db - 1)) for k in ks})
-    test = knn(store, ks=ks)
+    test = knn(store, ks=ks, features=features)
     out = [{"kind": "knn", **r.to_dict(), **tag} for r in test.records]
     if {"query", "gallery"} <= set(store.splits):  # retrieval: nothing to choose
         records += out
         return "kNN retrieval"
     sel_split = "val" if "val" in store.splits else "train"
-    sel = knn(store, ks=ks, test_split=sel_split)  # train vs train: leave-one-out
+    sel = knn(store, ks=ks, features=features, test_split=sel_split)  # leave-one-out on train
     sel_recs = [r for r in sel.records if r.metric == "top1"]
     out += [{"kind": "knn", **r.to_dict(), **tag} for r in sel_recs]
     best = max(sel_recs, key=lambda r: (r.value, -r.k))
@@ -450,6 +460,7 @@ def _probe_all(
     store: FeatureStore,
     targets: list[FeatureStore],
     methods: list[str],
+    features: list[str] | None,
     label: str,
     records: list[dict[str, Any]],
 ) -> str:
@@ -459,6 +470,7 @@ def _probe_all(
     res = probe(
         store,
         method=methods[0] if len(methods) == 1 else "both",  # type: ignore[arg-type]
+        features=features,
         eval_on=targets,
     )
     records += [{"kind": "probe", **r.to_dict(), "model": label} for r in res.records]
@@ -480,7 +492,7 @@ def _knn_transfer(
     chosen feature, k and vote; classes are matched by name."""
     name = f"{best.layer}/{best.pool}"
     missing = sorted(set(dst.class_names) - set(src.class_names))
-    if missing or name not in dst.feature_names:
+    if missing or not dst.has_feature(name):
         raise ProbekitError(
             f"cannot transfer to {dst.meta['dataset']['spec']}: "
             + (f"classes {missing[:5]} are not in the source" if missing else f"no {name}")
@@ -521,6 +533,17 @@ def _knn_transfer(
             d["extra"]["outcomes"] = encode_outcomes(dv, right, _fingerprint(dst))
         out.append(d)
     return out
+
+
+def _names(spec: str | Sequence[str] | None) -> list[str] | None:
+    """A comma list (or a sequence) of feature names; None: every stored feature."""
+    if spec is None:
+        return None
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [n for n in names if n]
+    if not names:
+        raise ProbekitError("features is empty; name features (e.g. last4/cls) or leave it out.")
+    return names
 
 
 def _fingerprint(store: FeatureStore) -> str | None:

@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,6 +160,37 @@ def test_readme_python_block_runs_as_written(cache_dir: Path) -> None:
     (knn_top1,), (selected, probe_top1) = printed
     assert 0.5 < knn_top1 <= 1.0 and 0.8 < probe_top1 <= 1.0  # ImageNet weights, 10 classes
     assert selected["feature"] in scope["store"].feature_names
+
+
+def test_triage_chooses_among_the_features_asked_for(tmp_path: Path, cache_dir: Path) -> None:
+    from probekit.triage import triage
+
+    kw: dict[str, Any] = dict(methods="knn,logreg", layers="last2", pool="mean", quiet=True)
+    result = triage(
+        "test_resnet@random",
+        "synthetic:12",
+        transfer="synthetic:12->synthetic:8",
+        features="last2/mean,head/embed",
+        out=tmp_path / "r",
+        log=None,
+        **kw,
+    )
+    rep = result.report
+    assert not rep.errors and len(rep.cells) == 4  # knn, logreg x the dataset, the transfer
+    assert all(c.feature in ("last2/mean", "head/embed") for c in rep.cells)
+    evaluated = {f"{r['layer']}/{r['pool']}" for r in result.records if r["kind"] == "knn"}
+    assert evaluated == {"last2/mean", "head/embed"}
+    # a feature the store cannot make is this backbone's failure, in one line
+    lacking = triage(
+        "test_resnet@random",
+        "synthetic:12",
+        features="last3/mean",
+        out=tmp_path / "s",
+        log=None,
+        **kw,
+    )
+    assert {e["stage"] for e in lacking.report.errors} == {"knn", "probe"}
+    assert all("lacks layer2/mean" in e["message"] for e in lacking.report.errors)
 
 
 @pytest.mark.slow

@@ -227,6 +227,14 @@ class FeatureStore:
             )
         return want
 
+    def has_feature(self, name: str) -> bool:
+        """Whether `name` is stored, or a `lastN/POOL` concatenation of stored features."""
+        try:
+            self.parts(name)
+        except StoreError:
+            return False
+        return True
+
     def check_features(self, names: Sequence[str]) -> list[str]:
         """`names` if each is stored or a `lastN/POOL` concatenation of stored ones; else a
         one-line error."""

@@ -579,6 +579,13 @@ def triage_cmd(
     k: Annotated[str, typer.Option("--k", help="kNN neighbour counts to choose from.")] = (
         ",".join(map(str, DEFAULT_KS))
     ),
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Features kNN and probes choose from, names every backbone has: head/embed, "
+            "lastN/POOL (its last N layers side by side, e.g. last4/cls) [default: all stored]."
+        ),
+    ] = None,
     reference: ReferenceOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path(
         "probekit-report"
@@ -616,6 +623,7 @@ def triage_cmd(
         pool=pool,
         img_size=img_size,
         ks=_parse_ks(k),
+        features=features,
         reference=reference,
         out=out_dir,
         batch_size=batch_size,
