@@ -207,14 +207,9 @@ class FeatureStore:
         last N layers with that pool, concatenated in layer order (DINO's linear evaluation of
         ViT-S: the class tokens of the last 4 blocks, `last4/cls`)."""
         stored = self.feature_names
-        if name in stored:
-            return [name]
         m = _LAST_N.match(name)
-        if m is None:
-            raise StoreError(
-                f"unknown feature {name!r}; the store has {', '.join(stored)}, and lastN/POOL "
-                "concatenates its model's last N layers (e.g. last4/cls)."
-            )
+        if name in stored or m is None:  # an array of its own (or none: `_array` says so)
+            return [name]
         n, pool = int(m[1]), m[2]
         total = int(self.meta.get("backbone", {}).get("num_layers") or 0)
         want = [f"layer{i}/{pool}" for i in range(max(0, total - n), total)]
@@ -230,7 +225,7 @@ class FeatureStore:
     def has_feature(self, name: str) -> bool:
         """Whether `name` is stored, or a `lastN/POOL` concatenation of stored features."""
         try:
-            self.parts(name)
+            self.check_features([name])
         except StoreError:
             return False
         return True
@@ -238,7 +233,13 @@ class FeatureStore:
     def check_features(self, names: Sequence[str]) -> list[str]:
         """`names` if each is stored or a `lastN/POOL` concatenation of stored ones; else a
         one-line error."""
+        stored = self.feature_names
         for name in names:
+            if name not in stored and not _LAST_N.match(name):
+                raise StoreError(
+                    f"unknown feature {name!r}; the store has {', '.join(stored)}, and "
+                    "lastN/POOL concatenates its model's last N layers (e.g. last4/cls)."
+                )
             self.parts(name)
         return list(names)
 
