@@ -361,6 +361,11 @@ def _stream(
         first += len(part)
 
 
+def _positions(keep: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Where the rows flagged in `rows` fall among the rows flagged in `keep` (a superset)."""
+    return np.searchsorted(np.flatnonzero(keep), np.flatnonzero(rows))
+
+
 def knn(
     source: FeatureStore
     | str
@@ -377,6 +382,8 @@ def knn(
     backend: str = "auto",
     memory_mb: int = DEFAULT_MEMORY_MB,
     allow_partial: bool = False,
+    max_queries: int | None = None,
+    seed: int = 0,
     write: bool = True,
 ) -> KnnResult:
     """kNN classification (DINO protocol) of `test_split` against `train_split`, every feature.
@@ -386,7 +393,9 @@ def knn(
     itself is excluded when both splits are the same. `retrieval=True` ranks the whole gallery
     instead and reports mAP, mAP@R, MRR, precision@k and recall@k (same label = relevant); a
     store with `query` and `gallery` splits is evaluated that way by default.
-    Records are written as JSON Lines next to the store.
+    `max_queries`: query at most this many rows of `test_split`, a seeded random sample (the
+    rest of the database stays whole): choosing k and the feature by leave-one-out on a large
+    train split needs no more. Records are written as JSON Lines next to the store.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -432,6 +441,13 @@ def knn(
         db_y, q_y = arrays[1], arrays[3]
     else:  # labels and validity are per split: read once for every feature
         db_keep, q_keep = store.usable(train_split), store.usable(test_split)
+        if max_queries is not None and q_keep.sum() > max_queries:
+            if max_queries < 1:
+                raise ProbekitError(f"max_queries must be positive, got {max_queries}.")
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(np.flatnonzero(q_keep), max_queries, replace=False))
+            q_keep = np.zeros_like(q_keep)
+            q_keep[sample] = True
         db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
     shard = None  # under torchrun: this rank's chunk-aligned rows of the database
     if dist is not None and store is not None and not retrieval:
@@ -444,14 +460,16 @@ def knn(
             queries = l2_normalize(arrays[2])
             database: Any = l2_normalize(arrays[0])
         else:
-            queries = l2_normalize(store.features(test_split, name)[q_keep])
+            queries = l2_normalize(store.read_rows(test_split, name, np.flatnonzero(q_keep)))
             dim = store.feature_dim(name)
             # a block: float16 rows read + their float32 normalized copy; whole store chunks
             chunk = int(meta["chunk_rows"])
             rows = max(1, memory_mb * 2**20 // (6 * dim + 4 * len(queries)))
             rows = max(chunk, rows // chunk * chunk)
             database = _stream(store, train_split, name, rows, db_keep, shard)
-        exclude = np.arange(len(queries)) if same else None
+        exclude = None  # leave-one-out: each query's own row among the database's rows
+        if same:
+            exclude = np.arange(len(queries)) if store is None else _positions(db_keep, q_keep)
         if retrieval:
             records += _retrieval(
                 queries, database, db_y, q_y, exclude, backend, memory_mb, base, layer, pool

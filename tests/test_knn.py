@@ -275,3 +275,36 @@ def test_last_n_features_concatenate_the_models_last_layers(tmp_path: Path) -> N
     for bad, msg in [("last5/cls", "pick N from 1 to 4"), ("last2/mean", "lacks layer2/mean")]:
         with pytest.raises(ProbekitError, match=msg):
             probekit.knn(store, features=[bad], write=False)
+
+
+def test_max_queries_samples_queries_against_the_whole_database(tmp_path: Path) -> None:
+    """A sample of the queries gets exactly the neighbours it gets among all queries, self
+    left out where database and queries are one split (with invalid rows in between)."""
+    import zarr
+    from conftest import write_store
+
+    from probekit.cache.store import open_store
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    x = rng.normal(size=(4, 8))[y] + 1.5 * rng.normal(size=(300, 8))
+    path = write_store(
+        tmp_path / "s.zarr", {"train": (x, y), "test": (x[:120], y[:120])}, list("abcd")
+    )
+    valid = zarr.open_group(str(path), mode="r+")["train/valid"]
+    valid[[3, 50, 51, 200]] = False  # invalid rows: query rows and database rows part ways
+    store = open_store(path)
+    key = ("head", "embed", 5, "weighted")
+    sampled = {}
+    for split in ("train", "test"):
+        full = probekit.knn(store, ks=[5], test_split=split, write=False)
+        part = probekit.knn(store, ks=[5], test_split=split, max_queries=40, seed=3, write=False)
+        assert full.queried is not None and part.queried is not None
+        assert part.queried.sum() == 40 and not (part.queried & ~full.queried).any()
+        np.testing.assert_array_equal(part.right[key], full.right[key][part.queried[full.queried]])
+        assert part.records[0].n == 40
+        sampled[split] = part.queried
+    again = probekit.knn(store, ks=[5], test_split="train", max_queries=40, seed=3, write=False)
+    other = probekit.knn(store, ks=[5], test_split="train", max_queries=40, seed=4, write=False)
+    assert np.array_equal(again.queried, sampled["train"])
+    assert not np.array_equal(other.queried, sampled["train"])

@@ -339,6 +339,11 @@ def knn_cmd(
         int, typer.Option(help="Block budget for streaming the database.")
     ] = DEFAULT_MEMORY_MB,
     allow_partial: AllowPartialOpt = False,
+    max_queries: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Query a seeded random sample of this many rows [default: all]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the query sample.")] = 0,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -370,6 +375,8 @@ def knn_cmd(
         backend=backend,
         memory_mb=memory_mb,
         allow_partial=allow_partial,
+        max_queries=max_queries,
+        seed=seed,
     )
     dist = distributed.current()
     if dist is not None and not dist.is_main:
