@@ -131,3 +131,15 @@ def test_probe_cli_with_transfer(cache_dir: Path) -> None:
     assert {r["dataset"] for r in rows if r["metric"] == "top1"} == {"synthetic:12", "synthetic:8"}
     bad = runner.invoke(app, ["probe", "--method", "svm", *args[1:]])
     assert bad.exit_code == 1 and "--method is linear, logreg or both" in bad.output
+
+
+def test_help_texts_keep_their_brackets() -> None:
+    """Help is rendered as rich markup, where an unescaped [default: ...] vanishes."""
+    for cmd, text in [
+        ("extract", "timm name[.tag]"),
+        ("extract", "[default: on for CUDA]"),
+        ("knn", "[default: all stored]"),
+        ("triage", "[default: on for 2+ backbones]"),
+    ]:
+        res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "250"})
+        assert res.exit_code == 0 and text in res.output, (cmd, text)

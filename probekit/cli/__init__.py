@@ -83,7 +83,7 @@ CacheDir = Annotated[
     typer.Option(
         "--cache-dir",
         help="Cache root: a directory, or a URL such as s3://bucket/prefix "
-        "[default: $PROBEKIT_CACHE or ~/.cache/probekit].",
+        "\\[default: $PROBEKIT_CACHE or ~/.cache/probekit].",
     ),
 ]
 
@@ -122,7 +122,7 @@ StoreArg = Annotated[
 ]
 BackboneOpt = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option("--backbone", "-b", help="Alias or timm name[.tag] (with --data)."),
+    typer.Option("--backbone", "-b", help="Alias or timm name\\[.tag] (with --data)."),
 ]
 DataOpt = Annotated[
     Optional[str],  # noqa: UP045
@@ -213,7 +213,7 @@ def backbones(
 
 @app.command()
 def extract(
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Alias or timm name[.tag].")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Alias or timm name\\[.tag].")],
     data: Annotated[
         str,
         typer.Option(
@@ -236,8 +236,8 @@ def extract(
     num_workers: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
-            help="Decoding worker processes [default: every core to build the pixel cache; beside "
-            "the model, all cores but 2 on CUDA, half of them on the CPU]."
+            help="Decoding worker processes \\[default: every core to build the pixel cache; "
+            "beside the model, all cores but 2 on CUDA, half of them on the CPU]."
         ),
     ] = None,
     chunk_rows: Annotated[
@@ -245,7 +245,7 @@ def extract(
     ] = DEFAULT_CHUNK_ROWS,
     compile: Annotated[
         Optional[bool],  # noqa: UP045
-        typer.Option("--compile/--no-compile", help="torch.compile [default: on for CUDA]."),
+        typer.Option("--compile/--no-compile", help="torch.compile \\[default: on for CUDA]."),
     ] = None,
     pixel_cache: Annotated[
         bool,
@@ -326,7 +326,7 @@ def knn_cmd(
         Optional[str],  # noqa: UP045
         typer.Option(
             help="Stored features to evaluate, e.g. layer11/cls,head/embed; lastN/POOL "
-            "concatenates the model's last N layers (last4/cls) [default: all stored]."
+            "concatenates the model's last N layers (last4/cls) \\[default: all stored]."
         ),
     ] = None,
     train_split: Annotated[str, typer.Option(help="Database split.")] = "train",
@@ -341,7 +341,7 @@ def knn_cmd(
     allow_partial: AllowPartialOpt = False,
     max_queries: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="Query a seeded random sample of this many rows [default: all]."),
+        typer.Option(help="Query a seeded random sample of this many rows \\[default: all]."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the query sample.")] = 0,
     cache_dir: CacheDir = None,
@@ -404,7 +404,7 @@ def probe_cmd(
         Optional[str],  # noqa: UP045
         typer.Option(
             help="Stored features to probe, e.g. layer11/cls; lastN/POOL concatenates the "
-            "model's last N layers (DINO: last4/cls) [default: all stored]."
+            "model's last N layers (DINO: last4/cls) \\[default: all stored]."
         ),
     ] = None,
     eval_on: Annotated[
@@ -424,7 +424,7 @@ def probe_cmd(
         Optional[int],  # noqa: UP045
         typer.Option(
             help="Features held at once, MiB; beyond it they stream from the store "
-            "[default: half the free memory of the device]."
+            "\\[default: half the free memory of the device]."
         ),
     ] = None,
     allow_partial: AllowPartialOpt = False,
@@ -590,7 +590,7 @@ def triage_cmd(
         Optional[str],  # noqa: UP045
         typer.Option(
             help="Features kNN and probes choose from, names every backbone has: head/embed, "
-            "lastN/POOL (its last N layers side by side, e.g. last4/cls) [default: all stored]."
+            "lastN/POOL (its last N layers side by side, e.g. last4/cls) \\[default: all stored]."
         ),
     ] = None,
     reference: ReferenceOpt = None,
@@ -605,7 +605,7 @@ def triage_cmd(
         Optional[bool],  # noqa: UP045
         typer.Option(
             "--pixel-cache/--no-pixel-cache",
-            help="Decode each image once per geometry [default: on for 2+ backbones].",
+            help="Decode each image once per geometry \\[default: on for 2+ backbones].",
         ),
     ] = None,
     pixel_size: Annotated[
