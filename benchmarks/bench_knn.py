@@ -7,9 +7,13 @@ speed:  Q queries x N database x D dims, every k of DEFAULT_KS. probekit searche
 memory: a float16 feature store of N_big x D rows (written once to a temporary cache) is the
         database; probekit.knn streams it in blocks of --memory-mb. Runs in a fresh process
         and reports its peak RSS.
+selection: leave-one-out kNN on a store's N-row train split (how a triage chooses k and the
+        feature), every train row a query vs --selection-queries sampled ones (the triage's
+        default): time, top-1 at every k, and whether both choose the same k.
 
     python benchmarks/bench_knn.py [--queries 10000 --database 100000 --dim 384]
                                    [--big 2000000 --big-queries 1000 --memory-mb 512]
+                                   [--selection-queries 20000]
 """
 
 from __future__ import annotations
@@ -157,6 +161,34 @@ def memory(n: int, n_q: int, dim: int, memory_mb: int) -> dict:
     }
 
 
+def selection(n: int, dim: int, sample: int) -> dict:
+    import probekit
+
+    out: dict = {"train": n, "dim": dim}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_store(Path(tmp), n, 100, dim)
+        for name, mq in (("all", None), ("sampled", sample)):
+            t = time.perf_counter()
+            res = probekit.knn(
+                path,
+                ks=DEFAULT_KS,
+                test_split="train",
+                max_queries=mq,
+                backend="faiss",
+                write=False,
+            )
+            top1 = {k: round(res.value("top1", k=k), 4) for k in DEFAULT_KS}
+            out[name] = {
+                "queries": res.records[0].n,
+                "seconds": round(time.perf_counter() - t, 1),
+                "top1": top1,
+                "chosen_k": max(DEFAULT_KS, key=lambda k: (top1[k], -k)),
+            }
+    out["speedup"] = round(out["all"]["seconds"] / out["sampled"]["seconds"], 1)
+    out["same_choice"] = out["all"]["chosen_k"] == out["sampled"]["chosen_k"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=10_000)
@@ -166,6 +198,8 @@ def main() -> None:
     ap.add_argument("--big-queries", type=int, default=1000)
     ap.add_argument("--memory-mb", type=int, default=512)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--selection-queries", type=int, default=20_000)
+    ap.add_argument("--skip-selection", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -189,6 +223,15 @@ def main() -> None:
             f"memory {m['database']} x {m['dim']} float16 store ({m['store_gib']} GiB), "
             f"{m['queries']} queries, budget {m['memory_mb']} MiB: peak RSS "
             f"{m['peak_rss_gib']} GiB, {m['seconds']} s"
+        )
+    if not args.skip_selection:
+        result["selection"] = sel = selection(args.database, args.dim, args.selection_queries)
+        print(
+            f"selection leave-one-out on {sel['train']} x {sel['dim']}: every row a query "
+            f"{sel['all']['seconds']} s (k={sel['all']['chosen_k']}), "
+            f"{sel['sampled']['queries']} sampled {sel['sampled']['seconds']} s "
+            f"(k={sel['sampled']['chosen_k']}), {sel['speedup']}x; top-1 by k "
+            f"{sel['all']['top1']} vs {sel['sampled']['top1']}"
         )
     save_result(
         "bench_knn",
