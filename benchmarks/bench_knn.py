@@ -81,8 +81,9 @@ def speed(n_q: int, n_db: int, dim: int) -> dict:
     }
 
 
-def build_store(cache: Path, n: int, n_q: int, dim: int) -> str:
-    """A probekit store with a float16 feature of n train rows and n_q test rows."""
+def build_store(cache: Path, n: int, n_q: int, dim: int, spread: float = 0.6) -> str:
+    """A probekit store with a float16 feature of n train rows and n_q test rows (100 classes,
+    their centres `spread` apart in units of the noise: smaller is harder)."""
     from probekit.cache.store import FeatureStore, StoreConfig
 
     cfg = StoreConfig("bench", "bench", "random", {}, (), (), "float16", "fp32")
@@ -98,7 +99,7 @@ def build_store(cache: Path, n: int, n_q: int, dim: int) -> str:
         path, cfg, meta, {"train": n, "test": n_q}, {"head/embed": dim}, rows, set()
     )
     rng = np.random.default_rng(1)
-    centers = rng.normal(size=(100, dim)).astype(np.float32) * 0.6
+    centers = rng.normal(size=(100, dim)).astype(np.float32) * spread
     for split, size in (("train", n), ("test", n_q)):
         for c, start in enumerate(range(0, size, rows)):
             m = min(rows, size - start)
@@ -166,7 +167,7 @@ def selection(n: int, dim: int, sample: int) -> dict:
 
     out: dict = {"train": n, "dim": dim}
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_store(Path(tmp), n, 100, dim)
+        path = build_store(Path(tmp), n, 100, dim, spread=0.2)  # top-1 depends on k
         for name, mq in (("all", None), ("sampled", sample)):
             t = time.perf_counter()
             res = probekit.knn(
