@@ -188,6 +188,8 @@ class Report:
     errors: list[dict[str, Any]]
     reference: str | None = None
     deltas: list[dict[str, Any]] = field(default_factory=list)
+    # (task, method, model) of each column's best entry and of those within noise of it
+    best: set[tuple[str, str, str]] = field(default_factory=set)
 
     def cell(self, task: str, method: str, model: str) -> Cell | None:
         for c in self.cells:
@@ -401,6 +403,10 @@ def delta_texts(d: dict[str, Any]) -> list[str]:
     ]
 
 
+BEST_NOTE = (
+    "*: the best of its column, and every entry not measurably worse than it (the paired 95% "
+    "interval of the difference, over the same test images, reaches 0)."
+)
 DELTA_COLUMNS = ["delta (points)", "paired 95% CI", "CIs overlap"]
 DELTA_NOTE = (
     "Test top-1 minus the reference's, in points. The paired interval resamples the test images "
@@ -453,7 +459,28 @@ def build_report(records: Iterable[dict[str, Any]], reference: str | None = None
         errors,
         reference,
         _deltas(cells, reference) if reference else [],
+        _best(cells),
     )
+
+
+def _best(cells: list[Cell]) -> set[tuple[str, str, str]]:
+    """Each leaderboard column's best entry, and every entry whose paired 95% interval of the
+    difference to it reaches 0 (not measurably worse on these test images). Columns of one
+    entry, or whose best has no per-image outcomes, mark nothing."""
+    out: set[tuple[str, str, str]] = set()
+    columns: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        columns.setdefault((c.task, c.method), []).append(c)
+    for (task, method), column in columns.items():
+        top = max(column, key=lambda c: c.value)
+        if len(column) < 2 or top.outcomes is None:
+            continue
+        out.add((task, method, top.model))
+        for c in column:
+            ci = _paired_ci(c.outcomes, top.outcomes) if c is not top else None
+            if ci is not None and ci[1] >= 0:
+                out.add((task, method, c.model))
+    return out
 
 
 # --------------------------------------------------------------------------- writing
@@ -463,14 +490,17 @@ def _pct(v: float | None) -> str:
     return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
 
 
-def leaderboard_rows(rep: Report, task: str) -> list[list[str]]:
-    """Rows of one task's leaderboard: model, then top-1 [CI] (feature) per method."""
+def leaderboard_rows(rep: Report, task: str, star: str = "*") -> list[list[str]]:
+    """Rows of one task's leaderboard: model, then top-1 [CI] (feature) per method; `star`
+    marks the best of a column and the entries within noise of it."""
     rows = []
     for model in rep.models:
         row = [model]
         for m in rep.methods:
             c = rep.cell(task, m, model)
-            row.append("-" if c is None else f"{_pct(c.value)} {c.ci_text()} {c.feature}".strip())
+            mark = star if (task, m, model) in rep.best else ""
+            text = "-" if c is None else f"{_pct(c.value)}{mark} {c.ci_text()} {c.feature}"
+            row.append(text.strip())
         if any(v != "-" for v in row[1:]):
             rows.append(row)
     return rows
@@ -489,11 +519,11 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         "feature (layer/pool) used. Every choice (feature, k, learning rate, weight decay, "
         "epoch, C) was made without the test split: probes on validation data, kNN on "
         "leave-one-out kNN over the train split (or a val split). `a->b`: trained on a, "
-        "tested on b."
+        "tested on b." + (" " + BEST_NOTE.replace("*", "\\*") if rep.best else "")
     )
     for task in rep.tasks:
         md += ["", f"## {task}", ""]
-        md.append(_md_table(["model", *rep.methods], leaderboard_rows(rep, task)))
+        md.append(_md_table(["model", *rep.methods], leaderboard_rows(rep, task, "\\*")))
         md += ["", "Chosen configuration (best layer and winning hyperparameters):", ""]
         rows = []
         for model in rep.models:

@@ -11,7 +11,14 @@ import pytest
 
 from probekit.errors import ProbekitError
 from probekit.metrics import encode_outcomes, paired_bootstrap_ci
-from probekit.report import build_report, load_records, model_label, write_report
+from probekit.report import (
+    build_report,
+    leaderboard_rows,
+    load_records,
+    model_label,
+    render_markdown,
+    write_report,
+)
 
 
 def _knn(model: str, dataset: str, split: str, layer: str, k: int, value: float) -> dict[str, Any]:
@@ -112,6 +119,30 @@ def test_reference_deltas_pair_the_test_images() -> None:
     assert build_report(recs, reference="ref").deltas[0]["delta_ci95"] is None
     del recs[1]["extra"]["outcomes"]
     assert build_report(recs, reference="ref").deltas[0]["delta_ci95"] is None
+
+
+def test_leaderboard_marks_the_best_and_those_within_noise_of_it() -> None:
+    rng = np.random.default_rng(2)
+    scored = np.ones(400, bool)
+    top = rng.random(400) < 0.8
+    near = top.copy()
+    near[np.flatnonzero(top)[:6]] = False  # 0.5 points below the best: 6 lost, 4 won
+    near[np.flatnonzero(~top)[:4]] = True
+    far = top & (rng.random(400) < 0.8)  # about 16 points below
+    recs = []
+    for model, right in (("far", far), ("top", top), ("near", near)):
+        r = _probe(model, "d", float(right.mean()), (0.0, 1.0))
+        r["extra"]["outcomes"] = encode_outcomes(scored, right, "fp")
+        recs.append(r)
+    recs.append(_probe("top", "alone", 0.5, (0.4, 0.6)))  # a column of one entry: no mark
+    rep = build_report(recs)
+    assert rep.best == {("d", "logreg", "top"), ("d", "logreg", "near")}
+    rows = {r[0]: r[1] for r in leaderboard_rows(rep, "d")}
+    assert rows["top"].startswith(f"{100 * top.mean():.2f}* ")
+    assert rows["near"].startswith(f"{100 * near.mean():.2f}* ") and "*" not in rows["far"]
+    md = render_markdown(rep)
+    assert "\\*: the best of its column" in md and f"{100 * top.mean():.2f}\\* " in md
+    assert not build_report(recs[-1:]).best
 
 
 def test_records_merge_later_wins_and_transfer_is_its_own_task(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from probekit.knn import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
 from probekit.knn import knn as run_knn
 from probekit.probes import probe as run_probe
 from probekit.report import (
+    BEST_NOTE,
     BOB_CAVEAT,
     DELTA_COLUMNS,
     DELTA_NOTE,
@@ -523,6 +524,8 @@ def _print_report(rep: Report, files: dict[str, str]) -> None:
         for row in leaderboard_rows(rep, task):
             table.add_row(*row)
         out.print(table)
+    if rep.best:
+        out.print(BEST_NOTE)
     if rep.ranking:
         table = Table("rank", *rep.ranking, title="ranking across tasks: mean z-score (BoB)")
         for i in range(max(len(v) for v in rep.ranking.values())):
