@@ -15,6 +15,7 @@ __all__ = [
     "bootstrap_ci",
     "decode_outcomes",
     "encode_outcomes",
+    "mcnemar_p",
     "paired_bootstrap_ci",
     "per_class_accuracy",
     "retrieval_metrics",
@@ -82,6 +83,21 @@ def paired_bootstrap_ci(
     diffs = (counts[:, 0] - counts[:, 1]) / n
     lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar test of two classifiers' hits on the same items: the p-value of
+    the images only one of them got right splitting as they did, were each way equally likely
+    (a binomial test; exact, so sound with few disagreements)."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired vectors differ in shape: {a.shape} vs {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
 def encode_outcomes(

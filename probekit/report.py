@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from probekit.errors import ProbekitError
-from probekit.metrics import decode_outcomes, paired_bootstrap_ci
+from probekit.metrics import decode_outcomes, mcnemar_p, paired_bootstrap_ci
 
 __all__ = [
     "BOB_CAVEAT",
@@ -373,24 +373,33 @@ def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
                 "reference_value": r.value,
                 "delta": c.value - r.value,
                 "delta_ci95": _paired_ci(c.outcomes, r.outcomes),
+                "mcnemar_p": _paired(c.outcomes, r.outcomes, mcnemar_p),
                 "ci_overlap": overlap,
             }
         )
     return out
 
 
-def _paired_ci(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[float] | None:
-    """95% paired bootstrap interval of a model's top-1 minus the reference's, image by image
-    over the test rows both scored; None unless both outcomes are of the same dataset's rows."""
+def _paired(
+    a: dict[str, Any] | None,
+    b: dict[str, Any] | None,
+    stat: Callable[[np.ndarray, np.ndarray], Any],
+) -> Any:
+    """`stat` of two entries' hits over the test rows both scored; None unless both have
+    outcomes of the same dataset's rows."""
     if not a or not b or a.get("fingerprint") is None:
         return None
     if (a["rows"], a["fingerprint"]) != (b["rows"], b["fingerprint"]):
         return None
     (scored_a, right_a), (scored_b, right_b) = decode_outcomes(a), decode_outcomes(b)
     both = scored_a & scored_b
-    if not both.any():
-        return None
-    return list(paired_bootstrap_ci(right_a[both], right_b[both]))
+    return stat(right_a[both], right_b[both]) if both.any() else None
+
+
+def _paired_ci(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[float] | None:
+    """95% paired bootstrap interval of a model's top-1 minus the reference's, image by image."""
+    ci = _paired(a, b, paired_bootstrap_ci)
+    return None if ci is None else list(ci)
 
 
 def delta_texts(d: dict[str, Any]) -> list[str]:
@@ -399,19 +408,21 @@ def delta_texts(d: dict[str, Any]) -> list[str]:
     return [
         f"{100 * d['delta']:+.2f}",
         f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "-",
+        "-" if d.get("mcnemar_p") is None else f"{d['mcnemar_p']:.2g}",
         {True: "yes", False: "no", None: "-"}[d["ci_overlap"]],
     ]
 
 
 BEST_NOTE = (
-    "*: the best of its column, and every entry not measurably worse than it (the paired 95% "
-    "interval of the difference, over the same test images, reaches 0)."
+    "*: the best of its column, and every entry not significantly different from it on the "
+    "same test images (exact McNemar test, p >= 0.05)."
 )
-DELTA_COLUMNS = ["delta (points)", "paired 95% CI", "CIs overlap"]
+DELTA_COLUMNS = ["delta (points)", "paired 95% CI", "McNemar p", "CIs overlap"]
 DELTA_NOTE = (
     "Test top-1 minus the reference's, in points. The paired interval resamples the test images "
-    "of both models together (a difference whose interval excludes 0 is unlikely to be noise); "
-    "two leaderboard intervals that overlap say much less."
+    "of both models together; McNemar's exact test asks whether the images only one of them "
+    "got right split as evenly as chance would (p < 0.05: unlikely to be noise). Two "
+    "leaderboard intervals that overlap say much less."
 )
 
 
@@ -464,9 +475,9 @@ def build_report(records: Iterable[dict[str, Any]], reference: str | None = None
 
 
 def _best(cells: list[Cell]) -> set[tuple[str, str, str]]:
-    """Each leaderboard column's best entry, and every entry whose paired 95% interval of the
-    difference to it reaches 0 (not measurably worse on these test images). Columns of one
-    entry, or whose best has no per-image outcomes, mark nothing."""
+    """Each leaderboard column's best entry, and every entry not significantly different from
+    it on the same test images (exact McNemar test, p >= 0.05). Columns of one entry, or whose
+    best has no per-image outcomes, mark nothing."""
     out: set[tuple[str, str, str]] = set()
     columns: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
@@ -477,8 +488,8 @@ def _best(cells: list[Cell]) -> set[tuple[str, str, str]]:
             continue
         out.add((task, method, top.model))
         for c in column:
-            ci = _paired_ci(c.outcomes, top.outcomes) if c is not top else None
-            if ci is not None and ci[1] >= 0:
+            p = _paired(c.outcomes, top.outcomes, mcnemar_p) if c is not top else None
+            if p is not None and p >= 0.05:
                 out.add((task, method, c.model))
     return out
 

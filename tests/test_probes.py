@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 import probekit
 from probekit.cache.store import FeatureStore
 from probekit.errors import ProbekitError
-from probekit.metrics import decode_outcomes, encode_outcomes, paired_bootstrap_ci
+from probekit.metrics import decode_outcomes, encode_outcomes, mcnemar_p, paired_bootstrap_ci
 from probekit.probes import (
     bootstrap_ci,
     fit_logreg,
@@ -130,6 +130,20 @@ def test_paired_bootstrap_ci_matches_resampling_the_images() -> None:
     assert paired_bootstrap_ci(a, a) == (0.0, 0.0)
     with pytest.raises(ValueError, match="shape"):
         paired_bootstrap_ci(a, b[:-1])
+
+
+def test_mcnemar_p_is_the_exact_binomial_tail_of_the_disagreements() -> None:
+    from math import comb
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        a, b = rng.random(60) < 0.7, rng.random(60) < rng.uniform(0.3, 0.9)
+        only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+        n, low = only_a + only_b, min(only_a, only_b)
+        tail = sum(comb(n, i) for i in range(low + 1)) / 2**n  # brute force, both tails
+        assert mcnemar_p(a, b) == pytest.approx(min(1.0, 2 * tail))
+        assert mcnemar_p(a, b) == mcnemar_p(b, a)
+    assert mcnemar_p(a, a) == 1.0
 
 
 def test_outcomes_round_trip() -> None:

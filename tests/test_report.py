@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from probekit.errors import ProbekitError
-from probekit.metrics import encode_outcomes, paired_bootstrap_ci
+from probekit.metrics import encode_outcomes, mcnemar_p, paired_bootstrap_ci
 from probekit.report import (
     build_report,
     leaderboard_rows,
@@ -113,6 +113,7 @@ def test_reference_deltas_pair_the_test_images() -> None:
     (d,) = build_report(recs, reference="ref").deltas
     assert d["delta"] == pytest.approx(new_right.mean() - ref_right.mean())
     assert d["delta_ci95"] == list(paired_bootstrap_ci(new_right, ref_right))
+    assert d["mcnemar_p"] == mcnemar_p(new_right, ref_right) < 1e-6
     assert 0 < d["delta_ci95"][0] < d["delta"] < d["delta_ci95"][1] and d["ci_overlap"]
     # outcomes of other rows (another dataset's, or none recorded) are not paired
     recs[1]["extra"]["outcomes"] = encode_outcomes(scored, new_right, "other")
@@ -128,20 +129,23 @@ def test_leaderboard_marks_the_best_and_those_within_noise_of_it() -> None:
     near = top.copy()
     near[np.flatnonzero(top)[:6]] = False  # 0.5 points below the best: 6 lost, 4 won
     near[np.flatnonzero(~top)[:4]] = True
+    lost4 = top.copy()
+    lost4[np.flatnonzero(top)[-4:]] = False  # 4 lost, none won: p = 2 / 2**4, chance
     far = top & (rng.random(400) < 0.8)  # about 16 points below
     recs = []
-    for model, right in (("far", far), ("top", top), ("near", near)):
+    for model, right in (("far", far), ("top", top), ("near", near), ("lost4", lost4)):
         r = _probe(model, "d", float(right.mean()), (0.0, 1.0))
         r["extra"]["outcomes"] = encode_outcomes(scored, right, "fp")
         recs.append(r)
     recs.append(_probe("top", "alone", 0.5, (0.4, 0.6)))  # a column of one entry: no mark
     rep = build_report(recs)
-    assert rep.best == {("d", "logreg", "top"), ("d", "logreg", "near")}
+    assert rep.best == {("d", "logreg", m) for m in ("top", "near", "lost4")}
     rows = {r[0]: r[1] for r in leaderboard_rows(rep, "d")}
     assert rows["top"].startswith(f"{100 * top.mean():.2f}* ")
     assert rows["near"].startswith(f"{100 * near.mean():.2f}* ") and "*" not in rows["far"]
     md = render_markdown(rep)
-    assert "\\*: the best of its column" in md and f"{100 * top.mean():.2f}\\* " in md
+    assert "\\*: the best of its column" in md and "McNemar" in md
+    assert f"{100 * top.mean():.2f}\\* " in md
     assert not build_report(recs[-1:]).best
 
 
