@@ -402,6 +402,8 @@ def knn(
         raise ProbekitError(f"k must be positive integers, got {list(ks)}.")
     if temperature <= 0:
         raise ProbekitError(f"temperature must be > 0, got {temperature}.")
+    if max_queries is not None and max_queries < 1:
+        raise ProbekitError(f"max_queries must be a positive number of queries, not {max_queries}.")
     votes: list[Vote] = ["weighted", "majority"] if vote_method == "both" else [vote_method]  # type: ignore[list-item]
     dist = distributed.init() if not isinstance(source, tuple) else None
     backend = resolve_backend(backend)
@@ -442,8 +444,6 @@ def knn(
     else:  # labels and validity are per split: read once for every feature
         db_keep, q_keep = store.usable(train_split), store.usable(test_split)
         if max_queries is not None and q_keep.sum() > max_queries:
-            if max_queries < 1:
-                raise ProbekitError(f"max_queries must be positive, got {max_queries}.")
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(np.flatnonzero(q_keep), max_queries, replace=False))
             q_keep = np.zeros_like(q_keep)

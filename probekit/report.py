@@ -188,7 +188,7 @@ class Report:
     errors: list[dict[str, Any]]
     reference: str | None = None
     deltas: list[dict[str, Any]] = field(default_factory=list)
-    # (task, method, model) of each column's best entry and of those within noise of it
+    # (task, method, model) of each column's best entry and those not significantly different
     best: set[tuple[str, str, str]] = field(default_factory=set)
 
     def cell(self, task: str, method: str, model: str) -> Cell | None:
@@ -503,7 +503,7 @@ def _pct(v: float | None) -> str:
 
 def leaderboard_rows(rep: Report, task: str, star: str = "*") -> list[list[str]]:
     """Rows of one task's leaderboard: model, then top-1 [CI] (feature) per method; `star`
-    marks the best of a column and the entries within noise of it."""
+    marks the entries of `rep.best`."""
     rows = []
     for model in rep.models:
         row = [model]

@@ -83,11 +83,6 @@ def parse_transfers(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
         src, sep, dst = item.partition("->")
         if not sep or not src.strip() or not dst.strip():
             raise ProbekitError(f"transfer {item!r}: write SOURCE->TARGET, e.g. 'mnist5k->digits'.")
-        if src.strip() == dst.strip():
-            raise ProbekitError(
-                f"transfer {item!r} is from a dataset to itself; its test split is already "
-                "evaluated. Name two datasets, e.g. 'mnist5k->digits'."
-            )
         out.append((src.strip(), dst.strip()))
     return out
 

@@ -308,3 +308,5 @@ def test_max_queries_samples_queries_against_the_whole_database(tmp_path: Path) 
     other = probekit.knn(store, ks=[5], test_split="train", max_queries=40, seed=4, write=False)
     assert np.array_equal(again.queried, sampled["train"])
     assert not np.array_equal(other.queried, sampled["train"])
+    with pytest.raises(ProbekitError, match="max_queries must be a positive"):
+        probekit.knn(store, max_queries=0, write=False)
