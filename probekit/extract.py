@@ -794,7 +794,7 @@ def _open_existing(path: Location, ds: Dataset) -> FeatureStore | None:
         if not interrupted:
             raise
         return None
-    recorded = store.meta.get("dataset", {}).get("fingerprint")
+    recorded = store.fingerprint
     if recorded != ds.fingerprint:
         state = "complete" if store.is_complete else "partial"
         raise StoreError(

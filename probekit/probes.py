@@ -802,7 +802,8 @@ def probe(
                 )
             )
             for st, split, ds_spec in evals:
-                rows = np.flatnonzero(st.usable(split))
+                usable = st.usable(split)
+                rows = np.flatnonzero(usable)
                 x = Rows.from_store(
                     st, split, [f.name], rows, f.mean[None], f.std[None], budget=budget
                 )
@@ -818,8 +819,7 @@ def probe(
                 )
                 correct = (ranked[:, 0] == y).astype(np.float64)
                 lo, hi = bootstrap_ci(correct, seed=seed)
-                fingerprint = st.meta["dataset"].get("fingerprint")
-                outcomes = encode_outcomes(st.usable(split), correct, fingerprint)
+                outcomes = encode_outcomes(usable, correct, st.fingerprint)
                 common = dict(
                     base,
                     dataset=ds_spec,

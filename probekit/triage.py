@@ -449,7 +449,7 @@ def _knn_all(
     assert test.queried is not None
     right = test.right[(best.layer, best.pool, best.k, best.vote)]
     out[test.records.index(pick)]["extra"]["outcomes"] = encode_outcomes(
-        test.queried, right, _fingerprint(store)
+        test.queried, right, store.fingerprint
     )
     for t in targets:
         out += _knn_transfer(store, t, best, tag)
@@ -531,7 +531,7 @@ def _knn_transfer(
         d["extra"] = {**d.get("extra", {}), "selected_on": "leave-one-out on source train"}
         if r.metric == "top1":
             right = res.right[(r.layer, r.pool, r.k, r.vote)]
-            d["extra"]["outcomes"] = encode_outcomes(dv, right, _fingerprint(dst))
+            d["extra"]["outcomes"] = encode_outcomes(dv, right, dst.fingerprint)
         out.append(d)
     return out
 
@@ -545,7 +545,3 @@ def _names(spec: str | Sequence[str] | None) -> list[str] | None:
     if not names:
         raise ProbekitError("features is empty; name features (e.g. last4/cls) or leave it out.")
     return names
-
-
-def _fingerprint(store: FeatureStore) -> str | None:
-    return store.meta["dataset"].get("fingerprint")  # type: ignore[no-any-return]

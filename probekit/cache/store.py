@@ -199,6 +199,12 @@ class FeatureStore:
         return list(self.meta.get("class_names", []))
 
     @property
+    def fingerprint(self) -> str | None:
+        """The dataset's fingerprint: which images the rows are, in which order."""
+        value = self.meta.get("dataset", {}).get("fingerprint")
+        return None if value is None else str(value)
+
+    @property
     def feature_names(self) -> list[str]:
         return list(self.meta.get("feature_names", []))
 

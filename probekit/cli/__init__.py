@@ -560,7 +560,7 @@ def _print_report(rep: Report, files: dict[str, str]) -> None:
 ReferenceOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
-        help="Show every model's difference to this one, with a paired bootstrap interval."
+        help="Show every model's difference to this one: paired bootstrap interval, McNemar p."
     ),
 ]
 
