@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import shutil
 import tempfile
 import time
@@ -44,15 +43,16 @@ from common import RESULTS, cpu_name, save_result
 import probekit
 from probekit.backbones import create_backbone, parse_layers
 from probekit.data import Dataset, ImageSource, Split, load_dataset, pass_batch
-from probekit.extract import (
+from probekit.extraction import (
     FeatureExtractor,
-    _default_workers,
+    default_workers,
     geometry_transform,
     keep_freed_memory,
     resolve_policy,
 )
 
 # dense bf16 peak of the chips a lent GPU may be (spec sheet, SXM)
+PIXEL_READER = "process"  # who reads the pixel cache (--pixel-reader)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
@@ -172,7 +172,7 @@ def bench(
     policy = resolve_policy(device, precision)
     # None: extract's own defaults (every core builds the pixel cache; fewer decode beside a model)
     loop_workers = (
-        _default_workers("cuda" if policy.is_cuda else "cpu") if workers is None else workers
+        default_workers("cuda" if policy.is_cuda else "cpu") if workers is None else workers
     )
     bb = create_backbone(model_name, random_init=True)
     size = int(bb.data_config["input_size"][-1])
@@ -218,7 +218,7 @@ def bench(
                 geo.describe(),
                 (size, size),
                 cache_dir=root,
-                num_workers=_default_workers("decode") if workers is None else workers,
+                num_workers=default_workers("decode") if workers is None else workers,
                 identity=geo.identity_ok,
             )
             dec = float(pstore.meta["images_per_s"])
@@ -232,6 +232,7 @@ def bench(
                 ds,
                 cache_dir=root,
                 pixel_cache=source == "pixels",
+                pixel_reader=PIXEL_READER,
                 overwrite=True,
                 **kw,
             )
@@ -256,7 +257,7 @@ def bench(
         "precision": policy.precision,
         "repeats": repeats,
         "workers": loop_workers,
-        "pixel_reader": importlib.import_module("probekit.extract").PIXEL_READER,
+        "pixel_reader": PIXEL_READER,
         "bare_images_per_s": round(bare_med, 1),
         "pipeline_images_per_s": round(pipe_med, 1),
         "ratio": round(float(np.median(arr[:, 1] / arr[:, 0])), 3),
@@ -298,6 +299,7 @@ def pixel_pair(models: list[str], n: int, args: argparse.Namespace) -> dict[str,
             num_workers=args.workers,
         )
         shared = dict(cache_dir=root / "c", pixel_cache=True, pixel_size=args.pixel_size)
+        kw = {**kw, "pixel_reader": PIXEL_READER}
         first = probekit.extract(a, spec, **shared, **kw)
         assert first.pixels.startswith("from the pixel cache") and "(built now" in first.pixels
         rounds, equal, cosines = [], True, []
@@ -356,8 +358,8 @@ def main() -> None:
     ap.add_argument("--pixel-size", type=int, default=None, help="--pixel-pair from squares")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    extract_module = importlib.import_module("probekit.extract")
-    extract_module.PIXEL_READER = args.pixel_reader  # who reads the pixel cache
+    global PIXEL_READER
+    PIXEL_READER = args.pixel_reader  # who reads the pixel cache
 
     device = resolve_policy(args.device, args.precision).device
     if not device.startswith("cuda"):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, cpu_name, save_result
 
-from probekit.knn import DEFAULT_KS, l2_normalize, search, vote
+from probekit.neighbors import DEFAULT_KS, l2_normalize, search, vote
 
 
 def peak_rss_kib() -> int:

@@ -40,7 +40,7 @@ from probekit.backbones import create_backbone
 from probekit.cache.pixels import build_pixel_store
 from probekit.cache.writer import ChunkBuffer, ChunkWriter
 
-extract_module = importlib.import_module("probekit.extract")
+extract_module = importlib.import_module("probekit.extraction")
 
 
 class Sampler(threading.Thread):
@@ -120,8 +120,7 @@ def main() -> None:
             fx_class.__call__ = same_features
             undo.append(lambda: setattr(fx_class, "__call__", real_call))
         if "reader threads" in patch:  # the pixel cache read by threads of this process
-            extract_module.PIXEL_READER = "threads"
-            undo.append(lambda: setattr(extract_module, "PIXEL_READER", "process"))
+            kw["pixel_reader"] = "threads"
         old = sys.getswitchinterval()
         if swi:
             sys.setswitchinterval(swi)

@@ -7,16 +7,15 @@ cached features (kNN, probes on stores) does not pay for importing them.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
-from probekit.cache import FeatureStore, StoreSummary, list_stores, open_store
-from probekit.errors import ProbekitError, ProbekitWarning
-from probekit.knn import KnnRecord, KnnResult, knn
+from probekit.errors import OptionError, ProbekitError, ProbekitWarning
 
 __version__ = "0.1.0"
 
+# Every public name loads on first use: `probekit --version` and `import probekit` pay for no
+# torch, timm or faiss import. Modules are named as nouns (extraction, neighbors, probes,
+# triaging), so a function of the API never shares a name with a submodule.
 _LAZY = {
     "ALIASES": "probekit.backbones",
     "Backbone": "probekit.backbones",
@@ -24,10 +23,18 @@ _LAZY = {
     "WeightsInfo": "probekit.backbones",
     "create_backbone": "probekit.backbones",
     "list_backbones": "probekit.backbones",
+    "FeatureStore": "probekit.cache.store",
+    "StoreSummary": "probekit.cache.store",
+    "list_stores": "probekit.cache.store",
+    "open_store": "probekit.cache.store",
     "Dataset": "probekit.data",
     "load_dataset": "probekit.data",
-    "ExtractResult": "probekit.extract",
-    "extract": "probekit.extract",
+    "ExtractOptions": "probekit.extraction",
+    "ExtractResult": "probekit.extraction",
+    "extract": "probekit.extraction",
+    "KnnRecord": "probekit.neighbors",
+    "KnnResult": "probekit.neighbors",
+    "knn": "probekit.neighbors",
     "ProbeRecord": "probekit.probes",
     "ProbeResult": "probekit.probes",
     "probe": "probekit.probes",
@@ -35,8 +42,9 @@ _LAZY = {
     "build_report": "probekit.report",
     "load_records": "probekit.report",
     "write_report": "probekit.report",
-    "TriageResult": "probekit.triage",
-    "triage": "probekit.triage",
+    "ModelSpec": "probekit.specs",
+    "TriageResult": "probekit.triaging",
+    "triage": "probekit.triaging",
 }
 
 __all__ = [
@@ -44,10 +52,13 @@ __all__ = [
     "Backbone",
     "BackboneInfo",
     "Dataset",
+    "ExtractOptions",
     "ExtractResult",
     "FeatureStore",
     "KnnRecord",
     "KnnResult",
+    "ModelSpec",
+    "OptionError",
     "ProbeRecord",
     "ProbeResult",
     "ProbekitError",
@@ -82,16 +93,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Importing a submodule sets it as an attribute of its package; where the API has a
-    function of the same name (`probekit.extract`, `probekit.knn`), the function stays."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and (name in _LAZY or name == "knn"):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

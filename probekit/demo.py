@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable
 
-from probekit.triage import TriageResult, triage
+from probekit.triaging import TriageResult, triage
 
 __all__ = [
     "DEMO_BACKBONES",

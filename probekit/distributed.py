@@ -1,6 +1,7 @@
 """Several processes with PyTorch's own engine: `torchrun` (or `srun torchrun`) sets the
 environment, probekit joins the process group (gloo on CPUs; gloo and nccl with GPUs) and
-splits work by store chunks. One process: nothing here does anything."""
+splits work by store chunks. One process is a group of one: rank 0 of 1, collectives that
+return their input, so callers never test for absence."""
 
 from __future__ import annotations
 
@@ -8,28 +9,42 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Dist", "current", "init"]
+__all__ = ["SINGLE", "Dist", "current", "init"]
 
 
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the group, and the collectives probekit uses."""
 
-    rank: int
-    world: int
-    local_rank: int
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_group(self) -> bool:
+        """More than one process (a torchrun job)."""
+        return self.world > 1
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, world): this process takes every world-th piece of work from `rank`."""
+        return self.rank, self.world
+
     def barrier(self) -> None:
+        if not self.is_group:
+            return
         import torch.distributed
 
         torch.distributed.barrier()
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (picklable, host side), in rank order, on every rank."""
+        if not self.is_group:
+            return [obj]
         import torch.distributed
 
         out: list[Any] = [None] * self.world
@@ -37,6 +52,9 @@ class Dist:
         return out
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """`obj` of rank `src`, on every rank."""
+        if not self.is_group:
+            return obj
         import torch.distributed
 
         box = [obj]
@@ -44,11 +62,14 @@ class Dist:
         return box[0]
 
 
-def init() -> Dist | None:
-    """Join the process group `torchrun` describes (WORLD_SIZE > 1); None for one process."""
+SINGLE = Dist()  # one process: rank 0 of 1
+
+
+def init() -> Dist:
+    """Join the process group `torchrun` describes (WORLD_SIZE > 1); `SINGLE` for one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return None
+        return SINGLE
     import torch  # only here: one process never pays for it
 
     rank = int(os.environ.get("RANK", "0"))
@@ -63,10 +84,10 @@ def init() -> Dist | None:
     return Dist(rank, world, local)
 
 
-def current() -> Dist | None:
-    """The group this process already joined, if any."""
+def current() -> Dist:
+    """The group this process already joined; `SINGLE` when it joined none."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+        return SINGLE
     import torch.distributed
 
-    return init() if torch.distributed.is_initialized() else None
+    return init() if torch.distributed.is_initialized() else SINGLE

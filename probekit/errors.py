@@ -11,10 +11,12 @@ __all__ = [
     "DatasetError",
     "InvalidImageError",
     "LayerSpecError",
+    "OptionError",
     "ProbekitError",
     "ProbekitWarning",
     "StoreError",
     "WeightsError",
+    "choice",
     "close_matches",
     "not_a_file",
 ]
@@ -22,6 +24,10 @@ __all__ = [
 
 class ProbekitError(Exception):
     """Base of every error probekit raises for a user mistake or an unavailable resource."""
+
+
+class OptionError(ProbekitError, ValueError):
+    """An argument out of its range or of the wrong kind, found before any work is done."""
 
 
 class BackboneError(ProbekitError, KeyError):
@@ -67,3 +73,16 @@ def not_a_file(path: str | os.PathLike[str], what: str) -> str | None:
         return None
     why = "is a directory" if os.path.isdir(path) else "does not exist"
     return f"{what} {os.fspath(path)!r} {why}; pass an existing file."
+
+
+def choice(name: str, value: object, allowed: Iterable[str]) -> str:
+    """`value` if it is one of `allowed`, else an OptionError naming them (and a close match)."""
+    options = list(allowed)
+    if isinstance(value, str) and value in options:
+        return value
+    hint = close_matches(value, options) if isinstance(value, str) else ""
+    raise OptionError(f"unknown {name} {value!r}; use {_one_of(options)}.{hint}")
+
+
+def _one_of(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]

@@ -152,7 +152,7 @@ def test_packaged_effnet_lite0_classifies_coffee_as_espresso() -> None:
     from PIL import Image
     from skimage import data
 
-    from probekit.extract import geometry_transform
+    from probekit.extraction import geometry_transform
 
     bb = create_backbone("effnet_lite0")
     assert bb.weights.source == "package" and bb.timm_name == "tf_efficientnet_lite0"

@@ -20,7 +20,7 @@ from timm.data import create_transform, resolve_model_data_config
 import probekit
 from probekit.data import load_dataset
 from probekit.errors import InvalidImageError, ProbekitWarning, StoreError
-from probekit.extract import parse_pools
+from probekit.extraction import parse_pools
 
 SMALL = {"chunk_rows": 8, "batch_size": 4, "num_workers": 0, "quiet": True}
 
@@ -380,7 +380,7 @@ def test_compiled_extraction_pads_the_last_batch_and_never_recompiles(image_fold
 _FAULTS = """
 import resource, sys
 import torch
-from probekit.extract import keep_freed_memory
+from probekit.extraction import keep_freed_memory
 if sys.argv[1] == "tuned":
     keep_freed_memory()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -130,7 +130,7 @@ def test_shared_pixel_cache_cut_on_cuda_compiled_matches_the_cpu(
 
 
 def test_knn_on_cuda_matches_faiss_cpu() -> None:
-    from probekit.knn import l2_normalize, search
+    from probekit.neighbors import l2_normalize, search
 
     rng = np.random.default_rng(0)
     db = l2_normalize(rng.standard_normal((5000, 64)).astype(np.float32))
@@ -198,17 +198,16 @@ def test_pixel_reader_buffers_are_page_locked_and_reused_only_after_the_copy(
 ) -> None:
     """Batches of 4 with 2 reader threads: 20 train batches through 8 buffers, each read into
     again while the device still works on later batches; features equal the threads' read."""
-    import importlib
 
     from probekit.cache.pixels import PixelSource
     from probekit.cache.reader import PixelReader
 
-    extract_module = importlib.import_module("probekit.extract")
     spec = f"imagefolder:{jpegs}"
     kw = dict(KW, device="cuda", precision="fp32", batch_size=4, num_workers=1, pixel_cache=True)
     by_process = probekit.extract("test_vit", spec, cache_dir=tmp_path / "p", **kw)
-    monkeypatch.setattr(extract_module, "PIXEL_READER", "threads")
-    by_threads = probekit.extract("test_vit", spec, cache_dir=tmp_path / "t", **kw)
+    by_threads = probekit.extract(
+        "test_vit", spec, cache_dir=tmp_path / "t", pixel_reader="threads", **kw
+    )
     a, b = _feats(by_process.store_path), _feats(by_threads.store_path)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)

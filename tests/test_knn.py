@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import probekit
 from probekit.cli import app
 from probekit.errors import ProbekitError
-from probekit.knn import l2_normalize, search, vote
+from probekit.neighbors import l2_normalize, search, vote
 
 BACKENDS = ["faiss", "torch"]
 

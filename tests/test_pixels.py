@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 from pathlib import Path
 
@@ -18,10 +16,10 @@ from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
 from probekit.cache.store import open_store
 from probekit.data import EncodedSource, ImageSource, decode_on_device, load_dataset
 from probekit.errors import ProbekitError
-from probekit.extract import DeviceCrop, geometry_transform, square
-from probekit.triage import BackboneSpec, _pixel_size
-
-extract_module = importlib.import_module("probekit.extract")  # the module (not the function)
+from probekit.extraction import DeviceCrop, default_workers, geometry_transform, square
+from probekit.extraction.loop import Runner
+from probekit.specs import ModelSpec
+from probekit.triaging import _pixel_size
 
 
 @pytest.fixture
@@ -163,9 +161,9 @@ def test_device_crop_equals_pils_crop_and_resize(mode: str, pil: int) -> None:
 
 
 def test_triage_pixel_size_auto_is_the_largest_resize() -> None:
-    specs = [BackboneSpec("test_vit", "test_vit", random_init=True)]
+    specs = [ModelSpec("test_vit", random_init=True)]
     assert _pixel_size("auto", specs, None) == 168
-    specs.append(BackboneSpec("lite0", "tf_efficientnet_lite0", random_init=True))
+    specs.append(ModelSpec("tf_efficientnet_lite0", random_init=True))
     assert _pixel_size("auto", specs, None) == 256  # 224 / 0.875
     assert _pixel_size("auto", specs[:1], 192) == 202  # the input size asked for: 192 / 0.95
     assert _pixel_size("300", specs, None) == 300 and _pixel_size(None, specs, None) is None
@@ -176,29 +174,29 @@ def test_default_workers_follow_the_cores_and_what_else_runs(
 ) -> None:
     jobs = ("decode", "cuda", "cpu")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
-    assert [extract_module._default_workers(j) for j in jobs] == [12, 10, 6]
+    assert [default_workers(j) for j in jobs] == [12, 10, 6]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks of torchrun share the host
-    assert [extract_module._default_workers(j) for j in jobs] == [3, 1, 1]
+    assert [default_workers(j) for j in jobs] == [3, 1, 1]
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)))
-    assert [extract_module._default_workers(j) for j in jobs] == [32, 32, 8]
+    assert [default_workers(j) for j in jobs] == [32, 32, 8]
 
     # extract: every core builds the pixel cache (nothing else runs), half of them beside a
     # model on the CPU; a number asked for is used for both
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
     seen: list[tuple[str, int]] = []
-    real_build, real_run = pixels.build_pixel_store, extract_module._run
+    real_build, real_run = pixels.build_pixel_store, Runner.run
 
     def build(*args, **kw):  # type: ignore[no-untyped-def]
         seen.append(("build", kw["num_workers"]))
         return real_build(*args, **{**kw, "num_workers": 0})
 
-    def run(*args, **kw):  # type: ignore[no-untyped-def]
-        seen.append(("loop", inspect.signature(real_run).bind(*args, **kw).arguments["workers"]))
-        return real_run(*args, **kw)
+    def run(self: Runner, *args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(("loop", self.workers))
+        return real_run(self, *args, **kw)
 
     monkeypatch.setattr(pixels, "build_pixel_store", build)
-    monkeypatch.setattr(extract_module, "_run", run)
+    monkeypatch.setattr(Runner, "run", run)
     spec = f"imagefolder:{jpeg_folder}"
     kw = dict(random_init=True, quiet=True, device="cpu", pool="mean", layers="last1")
     probekit.extract("test_vit", spec, cache_dir=tmp_path / "a", pixel_cache=True, **kw)

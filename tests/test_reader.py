@@ -3,7 +3,6 @@ while the loop holds it, its errors are one line, and it never outlives its pare
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import time
@@ -124,7 +123,6 @@ def test_the_reader_dies_with_the_process_that_started_it() -> None:
 def test_extraction_reads_the_pixel_cache_through_the_reader_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extract_module = importlib.import_module("probekit.extract")  # the module, not the function
     calls: list[str] = []
     real = PixelReader.read
 
@@ -140,9 +138,8 @@ def test_extraction_reads_the_pixel_cache_through_the_reader_process(
         "test_vit", spec, cache_dir=tmp_path / "p", pixel_cache=True, **kw
     )
     assert sorted(calls) == ["test", "train"]
-    monkeypatch.setattr(extract_module, "PIXEL_READER", "threads")
     by_threads = probekit.extract(
-        "test_vit", spec, cache_dir=tmp_path / "t", pixel_cache=True, **kw
+        "test_vit", spec, cache_dir=tmp_path / "t", pixel_cache=True, pixel_reader="threads", **kw
     )
     assert len(calls) == 2  # threads this time
     a, b = open_store(by_process.store_path), open_store(by_threads.store_path)

@@ -335,8 +335,8 @@ def test_store_metadata_round_trips(
 
 TRIAGE_KILLER = """
 import os, signal, sys
-import probekit.triage
-t = sys.modules["probekit.triage"]
+import probekit.triaging
+t = sys.modules["probekit.triaging"]
 real, calls = t._evaluate, [0]
 def evaluate(b, *args, **kw):
     calls[0] += 1

@@ -163,7 +163,7 @@ def test_readme_python_block_runs_as_written(cache_dir: Path) -> None:
 
 
 def test_triage_chooses_among_the_features_asked_for(tmp_path: Path, cache_dir: Path) -> None:
-    from probekit.triage import triage
+    from probekit.triaging import triage
 
     kw: dict[str, Any] = dict(methods="knn,logreg", layers="last2", pool="mean", quiet=True)
     result = triage(
@@ -195,7 +195,7 @@ def test_triage_chooses_among_the_features_asked_for(tmp_path: Path, cache_dir: 
 
 @pytest.mark.slow
 def test_triage_reports_a_failed_backbone_and_goes_on(tmp_path: Path, cache_dir: Path) -> None:
-    from probekit.triage import triage
+    from probekit.triaging import triage
 
     lines: list[str] = []
     result = triage(
@@ -244,7 +244,7 @@ def test_triage_reports_a_failed_backbone_and_goes_on(tmp_path: Path, cache_dir:
 def test_triage_pixel_size_auto_decodes_once_for_every_geometry(
     tmp_path: Path, cache_dir: Path
 ) -> None:
-    from probekit.triage import triage
+    from probekit.triaging import triage
 
     kw = dict(methods="knn", layers="last1", pool="mean", quiet=True, plots=False)
     models = ["test_vit@random", "test_resnet@random"]  # bicubic and bilinear: two geometries

@@ -48,6 +48,8 @@ __all__ = [
     "is_remote",
     "list_stores",
     "location",
+    "open_for_reading",
+    "open_for_resume",
     "open_store",
 ]
 
@@ -514,6 +516,31 @@ def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> 
             f"{str(p)!r} is incomplete (an extraction was interrupted or is running); "
             "rerun the same `probekit extract` command to finish it, or read the rows "
             "written so far with --allow-partial."
+        )
+    return store
+
+
+def open_for_resume(path: Location, fingerprint: str, spec: str) -> FeatureStore | None:
+    """The store at `path` to reuse (complete) or resume (partial), or None where it must be
+    made anew (there is none, or its creation was interrupted before the metadata was written).
+    A store of other images than `fingerprint` says is a one-line error (never resumed)."""
+    if not path.exists():
+        return None
+    try:
+        store = open_store(path, allow_partial=True)
+    except StoreError:
+        try:  # the metadata is written last: without it, creation was interrupted
+            interrupted = META_KEY not in zarr.open_group(str(path), mode="r").attrs
+        except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+            interrupted = True
+        if not interrupted:
+            raise
+        return None
+    if store.fingerprint != fingerprint:
+        state = "complete" if store.is_complete else "partial"
+        raise StoreError(
+            f"dataset {spec!r} changed since the {state} store {path.name} was written "
+            "(files added, removed or modified); rerun with --overwrite to extract it anew."
         )
     return store
 

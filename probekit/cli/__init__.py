@@ -18,16 +18,16 @@ from probekit import __version__, distributed
 from probekit.backbones import DEFAULT_LAYERS, list_backbones
 from probekit.cache.store import cache_root, is_remote, list_stores, open_store
 from probekit.errors import ProbekitError, ProbekitWarning
-from probekit.extract import (
+from probekit.extraction import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_ROWS,
     DEFAULT_POOLS,
 )
-from probekit.extract import (
+from probekit.extraction import (
     extract as extract_features,
 )
-from probekit.knn import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
-from probekit.knn import knn as run_knn
+from probekit.neighbors import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
+from probekit.neighbors import knn as run_knn
 from probekit.probes import probe as run_probe
 from probekit.report import (
     BEST_NOTE,
@@ -295,8 +295,7 @@ def extract(
         overwrite=overwrite,
         quiet=quiet,
     )
-    dist = distributed.current()
-    if dist is not None and not dist.is_main:
+    if not distributed.current().is_main:
         return  # under torchrun, rank 0 reports
     out.print(result.summary())
     if result.invalid:
@@ -379,8 +378,7 @@ def knn_cmd(
         max_queries=max_queries,
         seed=seed,
     )
-    dist = distributed.current()
-    if dist is not None and not dist.is_main:
+    if not distributed.current().is_main:
         return  # under torchrun the ranks share the search; rank 0 reports
     rows = result.table()
     table = Table(*rows[0], title=f"kNN ({result.backend}), {test_split} vs {train_split}")
@@ -622,7 +620,7 @@ def triage_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Every backbone x dataset: extract (cached), kNN and probes; a report and a leaderboard."""
-    from probekit.triage import triage
+    from probekit.triaging import triage
 
     result = triage(
         backbones,
@@ -646,8 +644,7 @@ def triage_cmd(
         quiet=quiet,
         log=out.print,
     )
-    dist = distributed.current()
-    if dist is None or dist.is_main:  # under torchrun, rank 0 reports
+    if distributed.current().is_main:  # under torchrun, rank 0 reports
         _print_report(result.report, result.files)
 
 

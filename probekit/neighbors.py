@@ -405,7 +405,7 @@ def knn(
     if max_queries is not None and max_queries < 1:
         raise ProbekitError(f"max_queries must be a positive number of queries, not {max_queries}.")
     votes: list[Vote] = ["weighted", "majority"] if vote_method == "both" else [vote_method]  # type: ignore[list-item]
-    dist = distributed.init() if not isinstance(source, tuple) else None
+    dist = distributed.SINGLE if isinstance(source, tuple) else distributed.init()
     backend = resolve_backend(backend)
     store: FeatureStore | None = None
     if isinstance(source, tuple):
@@ -450,7 +450,7 @@ def knn(
             q_keep[sample] = True
         db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
     shard = None  # under torchrun: this rank's chunk-aligned rows of the database
-    if dist is not None and store is not None and not retrieval:
+    if dist.is_group and store is not None and not retrieval:
         chunk, n_db = int(meta["chunk_rows"]), len(db_keep)
         bounds = [(n_db * r // dist.world) // chunk * chunk for r in range(dist.world)] + [n_db]
         shard = (bounds[dist.rank], bounds[dist.rank + 1])
@@ -475,7 +475,7 @@ def knn(
                 queries, database, db_y, q_y, exclude, backend, memory_mb, base, layer, pool
             )
             continue
-        if dist is None:
+        if not dist.is_group:
             sims, idx = search(
                 queries, database, ks[-1], backend=backend, memory_mb=memory_mb, exclude=exclude
             )
@@ -512,7 +512,7 @@ def knn(
                     _per_class_record(common, r[:, 0], q_y, n_classes),
                 ]
     path = None
-    if write and store is not None and (dist is None or dist.is_main):
+    if write and store is not None and dist.is_main:
         config = [ks, temperature, vote_method, names, train_split, test_split, retrieval]
         path = store.write_records(
             "knn", config, ({**r.to_dict(), "backend": backend} for r in records)

@@ -14,75 +14,37 @@ from typing import Any
 import numpy as np
 
 from probekit import distributed
-from probekit.backbones import DEFAULT_LAYERS, create_backbone
+from probekit.backbones import DEFAULT_LAYERS
 from probekit.cache.store import FeatureStore, open_store
 from probekit.data import Dataset, load_dataset
-from probekit.errors import ProbekitError
-from probekit.extract import (
+from probekit.errors import OptionError, ProbekitError
+from probekit.extraction import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_POOLS,
+    ExtractOptions,
     Geometry,
     extract,
     geometry_transform,
 )
-from probekit.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
 from probekit.metrics import encode_outcomes
+from probekit.neighbors import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
 from probekit.report import METHODS, Report, build_report, write_report
+from probekit.specs import ModelSpec, parse_list, parse_models
 
 __all__ = [
-    "BackboneSpec",
     "TriageResult",
-    "parse_backbones",
     "parse_transfers",
     "triage",
 ]
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One entry of `--backbones`: `NAME`, `NAME@random` (seeded random init) or `NAME@WEIGHTS`."""
-
-    label: str
-    name: str
-    weights: str | None = None
-    random_init: bool = False
-
-
-def parse_backbones(spec: str | Sequence[str]) -> list[BackboneSpec]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for item in (s.strip() for s in items):
-        if not item:
-            continue
-        name, _, arg = item.partition("@")
-        if not name:
-            raise ProbekitError(f"backbone {item!r}: give NAME, NAME@random or NAME@WEIGHTS_FILE.")
-        if not arg:
-            out.append(BackboneSpec(name, name))
-        elif arg == "random":
-            out.append(BackboneSpec(item, name, random_init=True))
-        else:
-            out.append(BackboneSpec(f"{name}@{Path(arg).name}", name, weights=arg))
-    if not out:
-        raise ProbekitError("no backbones given; e.g. --backbones dino_vits16,convnext_tiny.")
-    labels = [b.label for b in out]
-    if len(set(labels)) != len(labels):
-        raise ProbekitError(f"backbones repeat: {', '.join(labels)}.")
-    return out
-
-
 def parse_transfers(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
     """`SRC->DST` pairs: probes trained on SRC's train split, tested on DST's test split."""
-    if not spec:
-        return []
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
-    for item in (s.strip() for s in items):
-        if not item:
-            continue
+    for item in parse_list(spec, "transfer"):
         src, sep, dst = item.partition("->")
         if not sep or not src.strip() or not dst.strip():
-            raise ProbekitError(f"transfer {item!r}: write SOURCE->TARGET, e.g. 'mnist5k->digits'.")
+            raise OptionError(f"transfer {item!r}: write SOURCE->TARGET, e.g. 'mnist5k->digits'.")
         out.append((src.strip(), dst.strip()))
     return out
 
@@ -140,25 +102,23 @@ def triage(
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
-    main = dist is None or dist.is_main
-    say = (log if main else None) or (lambda _: None)
-    specs = parse_backbones(backbones)
-    data_specs = [d.strip() for d in (data.split(",") if isinstance(data, str) else data)]
-    data_specs = [d for d in data_specs if d]
+    say = (log if dist.is_main else None) or (lambda _: None)
+    specs = parse_models(backbones)
+    data_specs = parse_list(data, "data")
     if not data_specs:
-        raise ProbekitError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
+        raise OptionError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
     pairs = parse_transfers(transfer)
     feats = _names(features)
     for src, _ in pairs:
         if src not in data_specs:
-            raise ProbekitError(f"transfer source {src!r} is not among --data ({data_specs}).")
-    wanted = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+            raise OptionError(f"transfer source {src!r} is not among --data ({data_specs}).")
+    wanted = parse_list(methods, "methods")
     bad = [m for m in wanted if m not in METHODS]
     if bad or not wanted:
-        raise ProbekitError(f"unknown methods {bad}; use any of {', '.join(METHODS)}.")
+        raise OptionError(f"unknown methods {bad}; use any of {', '.join(METHODS)}.")
     if reference is not None and reference not in [b.label for b in specs]:
         labels = ", ".join(b.label for b in specs)
-        raise ProbekitError(f"--reference {reference!r} is not among --backbones ({labels}).")
+        raise OptionError(f"--reference {reference!r} is not among --backbones ({labels}).")
     # datasets are listed (and checked) once, up front: a bad spec stops before any work
     datasets: dict[str, Dataset] = {}
     for spec in [*data_specs, *[dst for _, dst in pairs]]:
@@ -175,13 +135,22 @@ def triage(
     use_pixels = len(specs) > 1 if pixel_cache is None else pixel_cache
     side = _pixel_size(pixel_size, specs, img_size)
     if side is not None and not use_pixels:
-        raise ProbekitError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
-    opts = _ExtractArgs(
-        layers, pool, img_size, batch_size, device, precision, use_pixels, side, cache_dir, quiet
+        raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
+    opts = ExtractOptions(
+        layers=layers,
+        pool=pool,
+        img_size=img_size,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        pixel_cache=use_pixels,
+        pixel_size=side,
+        cache_dir=cache_dir,
+        quiet=quiet,
     )
     records: list[dict[str, Any]] = []
     # evaluations an interrupted run into the same `out` finished are kept, not redone
-    journal = _Journal(Path(out).expanduser() / ".progress.jsonl") if dist is None else None
+    journal = None if dist.is_group else _Journal(Path(out).expanduser() / ".progress.jsonl")
     say(
         f"triage: {len(specs)} backbones x {len(data_specs)} datasets"
         + (f" + {len(pairs)} transfers" if pairs else "")
@@ -226,10 +195,10 @@ def triage(
             say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
             if journal is not None and not any(r["kind"] == "error" for r in records[first:]):
                 journal.add(key, {"records": records[first:], "lines": lines})
-    if main:
+    if dist.is_main:
         rep, files = write_report(records, out, reference=reference, plots=plots)
-    if dist is not None:  # every rank returns rank 0's report
-        records, files = dist.broadcast((records, files) if main else None)
+    if dist.is_group:  # every rank returns rank 0's report
+        records, files = dist.broadcast((records, files) if dist.is_main else None)
         rep = build_report(records, reference)
     return TriageResult(rep, files, str(Path(out).expanduser()))
 
@@ -279,29 +248,13 @@ def _journal_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class _ExtractArgs:
-    layers: str | Sequence[int]
-    pool: str | Sequence[str]
-    img_size: int | None
-    batch_size: int
-    device: str
-    precision: str
-    pixel_cache: bool
-    pixel_size: int | None
-    cache_dir: str | os.PathLike[str] | None
-    quiet: bool
-
-
-def _geometries(specs: Sequence[BackboneSpec], img_size: int | None) -> list[Geometry]:
+def _geometries(specs: Sequence[ModelSpec], img_size: int | None) -> list[Geometry]:
     """Each backbone's preprocessing geometry (backbones that cannot be built are left out:
     their extraction fails on its own, as a row of the report)."""
     out = []
     for b in specs:
         try:
-            bb = create_backbone(
-                b.name, weights=b.weights, random_init=b.random_init, img_size=img_size, load=False
-            )
+            bb = b.create(img_size=img_size, load=False)
         except ProbekitError:
             continue
         out.append(geometry_transform(dict(bb.data_config)))
@@ -309,7 +262,7 @@ def _geometries(specs: Sequence[BackboneSpec], img_size: int | None) -> list[Geo
 
 
 def _pixel_size(
-    value: int | str | None, specs: Sequence[BackboneSpec], img_size: int | None
+    value: int | str | None, specs: Sequence[ModelSpec], img_size: int | None
 ) -> int | None:
     """The side of a pixel cache shared by `specs`: as given, or "auto": the largest resize of
     a centre-crop geometry among them (None when none has one)."""
@@ -319,7 +272,7 @@ def _pixel_size(
         try:
             return int(value)
         except ValueError:
-            raise ProbekitError(
+            raise OptionError(
                 f"pixel_size {value!r} is neither a number of pixels nor 'auto'."
             ) from None
     sides = [g.center[0] for g in _geometries(specs, img_size) if g.center is not None]
@@ -332,28 +285,13 @@ def _msg(e: Exception) -> str:
 
 
 def _extract(
-    b: BackboneSpec,
+    b: ModelSpec,
     ds: Dataset,
-    a: _ExtractArgs,
+    options: ExtractOptions,
     records: list[dict[str, Any]],
     say: Callable[[str], None],
 ) -> FeatureStore:
-    res = extract(
-        b.name,
-        ds,
-        layers=a.layers,
-        pool=a.pool,
-        weights=b.weights,
-        random_init=b.random_init,
-        img_size=a.img_size,
-        batch_size=a.batch_size,
-        device=a.device,
-        precision=a.precision,
-        pixel_cache=a.pixel_cache,
-        pixel_size=a.pixel_size,
-        cache_dir=a.cache_dir,
-        quiet=a.quiet,
-    )
+    res = extract(b, ds, options=options)
     store = open_store(res.store_path)
     meta = store.meta
     # a cache hit reports the time of the extraction that made the store
@@ -383,7 +321,7 @@ def _extract(
 
 
 def _evaluate(
-    b: BackboneSpec,
+    b: ModelSpec,
     store: FeatureStore,
     targets: list[FeatureStore],
     methods: list[str],
@@ -402,8 +340,7 @@ def _evaluate(
             records.append(_record("error", b.label, spec, stage="knn", message=_msg(e)))
             said.append(f"kNN FAILED: {_msg(e)}")
     probe_methods = [m for m in methods if m in ("linear", "logreg")]
-    dist = distributed.current()
-    if probe_methods and (dist is None or dist.is_main):
+    if probe_methods and distributed.current().is_main:
         try:
             said.append(_probe_all(store, targets, probe_methods, features, b.label, records))
         except Exception as e:
@@ -540,8 +477,7 @@ def _names(spec: str | Sequence[str] | None) -> list[str] | None:
     """A comma list (or a sequence) of feature names; None: every stored feature."""
     if spec is None:
         return None
-    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
-    names = [n for n in names if n]
+    names = parse_list(spec, "features")
     if not names:
-        raise ProbekitError("features is empty; name features (e.g. last4/cls) or leave it out.")
+        raise OptionError("features is empty; name features (e.g. last4/cls) or leave it out.")
     return names

@@ -1,0 +1,119 @@
+"""The small grammars every command shares: comma lists, and a model as `NAME`, `NAME@random`
+or `NAME@WEIGHTS_FILE`, with the one rule that names it in reports (`model_label`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from probekit.errors import OptionError
+
+if TYPE_CHECKING:
+    from probekit.backbones import Backbone
+
+__all__ = ["ModelSpec", "model_label", "parse_list", "parse_models"]
+
+
+def parse_list(value: str | Sequence[Any] | None, what: str) -> list[str]:
+    """A comma list (or a sequence of strings) as its non-empty, stripped items."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise OptionError(f"{what} takes a comma list or a list of strings, not {value!r}.")
+    return [s.strip() for s in items if s.strip()]
+
+
+def model_label(name: str, source: str, ref: str | None = None) -> str:
+    """The name a model goes by in records and reports: `name`, `name@random` (random init),
+    `name@<weights file name>` (a local file)."""
+    if source in ("random-init", "random"):
+        return f"{name}@random"
+    if source == "file" and ref:
+        return f"{name}@{Path(ref).name}"
+    return name
+
+
+def store_label(meta: Mapping[str, Any]) -> str:
+    """`model_label` of the model a feature store was extracted from (its metadata)."""
+    weights = meta.get("weights", {})
+    return model_label(
+        str(meta.get("backbone", {}).get("name", "?")),
+        str(weights.get("source", "")),
+        weights.get("ref"),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backbone as a command names it: `NAME` (its default weights), `NAME@random` (seeded
+    random init, a baseline) or `NAME@WEIGHTS_FILE` (local weights)."""
+
+    name: str
+    weights: str | None = None
+    random_init: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise OptionError("a backbone needs a name: NAME, NAME@random or NAME@WEIGHTS_FILE.")
+        if self.weights is not None and self.random_init:
+            raise OptionError("pass either weights (a file) or random init, not both.")
+
+    @classmethod
+    def parse(
+        cls,
+        text: str,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        random_init: bool = False,
+    ) -> ModelSpec:
+        """`NAME[@random|@FILE]`; `weights`/`random_init` given apart say the same as a suffix."""
+        name, _, arg = text.strip().partition("@")
+        if not name:
+            raise OptionError(f"backbone {text!r}: give NAME, NAME@random or NAME@WEIGHTS_FILE.")
+        file = None if weights is None else os.fspath(weights)
+        if arg == "random":
+            random_init = True
+        elif arg:
+            if file is not None and file != arg:
+                raise OptionError(f"backbone {text!r} names weights twice ({arg} and {file}).")
+            file = arg
+        return cls(name, file, random_init)
+
+    @property
+    def label(self) -> str:
+        """The name this model goes by in records and reports (`model_label`)."""
+        if self.random_init:
+            return model_label(self.name, "random-init")
+        if self.weights is not None:
+            return model_label(self.name, "file", self.weights)
+        return self.name
+
+    def create(self, *, img_size: int | None = None, load: bool = True) -> Backbone:
+        """The timm model with these weights (`load=False`: its skeleton on the meta device)."""
+        from probekit.backbones import create_backbone
+
+        return create_backbone(
+            self.name,
+            weights=self.weights,
+            random_init=self.random_init,
+            img_size=img_size,
+            load=load,
+        )
+
+
+def parse_models(spec: str | Sequence[str]) -> list[ModelSpec]:
+    """A comma list of models; an empty list or a repeated label is an error."""
+    out = [ModelSpec.parse(item) for item in parse_list(spec, "backbones")]
+    if not out:
+        raise OptionError("no backbones given; e.g. --backbones dino_vits16,convnext_tiny.")
+    labels = [b.label for b in out]
+    if len(set(labels)) != len(labels):
+        raise OptionError(f"backbones repeat: {', '.join(labels)}.")
+    return out
