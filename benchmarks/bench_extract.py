@@ -42,7 +42,7 @@ from common import RESULTS, cpu_name, save_result
 
 import probekit
 from probekit.backbones import create_backbone, parse_layers
-from probekit.data import Dataset, ImageSource, Split, load_dataset, pass_batch
+from probekit.data import Dataset, Split, load_dataset
 from probekit.extraction import (
     FeatureExtractor,
     default_workers,
@@ -50,6 +50,7 @@ from probekit.extraction import (
     keep_freed_memory,
     resolve_policy,
 )
+from probekit.extraction.sources import ImageSource, pass_batch
 
 # dense bf16 peak of the chips a lent GPU may be (spec sheet, SXM)
 PIXEL_READER = "process"  # who reads the pixel cache (--pixel-reader)
@@ -209,7 +210,7 @@ def bench(
         else:
             ds, dec = predecoded(n, size), float("nan")
         if source == "pixels":  # build the pixel cache outside the timing
-            from probekit.cache.pixels import build_pixel_store
+            from probekit.extraction.pixels import build_pixel_store
 
             geo = geometry_transform(dict(bb.data_config))
             pstore, _, _ = build_pixel_store(

@@ -203,7 +203,8 @@ def standard_loop_head(
     """One head the way a PyTorch user trains it: nn.Linear, torch.optim.SGD (momentum 0.9,
     decay on the weight only), F.cross_entropy and autograd, with probekit's minibatch order,
     cosine schedule and best-epoch choice. Returns the chosen weight (D, C)."""
-    from probekit.probes import Rows, _minibatches
+    from probekit.probes import Rows
+    from probekit.probes.linear import _minibatches
 
     lin = torch.nn.Linear(x.shape[1], classes)
     torch.nn.init.zeros_(lin.weight)

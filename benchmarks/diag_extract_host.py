@@ -37,8 +37,8 @@ from common import RESULTS, cpu_name, save_result
 
 import probekit
 from probekit.backbones import create_backbone
-from probekit.cache.pixels import build_pixel_store
 from probekit.cache.writer import ChunkBuffer, ChunkWriter
+from probekit.extraction.pixels import build_pixel_store
 
 extract_module = importlib.import_module("probekit.extraction")
 

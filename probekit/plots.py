@@ -13,16 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from probekit.methods import method_title
+
 if TYPE_CHECKING:
-    from probekit.report import Report
+    from probekit.report.compute import Report
 
 __all__ = ["plot_heatmap", "plot_layers", "plot_ranking"]
-
-METHOD_NAMES = {
-    "knn": "kNN test top-1",
-    "linear": "linear heads, val top-1",
-    "logreg": "logistic regression, val top-1",
-}
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
@@ -62,7 +58,7 @@ def plot_layers(rep: Report, path: str | os.PathLike[str]) -> str:
                 xs = [p[0] for p in pts]
                 ys = [100 * p[2] for p in pts]
                 ax.plot(xs, ys, marker="o", ms=3, color=colors[model], label=model)
-            ax.set_title(f"{short(task)}: {METHOD_NAMES.get(method, method)}", fontsize=9)
+            ax.set_title(f"{short(task)}: {method_title(method)}", fontsize=9)
             ax.set_xticks([0.25, 0.5, 0.75, 1.0, 1.08], ["0.25", "0.5", "0.75", "1", "head"])
             ax.set_xlabel("relative depth (block / number of blocks)", fontsize=8)
             ax.set_ylabel("top-1 (%)", fontsize=8)
@@ -87,7 +83,7 @@ def plot_heatmap(rep: Report, path: str | os.PathLike[str]) -> str:
     for i, (ax, method) in enumerate(zip(axes, rep.methods, strict=False)):
         grid = np.full((len(rep.models), len(rep.tasks)), np.nan)
         for c in rep.cells:
-            if c.method == method:
+            if c.method == method and c.metric == "top1":
                 grid[rep.models.index(c.model), rep.tasks.index(c.task)] = 100 * c.value
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
         for (r, c), v in np.ndenumerate(grid):

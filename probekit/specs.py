@@ -5,16 +5,66 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from probekit.errors import OptionError
+import numpy as np
+
+from probekit.errors import OptionError, close_matches
 
 if TYPE_CHECKING:
     from probekit.backbones import Backbone
 
-__all__ = ["ModelSpec", "model_label", "parse_list", "parse_models"]
+__all__ = [
+    "ModelSpec",
+    "as_ints",
+    "model_label",
+    "options_from",
+    "options_of",
+    "parse_list",
+    "parse_models",
+    "store_label",
+]
+
+
+T = TypeVar("T")
+
+
+def options_of(cls: type[T], what: str, options: T | None, changes: Mapping[str, Any]) -> T:
+    """`options` (default: `cls()`) with `changes`, made anew so every value is checked again;
+    a name that is no option of `cls` is an error naming the close ones."""
+    known = [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
+    for name in changes:
+        if name not in known:
+            raise OptionError(f"{what} has no option {name!r}." + close_matches(name, known))
+    current = {} if options is None else {k: getattr(options, k) for k in known}
+    return cls(**{**current, **changes})
+
+
+def options_from(cls: type[T], values: Mapping[str, Any]) -> T:
+    """`cls` made of the entries of `values` that are its options (a command's arguments,
+    where each keeps its option's name), the others left out."""
+    known = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def as_ints(value: Any, what: str) -> tuple[int, ...]:
+    """One integer or a list of them (or a comma list of digits), as a tuple."""
+    if isinstance(value, str):
+        value = parse_list(value, what)
+    items = [value] if isinstance(value, (int, np.integer)) else value
+    try:
+        out = []
+        for v in items:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError(v)
+            out.append(int(v))
+    except (TypeError, ValueError):
+        raise OptionError(
+            f"{what} takes an integer or a list of integers, not {value!r}."
+        ) from None
+    return tuple(out)
 
 
 def parse_list(value: str | Sequence[Any] | None, what: str) -> list[str]:

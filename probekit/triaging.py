@@ -7,7 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from probekit.backbones import DEFAULT_LAYERS
 from probekit.cache.store import FeatureStore, open_store
 from probekit.data import Dataset, load_dataset
 from probekit.errors import OptionError, ProbekitError
+from probekit.evaluation import with_extra
 from probekit.extraction import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_POOLS,
@@ -26,10 +27,12 @@ from probekit.extraction import (
     extract,
     geometry_transform,
 )
+from probekit.methods import METHODS, PROBE_METHODS, all_methods
 from probekit.metrics import encode_outcomes
 from probekit.neighbors import DEFAULT_KS, DEFAULT_TEMPERATURE, knn
-from probekit.report import METHODS, Report, build_report, write_report
-from probekit.specs import ModelSpec, parse_list, parse_models
+from probekit.records import Record, select_knn
+from probekit.report import Report, build_report, write_report
+from probekit.specs import ModelSpec, as_ints, parse_list, parse_models
 
 __all__ = [
     "TriageResult",
@@ -58,12 +61,13 @@ class TriageResult:
     out_dir: str
 
     @property
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[Record]:
         return self.report.records
 
 
-def _record(kind: str, model: str, dataset: str, **fields: Any) -> dict[str, Any]:
-    return {"kind": kind, "model": model, "dataset": dataset, **fields}
+def _record(kind: str, model: str, dataset: str, **fields: Any) -> Record:
+    """An extract, time or error line: what it says is in `extra`."""
+    return Record(kind, model, dataset, extra=fields)
 
 
 def triage(
@@ -103,104 +107,185 @@ def triage(
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
     say = (log if dist.is_main else None) or (lambda _: None)
-    specs = parse_models(backbones)
-    data_specs = parse_list(data, "data")
-    if not data_specs:
-        raise OptionError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
-    pairs = parse_transfers(transfer)
-    feats = _names(features)
-    for src, _ in pairs:
-        if src not in data_specs:
-            raise OptionError(f"transfer source {src!r} is not among --data ({data_specs}).")
-    wanted = parse_list(methods, "methods")
-    bad = [m for m in wanted if m not in METHODS]
-    if bad or not wanted:
-        raise OptionError(f"unknown methods {bad}; use any of {', '.join(METHODS)}.")
-    if reference is not None and reference not in [b.label for b in specs]:
-        labels = ", ".join(b.label for b in specs)
-        raise OptionError(f"--reference {reference!r} is not among --backbones ({labels}).")
-    # datasets are listed (and checked) once, up front: a bad spec stops before any work
-    datasets: dict[str, Dataset] = {}
-    for spec in [*data_specs, *[dst for _, dst in pairs]]:
-        if spec not in datasets:
-            datasets[spec] = load_dataset(spec)
-    for src, dst in pairs:
-        if datasets[src].spec == datasets[dst].spec:
-            raise ProbekitError(
-                f"transfer {src}->{dst} is from a dataset to itself ({datasets[src].spec}); its "
-                "test split is already evaluated. Name two datasets, e.g. 'mnist5k->digits'."
-            )
-
-    # the pixel cache pays off as soon as a second backbone reads the same images
-    use_pixels = len(specs) > 1 if pixel_cache is None else pixel_cache
-    side = _pixel_size(pixel_size, specs, img_size)
-    if side is not None and not use_pixels:
-        raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
-    opts = ExtractOptions(
-        layers=layers,
-        pool=pool,
-        img_size=img_size,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        pixel_cache=use_pixels,
-        pixel_size=side,
-        cache_dir=cache_dir,
-        quiet=quiet,
+    plan = TriagePlan.resolve(
+        backbones,
+        data,
+        transfer=transfer,
+        methods=methods,
+        ks=ks,
+        features=features,
+        reference=reference,
+        pixel_cache=pixel_cache,
+        pixel_size=pixel_size,
+        extract=ExtractOptions(
+            layers=layers,
+            pool=pool,
+            img_size=img_size,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            quiet=quiet,
+        ),
     )
-    records: list[dict[str, Any]] = []
     # evaluations an interrupted run into the same `out` finished are kept, not redone
     journal = None if dist.is_group else _Journal(Path(out).expanduser() / ".progress.jsonl")
-    say(
-        f"triage: {len(specs)} backbones x {len(data_specs)} datasets"
-        + (f" + {len(pairs)} transfers" if pairs else "")
-        + f", methods {', '.join(wanted)}"
-    )
-    if use_pixels and side is None and len(specs) > 1:
-        kinds = {g.describe() for g in _geometries(specs, img_size)}
-        if len(kinds) > 1:  # each geometry decodes the images once: say how to decode once
-            say(
-                f"pixel cache: {len(specs)} backbones, {len(kinds)} geometries, each decodes the "
-                "images once; --pixel-size auto decodes them once for all (each backbone's crop "
-                "cut and resized on the device: close to, not equal to, its own resize)"
-            )
-    for b in specs:
-        stores: dict[str, FeatureStore] = {}
-        for spec, ds in datasets.items():
-            try:
-                stores[spec] = _extract(b, ds, opts, records, say)
-            except Exception as e:  # one backbone's failure is a row, not the end of the run
-                records.append(_record("error", b.label, ds.spec, stage="extract", message=_msg(e)))
-                say(f"  {b.label} on {ds.spec}: FAILED to extract: {_msg(e)}")
-        for spec in data_specs:
-            if spec not in stores:
-                continue
-            targets = [stores[dst] for src, dst in pairs if src == spec and dst in stores]
-            key = _journal_key(b.label, stores[spec], targets, wanted, ks, feats)
-            kept = journal.get(key) if journal is not None else None
-            if kept is not None:
-                records += kept["records"]
-                say(f"  {b.label} on {spec}: {kept['lines']} (kept from an earlier run)")
-                continue
-            t0 = time.perf_counter()
-            first = len(records)
-            try:
-                lines = _evaluate(b, stores[spec], targets, wanted, ks, feats, records)
-            except Exception as e:
-                records.append(_record("error", b.label, spec, stage="evaluate", message=_msg(e)))
-                say(f"  {b.label} on {spec}: FAILED to evaluate: {_msg(e)}")
-                continue
-            secs = time.perf_counter() - t0
-            records.append(_record("time", b.label, spec, stage="evaluate", seconds=secs))
-            say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
-            if journal is not None and not any(r["kind"] == "error" for r in records[first:]):
-                journal.add(key, {"records": records[first:], "lines": lines})
+    plan.announce(say)
+    records: list[Record] = []
+    for b in plan.models:
+        stores = _extract_all(b, plan, records, say)
+        for spec in plan.data_specs:
+            if spec in stores:
+                _evaluate_one(b, spec, stores, plan, journal, records, say)
     if dist.is_main:
-        rep, files = write_report(records, out, reference=reference, plots=plots)
+        rep, files = write_report(records, out, reference=plan.reference, plots=plots)
     if dist.is_group:  # every rank returns rank 0's report
         records, files = dist.broadcast((records, files) if dist.is_main else None)
-        rep = build_report(records, reference)
+        rep = build_report(records, plan.reference)
     return TriageResult(rep, files, str(Path(out).expanduser()))
+
+
+@dataclass(frozen=True)
+class TriagePlan:
+    """A triage decided before it runs: the models, datasets (listed and checked once, up
+    front: a bad spec stops before any work), transfers, methods and the extraction options."""
+
+    models: list[ModelSpec]
+    data_specs: list[str]
+    pairs: list[tuple[str, str]]  # transfers: probes trained on SRC, tested on DST
+    methods: list[str]
+    ks: list[int]
+    features: list[str] | None  # None: every stored feature
+    reference: str | None
+    datasets: dict[str, Dataset]
+    extract: ExtractOptions  # with the pixel cache policy decided
+
+    @classmethod
+    def resolve(
+        cls,
+        backbones: str | Sequence[str],
+        data: str | Sequence[str],
+        *,
+        transfer: str | Sequence[str] | None,
+        methods: str | Sequence[str],
+        ks: Sequence[int],
+        features: str | Sequence[str] | None,
+        reference: str | None,
+        pixel_cache: bool | None,
+        pixel_size: int | str | None,
+        extract: ExtractOptions,
+    ) -> TriagePlan:
+        models = parse_models(backbones)
+        data_specs = parse_list(data, "data")
+        if not data_specs:
+            raise OptionError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
+        pairs = parse_transfers(transfer)
+        for src, _ in pairs:
+            if src not in data_specs:
+                raise OptionError(f"transfer source {src!r} is not among --data ({data_specs}).")
+        wanted = parse_list(methods, "methods")
+        known = all_methods()
+        bad = [m for m in wanted if m not in known]
+        if bad or not wanted:
+            raise OptionError(f"unknown methods {bad}; use any of {', '.join(known)}.")
+        if reference is not None and reference not in [b.label for b in models]:
+            labels = ", ".join(b.label for b in models)
+            raise OptionError(f"--reference {reference!r} is not among --backbones ({labels}).")
+        datasets: dict[str, Dataset] = {}
+        for spec in [*data_specs, *[dst for _, dst in pairs]]:
+            if spec not in datasets:
+                datasets[spec] = load_dataset(spec)
+        for src, dst in pairs:
+            if datasets[src].spec == datasets[dst].spec:
+                raise OptionError(
+                    f"transfer {src}->{dst} is from a dataset to itself ({datasets[src].spec}); "
+                    "its test split is already evaluated. Name two datasets, e.g. "
+                    "'mnist5k->digits'."
+                )
+        # the pixel cache pays off as soon as a second backbone reads the same images
+        use_pixels = len(models) > 1 if pixel_cache is None else pixel_cache
+        side = _pixel_size(pixel_size, models, extract.img_size)
+        if side is not None and not use_pixels:
+            raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
+        options = ExtractOptions.of(extract, pixel_cache=use_pixels, pixel_size=side)
+        ks_list = [int(k) for k in as_ints(ks, "ks")]
+        return cls(
+            models,
+            data_specs,
+            pairs,
+            wanted,
+            ks_list,
+            _names(features),
+            reference,
+            datasets,
+            options,
+        )
+
+    def announce(self, say: Callable[[str], None]) -> None:
+        """The run's header, and how to decode once where several geometries each decode."""
+        say(
+            f"triage: {len(self.models)} backbones x {len(self.data_specs)} datasets"
+            + (f" + {len(self.pairs)} transfers" if self.pairs else "")
+            + f", methods {', '.join(self.methods)}"
+        )
+        opts = self.extract
+        if opts.pixel_cache and opts.pixel_size is None and len(self.models) > 1:
+            kinds = {g.describe() for g in _geometries(self.models, opts.img_size)}
+            if len(kinds) > 1:  # each geometry decodes the images once: say how to decode once
+                say(
+                    f"pixel cache: {len(self.models)} backbones, {len(kinds)} geometries, each "
+                    "decodes the images once; --pixel-size auto decodes them once for all (each "
+                    "backbone's crop cut and resized on the device: close to, not equal to, its "
+                    "own resize)"
+                )
+
+
+def _extract_all(
+    b: ModelSpec, plan: TriagePlan, records: list[Record], say: Callable[[str], None]
+) -> dict[str, FeatureStore]:
+    """One backbone's store of every dataset; a failure is a row of the report, not the end."""
+    stores: dict[str, FeatureStore] = {}
+    for spec, ds in plan.datasets.items():
+        try:
+            stores[spec] = _extract(b, ds, plan.extract, records, say)
+        except Exception as e:  # one backbone's failure is a row, not the end of the run
+            records.append(_record("error", b.label, ds.spec, stage="extract", message=_msg(e)))
+            say(f"  {b.label} on {ds.spec}: FAILED to extract: {_msg(e)}")
+    return stores
+
+
+def _evaluate_one(
+    b: ModelSpec,
+    spec: str,
+    stores: dict[str, FeatureStore],
+    plan: TriagePlan,
+    journal: _Journal | None,
+    records: list[Record],
+    say: Callable[[str], None],
+) -> None:
+    """kNN and probes of one backbone on one dataset (and its transfers), or what an earlier
+    run of the same evaluation kept."""
+    targets = [stores[dst] for src, dst in plan.pairs if src == spec and dst in stores]
+    key = _journal_key(b.label, stores[spec], targets, plan.methods, plan.ks, plan.features)
+    kept = journal.get(key) if journal is not None else None
+    if kept is not None:
+        records += [Record.from_dict(r) for r in kept["records"]]
+        say(f"  {b.label} on {spec}: {kept['lines']} (kept from an earlier run)")
+        return
+    t0 = time.perf_counter()
+    first = len(records)
+    try:
+        lines = _evaluate(b, stores[spec], targets, plan.methods, plan.ks, plan.features, records)
+    except Exception as e:
+        records.append(_record("error", b.label, spec, stage="evaluate", message=_msg(e)))
+        say(f"  {b.label} on {spec}: FAILED to evaluate: {_msg(e)}")
+        return
+    secs = time.perf_counter() - t0
+    records.append(_record("time", b.label, spec, stage="evaluate", seconds=secs))
+    say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
+    done = records[first:]
+    if journal is not None and not any(r.kind == "error" for r in done):
+        journal.add(key, {"records": [r.to_dict() for r in done], "lines": lines})
 
 
 class _Journal:
@@ -288,7 +373,7 @@ def _extract(
     b: ModelSpec,
     ds: Dataset,
     options: ExtractOptions,
-    records: list[dict[str, Any]],
+    records: list[Record],
     say: Callable[[str], None],
 ) -> FeatureStore:
     res = extract(b, ds, options=options)
@@ -327,19 +412,18 @@ def _evaluate(
     methods: list[str],
     ks: Sequence[int],
     features: list[str] | None,
-    records: list[dict[str, Any]],
+    records: list[Record],
 ) -> str:
     """kNN (test + selection split) and probes on one store; transfers to `targets`."""
     spec = store.meta["dataset"]["spec"]
-    tag = {"model": b.label, "train_dataset": spec}
     said = []
     if "knn" in methods:
         try:
-            said.append(_knn_all(store, targets, ks, features, tag, records))
+            said.append(_knn_all(store, targets, ks, features, b.label, records))
         except Exception as e:  # the probes may still work
             records.append(_record("error", b.label, spec, stage="knn", message=_msg(e)))
             said.append(f"kNN FAILED: {_msg(e)}")
-    probe_methods = [m for m in methods if m in ("linear", "logreg")]
+    probe_methods = [m for m in methods if m in PROBE_METHODS]
     if probe_methods and distributed.current().is_main:
         try:
             said.append(_probe_all(store, targets, probe_methods, features, b.label, records))
@@ -358,14 +442,14 @@ def _knn_all(
     targets: list[FeatureStore],
     ks: Sequence[int],
     features: list[str] | None,
-    tag: dict[str, Any],
-    records: list[dict[str, Any]],
+    label: str,
+    records: list[Record],
 ) -> str:
     # k beyond a small database is capped (leave-one-out leaves n - 1 neighbours)
     n_db = int(store.valid("train").sum()) if "train" in store.splits else 0
     ks = sorted({min(int(k), max(1, n_db - 1)) for k in ks})
     test = knn(store, ks=ks, features=features)
-    out = [{"kind": "knn", **r.to_dict(), **tag} for r in test.records]
+    out = [replace(r, model=label) for r in test.records]
     if {"query", "gallery"} <= set(store.splits):  # retrieval: nothing to choose
         records += out
         return "kNN retrieval"
@@ -374,24 +458,23 @@ def _knn_all(
     # of a large split's cost (every query searches the whole split)
     sel = knn(store, ks=ks, features=features, test_split=sel_split, max_queries=SELECTION_QUERIES)
     sel_recs = [r for r in sel.records if r.metric == "top1"]
-    out += [{"kind": "knn", **r.to_dict(), **tag} for r in sel_recs]
-    best = max(sel_recs, key=lambda r: (r.value, -r.k))
-    pick = next(
-        r
-        for r in test.records
-        if r.metric == "top1"
-        and (r.layer, r.pool, r.k, r.vote) == (best.layer, best.pool, best.k, best.vote)
+    out += [replace(r, model=label) for r in sel_recs]
+    best = select_knn(sel_recs)
+    config = (best.feature, best.hyper["k"], best.hyper["vote"])
+    at = next(
+        i
+        for i, r in enumerate(test.records)
+        if r.metric == "top1" and (r.feature, r.hyper["k"], r.hyper["vote"]) == config
     )
     # the chosen configuration's hits image by image: paired comparisons between models
     assert test.queried is not None
-    right = test.right[(best.layer, best.pool, best.k, best.vote)]
-    out[test.records.index(pick)]["extra"]["outcomes"] = encode_outcomes(
-        test.queried, right, store.fingerprint
-    )
+    outcomes = encode_outcomes(test.queried, test.right[config], store.fingerprint)
+    out[at] = with_extra(out[at], outcomes=outcomes)
     for t in targets:
-        out += _knn_transfer(store, t, best, tag)
+        out += _knn_transfer(store, t, best, label)
     records += out
-    return f"kNN {100 * pick.value:.1f} ({best.layer}/{best.pool}, k={best.k})"
+    k = best.hyper["k"]
+    return f"kNN {100 * test.records[at].value:.1f} ({best.feature}, k={k})"
 
 
 def _probe_all(
@@ -400,18 +483,18 @@ def _probe_all(
     methods: list[str],
     features: list[str] | None,
     label: str,
-    records: list[dict[str, Any]],
+    records: list[Record],
 ) -> str:
     from probekit.probes import probe
 
     spec = store.meta["dataset"]["spec"]
     res = probe(
         store,
-        method=methods[0] if len(methods) == 1 else "both",  # type: ignore[arg-type]
+        method="both" if set(methods) == set(PROBE_METHODS) else ",".join(methods),
         features=features,
         eval_on=targets,
     )
-    records += [{"kind": "probe", **r.to_dict(), "model": label} for r in res.records]
+    records += [replace(r, model=label) for r in res.records]
     said = []
     for m in methods:
         v = next(
@@ -423,12 +506,10 @@ def _probe_all(
     return ", ".join(said)
 
 
-def _knn_transfer(
-    src: FeatureStore, dst: FeatureStore, best: Any, tag: dict[str, Any]
-) -> list[dict[str, Any]]:
+def _knn_transfer(src: FeatureStore, dst: FeatureStore, best: Record, label: str) -> list[Record]:
     """kNN of the target's test images against the source's train split, with the source's
     chosen feature, k and vote; classes are matched by name."""
-    name = f"{best.layer}/{best.pool}"
+    name = best.feature
     missing = sorted(set(dst.class_names) - set(src.class_names))
     if missing or not dst.has_feature(name):
         raise ProbekitError(
@@ -445,31 +526,33 @@ def _knn_transfer(
             dst.features("test", name)[dv],
             dst_y,
         ),
-        ks=[best.k],
-        temperature=best.temperature or DEFAULT_TEMPERATURE,
-        vote_method=best.vote,
+        ks=[best.hyper["k"]],
+        temperature=best.hyper.get("temperature") or DEFAULT_TEMPERATURE,
+        vote_method=best.hyper["vote"],
         write=False,
     )
+    meta = src.meta
     out = []
     for r in res.records:
         if r.metric not in ("top1", "top5", "balanced_accuracy"):
             continue
-        d = r.to_dict()
-        d.update(
-            kind="knn",
-            backbone=src.meta["backbone"]["name"],
-            weights=src.meta["weights"]["source"],
-            dataset=dst.meta["dataset"]["spec"],
-            split="test",
-            layer=best.layer,
-            pool=best.pool,
-            **tag,
-        )
-        d["extra"] = {**d.get("extra", {}), "selected_on": "leave-one-out on source train"}
+        extra: dict[str, Any] = {**r.extra, "selected_on": "leave-one-out on source train"}
         if r.metric == "top1":
-            right = res.right[(r.layer, r.pool, r.k, r.vote)]
-            d["extra"]["outcomes"] = encode_outcomes(dv, right, dst.fingerprint)
-        out.append(d)
+            right = res.right[(r.feature, r.hyper["k"], r.hyper["vote"])]
+            extra["outcomes"] = encode_outcomes(dv, right, dst.fingerprint)
+        out.append(
+            replace(
+                r,
+                model=label,
+                backbone=meta["backbone"]["name"],
+                weights=meta["weights"]["source"],
+                train_dataset=meta["dataset"]["spec"],
+                dataset=dst.meta["dataset"]["spec"],
+                split="test",
+                feature=name,
+                extra=extra,
+            )
+        )
     return out
 
 

@@ -139,7 +139,7 @@ def test_random_init_is_seeded() -> None:
 
 
 def test_offline_hub_name_fails_fast_with_how_to(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("probekit.backbones._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("probekit.backbones.weights._hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(WeightsError, match=r"--weights FILE.*--random-init"):
         create_backbone("dino_vits16")
     # without loading, the same name resolves (what a cache lookup needs) and records the hub id

@@ -96,7 +96,7 @@ def test_user_errors_are_one_line_exit_1(args: list[str], message: str) -> None:
 
 
 def test_offline_hub_backbone_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("probekit.backbones._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("probekit.backbones.weights._hub_reachable", lambda timeout=3.0: False)
     res = runner.invoke(app, ["extract", "--backbone", "dino_vits16", "--data", "digits"])
     assert res.exit_code == 1
     assert "cannot be reached" in res.output and "--weights FILE" in res.output
@@ -130,7 +130,7 @@ def test_probe_cli_with_transfer(cache_dir: Path) -> None:
     assert {r["method"] for r in rows} == {"linear", "logreg"}
     assert {r["dataset"] for r in rows if r["metric"] == "top1"} == {"synthetic:12", "synthetic:8"}
     bad = runner.invoke(app, ["probe", "--method", "svm", *args[1:]])
-    assert bad.exit_code == 1 and "--method is linear, logreg or both" in bad.output
+    assert bad.exit_code == 1 and "unknown method 'svm'; use linear, logreg or both" in bad.output
 
 
 def test_help_texts_keep_their_brackets() -> None:

@@ -336,7 +336,7 @@ def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> Non
 
 def test_the_loop_reports_what_it_waited_for(image_folder: Path, monkeypatch) -> None:
     """Slow image loading shows as input waits, in the result, the store and the summary."""
-    from probekit.data import ImageSource
+    from probekit.extraction.sources import ImageSource
 
     load = ImageSource._one
 

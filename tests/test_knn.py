@@ -135,7 +135,8 @@ def test_knn_on_a_store_writes_records(cache_dir: Path) -> None:
     assert res.path is not None and Path(res.path).parent == Path(ext.store_path).parent
     lines = [json.loads(x) for x in Path(res.path).read_text().splitlines()]
     assert len(lines) == len(res.records)
-    features = {f"{r['layer']}/{r['pool']}" for r in lines}
+    assert all(r["schema"] == 2 and r["kind"] == "knn" for r in lines)
+    features = {r["feature"] for r in lines}
     assert features == {"layer4/cls", "layer4/mean", "layer5/cls", "layer5/mean", "head/embed"}
     store = probekit.open_store(ext.store_path)
     # recompute one number independently: majority vote, k=3, from the stored arrays
@@ -294,7 +295,7 @@ def test_max_queries_samples_queries_against_the_whole_database(tmp_path: Path) 
     valid = zarr.open_group(str(path), mode="r+")["train/valid"]
     valid[[3, 50, 51, 200]] = False  # invalid rows: query rows and database rows part ways
     store = open_store(path)
-    key = ("head", "embed", 5, "weighted")
+    key = ("head/embed", 5, "weighted")
     sampled = {}
     for split in ("train", "test"):
         full = probekit.knn(store, ks=[5], test_split=split, write=False)

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 
 import probekit
-from probekit.cache import pixels
-from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
+from probekit.cache.pixels import PixelSource, PixelStore
 from probekit.cache.store import open_store
-from probekit.data import EncodedSource, ImageSource, decode_on_device, load_dataset
+from probekit.data import load_dataset
 from probekit.errors import ProbekitError
-from probekit.extraction import DeviceCrop, default_workers, geometry_transform, square
+from probekit.extraction import DeviceCrop, default_workers, geometry_transform, pixels, square
 from probekit.extraction.loop import Runner
+from probekit.extraction.pixels import build_pixel_store
+from probekit.extraction.sources import EncodedSource, ImageSource, decode_on_device
 from probekit.specs import ModelSpec
 from probekit.triaging import _pixel_size
 

@@ -72,7 +72,7 @@ def test_batched_heads_equal_heads_trained_alone() -> None:
 
 def test_linear_heads_follow_autograd_and_keep_the_best_epoch() -> None:
     """The hand-written softmax gradient equals autograd's; best epochs are tracked per head."""
-    from probekit.probes import LinearHeads, _softmax_minus_onehot
+    from probekit.probes.linear import LinearHeads, _softmax_minus_onehot
 
     x, y = _blobs(2, 64)
     xt, yt = torch.from_numpy(x)[None], torch.from_numpy(y)
@@ -316,7 +316,8 @@ def _two_feature_store(tmp_path: Path, n: int = 900, d: int = 16) -> Path:
 
 
 def test_windowed_minibatches_visit_every_row_once() -> None:
-    from probekit.probes import Rows, _minibatches
+    from probekit.probes import Rows
+    from probekit.probes.linear import _minibatches
 
     n = 1000
     rows = Rows.of(torch.arange(n, dtype=torch.float64)[None, :, None])
@@ -399,5 +400,5 @@ def test_probe_streams_features_beyond_its_memory_budget(tmp_path: Path) -> None
     assert streamed.value("top1", method="linear") == pytest.approx(
         held.value("top1", method="linear"), abs=0.03
     )
-    with pytest.raises(ProbekitError, match="memory budget must be positive"):
+    with pytest.raises(ProbekitError, match="memory_mb must be a positive number of MiB"):
         probe(path, memory_mb=0, **kw)

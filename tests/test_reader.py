@@ -15,11 +15,12 @@ import torch
 from conftest import assert_child_dies_with_parent
 
 import probekit
-from probekit.cache.pixels import PixelSource, PixelStore, build_pixel_store
+from probekit.cache.pixels import PixelSource, PixelStore
 from probekit.cache.reader import PixelReader
 from probekit.cache.store import open_store
 from probekit.data import Dataset, Split
 from probekit.errors import StoreError
+from probekit.extraction.pixels import build_pixel_store
 
 N, SIZE = 203, 12
 

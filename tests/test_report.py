@@ -139,7 +139,7 @@ def test_leaderboard_marks_the_best_and_those_within_noise_of_it() -> None:
         recs.append(r)
     recs.append(_probe("top", "alone", 0.5, (0.4, 0.6)))  # a column of one entry: no mark
     rep = build_report(recs)
-    assert rep.best == {("d", "logreg", m) for m in ("top", "near", "lost4")}
+    assert rep.best == {("d", "logreg", m, "top1") for m in ("top", "near", "lost4")}
     rows = {r[0]: r[1] for r in leaderboard_rows(rep, "d")}
     assert rows["top"].startswith(f"{100 * top.mean():.2f}* ")
     assert rows["near"].startswith(f"{100 * near.mean():.2f}* ") and "*" not in rows["far"]
@@ -163,7 +163,9 @@ def test_records_merge_later_wins_and_transfer_is_its_own_task(tmp_path: Path) -
     rep2, files = write_report(recs, tmp_path / "out")
     assert set(files) >= {"report.md", "results.csv", "results.jsonl"}
     rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[1].startswith("d,logreg,x,0.700000,0.6,0.8,layer2/mean,C=0.5")
+    assert len(rows) == 3 and rows[1].startswith(
+        "d,logreg,x,top1,0.700000,0.6,0.8,layer2/mean,C=0.5"
+    )
     # the written results.jsonl reads back to the same report
     again = build_report(load_records([tmp_path / "out"]))
     assert [(c.task, c.value) for c in again.cells] == [(c.task, c.value) for c in rep2.cells]

@@ -178,7 +178,7 @@ def test_triage_chooses_among_the_features_asked_for(tmp_path: Path, cache_dir: 
     rep = result.report
     assert not rep.errors and len(rep.cells) == 4  # knn, logreg x the dataset, the transfer
     assert all(c.feature in ("last2/mean", "head/embed") for c in rep.cells)
-    evaluated = {f"{r['layer']}/{r['pool']}" for r in result.records if r["kind"] == "knn"}
+    evaluated = {r.feature for r in result.records if r.kind == "knn"}
     assert evaluated == {"last2/mean", "head/embed"}
     # a feature the store cannot make is this backbone's failure, in one line
     lacking = triage(
@@ -189,8 +189,8 @@ def test_triage_chooses_among_the_features_asked_for(tmp_path: Path, cache_dir: 
         log=None,
         **kw,
     )
-    assert {e["stage"] for e in lacking.report.errors} == {"knn", "probe"}
-    assert all("lacks layer2/mean" in e["message"] for e in lacking.report.errors)
+    assert {e.extra["stage"] for e in lacking.report.errors} == {"knn", "probe"}
+    assert all("lacks layer2/mean" in e.extra["message"] for e in lacking.report.errors)
 
 
 @pytest.mark.slow
@@ -211,7 +211,7 @@ def test_triage_reports_a_failed_backbone_and_goes_on(tmp_path: Path, cache_dir:
     )
     rep = result.report
     assert rep.models == ["test_resnet@random", "test_vit@weights.safetensors", "no_such_model"]
-    failed = {e["model"]: e["message"] for e in rep.errors}
+    failed = {e.model: e.extra["message"] for e in rep.errors}
     assert set(failed) == {"test_vit@weights.safetensors", "no_such_model"}
     assert "weights" in failed["test_vit@weights.safetensors"]
     assert "no_such_model" in failed["no_such_model"]
@@ -224,13 +224,13 @@ def test_triage_reports_a_failed_backbone_and_goes_on(tmp_path: Path, cache_dir:
     md = Path(result.files["report.md"]).read_text()
     assert "## Failures" in md and "no_such_model on synthetic:12" in md
     # the kNN entry and its transfer use the feature chosen by leave-one-out on train
-    recs = [r for r in result.records if r["kind"] == "knn" and r["metric"] == "top1"]
-    sel = [r for r in recs if r["split"] == "train"]
-    best = max(sel, key=lambda r: (r["value"], -r["k"]))
+    recs = [r for r in result.records if r.kind == "knn" and r.metric == "top1"]
+    sel = [r for r in recs if r.split == "train"]
+    best = max(sel, key=lambda r: (r.value, -r.hyper["k"]))
     for task in ("synthetic:12", "synthetic:12->synthetic:8"):
         cell = rep.cell(task, "knn", "test_resnet@random")
         assert cell is not None
-        assert (cell.feature, cell.hyper["k"]) == (f"{best['layer']}/{best['pool']}", best["k"])
+        assert (cell.feature, cell.hyper["k"]) == (best.feature, best.hyper["k"])
     # records hold everything: `probekit report` rebuilds the same leaderboard
     res = runner.invoke(app, ["report", str(tmp_path / "r"), "--out", str(tmp_path / "again")])
     assert res.exit_code == 0, res.output
@@ -258,11 +258,12 @@ def test_triage_pixel_size_auto_decodes_once_for_every_geometry(
     )
     assert not any("geometries" in x for x in lines)
     assert len(list(cache_dir.glob("*/pixels/*.zarr"))) == 3  # one more: 168 px squares
-    extracted = [r for r in result.records if r["kind"] == "extract"]
-    assert [r["model"] for r in extracted] == models
+    extracted = [r for r in result.records if r.kind == "extract"]
+    assert [r.model for r in extracted] == models
     for r in extracted:
-        assert r["pixels"].startswith("from the pixel cache of 168 px squares, cut"), r["pixels"]
-        assert open_store(r["store"]).meta["config"]["preprocessing"]["pixel_size"] == 168
+        pixels = r.extra["pixels"]
+        assert pixels.startswith("from the pixel cache of 168 px squares, cut"), pixels
+        assert open_store(r.extra["store"]).meta["config"]["preprocessing"]["pixel_size"] == 168
 
 
 def test_triage_bad_input_is_one_line(tmp_path: Path) -> None:

@@ -1,23 +1,43 @@
-"""The Zarr v3 feature cache: one store per dataset x backbone config (see store.py)."""
+"""The Zarr v3 stores: features (store.py) and pixels (pixels.py), their metadata (meta.py),
+locations and listing, and the helper processes that write chunks and read pixels. Storage
+only: nothing here imports probekit above `errors`.
 
-from probekit.cache.store import (
-    FORMAT_VERSION,
-    FeatureStore,
-    StoreConfig,
-    StoreLock,
-    StoreSummary,
-    cache_root,
-    list_stores,
-    open_store,
-)
+Names load on first use: listing stores and reading their metadata import no Zarr.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "FORMAT_VERSION": "probekit.cache.meta",
+    "StoreMeta": "probekit.cache.meta",
+    "FeatureStore": "probekit.cache.store",
+    "StoreConfig": "probekit.cache.store",
+    "StoreLock": "probekit.cache.store",
+    "open_store": "probekit.cache.store",
+    "StoreSummary": "probekit.cache.listing",
+    "list_stores": "probekit.cache.listing",
+    "cache_root": "probekit.cache.location",
+}
 
 __all__ = [
     "FORMAT_VERSION",
     "FeatureStore",
     "StoreConfig",
     "StoreLock",
+    "StoreMeta",
     "StoreSummary",
     "cache_root",
     "list_stores",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'probekit.cache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -15,9 +15,10 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, Pipe
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 __all__ = [
+    "End",
     "Helper",
     "die_with_parent",
     "exit_code",
@@ -25,6 +26,7 @@ __all__ = [
     "picklable",
     "pooled",
     "run_child",
+    "serve",
     "shared_memory",
     "start_child",
 ]
@@ -92,6 +94,19 @@ def next_message(conn: Connection, parent: int) -> Any:
         return conn.recv()
     except EOFError:
         return None
+
+
+class End(NamedTuple):
+    """The parent's last message to a helper: finish what was sent, then exit."""
+
+
+def serve(conn: Connection, parent: int, handle: Callable[[Any], bool]) -> None:
+    """The one loop of every helper process: the parent's messages to `handle`, in order,
+    until `handle` returns False (after `End`, say) or the parent is gone."""
+    while True:
+        msg = next_message(conn, parent)
+        if msg is None or not handle(msg):
+            return
 
 
 def die_with_parent(parent: int) -> None:

@@ -20,68 +20,57 @@ Layout (`<cache>/<dataset>/pixels/<key>.zarr`, key = hash of dataset fingerprint
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
-import zarr.codecs
 
-from probekit.cache.reader import read_rows
-from probekit.cache.store import Location, StoreLock, cache_root, is_remote
-from probekit.data import Batch, Dataset, ImageSource, pass_batch
+from probekit.cache._chunked import ChunkedStore, now
+from probekit.cache._files import read_rows
+from probekit.cache.store import Location, cache_root, is_remote
 from probekit.errors import StoreError
 
 __all__ = [
     "PIXEL_CHUNK_ROWS",
     "PixelSource",
     "PixelStore",
-    "build_pixel_store",
     "pixel_store_path",
 ]
+
+# a batch of pixels: uint8 (B, 3, H, W) in channels-last memory, valid (B,), reasons [B]
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 PIXEL_KEY = "probekit_pixels"
 PIXEL_FORMAT = 1
 # 64 rows of 224 x 224 x 3 = 9.6 MB per chunk: batches of 64 (or multiples) read whole chunks
 PIXEL_CHUNK_ROWS = 64
-_COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def geometry_key(dataset: Dataset, geometry: str, size: tuple[int, int]) -> str:
+def geometry_key(fingerprint: str, geometry: str, size: tuple[int, int]) -> str:
     blob = json.dumps(
-        {"format": PIXEL_FORMAT, "data": dataset.fingerprint, "geometry": geometry, "size": size},
+        {"format": PIXEL_FORMAT, "data": fingerprint, "geometry": geometry, "size": size},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def pixel_store_path(
-    dataset: Dataset, geometry: str, size: tuple[int, int], cache_dir: Any = None
+    dataset: str, fingerprint: str, geometry: str, size: tuple[int, int], cache_dir: Any = None
 ) -> Location:
-    return (
-        cache_root(cache_dir)
-        / dataset.name
-        / "pixels"
-        / f"{geometry_key(dataset, geometry, size)}.zarr"
-    )
+    """`<cache>/<dataset name>/pixels/<key>.zarr`: one store per images x geometry."""
+    key = geometry_key(fingerprint, geometry, size)
+    return cache_root(cache_dir) / dataset / "pixels" / f"{key}.zarr"
 
 
-class PixelStore:
-    """A pixel store opened for reading or (by `build_pixel_store`) writing."""
+class PixelStore(ChunkedStore):
+    """A pixel store opened for reading or (by `extraction.pixels.build_pixel_store`) writing."""
 
-    def __init__(self, path: Location, group: zarr.Group):
-        self.path, self.group = path, group
+    META_KEY = PIXEL_KEY
 
     @classmethod
     def open(cls, path: Location) -> PixelStore | None:
@@ -94,35 +83,25 @@ class PixelStore:
         return cls(path, group)
 
     @property
-    def meta(self) -> dict[str, Any]:
-        return dict(self.group.attrs.asdict()[PIXEL_KEY])  # type: ignore[arg-type]
-
-    @property
-    def is_complete(self) -> bool:
-        return self.meta.get("status") == "complete"
-
-    @property
     def size(self) -> tuple[int, int]:
         h, w = self.meta["size"]
         return int(h), int(w)
 
-    def array(self, split: str, name: str) -> Any:
-        return self.group[f"{split}/{name}"]
-
-    def pending_chunks(self, split: str) -> list[int]:
-        return [int(i) for i in np.flatnonzero(~np.asarray(self.array(split, "done")[:]))]
-
-    def nbytes_stored(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-
     @classmethod
     def create(
-        cls, path: Location, dataset: Dataset, geometry: str, size: tuple[int, int], chunk_rows: int
+        cls,
+        path: Location,
+        dataset: Mapping[str, str],
+        splits: Mapping[str, int],
+        geometry: str,
+        size: tuple[int, int],
+        chunk_rows: int,
     ) -> PixelStore:
+        """An empty store for images of `splits` (name: rows) at `size`; `dataset`: its spec
+        and fingerprint."""
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         h, w = size
-        for split, s in dataset.splits.items():
-            n = len(s)
+        for split, n in splits.items():
             g = group.create_group(split)
             rows = max(1, min(chunk_rows, n))
             g.create_array(  # uncompressed: a chunk file is the rows' bytes, read in one call
@@ -141,89 +120,15 @@ class PixelStore:
         # the metadata goes last: a store without it is an interrupted start, rebuilt anew
         group.attrs[PIXEL_KEY] = {
             "format_version": PIXEL_FORMAT,
-            "dataset": {"spec": dataset.spec, "fingerprint": dataset.fingerprint},
+            "dataset": {"spec": dataset["spec"], "fingerprint": dataset["fingerprint"]},
             "geometry": geometry,
             "size": list(size),
-            "splits": {k: len(v) for k, v in dataset.splits.items()},
+            "splits": dict(splits),
             "chunk_rows": chunk_rows,
             "status": "partial",
-            "created": _now(),
+            "created": now(),
         }
         return cls(path, group)
-
-    def update_meta(self, **fields: Any) -> None:
-        self.group.attrs[PIXEL_KEY] = {**self.meta, **fields, "updated": _now()}
-
-
-def build_pixel_store(
-    dataset: Dataset,
-    geometry: Callable[[Any], Any],
-    geometry_desc: str,
-    size: tuple[int, int],
-    *,
-    cache_dir: Any = None,
-    num_workers: int = 0,
-    identity: bool = False,
-    chunk_rows: int = PIXEL_CHUNK_ROWS,
-) -> tuple[PixelStore, bool, float]:
-    """Decode every image once into the pixel store for this geometry (resumable by chunk).
-
-    Returns (store, built now?, seconds spent decoding). A complete store is returned as is.
-    """
-    path = pixel_store_path(dataset, geometry_desc, size, cache_dir)
-    with StoreLock(path):
-        store = PixelStore.open(path)
-        if store is not None and store.is_complete:
-            return store, False, 0.0
-        if store is None:
-            store = PixelStore.create(path, dataset, geometry_desc, size, chunk_rows)
-        rows_per_chunk = int(store.meta["chunk_rows"])
-        t0 = time.perf_counter()
-        for split, s in dataset.splits.items():
-            n = len(s)
-            rows = max(1, min(rows_per_chunk, n))
-            chunks = store.pending_chunks(split)
-            if n == 0 or not chunks:
-                continue
-            batches = [list(range(c * rows, min(n, (c + 1) * rows))) for c in chunks]
-            loader = torch.utils.data.DataLoader(
-                ImageSource(dataset, split, geometry, size, identity=identity),
-                batch_sampler=batches,
-                collate_fn=pass_batch,
-                num_workers=num_workers,
-            )
-            arrays = tuple(store.array(split, k) for k in ("pixels", "valid", "errors", "done"))
-            # chunks are written by threads (file writes release the GIL) while the next ones
-            # decode; each chunk's done flag follows its own arrays
-            with ThreadPoolExecutor(4, thread_name_prefix="probekit-pixels") as pool:
-                writes: list[Future[None]] = []
-                for c, idx, batch in zip(chunks, batches, loader, strict=True):
-                    writes.append(pool.submit(_write_chunk, arrays, c, idx[0], idx[-1] + 1, *batch))
-                    while len(writes) > 8 or (writes and writes[0].done()):
-                        writes.pop(0).result()
-                for f in writes:
-                    f.result()
-        seconds = time.perf_counter() - t0
-        total = sum(len(s) for s in dataset.splits.values())
-        # readers skip the per-row flags of a split with no invalid image (thousands of chunks)
-        invalid = {k: int((~np.asarray(store.array(k, "valid")[:])).sum()) for k in dataset.splits}
-        store.update_meta(
-            status="complete",
-            invalid=invalid,
-            seconds=round(seconds, 3),
-            images_per_s=round(total / seconds, 2) if seconds > 0 else None,
-        )
-        return store, True, seconds
-
-
-def _write_chunk(
-    arrays: tuple[Any, ...], c: int, start: int, stop: int, images: Any, ok: Any, reasons: Any
-) -> None:
-    pix, valid, errors, done = arrays
-    pix[start:stop] = images.permute(0, 2, 3, 1).numpy()
-    valid[start:stop] = ok.numpy()
-    errors[start:stop] = np.array(reasons, dtype=str)
-    done[c] = True  # only after the chunk's arrays are on disk
 
 
 class PixelSource(torch.utils.data.Dataset[Batch]):

@@ -24,44 +24,67 @@ from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 import numpy as np
 
-from probekit.cache.child import exit_code, next_message, run_child, shared_memory, start_child
+from probekit.cache._files import read_rows
+from probekit.cache.child import End, exit_code, run_child, serve, shared_memory, start_child
 from probekit.errors import StoreError
 
-if TYPE_CHECKING:
-    from probekit.cache.pixels import PixelSource
+__all__ = ["PixelReader", "PixelSpec", "read_rows"]
 
-__all__ = ["PixelReader", "read_rows"]
+
+class Read(NamedTuple):
+    """Read batches `ranges` (rows [lo, hi) each) of one split into `slots` buffers of
+    `slot_bytes` (the shared memory's handle follows), by `threads` threads."""
+
+    path: str
+    split: str
+    chunk_rows: int
+    row_bytes: int
+    slot_bytes: int
+    slots: int
+    threads: int
+    ranges: list[tuple[int, int]]
+
+
+class Free(NamedTuple):
+    """Buffer `slot` may be read into again."""
+
+    slot: int
+
+
+class Stop(NamedTuple):
+    """End the current read (reads in flight finish; their buffers are not used)."""
+
+
+class Ready(NamedTuple):
+    """Batch `batch` is in buffer `slot` (or could not be read: `error`)."""
+
+    batch: int
+    slot: int
+    error: str | None
+
+
+READ_OVER = Ready(-1, -1, None)  # the read's last answer: none of it follows
+
+
+class PixelSpec(Protocol):
+    """What a read needs of one split of a pixel store (`cache.pixels.PixelSource` is one)."""
+
+    path: Any
+    split: str
+    rows: int  # rows per chunk
+    shape: tuple[int, ...]  # (H, W, 3)
+    raw: bool  # plain uncompressed chunk files on a local disk
+    valid: np.ndarray
+
+    def reasons(self, indices: Sequence[int]) -> list[str]: ...
+
 
 _PAGE = 4096
 MAX_BYTES = 2 << 30  # the batch buffers' memory, unless `hold` + 2 buffers need more
-
-
-def read_rows(path: str, split: str, chunk_rows: int, lo: int, hi: int, out: np.ndarray) -> None:
-    """Rows [lo, hi) of a plain local pixel store straight from its chunk files into `out`
-    ((hi - lo, bytes per row) uint8): one read per chunk, with the GIL released."""
-    row_bytes = out.shape[1]
-    r = lo
-    while r < hi:
-        chunk = r // chunk_rows
-        stop = min(hi, (chunk + 1) * chunk_rows)
-        name = os.path.join(path, split, "pixels", "c", str(chunk), "0", "0", "0")
-        view = memoryview(out[r - lo : stop - lo]).cast("B")  # type: ignore[arg-type]
-        try:
-            with open(name, "rb", buffering=0) as fh:
-                fh.seek((r - chunk * chunk_rows) * row_bytes)
-                at = 0
-                while at < view.nbytes:
-                    got = fh.readinto(view[at:])
-                    if not got:
-                        raise OSError(f"{name} is shorter than its rows (truncated?)")
-                    at += got
-        except FileNotFoundError:  # a chunk Zarr never wrote: all fill value
-            out[r - lo : stop - lo] = 0
-        r = stop
 
 
 class PixelReader:
@@ -79,7 +102,7 @@ class PixelReader:
 
     def read(
         self,
-        source: PixelSource,
+        source: PixelSpec,
         batches: Sequence[Sequence[int]],
         *,
         threads: int,
@@ -99,7 +122,7 @@ class PixelReader:
 
     def _read(
         self,
-        source: PixelSource,
+        source: PixelSpec,
         batches: Sequence[Sequence[int]],
         threads: int,
         hold: int,
@@ -121,8 +144,9 @@ class PixelReader:
         ahead = max(2, min(2 * threads, MAX_BYTES // slot_bytes - hold))
         slots = hold + ahead
         self._map(slots * slot_bytes, pin)
-        self._send(("read", str(path), split, source.rows, row_bytes, slot_bytes, slots, threads))
-        self._send(("batches", ranges))
+        self._send(
+            Read(str(path), split, source.rows, row_bytes, slot_bytes, slots, threads, ranges)
+        )
         try:
             send_handle(self._conn, self._fd, self._proc.pid)
         except OSError:
@@ -132,7 +156,7 @@ class PixelReader:
         try:
             for j, (lo, hi) in enumerate(ranges):
                 if j - hold in taken:
-                    self._send(("free", taken.pop(j - hold)))
+                    self._send(Free(taken.pop(j - hold)))
                 while j not in ready:
                     batch, slot, error = self._recv()
                     if error is not None:
@@ -148,8 +172,8 @@ class PixelReader:
                 valid = torch.from_numpy(source.valid[lo:hi].copy())
                 yield rows.permute(0, 3, 1, 2), valid, source.reasons(range(lo, hi))
         finally:
-            self._send(("stop",))
-            while self._recv()[0] != -1:  # reads in flight end; their buffers are not used
+            self._send(Stop())
+            while self._recv() != READ_OVER:  # reads in flight end; their buffers are not used
                 pass
 
     def _map(self, size: int, pin: bool) -> None:
@@ -183,15 +207,15 @@ class PixelReader:
         os.close(self._fd)
         self._fd = -1
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _send(self, msg: Read | Free | Stop | End) -> None:
         try:
             self._conn.send(msg)
         except OSError:
             self._died()
 
-    def _recv(self) -> tuple[int, int, str | None]:
+    def _recv(self) -> Ready:
         try:
-            return self._conn.recv()  # type: ignore[no-any-return]
+            return Ready(*self._conn.recv())
         except (EOFError, OSError):
             self._died()
 
@@ -224,7 +248,7 @@ class PixelReader:
         self._active = None
         if self._proc.poll() is None:
             with contextlib.suppress(OSError):
-                self._conn.send(("end",))
+                self._conn.send(End())
         self._proc.wait()
         self._conn.close()
         self._unmap()
@@ -239,37 +263,31 @@ class PixelReader:
 # --------------------------------------------------------------------------- the child
 
 
-def serve(conn: Connection, parent: int) -> None:
-    """The reader process: one read at a time, until "end"."""
-    while True:
-        msg = next_message(conn, parent)
-        if msg is None or msg[0] == "end":
-            return
-        if msg[0] == "read":
-            _, path, split, chunk_rows, row_bytes, slot_bytes, slots, threads = msg
-            ranges = conn.recv()[1]
-            fd = recv_handle(conn)
-            shared = mmap.mmap(fd, slots * slot_bytes)
-            os.close(fd)
-            memory = np.frombuffer(shared, dtype=np.uint8)
-            where = (path, split, chunk_rows, row_bytes, slot_bytes)
-            _serve_read(conn, memory, where, ranges, slots, threads)
-            conn.send((-1, -1, None))  # the read is over: no reply of it follows
-            del memory, shared  # unmapped with the last reference
+def _handle(conn: Connection, msg: Read | End) -> bool:
+    """The reader process: one read at a time, until End."""
+    if isinstance(msg, End):
+        return False
+    fd = recv_handle(conn)
+    shared = mmap.mmap(fd, msg.slots * msg.slot_bytes)
+    os.close(fd)
+    memory = np.frombuffer(shared, dtype=np.uint8)
+    _serve_read(conn, memory, msg)
+    conn.send(READ_OVER)
+    del memory, shared  # unmapped with the last reference
+    return True
 
 
-def _serve_read(
-    conn: Connection,
-    memory: np.ndarray,
-    where: tuple[str, str, int, int, int],
-    ranges: list[tuple[int, int]],
-    slots: int,
-    threads: int,
-) -> None:
-    """Read `ranges` (rows [lo, hi) of each batch) into free buffers, in order, by `threads`
-    threads; answer (batch, buffer, error) per batch; return after "stop" and the reads in
-    flight."""
-    path, split, chunk_rows, row_bytes, slot_bytes = where
+def _serve_read(conn: Connection, memory: np.ndarray, msg: Read) -> None:
+    """Read the batches into free buffers, in order, by the message's threads; answer `Ready`
+    per batch; return after `Stop` and the reads in flight."""
+    path, split, chunk_rows, row_bytes, slot_bytes = (
+        msg.path,
+        msg.split,
+        msg.chunk_rows,
+        msg.row_bytes,
+        msg.slot_bytes,
+    )
+    ranges, slots, threads = msg.ranges, msg.slots, msg.threads
     lock = threading.Lock()  # one connection, several threads answering on it
 
     def read(j: int, slot: int, lo: int, hi: int) -> None:
@@ -280,7 +298,7 @@ def _serve_read(
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         with lock:
-            conn.send((j, slot, error))
+            conn.send(Ready(j, slot, error))
 
     free = list(range(slots))[::-1]
     nxt = 0
@@ -289,12 +307,12 @@ def _serve_read(
             while free and nxt < len(ranges):
                 pool.submit(read, nxt, free.pop(), *ranges[nxt])
                 nxt += 1
-            msg = conn.recv()
-            if msg[0] == "free":
-                free.append(msg[1])
-            elif msg[0] == "stop":
+            got = conn.recv()
+            if isinstance(got, Free):
+                free.append(got.slot)
+            elif isinstance(got, Stop):
                 break
 
 
 def main() -> None:
-    run_child(serve)
+    run_child(lambda conn, parent: serve(conn, parent, lambda msg: _handle(conn, msg)))

@@ -19,7 +19,6 @@ half-written chunk.
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import fcntl
 import hashlib
 import json
@@ -28,67 +27,34 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import zarr
-import zarr.codecs
 from zarr.core.sync import sync
 
+from probekit.cache._chunked import COMPRESSOR, ChunkedStore, now
+from probekit.cache.location import Location, cache_root, is_remote, location
+from probekit.cache.meta import FORMAT_VERSION, META_KEY, StoreMeta
 from probekit.errors import ProbekitWarning, StoreError
 
 __all__ = [
     "FORMAT_VERSION",
+    "META_KEY",
     "FeatureStore",
+    "Location",
     "StoreConfig",
     "StoreLock",
-    "StoreSummary",
+    "StoreMeta",
     "cache_root",
     "is_remote",
-    "list_stores",
     "location",
     "open_for_reading",
     "open_for_resume",
     "open_store",
 ]
 
-FORMAT_VERSION = 1
-META_KEY = "probekit"
 StoreDtype = Literal["float16", "float32"]
-_COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
-
-
-# A store's place: a local Path, or a UPath for any fsspec URL that Zarr reads and writes
-# (s3://bucket/prefix, gs://..., ...); credentials come from the storage client's own config.
-Location = Any
-
-
-def location(path: str | os.PathLike[str] | Any) -> Location:
-    """A local path (expanded, absolute), or a UPath for a URL such as s3://bucket/prefix."""
-    if is_remote(path):
-        try:
-            import fsspec  # type: ignore[import-untyped]
-            from upath import UPath
-
-            fsspec.get_filesystem_class(str(path).split("://")[0])
-        except (ImportError, ValueError) as e:
-            raise StoreError(
-                f"cannot use {str(path)!r}: {e}; object-store caches need "
-                "`pip install 'probekit[s3]'` (or the fsspec package of that protocol)."
-            ) from None
-        return path if isinstance(path, UPath) else UPath(str(path))
-    return Path(path).expanduser().resolve()
-
-
-def is_remote(path: Any) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Location:
-    """`cache_dir`, else `$PROBEKIT_CACHE`, else `~/.cache/probekit`; a URL for object storage."""
-    root = cache_dir or os.environ.get("PROBEKIT_CACHE") or Path.home() / ".cache" / "probekit"
-    return location(root)
 
 
 @dataclass(frozen=True)
@@ -119,10 +85,6 @@ class StoreConfig:
     def feature_names(self) -> list[str]:
         """Array names under a split group, e.g. ['layer11/cls', 'head/embed']."""
         return [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class StoreLock:
@@ -169,28 +131,20 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-class FeatureStore:
+class FeatureStore(ChunkedStore):
     """A feature store opened for reading (and, for the extractor, writing)."""
 
+    META_KEY = META_KEY
+
     def __init__(self, path: Location, group: zarr.Group):
-        self.path = path
-        self.group = group
+        super().__init__(path, group)
         self._writing: dict[str, Any] = {}  # the writer's array handles, opened once
 
     # ---- metadata
     @property
-    def meta(self) -> dict[str, Any]:
-        meta: Any = self.group.attrs.asdict().get(META_KEY, {})
-        return dict(meta)
-
-    def update_meta(self, **fields: Any) -> None:
-        meta = self.meta
-        meta.update(fields, updated=_now())
-        self.group.attrs[META_KEY] = meta
-
-    @property
-    def is_complete(self) -> bool:
-        return self.meta.get("status") == "complete"
+    def info(self) -> StoreMeta:
+        """The metadata, typed (checked when the store was opened)."""
+        return StoreMeta.from_dict(self.meta, repr(str(self.path)))
 
     @property
     def splits(self) -> list[str]:
@@ -350,10 +304,7 @@ class FeatureStore:
             torch.from_numpy(self.labels(split)).to(device),
         )
 
-    def nbytes_stored(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-
-    # ---- writer side (used by probekit.extract)
+    # ---- writer side (used by probekit.extraction)
     @classmethod
     def create(
         cls,
@@ -372,7 +323,7 @@ class FeatureStore:
             n_chunks = max(1, -(-n // chunk_rows))
             rows = (max(1, min(chunk_rows, n)),)
             for name, dtype in (("labels", "int64"), ("valid", "bool")):
-                g.create_array(name, shape=(n,), chunks=rows, dtype=dtype, compressors=_COMPRESSOR)
+                g.create_array(name, shape=(n,), chunks=rows, dtype=dtype, compressors=COMPRESSOR)
             for name in ("ids", "errors"):
                 g.create_array(name, shape=(n,), chunks=rows, dtype=str)
             g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False)
@@ -396,8 +347,8 @@ class FeatureStore:
             "feature_dims": dict(dims),
             "float32_features": sorted(float32_features),
             "status": "partial",
-            "created": _now(),
-            "updated": _now(),
+            "created": now(),
+            "updated": now(),
         }
         return store
 
@@ -409,17 +360,10 @@ class FeatureStore:
             shape=(n, dim),
             chunks=(max(1, min(chunk_rows, n)), dim),
             dtype=dtype,
-            compressors=_COMPRESSOR,
+            compressors=COMPRESSOR,
             fill_value=0,
             overwrite=True,
         )
-
-    def num_chunks(self, split: str) -> int:
-        return int(self._array(split, "done").shape[0])
-
-    def pending_chunks(self, split: str) -> list[int]:
-        done = np.asarray(self._array(split, "done")[:])
-        return [int(i) for i in np.flatnonzero(~done)]
 
     def write_chunk(
         self, split: str, chunk: int, chunk_rows: int, columns: Mapping[str, np.ndarray]
@@ -503,14 +447,7 @@ def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> 
         else zarr.open_group(str(p), mode="r", zarr_format=3)
     )
     store = FeatureStore(p, group)
-    meta = store.meta
-    if not meta:
-        raise StoreError(f"{str(p)!r} is a Zarr group without probekit metadata.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{str(p)!r} has store format {meta.get('format_version')}, this probekit reads "
-            f"format {FORMAT_VERSION}; re-extract it (probekit extract ... --overwrite)."
-        )
+    StoreMeta.from_dict(store.meta, repr(str(p)))  # checked once: format version, every field
     if not store.is_complete and not allow_partial:
         raise StoreError(
             f"{str(p)!r} is incomplete (an extraction was interrupted or is running); "
@@ -563,57 +500,3 @@ def open_for_reading(
             stacklevel=2,
         )
     return store
-
-
-@dataclass(frozen=True)
-class StoreSummary:
-    """A row of `probekit ls`."""
-
-    path: str
-    dataset: str
-    backbone: str
-    weights: str
-    input: str  # the model's input, and where its pixels came from where not its own resize
-    layers: tuple[str, ...]
-    splits: Mapping[str, int]
-    size_bytes: int
-    complete: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _input(pre: Mapping[str, Any]) -> str:
-    """ "224px", "224px from 256px squares", "224px gpu-decoded": what tells stores apart."""
-    h, w = (list(pre.get("input_size", [])) or [0, 0, 0])[-2:]
-    text = f"{h}px" if h == w else f"{h}x{w}px"
-    if "pixel_size" in pre:
-        text += f" from {pre['pixel_size']}px squares"
-    if pre.get("decode") == "gpu":
-        text += " gpu-decoded"
-    return text
-
-
-def list_stores(cache_dir: str | os.PathLike[str] | None = None) -> list[StoreSummary]:
-    """Every feature store under the cache root, complete or not."""
-    out = []
-    for zjson in sorted(cache_root(cache_dir).glob("*/*.zarr/zarr.json")):
-        try:
-            store = open_store(zjson.parent, allow_partial=True)
-        except StoreError:
-            continue
-        meta = store.meta
-        out.append(
-            StoreSummary(
-                path=str(store.path),
-                dataset=str(meta.get("dataset", {}).get("spec", "?")),
-                backbone=str(meta.get("backbone", {}).get("name", "?")),
-                weights=str(meta.get("weights", {}).get("source", "?")),
-                input=_input(meta.get("config", {}).get("preprocessing", {})),
-                layers=tuple(store.feature_names),
-                splits=dict(meta.get("splits", {})),
-                size_bytes=store.nbytes_stored(),
-                complete=store.is_complete,
-            )
-        )
-    return out

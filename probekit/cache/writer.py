@@ -28,15 +28,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 
 from probekit.cache.child import (
+    End,
     exit_code,
-    next_message,
     picklable,
     run_child,
+    serve,
     shared_memory,
     start_child,
 )
@@ -46,6 +47,37 @@ __all__ = ["FP16_MAX", "SLOTS", "ChunkBuffer", "ChunkWriter", "NeedsFloat32", "c
 
 FP16_MAX = float(np.finfo(np.float16).max)
 SLOTS = 3
+
+
+class Begin(NamedTuple):
+    """Write chunks of the store at `path` (then the shared memory's handle follows)."""
+
+    path: str
+    dims: dict[str, int]  # features in the order of a buffer's columns
+    dtype: str
+    f32: list[str]  # features kept in float32
+    chunk_rows: int
+
+
+class Chunk(NamedTuple):
+    """Rows [0, rows) of buffer `slot` are chunk `chunk` of `split`."""
+
+    slot: int
+    split: str
+    chunk: int
+    rows: int
+    labels: np.ndarray
+    ids: list[str]
+    reasons: dict[int, str]  # why an invalid row could not be read, by row in the chunk
+
+
+class Reply(NamedTuple):
+    """The writer's answer: "begun" (to Begin), "done" or "error" (a chunk, its buffer free
+    again), "ended" (to End)."""
+
+    kind: str
+    slot: int | None
+    error: BaseException | None
 
 
 class NeedsFloat32(Exception):
@@ -147,7 +179,7 @@ class ChunkWriter:
         fd = shared_memory(size, "probekit-chunks")
         try:
             self._shared = mmap.mmap(fd, size)
-            self._send(("begin", str(store_path), dict(dims), dtype, sorted(f32), chunk_rows))
+            self._send(Begin(str(store_path), dict(dims), dtype, sorted(f32), chunk_rows))
             try:
                 send_handle(self._conn, fd, self._proc.pid)
             except OSError:
@@ -184,7 +216,7 @@ class ChunkWriter:
 
         `reasons`: why an invalid row could not be read, by row within the chunk.
         """
-        self._send(("chunk", buf.slot, split, chunk, rows, labels, list(ids), dict(reasons)))
+        self._send(Chunk(buf.slot, split, chunk, rows, labels, list(ids), dict(reasons)))
         self._pending += 1
 
     def wait(self) -> None:
@@ -207,7 +239,7 @@ class ChunkWriter:
         if self._error is not None:
             raise self._error
 
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _send(self, msg: Begin | Chunk | End) -> None:
         try:
             self._conn.send(msg)
         except OSError:
@@ -219,7 +251,7 @@ class ChunkWriter:
         try:
             if not block and not self._conn.poll():
                 return ""
-            kind, slot, error = self._conn.recv()
+            kind, slot, error = Reply(*self._conn.recv())
         except (EOFError, OSError):
             self._died()
         if slot is not None:  # a chunk written, or failed: its buffer is free again
@@ -248,8 +280,8 @@ class ChunkWriter:
         """Let the writer finish the chunks it was sent, then end it (and wait for that)."""
         if self._proc.poll() is None:
             try:
-                self._conn.send(("end", None))
-                while self._conn.recv()[0] != "ended":
+                self._conn.send(End())
+                while Reply(*self._conn.recv()).kind != "ended":
                     pass
             except (EOFError, OSError):
                 pass
@@ -267,53 +299,60 @@ class ChunkWriter:
 # --------------------------------------------------------------------------- the child
 
 
-def serve(conn: Connection, parent: int) -> None:
-    """The writer process: take messages until "end", answer each chunk."""
-    from probekit.cache.store import open_store
+class _Writer:
+    """The writer process's state: the store open for writing, the shared chunk buffers."""
 
-    store: Any = None
-    buffers: list[ChunkBuffer] = []
-    dims: dict[str, int] = {}
-    dtype, f32, chunk_rows = "float16", frozenset[str](), 0
-    while True:
-        msg = next_message(conn, parent)
-        if msg is None:
-            return
-        kind = msg[0]
-        if kind == "end":
-            conn.send(("ended", None, None))
-            return
-        if kind == "begin":
-            path, dims, dtype, f32_names, chunk_rows = msg[1:]
-            f32 = frozenset(f32_names)
-            fd = recv_handle(conn)
-            width = sum(dims.values())
-            shared = mmap.mmap(fd, SLOTS * _stride(chunk_rows, width))
-            os.close(fd)
-            buffers = _buffers(shared, chunk_rows, width)
-            store, error = None, None
-            try:
-                store = open_store(path, allow_partial=True)
-            except Exception as e:
-                error = picklable(e)
-            conn.send(("begun", None, error))
-            continue
-        slot, split, chunk, rows, labels, ids, reasons = msg[1:]
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.store: Any = None
+        self.buffers: list[ChunkBuffer] = []
+        self.begun = Begin("", {}, "float16", [], 0)
+
+    def handle(self, msg: Begin | Chunk | End) -> bool:
+        if isinstance(msg, End):
+            self.conn.send(Reply("ended", None, None))
+            return False
+        if isinstance(msg, Begin):
+            self.begin(msg)
+        else:
+            self.write(msg)
+        return True
+
+    def begin(self, msg: Begin) -> None:
+        from probekit.cache.store import open_store
+
+        self.begun = msg
+        fd = recv_handle(self.conn)
+        width = sum(msg.dims.values())
+        shared = mmap.mmap(fd, SLOTS * _stride(msg.chunk_rows, width))
+        os.close(fd)
+        self.buffers = _buffers(shared, msg.chunk_rows, width)
+        self.store, error = None, None
         try:
-            if store is None:
-                raise StoreError("the chunk writer has no store open")
-            buf = buffers[slot]
-            why = np.full(rows, "", dtype=object)
-            for r, text in reasons.items():
-                why[r] = text
-            columns = chunk_columns(buf.features[:rows], buf.valid[:rows], why, dims, dtype, f32)
-            columns["labels"] = np.asarray(labels)
-            columns["ids"] = np.array(ids, dtype=str)
-            store.write_chunk(split, chunk, chunk_rows, columns)
-            conn.send(("done", slot, None))
+            self.store = open_store(msg.path, allow_partial=True)
         except Exception as e:
-            conn.send(("error", slot, picklable(e)))
+            error = picklable(e)
+        self.conn.send(Reply("begun", None, error))
+
+    def write(self, msg: Chunk) -> None:
+        b = self.begun
+        try:
+            if self.store is None:
+                raise StoreError("the chunk writer has no store open")
+            buf = self.buffers[msg.slot]
+            why = np.full(msg.rows, "", dtype=object)
+            for r, text in msg.reasons.items():
+                why[r] = text
+            columns = chunk_columns(
+                buf.features[: msg.rows], buf.valid[: msg.rows], why, b.dims, b.dtype, set(b.f32)
+            )
+            columns["labels"] = np.asarray(msg.labels)
+            columns["ids"] = np.array(msg.ids, dtype=str)
+            self.store.write_chunk(msg.split, msg.chunk, b.chunk_rows, columns)
+            self.conn.send(Reply("done", msg.slot, None))
+        except Exception as e:
+            self.conn.send(Reply("error", msg.slot, picklable(e)))
 
 
 def main() -> None:
-    run_child(serve)
+    run_child(lambda conn, parent: serve(conn, parent, _Writer(conn).handle))

@@ -244,7 +244,7 @@ def _pixel_input(plan: ExtractPlan, store: FeatureStore, dist: Dist) -> tuple[Lo
         return None, said
     built_info: tuple[str, bool, Any] | None = None
     if dist.is_main:  # one process decodes; the ranks then read the same pixel store
-        from probekit.cache.pixels import build_pixel_store
+        from probekit.extraction.pixels import build_pixel_store
 
         pstore, built, _secs = build_pixel_store(
             plan.dataset,

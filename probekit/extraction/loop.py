@@ -16,9 +16,9 @@ import torch
 from probekit.cache.reader import PixelReader
 from probekit.cache.store import FeatureStore, Location
 from probekit.cache.writer import ChunkBuffer, ChunkWriter
-from probekit.data import EncodedSource, ImageSource, decode_on_device, pass_batch
 from probekit.errors import InvalidImageError
 from probekit.extraction.model import FeatureExtractor
+from probekit.extraction.sources import EncodedSource, ImageSource, decode_on_device, pass_batch
 
 if TYPE_CHECKING:
     from probekit.cache.pixels import PixelSource

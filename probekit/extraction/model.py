@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from probekit.backbones import Backbone
+from probekit.defaults import DEFAULT_POOLS
 from probekit.errors import LayerSpecError, OptionError, ProbekitWarning, choice
 from probekit.extraction.preprocess import DeviceCrop
 
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 POOLS = ("cls", "mean", "cls+mean", "gem")
-DEFAULT_POOLS = "cls,mean"
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import timm
@@ -14,19 +14,19 @@ import torch
 import zarr
 
 from probekit import __version__
-from probekit.backbones import DEFAULT_LAYERS, Backbone, parse_layers
+from probekit.backbones import Backbone, parse_layers
 from probekit.cache.store import Location, StoreConfig, StoreDtype, cache_root
 from probekit.data import Dataset
+from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, DEFAULT_LAYERS, DEFAULT_POOLS
 from probekit.distributed import SINGLE, Dist
-from probekit.errors import OptionError, ProbekitError, choice, close_matches
+from probekit.errors import OptionError, ProbekitError, choice
 from probekit.extraction.model import (
-    DEFAULT_POOLS,
     DevicePolicy,
     parse_pools,
     resolve_policy,
 )
 from probekit.extraction.preprocess import DeviceCrop, Geometry, geometry_transform, square
-from probekit.specs import ModelSpec
+from probekit.specs import ModelSpec, options_of
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -36,9 +36,6 @@ __all__ = [
     "default_workers",
     "store_path",
 ]
-
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_CHUNK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -103,13 +100,7 @@ class ExtractOptions:
     @classmethod
     def of(cls, options: ExtractOptions | None = None, **changes: Any) -> ExtractOptions:
         """`options` (default: the defaults) with `changes`; an unknown name is an error."""
-        known = {f.name for f in fields(cls)}
-        for name in changes:
-            if name not in known:
-                raise OptionError(
-                    f"extract has no option {name!r}." + close_matches(name, sorted(known))
-                )
-        return replace(options or cls(), **changes)
+        return options_of(cls, "extract", options, changes)
 
     @property
     def uses_pixel_cache(self) -> bool:

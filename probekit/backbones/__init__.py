@@ -1,0 +1,404 @@
+"""Backbone registry over timm: friendly aliases (`aliases.py`), weight sources
+(`weights.py`), layer specs, listing, and `create_backbone`."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config  # type: ignore[attr-defined]
+
+from probekit.backbones.aliases import ALIASES, EXTRA_MODULES, GROUPS, BackboneAlias
+from probekit.backbones.weights import (
+    WEIGHT_SOURCES,
+    WeightsInfo,
+    WeightSource,
+    WeightsRequest,
+    _load_into,
+    load_packaged_weights,
+    load_state_dict_file,
+    sha256_file,
+    weight_source,
+)
+from probekit.defaults import DEFAULT_LAYERS
+from probekit.errors import (
+    BackboneError,
+    LayerSpecError,
+    WeightsError,
+    close_matches,
+    not_a_file,
+)
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_LAYERS",
+    "EXTRA_MODULES",
+    "GROUPS",
+    "WEIGHT_SOURCES",
+    "Backbone",
+    "BackboneAlias",
+    "BackboneInfo",
+    "WeightSource",
+    "WeightsInfo",
+    "create_backbone",
+    "list_backbones",
+    "load_packaged_weights",
+    "load_state_dict_file",
+    "num_layers",
+    "parse_layers",
+    "resolve_backbone_name",
+    "sha256_file",
+]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A timm model ready for extraction, with the name it was asked by and its weights."""
+
+    name: str
+    timm_name: str
+    model: torch.nn.Module
+    weights: WeightsInfo
+    data_config: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return num_layers(self.model)
+
+    @property
+    def has_class_token(self) -> bool:
+        return int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0 and bool(
+            getattr(self.model, "cls_token", None) is not None
+        )
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """A row of `probekit backbones`."""
+
+    alias: str
+    timm_name: str
+    group: str
+    params_m: float
+    default_layers: tuple[int, ...]
+    weights: str
+    bob: bool = False
+    availability: str = "timm-hosted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def resolve_backbone_name(name: str) -> tuple[BackboneAlias | None, str]:
+    """Map an alias or a timm `arch[.tag]` name to (alias or None, timm name); raise if unknown."""
+    if name in ALIASES:
+        return ALIASES[name], ALIASES[name].timm_name
+    arch, _, tag = name.partition(".")
+    if arch not in _all_architectures():
+        raise BackboneError(
+            f"unknown backbone {name!r}: neither a probekit alias nor a timm model."
+            + close_matches(name, [*ALIASES, *_all_architectures()])
+            + " See `probekit backbones` for aliases, `probekit backbones 'vit_*'` for timm names."
+        )
+    if tag and name not in _all_pretrained():
+        tags = [p for p in _all_pretrained() if p.startswith(arch + ".")]
+        raise BackboneError(
+            f"timm has no pretrained tag {tag!r} for {arch!r}; its tags: "
+            + (", ".join(t.partition(".")[2] for t in tags) or "none")
+            + ". Use one of them, --weights FILE, or --random-init."
+        )
+    return None, name
+
+
+def _all_architectures() -> set[str]:
+    return set(timm.list_models())
+
+
+def _all_pretrained() -> set[str]:
+    return set(timm.list_models(pretrained=True))
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    """How many intermediate outputs `forward_intermediates` can return for this model."""
+    info = getattr(model, "feature_info", None)
+    if not hasattr(model, "forward_intermediates") or not info:
+        raise BackboneError(
+            f"{type(model).__name__} has no timm forward_intermediates(); probekit extracts "
+            "intermediate layers through it. Pick a timm model family that has it (ViT, ConvNeXt, "
+            "ResNet, Swin, EfficientNet, ...)."
+        )
+    return len(info)
+
+
+_LAST_N = re.compile(r"^last(\d*)$")
+
+
+def parse_layers(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Resolve a layer spec (`last`, `lastN`, `all`, indices, comma lists) to sorted indices.
+
+    Indices count intermediate outputs (transformer blocks, or CNN stages) from 0; negative ones
+    count from the end. The pooled embedding (`head`) is always stored besides these.
+    """
+    terms: list[str | int] = [*spec] if not isinstance(spec, str) else [*spec.split(",")]
+    out: set[int] = set()
+    for raw in terms:
+        term = raw.strip().lower() if isinstance(raw, str) else raw
+        if term in ("", "head"):
+            continue
+        if term == "all":
+            out.update(range(n_layers))
+            continue
+        if isinstance(term, str) and (m := _LAST_N.match(term)):
+            n = int(m.group(1) or 1)
+            if not 1 <= n <= n_layers:
+                raise LayerSpecError(
+                    f"layer spec {raw!r} asks for {n} layers; this model has {n_layers} "
+                    f"(indices 0..{n_layers - 1}). Use last1..last{n_layers} or 'all'."
+                )
+            out.update(range(n_layers - n, n_layers))
+            continue
+        try:
+            idx = int(term)
+        except ValueError:
+            raise LayerSpecError(
+                f"cannot parse layer {raw!r}: use 'last', 'lastN' (e.g. last4), 'all', 'head' "
+                "or block indices such as 3,-1."
+            ) from None
+        if not -n_layers <= idx < n_layers:
+            raise LayerSpecError(
+                f"layer index {idx} is out of range: this model has {n_layers} layers "
+                f"(indices 0..{n_layers - 1}, or -{n_layers}..-1)."
+            )
+        out.add(idx % n_layers)
+    return tuple(sorted(out))
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_backbones(
+    pattern: str | None = None,
+    *,
+    group: str | None = None,
+    bob: bool = False,
+    with_params: bool = True,
+) -> list[BackboneInfo]:
+    """Aliases (and, with a pattern, matching timm pretrained names) with params and layers.
+
+    `group`: one of GROUPS (`random`: the random-init baselines of the benchmark's supervised
+    architectures, as NAME@random); `bob`: only the Battle of the Backbones models.
+    Parameter counts are computed on the meta device: nothing is downloaded or allocated.
+    """
+    if group is not None and group not in GROUPS:
+        raise BackboneError(f"unknown group {group!r}; groups: {', '.join(GROUPS)}.")
+    aliases = [a for a in ALIASES.values() if a.bob or not bob]
+    if group == "random":
+        aliases = [
+            BackboneAlias(f"{a.alias}@random", a.timm_name, "random", bob=a.bob)
+            for a in aliases
+            if a.group == "supervised" and a.bob
+        ]
+    elif group is not None:
+        aliases = [a for a in aliases if a.group == group]
+    if pattern:
+        aliases = [
+            a
+            for a in aliases
+            if fnmatch.fnmatch(a.alias, pattern) or fnmatch.fnmatch(a.timm_name, pattern)
+        ]
+    out = []
+    for a in aliases:
+        weights = (
+            "random-init"
+            if group == "random"
+            else ("package" if a.package else ("url" if a.loader else "hub"))
+            if not a.builder
+            else "hub (diffusers)"
+        )
+        out.append(_info(a.alias, a.timm_name, a.group, weights, a, with_params))
+    if pattern and group is None and not bob:
+        known = {a.timm_name for a in aliases}
+        out += [
+            _info("", n, "timm", "hub", None, with_params)
+            for n in timm.list_models(pattern, pretrained=True)
+            if n not in known
+        ]
+    return out
+
+
+# builder models, without building them: (parameters in millions, layers), SD 1.5 = VAE 83.7
+# + UNet 859.5 M, its layers the UNet's 4 down blocks
+_BUILDER_FACTS = {"stable_diffusion_v1_5": (943.2, 4)}
+
+
+def _info(
+    alias: str,
+    timm_name: str,
+    group: str,
+    weights: str,
+    row: BackboneAlias | None,
+    with_params: bool,
+) -> BackboneInfo:
+    params, layers = 0.0, tuple[int, ...]()
+    if with_params and row is not None and row.builder is not None:
+        params, n_layers = _BUILDER_FACTS.get(row.alias, (0.0, 0))
+        layers = parse_layers(DEFAULT_LAYERS, n_layers) if n_layers else ()
+    elif with_params:
+        kwargs: dict[str, Any] = {}
+        if row is not None and row.loader:
+            from probekit.loaders import LOADERS
+
+            kwargs = {**LOADERS[row.loader].kwargs, "num_classes": 0}
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        try:
+            layers = parse_layers(DEFAULT_LAYERS, num_layers(model))
+        except BackboneError:
+            layers = ()
+    return BackboneInfo(
+        alias,
+        timm_name,
+        group,
+        params,
+        layers,
+        weights,
+        bob=bool(row and row.bob),
+        availability=row.availability if row is not None else "timm-hosted",
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    random_init: bool = False,
+    img_size: int | None = None,
+    seed: int = 0,
+    load: bool = True,
+) -> Backbone:
+    """Build a timm model in eval mode with the asked weights; see `WeightsInfo` for the record.
+
+    Weights come from the first `WEIGHT_SOURCES` entry that applies: `random_init` (seeded), a
+    `weights` file (.safetensors or a tensor-only .pth), a packaged alias (`effnet_lite*`), an
+    original checkpoint (converted), or timm's normal pretrained path (HF hub and cache).
+    With `load=False` the model is built on the meta device and no weights are read: enough to
+    know its layers, preprocessing and which weights it would get (a cache lookup).
+    """
+    if _PYTHON_PATH.match(name):  # module:function, given by the user in so many words
+        return _python_backbone(name, weights=weights, random_init=random_init, img_size=img_size)
+    alias, timm_name = resolve_backbone_name(name)
+    if alias is not None and alias.builder is not None:  # probekit's own non-timm models
+        return _python_backbone(
+            alias.builder, weights=weights, random_init=random_init, img_size=img_size, as_name=name
+        )
+    if weights is not None and random_init:
+        raise WeightsError("pass either --weights FILE or --random-init, not both.")
+    kwargs: dict[str, Any] = {}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if alias is not None and alias.loader is not None:
+        from probekit.loaders import LOADERS
+
+        kwargs.update(LOADERS[alias.loader].kwargs, num_classes=0)
+
+    def build(pretrained: bool, **extra: Any) -> torch.nn.Module:
+        try:
+            return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **extra)
+        except TypeError as e:
+            if "img_size" in kwargs and "img_size" in str(e):
+                kwargs.pop("img_size")  # CNNs take any resolution without being told
+                return timm.create_model(timm_name, pretrained=pretrained, **extra)
+            raise
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = build(False)
+    num_layers(skeleton)  # fail early on models without forward_intermediates
+    pcfg = dict(getattr(skeleton, "pretrained_cfg", {}) or {})
+    request = WeightsRequest(name, timm_name, alias, weights, random_init, seed, pcfg)
+    source = weight_source(request)
+    info = source.resolve(request)  # decide: which weights, without loading them
+    model = skeleton
+    if load:  # act: build the model with them
+        model, info = source.load(request, info, build)
+    model.eval().requires_grad_(False)
+    data_config = dict(resolve_model_data_config(model))
+    if img_size is not None:
+        data_config["input_size"] = (3, img_size, img_size)
+    return Backbone(name, timm_name, model, info, data_config)
+
+
+# `package.module:function`: the only form that imports user code, and only when a user passes it
+_PYTHON_PATH = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
+
+
+def _python_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    img_size: int | None,
+    as_name: str | None = None,
+) -> Backbone:
+    """A backbone built by the user's own function: `--backbone package.module:function`.
+
+    The function takes no arguments and returns a timm model (anything with
+    `forward_intermediates` and `feature_info`) holding its weights; `weights` loads a file
+    on top. The weights are identified by a hash of the model's tensors, so a changed function
+    gets its own cache. Store metadata, reports and listings never import it: only a
+    --backbone given in so many words does.
+    """
+    match = _PYTHON_PATH.match(name)
+    assert match is not None
+    module, func = match.groups()
+    if random_init or img_size is not None:
+        raise BackboneError(
+            f"--backbone {name!r} builds its own model: --random-init and --img-size do not apply "
+            "(set them inside the function)."
+        )
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise BackboneError(
+            f"cannot import {module!r} for --backbone {name!r} ({e}); put it on PYTHONPATH."
+        ) from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise BackboneError(f"{module!r} has no function {func!r} (from --backbone {name!r}).")
+    model = fn()
+    if not isinstance(model, torch.nn.Module):
+        raise BackboneError(f"{name}() returned {type(model).__name__}, not a torch.nn.Module.")
+    num_layers(model)
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        if why := not_a_file(path, "weights file"):
+            raise WeightsError(why)
+        _load_into(model, load_state_dict_file(path), f"weights file {str(path)!r}")
+        info = WeightsInfo("file", str(path), sha256_file(path))
+    else:
+        digest = hashlib.sha256()
+        for key, tensor in sorted(model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        info = WeightsInfo("python", name, digest.hexdigest())
+    model.eval().requires_grad_(False)
+    label = as_name or name
+    return Backbone(label, label, model, info, dict(resolve_model_data_config(model)))

@@ -1,0 +1,57 @@
+"""What the feature and pixel stores share: a Zarr v3 group whose metadata sits under one
+attribute key, written row chunk by row chunk, each chunk's `done` flag set after its arrays
+(the resume unit), and a status that turns "complete" once every chunk is done."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, ClassVar
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+__all__ = ["COMPRESSOR", "ChunkedStore", "now"]
+
+# zstd with its checksums: a damaged chunk fails to decode instead of reading as other numbers
+COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ChunkedStore:
+    """A store opened for reading (and, by its writer, writing): metadata under `META_KEY`."""
+
+    META_KEY: ClassVar[str]
+
+    def __init__(self, path: Any, group: zarr.Group):
+        self.path = path
+        self.group = group
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta: Any = self.group.attrs.asdict().get(self.META_KEY, {})
+        return dict(meta)
+
+    def update_meta(self, **fields: Any) -> None:
+        self.group.attrs[self.META_KEY] = {**self.meta, **fields, "updated": now()}
+
+    @property
+    def is_complete(self) -> bool:
+        return self.meta.get("status") == "complete"
+
+    def array(self, split: str, name: str) -> Any:
+        return self.group[f"{split}/{name}"]
+
+    def num_chunks(self, split: str) -> int:
+        return int(self.array(split, "done").shape[0])
+
+    def pending_chunks(self, split: str) -> list[int]:
+        """The row chunks of `split` not yet written whole."""
+        done = np.asarray(self.array(split, "done")[:])
+        return [int(i) for i in np.flatnonzero(~done)]
+
+    def nbytes_stored(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -1,0 +1,191 @@
+"""`probekit knn` and `probekit probe`: evaluate one store (extracted first if named by
+backbone and data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from probekit.cli._common import (
+    AllowPartialOpt,
+    BackboneOpt,
+    CacheDir,
+    DataOpt,
+    ImgSizeOpt,
+    LayersOpt,
+    PoolOpt,
+    QuietOpt,
+    RandomInitOpt,
+    StoreArg,
+    WeightsOpt,
+    out,
+    parse_ks,
+    store_path,
+)
+from probekit.defaults import (
+    DEFAULT_EPOCHS,
+    DEFAULT_HOLDOUT,
+    DEFAULT_KS,
+    DEFAULT_LAYERS,
+    DEFAULT_MEMORY_MB,
+    DEFAULT_POOLS,
+    DEFAULT_PROBE_BATCH_SIZE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOL,
+)
+from probekit.errors import OptionError
+from probekit.methods import PROBE_METHODS
+from probekit.specs import parse_list
+
+__all__ = ["knn_cmd", "probe_cmd"]
+
+
+def knn_cmd(
+    store: StoreArg = None,
+    backbone: BackboneOpt = None,
+    data: DataOpt = None,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    pool: PoolOpt = DEFAULT_POOLS,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    img_size: ImgSizeOpt = None,
+    k: Annotated[str, typer.Option("--k", help="Neighbour counts, one search at the largest.")] = (
+        ",".join(map(str, DEFAULT_KS))
+    ),
+    temperature: Annotated[
+        float, typer.Option(help="T of the exp(s/T) vote.")
+    ] = DEFAULT_TEMPERATURE,
+    vote: Annotated[str, typer.Option(help="weighted (DINO), majority, or both.")] = "weighted",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Stored features to evaluate, e.g. layer11/cls,head/embed; lastN/POOL "
+            "concatenates the model's last N layers (last4/cls) \\[default: all stored]."
+        ),
+    ] = None,
+    train_split: Annotated[str, typer.Option(help="Database split.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Query split.")] = "test",
+    retrieval: Annotated[
+        bool, typer.Option(help="Rank the whole gallery: mAP, mAP@R, MRR, P@k, R@k.")
+    ] = False,
+    backend: Annotated[str, typer.Option(help="auto, faiss, faiss-gpu or torch.")] = "auto",
+    memory_mb: Annotated[
+        int, typer.Option(help="Block budget for streaming the database.")
+    ] = DEFAULT_MEMORY_MB,
+    allow_partial: AllowPartialOpt = False,
+    max_queries: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Query a seeded random sample of this many rows \\[default: all]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the query sample.")] = 0,
+    cache_dir: CacheDir = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """kNN classification (DINO protocol) or retrieval on cached features, every layer and pool."""
+    from probekit import distributed
+    from probekit.extraction import ExtractOptions
+    from probekit.neighbors import KnnOptions, knn
+    from probekit.specs import options_from
+
+    given = dict(locals(), ks=parse_ks(k), vote_method=vote)
+    # the extraction a store named by --backbone and --data gets: these options alone
+    extract_options = ExtractOptions(
+        layers=layers, pool=pool, img_size=img_size, cache_dir=cache_dir, quiet=quiet
+    )
+    path = store_path(store, backbone, data, given, extract_options)
+    result = knn(path, options=options_from(KnnOptions, given))
+    if not distributed.current().is_main:
+        return  # under torchrun the ranks share the search; rank 0 reports
+    rows = result.table()
+    table = Table(*rows[0], title=f"kNN ({result.backend}), {test_split} vs {train_split}")
+    for row in rows[1:]:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"records: {result.path}")
+
+
+def probe_cmd(
+    store: StoreArg = None,
+    backbone: BackboneOpt = None,
+    data: DataOpt = None,
+    layers: LayersOpt = DEFAULT_LAYERS,
+    pool: PoolOpt = DEFAULT_POOLS,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    img_size: ImgSizeOpt = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Probe methods (comma list), or both (all): "
+            + "; ".join(f"{m.name}: {m.summary}" for m in PROBE_METHODS.values())
+            + "."
+        ),
+    ] = "both",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Stored features to probe, e.g. layer11/cls; lastN/POOL concatenates the "
+            "model's last N layers (DINO: last4/cls) \\[default: all stored]."
+        ),
+    ] = None,
+    eval_on: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Transfer: dataset specs (extracted like --data) or store paths."),
+    ] = None,
+    holdout: Annotated[float, typer.Option(help="Validation fraction of train.")] = DEFAULT_HOLDOUT,
+    epochs: Annotated[int, typer.Option(help="Linear heads: passes over the features.")] = (
+        DEFAULT_EPOCHS
+    ),
+    batch_size: Annotated[int, typer.Option(help="Linear heads: minibatch size.")] = (
+        DEFAULT_PROBE_BATCH_SIZE
+    ),
+    optimizer: Annotated[str, typer.Option(help="Linear heads: sgd or adamw.")] = "sgd",
+    tol: Annotated[
+        float, typer.Option(help="Logistic regression: stop when no gradient entry exceeds it.")
+    ] = DEFAULT_TOL,
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    memory_mb: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Features held at once, MiB; beyond it they stream from the store "
+            "\\[default: half the free memory of the device]."
+        ),
+    ] = None,
+    allow_partial: AllowPartialOpt = False,
+    seed: Annotated[int, typer.Option(help="Holdout and minibatch seed.")] = 0,
+    cache_dir: CacheDir = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Probes on cached features (every method of the registry), chosen on validation data,
+    tested once."""
+    from probekit.cache.store import is_remote
+    from probekit.extraction import ExtractOptions
+    from probekit.probes import ProbeOptions, probe
+    from probekit.specs import options_from
+
+    given = dict(locals())
+    # the extraction a store named by --backbone and --data gets: these options alone (the
+    # probe's own batch_size, dtype and device are the probe's)
+    extract_options = ExtractOptions(
+        layers=layers, pool=pool, img_size=img_size, cache_dir=cache_dir, quiet=quiet
+    )
+    path = store_path(store, backbone, data, given, extract_options)
+    others: list[str] = []
+    for spec in parse_list(eval_on, "--eval-on"):
+        if is_remote(spec) or Path(spec).expanduser().is_dir():  # a store
+            others.append(spec)
+        elif backbone:
+            others.append(store_path(None, backbone, spec, given, extract_options))
+        else:
+            raise OptionError(f"--eval-on {spec!r}: give store paths, or --backbone to extract.")
+    result = probe(path, eval_on=others, options=options_from(ProbeOptions, given))
+    rows = result.table()
+    table = Table(*rows[0], title="probes (selection on validation only)")
+    for row in rows[1:]:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"records: {result.path}")

@@ -1,0 +1,200 @@
+"""Image batches for the extraction loop: decoded by worker processes (`ImageSource`), sliced
+from memory, or as JPEG bytes for nvJPEG on the device (`EncodedSource`, `decode_on_device`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from probekit.data import Dataset, to_rgb
+from probekit.errors import InvalidImageError
+
+__all__ = ["Batch", "EncodedSource", "ImageSource", "decode_on_device", "pass_batch"]
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+class ImageSource(torch.utils.data.Dataset[Batch]):
+    """Map-style source for a DataLoader that fetches whole batches (`__getitems__`).
+
+    A batch is (uint8 images (B, 3, H, W) in channels-last memory, valid (B,) bool, reasons):
+    normalization happens later, batched on the device. An unreadable image comes back as
+    zeros with `valid=False` and the reason. In-memory images already at the model's geometry
+    are sliced as one array, with no per-image work.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        geometry: Callable[[Image.Image], Any],
+        size: tuple[int, int],
+        identity: bool = False,
+    ):
+        self.dataset, self.split, self.geometry, self.size = dataset, split, geometry, size
+        arrays = dataset.arrays[split] if dataset.arrays is not None else None
+        fits = arrays is not None and arrays.ndim == 4 and arrays.shape[1:] == (*size, 3)
+        self._slice = arrays if fits and (identity or dataset.preprocessed) else None
+        # batches are slices of memory: the extractor reads them with threads, not processes
+        self.in_memory = self._slice is not None
+
+    def __len__(self) -> int:
+        return len(self.dataset.splits[self.split])
+
+    def _one(self, index: int) -> tuple[np.ndarray, bool, str]:
+        try:
+            img = self.dataset.load_image(self.split, index)
+            if min(img.size) < 1:
+                raise InvalidImageError("empty image")
+            return np.asarray(self.geometry(img), dtype=np.uint8), True, ""
+        except InvalidImageError as e:
+            return np.zeros((*self.size, 3), dtype=np.uint8), False, str(e)
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        if self._slice is not None:
+            lo, hi = indices[0], indices[-1] + 1
+            contiguous = hi - lo == len(indices) and indices == list(range(lo, hi))
+            hwc = np.ascontiguousarray(self._slice[lo:hi] if contiguous else self._slice[indices])
+            valid, reasons = np.ones(len(indices), dtype=bool), [""] * len(indices)
+        else:
+            items = [self._one(i) for i in indices]
+            hwc = np.stack([it[0] for it in items])
+            valid = np.array([it[1] for it in items], dtype=bool)
+            reasons = [it[2] for it in items]
+        # NHWC memory viewed as NCHW: channels-last without a copy
+        images = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(valid), reasons
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])
+
+
+class EncodedSource(torch.utils.data.Dataset[Any]):
+    """Batches of undecoded images for decoding on the GPU: JPEG files as their bytes (uint8
+    1-D tensors); anything else (other formats, in-memory arrays) decoded here to a full-size
+    uint8 (3, H, W) tensor. Geometry and normalization then run on the device."""
+
+    def __init__(self, dataset: Dataset, split: str):
+        self.dataset, self.split = dataset, split
+
+    def __len__(self) -> int:
+        return len(self.dataset.splits[self.split])
+
+    def _one(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        try:
+            if self.dataset.arrays is None:
+                path = self.dataset.splits[self.split].ids[index]
+                with open(path, "rb") as f:
+                    data = f.read()
+                if data[:3] == b"\xff\xd8\xff" and _plain_jpeg(data):  # the device decodes it
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, ""
+            img = self.dataset.load_image(self.split, index)
+            return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1), True, ""
+        except OSError as e:
+            return torch.zeros(3, 1, 1, dtype=torch.uint8), False, f"{type(e).__name__}: {e}"
+        except InvalidImageError as e:
+            return torch.zeros(3, 1, 1, dtype=torch.uint8), False, str(e)
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        items = [self._one(i) for i in indices]
+        return (
+            [it[0] for it in items],
+            torch.tensor([it[1] for it in items], dtype=torch.bool),
+            [it[2] for it in items],
+        )
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """An RGB/grey JPEG with no EXIF rotation (the header only): the kind nvJPEG decodes as the
+    CPU reader would. Others (CMYK, rotated) are decoded on the CPU."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def decode_on_device(
+    items: list[torch.Tensor],
+    valid: torch.Tensor,
+    reasons: list[str],
+    geometry: Callable[[Any], Any],
+    size: tuple[int, int],
+    device: str,
+) -> Batch:
+    """Decode JPEG bytes with nvJPEG on `device` (a batch call), apply the model's geometry
+    (resize + center crop, on tensors) there, and stack to (B, 3, H, W) uint8 on the device.
+    An image the device cannot decode falls back to the CPU reader, or is marked invalid."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    valid = valid.clone()
+    reasons = list(reasons)
+    jpegs = [i for i, t in enumerate(items) if valid[i] and t.ndim == 1]
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 marks its decoders deprecated (TorchCodec takes over); they work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if jpegs:
+            _decode_jpegs(items, jpegs, out, valid, reasons, device)
+    for i, t in enumerate(items):
+        if out[i] is None and valid[i] and t.ndim == 3:
+            out[i] = t.to(device, non_blocking=True)
+    h, w = size
+    batch = torch.zeros(len(items), 3, h, w, dtype=torch.uint8, device=device)
+    for i, img in enumerate(out):
+        if img is not None:
+            batch[i] = geometry(img.to(device))
+    return batch, valid, reasons
+
+
+def _decode_jpegs(
+    items: list[torch.Tensor],
+    jpegs: list[int],
+    out: list[torch.Tensor | None],
+    valid: torch.Tensor,
+    reasons: list[str],
+    device: str,
+) -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the batch call: decode one by one
+        decoded = []
+        for i in jpegs:
+            try:
+                decoded.append(decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(_cpu_fallback(items[i]))
+    for i, img in zip(jpegs, decoded, strict=True):
+        if img is None:
+            valid[i], reasons[i] = False, "the JPEG could not be decoded"
+        else:
+            out[i] = img
+
+
+def _cpu_fallback(data: torch.Tensor) -> torch.Tensor | None:
+    """Decode bytes the device refused (e.g. progressive or CMYK JPEGs) with PIL."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            im.load()
+            rgb = to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def pass_batch(batch: Any) -> Any:
+    """collate_fn for ImageSource: batches come out of `__getitems__` already collated."""
+    return batch

@@ -1,0 +1,261 @@
+"""Probes on cached features, in three stages: the data (fit and validation parts, feature
+statistics), each method's selection on validation (`probekit.methods` names them: linear
+heads, logistic regression), and one evaluation on test (and transfer targets) for all.
+
+Every hyperparameter (feature, lr, wd, epoch, C) is chosen on a validation holdout carved from
+the train split (or a real `val` split); the chosen probe is evaluated once on the test split.
+
+    rows.py    Rows (standardized features, held or streamed), statistics, the holdout
+    base.py    ProbeOptions, ProbeData, Selection
+    linear.py  batched linear heads        logreg.py  logistic regression (L-BFGS)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from probekit.cache.store import FeatureStore, open_for_reading, open_store
+from probekit.defaults import DEFAULT_CS, DEFAULT_LRS, DEFAULT_WDS
+from probekit.errors import ProbekitError
+from probekit.evaluation import classification_records
+from probekit.methods import PROBE_METHODS
+from probekit.metrics import bootstrap_ci
+from probekit.probes.base import (
+    Feature,
+    ProbeData,
+    ProbeOptions,
+    Selection,
+)
+from probekit.probes.linear import LinearHeads, train_linear_heads
+from probekit.probes.logreg import fit_logreg, logreg_objective
+from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
+from probekit.records import Record
+
+__all__ = [
+    "DEFAULT_CS",
+    "DEFAULT_LRS",
+    "DEFAULT_WDS",
+    "Feature",
+    "LinearHeads",
+    "ProbeData",
+    "ProbeOptions",
+    "ProbeRecord",
+    "ProbeResult",
+    "Rows",
+    "Selection",
+    "bootstrap_ci",
+    "feature_stats",
+    "fit_logreg",
+    "holdout_split",
+    "logreg_objective",
+    "memory_budget",
+    "probe",
+    "train_linear_heads",
+]
+
+# a probe's result line is a `Record` (kind "probe", hyper: the configuration chosen)
+ProbeRecord = Record
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Every record of one `probe` call; `selected[method]` is the winning configuration."""
+
+    records: list[Record]
+    selected: dict[str, dict[str, Any]]
+    path: str | None = None
+
+    def value(self, metric: str, *, method: str, split: str | None = None) -> float:
+        hits = [
+            r
+            for r in self.records
+            if r.metric == metric and r.method == method and (split is None or r.split == split)
+        ]
+        if len(hits) != 1:
+            raise ProbekitError(f"{len(hits)} records match {metric} {method} {split}.")
+        return hits[0].value
+
+    def table(self) -> list[list[str]]:
+        """Header and rows: each method's chosen probe on each evaluated dataset (test top-1
+        with its interval, top-5, balanced accuracy) beside what validation chose."""
+        out = [
+            [
+                "method",
+                "feature",
+                "chosen on validation",
+                "val top-1",
+                "dataset",
+                "test top-1 [95% CI]",
+                "top-5",
+                "balanced",
+                "train top-1",
+            ]
+        ]
+        for m, cfg in self.selected.items():
+            hyper = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in cfg.items()
+                if k not in ("feature", "val_top1")
+            )
+            rec = {(r.metric, r.dataset): r for r in self.records if r.method == m}
+            train = next(r for r in self.records if r.method == m and r.metric == "train_top1")
+            for (metric, dataset), r in rec.items():
+                if metric != "top1":
+                    continue
+                lo, hi = r.extra["ci95"]
+                out.append(
+                    [
+                        m,
+                        str(cfg["feature"]),
+                        hyper,
+                        f"{100 * cfg['val_top1']:.2f}",
+                        dataset,
+                        f"{100 * r.value:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                        f"{100 * rec[('top5', dataset)].value:.2f}",
+                        f"{100 * rec[('balanced_accuracy', dataset)].value:.2f}",
+                        f"{100 * train.value:.2f}"
+                        + (" (underfit)" if train.extra["underfit"] else ""),
+                    ]
+                )
+        return out
+
+
+def probe(
+    source: FeatureStore | str | os.PathLike[str],
+    *,
+    eval_on: Sequence[FeatureStore | str | os.PathLike[str]] = (),
+    options: ProbeOptions | None = None,
+    **changes: Any,
+) -> ProbeResult:
+    """Train probes on every stored feature and report the one chosen on validation data.
+
+    linear: G = features x lrs x wds heads trained together on each minibatch (one batched
+    matmul), epoch and head chosen on validation accuracy. logreg: multinomial L2 logistic
+    regression by L-BFGS along the C path (warm starts), C and feature chosen on validation,
+    then refit on train + validation. The chosen probe is evaluated once on `test_split`, and
+    on the test splits of the `eval_on` stores (transfer; same class names needed).
+    `options` and keyword `changes`: the fields of `ProbeOptions` (method, features, holdout,
+    seed, lrs, wds, epochs, batch_size, optimizer, cs, tol, dtype, device, memory_mb,
+    allow_partial, test_split, write), each checked before any work. Features are held on the
+    device when they fit `memory_mb` (default: half the free memory), else streamed.
+    """
+    opts = ProbeOptions.of(options, **changes)
+    store = open_for_reading(source, allow_partial=opts.allow_partial)
+    data = ProbeData.prepare(store, opts)
+    targets = [o if isinstance(o, FeatureStore) else open_store(o) for o in eval_on]
+    selections = [PROBE_METHODS[m].select()(data, opts) for m in opts.methods]
+    info = store.info
+    base = Record(
+        "probe",
+        info.label,
+        info.dataset.spec,
+        train_dataset=info.dataset.spec,  # kept when `dataset` is a transfer target
+        backbone=info.backbone.name,
+        weights=info.weights_source,
+    )
+    # validation accuracy of every feature's best probe (what selection saw): layer curves
+    records = [
+        replace(
+            base,
+            split="val",
+            feature=name,
+            method=sel.method,
+            metric="val_top1",
+            value=float(acc),
+            n=len(data.val_y),
+            hyper=cfg,
+        )
+        for sel in selections
+        for name, cfg, acc in sel.curve
+    ]
+    for sel in selections:
+        records += _evaluate(sel, data, targets, base)
+    path = None
+    if opts.write:
+        config = [
+            opts.method,
+            data.names,
+            opts.holdout,
+            opts.seed,
+            opts.lrs,
+            opts.wds,
+            opts.epochs,
+            opts.batch_size,
+            opts.optimizer,
+            opts.cs,
+            opts.tol,
+            opts.dtype,
+            opts.test_split,
+            [str(getattr(o, "path", o)) for o in eval_on],
+        ]
+        path = store.write_records("probe", config, (r.to_dict() for r in records))
+    return ProbeResult(records, {s.method: s.config for s in selections}, path)
+
+
+def _evaluate(
+    sel: Selection, data: ProbeData, targets: Sequence[FeatureStore], base: Record
+) -> list[Record]:
+    """The only place the test split is read: the chosen probe's train top-1 (and whether it
+    underfits), then its metrics on test and on every transfer target."""
+    store, f, cfg = data.store, sel.feature, sel.config
+    split = data.options.test_split
+    evals = [(store, base.dataset)]
+    for other in targets:
+        _check_transfer(store, other, f.name)
+        evals.append((other, other.info.dataset.spec))
+    at = replace(base, feature=f.name, method=sel.method, hyper=cfg)
+    with torch.no_grad():
+        train_top1 = sel.train_top1()
+        # underfitting: the probe fits its own training data hardly better than held-out data
+        underfit = train_top1 < 0.95 and train_top1 - cfg["val_top1"] < 0.02
+        records = [
+            replace(
+                at,
+                split="train",
+                metric="train_top1",
+                n=len(sel.train_y),
+                value=train_top1,
+                extra={"underfit": underfit},
+            )
+        ]
+        for st, spec in evals:
+            usable = st.usable(split)
+            rows = np.flatnonzero(usable)
+            x = Rows.from_store(
+                st, split, [f.name], rows, f.mean[None], f.std[None], budget=data.budget
+            )
+            y = st.labels(split)[rows]
+            if st is not store:  # map the other store's class ids onto ours by name
+                ids = {c: i for i, c in enumerate(store.class_names)}
+                y = np.array([ids[st.class_names[t]] for t in y], dtype=np.int64)
+            recs, _ = classification_records(
+                sel.ranked(x),
+                y,
+                data.n_classes,
+                replace(at, dataset=spec, split=split),
+                seed=data.options.seed,
+                scored=usable,
+                fingerprint=st.fingerprint,
+            )
+            records += recs
+    return records
+
+
+def _check_transfer(src: FeatureStore, dst: FeatureStore, name: str) -> None:
+    missing = sorted(set(dst.class_names) - set(src.class_names))
+    if missing:
+        raise ProbekitError(
+            f"cannot evaluate on {dst.info.dataset.spec}: classes {missing[:5]} are not "
+            "among the probe's training classes."
+        )
+    if not dst.has_feature(name) or not src.info.same_model(dst.info):
+        raise ProbekitError(
+            f"cannot evaluate on {dst.path.name}: it does not hold feature {name!r} of the same "
+            "backbone and weights; extract it with the same options."
+        )

@@ -1,0 +1,174 @@
+"""One typed schema for every result line: `Record` (kNN, probe, extraction, timing, failure),
+with the rules that decide what a leaderboard shows living here alone (`select_knn`).
+
+A record is one number (`metric`, `value`) of one model on one dataset split, by one method on
+one feature, with its hyperparameters; JSON Lines of `Record.to_dict()` are what stores,
+triages and reports write. `Record.from_dict` also reads the shapes written before the schema
+(`*.knn-*.jsonl`, `*.probe-*.jsonl`, triage journals and `results.jsonl`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from probekit.errors import ProbekitError
+from probekit.specs import model_label
+
+__all__ = ["RECORD_SCHEMA", "SELECTION_SPLITS", "Record", "select_knn"]
+
+# 2: one flat shape for every kind (feature, hyper); 1 (or none): KnnRecord / ProbeRecord dicts
+RECORD_SCHEMA = 2
+# kNN's configuration is chosen on a val split, else by leave-one-out on train
+SELECTION_SPLITS = ("val", "train")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One result line.
+
+    kind: knn, probe (a fitted probe method), extract, time or error. model: the label it goes
+    by (`name`, `name@random`, `name@file`). dataset: what was evaluated; train_dataset: what
+    the probe or kNN database came from (differs for a transfer). feature: `layer<i>/<pool>`,
+    `head/embed` or `lastN/<pool>`. method: knn, linear, logreg, ... hyper: the method's
+    hyperparameters (kNN: k, vote, temperature; probes: the configuration chosen on
+    validation). extra: anything else (intervals, per-image outcomes, per-class accuracy).
+    """
+
+    kind: str
+    model: str
+    dataset: str
+    metric: str = ""
+    value: float = math.nan
+    split: str = ""
+    feature: str = ""
+    method: str = ""
+    n: int = 0
+    train_dataset: str = ""
+    backbone: str = ""
+    weights: str = ""
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> str:
+        return self.feature.partition("/")[0]
+
+    @property
+    def pool(self) -> str:
+        return self.feature.partition("/")[2]
+
+    @property
+    def task(self) -> str:
+        """The dataset, or `source->target` for a transfer."""
+        src = self.train_dataset or self.dataset
+        return self.dataset if src == self.dataset else f"{src}->{self.dataset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": RECORD_SCHEMA,
+            "kind": self.kind,
+            "model": self.model,
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "train_dataset": self.train_dataset or self.dataset,
+            "dataset": self.dataset,
+            "split": self.split,
+            "feature": self.feature,
+            "method": self.method,
+            "metric": self.metric,
+            "value": self.value,
+            "n": self.n,
+            "hyper": dict(self.hyper),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Record:
+        """A record of this schema, or of the shapes written before it (schema 1)."""
+        if not isinstance(d, Mapping):
+            raise ProbekitError(f"a record is a JSON object, not {type(d).__name__}.")
+        schema = d.get("schema", 1)
+        if schema == RECORD_SCHEMA:
+            known = {k: d[k] for k in _FIELDS if k in d}
+            return cls(**known)
+        if schema != 1:
+            raise ProbekitError(
+                f"record schema {schema} is newer than this probekit reads ({RECORD_SCHEMA}); "
+                "upgrade probekit."
+            )
+        return _from_v1(dict(d))
+
+
+_FIELDS = (
+    "kind",
+    "model",
+    "dataset",
+    "metric",
+    "value",
+    "split",
+    "feature",
+    "method",
+    "n",
+    "train_dataset",
+    "backbone",
+    "weights",
+    "hyper",
+    "extra",
+)
+
+
+def _kind_v1(d: Mapping[str, Any]) -> str:
+    if "kind" in d:
+        return str(d["kind"])
+    if "k" in d and "vote" in d:
+        return "knn"
+    if "method" in d:
+        return "probe"
+    raise ProbekitError(f"not a probekit record (no kind, kNN or probe fields): {sorted(d)}.")
+
+
+def _from_v1(d: dict[str, Any]) -> Record:
+    """KnnRecord / ProbeRecord dicts (with triage's kind and model added, or not), and the
+    extract, time and error lines of triages before the schema."""
+    kind = _kind_v1(d)
+    if kind not in ("knn", "probe"):  # extract, time, error: every other field is extra
+        rest = {k: v for k, v in d.items() if k not in ("kind", "model", "dataset")}
+        return Record(kind, str(d.get("model", "?")), str(d.get("dataset", "")), extra=rest)
+    model = d.get("model") or model_label(str(d["backbone"]), str(d["weights"]))
+    common = dict(
+        model=str(model),
+        dataset=str(d["dataset"]),
+        train_dataset=str(d.get("train_dataset") or d["dataset"]),
+        split=str(d["split"]),
+        feature=f"{d['layer']}/{d['pool']}",
+        metric=str(d["metric"]),
+        value=float(d["value"]),
+        n=int(d["n"]),
+        backbone=str(d["backbone"]),
+        weights=str(d["weights"]),
+    )
+    extra = dict(d.get("extra") or {})
+    if kind == "knn":
+        if "backend" in d:
+            extra["backend"] = d["backend"]
+        hyper = {"k": d["k"], "vote": d["vote"], "temperature": d.get("temperature")}
+        return Record("knn", method="knn", hyper=hyper, extra=extra, **common)  # type: ignore[arg-type]
+    return Record(
+        "probe",
+        method=str(d["method"]),
+        hyper=dict(d.get("config") or {}),
+        extra=extra,
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def select_knn(candidates: Iterable[Record]) -> Record:
+    """kNN's configuration (feature, k, vote) from its selection records: the best top-1 on the
+    selection split; among equals the smaller k, then the first listed."""
+    recs = list(candidates)
+    if not recs:
+        raise ProbekitError("no kNN selection records to choose from.")
+    return max(recs, key=lambda r: (r.value, -int(r.hyper["k"])))

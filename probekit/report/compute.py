@@ -1,0 +1,470 @@
+"""Leaderboards from result records: the entries (kNN chosen on its selection split, probes
+as chosen on validation), layer curves, the z-score ranking, reference deltas and the entries
+within noise of each column's best. Reads records only; draws nothing (see `render`).
+
+Everything here is computed from result records (JSON Lines: the `results.jsonl` of a triage, or
+the `*.knn-*.jsonl` / `*.probe-*.jsonl` files written next to feature stores), so reports from
+different runs and machines combine: `probekit report A/results.jsonl B/results.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probekit.errors import ProbekitError
+from probekit.methods import PROBE_METHODS, all_methods
+from probekit.metrics import decode_outcomes, mcnemar_p, paired_bootstrap_ci
+from probekit.records import SELECTION_SPLITS, Record, select_knn
+
+__all__ = [
+    "BEST_NOTE",
+    "BOB_CAVEAT",
+    "DELTA_COLUMNS",
+    "DELTA_NOTE",
+    "Cell",
+    "Report",
+    "build_report",
+    "delta_texts",
+    "load_records",
+]
+
+
+BOB_CAVEAT = (
+    "Caveat (Battle of the Backbones, Goldblum et al. 2023): kNN and linear probes favour CNNs "
+    "over ViTs relative to full finetuning, and underrate MAE-style models; treat this ranking "
+    "as a triage, not a finetuning result."
+)
+DEFAULT_K = 20  # DINO's k, used when a record set has no selection records
+# the hyperparameters shown of a probe method the registry does not know (records of others)
+_SHOWN = ("lr", "wd", "epoch", "C", "optimizer")
+
+
+def _key(r: Record) -> tuple[Any, ...]:
+    """Records with the same key are the same measurement: a later one replaces an earlier."""
+    if r.kind in ("extract", "error", "time"):
+        return (r.kind, r.model, r.dataset, r.extra.get("stage"))
+    if r.kind == "probe" and r.metric != "val_top1":
+        # a probe's test numbers belong to the probe chosen on validation: its feature is a
+        # result, not part of what was measured, so a rerun replaces them whatever it chose
+        return (r.kind, r.model, r.train_dataset, r.dataset, r.split, r.method, r.metric)
+    hyper = tuple(sorted((k, json.dumps(v)) for k, v in r.hyper.items())) if r.kind == "knn" else ()
+    return (r.kind, r.model, r.task, r.split, r.feature, r.method, hyper, r.metric)
+
+
+def _as_records(records: Iterable[Record | Mapping[str, Any]]) -> list[Record]:
+    return [r if isinstance(r, Record) else Record.from_dict(r) for r in records]
+
+
+def load_records(paths: Sequence[str | os.PathLike[str]]) -> list[Record]:
+    """Read result records from JSON Lines files, or directories of them (results.jsonl first);
+    records of the shapes written before the schema (`Record.from_dict`) are read as well.
+
+    A record measured again in a later file replaces the earlier one.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        p = p.expanduser()
+        if p.is_dir():
+            inner = p / "results.jsonl"
+            found = [inner] if inner.is_file() else sorted(p.glob("*.jsonl"))
+            if not found:
+                raise ProbekitError(f"{str(p)!r} holds no result records (*.jsonl).")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ProbekitError(f"no such results file or directory: {str(p)!r}.")
+    merged: dict[tuple[Any, ...], Record] = {}
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProbekitError(f"{f}:{n} is not a JSON record ({e.msg}).") from None
+            if not isinstance(raw, dict):
+                raise ProbekitError(f"{f}:{n} is not a JSON object.")
+            try:
+                r = Record.from_dict(raw)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ProbekitError(f"{f}:{n} is not a probekit record ({e}).") from None
+            merged[_key(r)] = r
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One leaderboard entry: a model's test `metric` (top1) on a task by one method."""
+
+    task: str  # dataset, or "source->target" for a transfer
+    method: str
+    model: str
+    value: float
+    ci95: tuple[float, float] | None
+    feature: str
+    hyper: dict[str, Any]
+    n: int
+    selected_on: str
+    # which test rows were scored and right (`encode_outcomes`), for paired differences
+    outcomes: dict[str, Any] | None = field(default=None, repr=False)
+    metric: str = "top1"
+
+    def ci_text(self) -> str:
+        if self.ci95 is None or any(math.isnan(v) for v in self.ci95):
+            return ""
+        return f"[{100 * self.ci95[0]:.1f}, {100 * self.ci95[1]:.1f}]"
+
+    def hyper_text(self) -> str:
+        return ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.hyper.items()
+        )
+
+
+@dataclass
+class Report:
+    """A leaderboard and everything the report shows, computed from records."""
+
+    records: list[Record]
+    cells: list[Cell]
+    tasks: list[str]
+    models: list[str]
+    methods: list[str]
+    ranking: dict[str, list[tuple[str, float, int]]]  # method -> (model, mean z, tasks)
+    curves: dict[tuple[str, str, str], list[tuple[float, str, float]]]  # (task, method, model)
+    timing: dict[str, dict[str, float]]
+    errors: list[Record]
+    reference: str | None = None
+    deltas: list[dict[str, Any]] = field(default_factory=list)
+    # (task, method, model, metric) of each column's best entry and those not significantly
+    # different from it
+    best: set[tuple[str, str, str, str]] = field(default_factory=set)
+    metrics: list[str] = field(default_factory=lambda: ["top1"])  # a leaderboard per metric
+
+    def cell(self, task: str, method: str, model: str, metric: str = "top1") -> Cell | None:
+        for c in self.cells:
+            if (c.task, c.method, c.model, c.metric) == (task, method, model, metric):
+                return c
+        return None
+
+    def shows(self, task: str, metric: str) -> bool:
+        """Whether `task` has entries of `metric` (a leaderboard to show)."""
+        return any(c.task == task and c.metric == metric for c in self.cells)
+
+
+def _column(method: str) -> tuple[int, str]:
+    """The registry's order of methods (methods it lacks, from other runs, after them)."""
+    order = all_methods()
+    return (order.index(method), "") if method in order else (len(order), method)
+
+
+def _first_seen(xs: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(xs))
+
+
+def _knn_config(r: Record) -> tuple[str, Any, Any]:
+    return (r.feature, r.hyper.get("k"), r.hyper.get("vote"))
+
+
+def _knn_cells(recs: list[Record]) -> list[Cell]:
+    """kNN: choose (feature, k, vote) on the selection split, then read that on test."""
+    by_run: dict[tuple[str, str], list[Record]] = {}
+    for r in recs:
+        if r.kind == "knn" and r.metric == "top1":
+            by_run.setdefault((r.model, r.task), []).append(r)
+    cells = []
+    for (model, task), rs in by_run.items():
+        test = [r for r in rs if r.split not in SELECTION_SPLITS]
+        if not test:
+            continue
+        sel = [r for r in rs if r.split in SELECTION_SPLITS]
+        on = "test (given)"
+        if any(r.extra.get("selected_on") for r in test):  # a transfer record
+            pick = test[0]
+            on = str(pick.extra["selected_on"])
+        elif sel:
+            split = "val" if any(r.split == "val" for r in sel) else "train"
+            best = select_knn(r for r in sel if r.split == split)
+            match = [r for r in test if _knn_config(r) == _knn_config(best)]
+            if not match:
+                continue
+            pick = match[0]
+            on = "val split" if split == "val" else "leave-one-out on train"
+        else:  # no selection records: DINO's default k on the pooled head, nothing chosen
+            default = [r for r in test if r.layer == "head" and r.hyper.get("k") == DEFAULT_K]
+            if not default:
+                continue
+            pick = default[0]
+            on = f"none (head, k={DEFAULT_K})"
+        ci = pick.extra.get("ci95")
+        cells.append(
+            Cell(
+                task,
+                "knn",
+                model,
+                float(pick.value),
+                (float(ci[0]), float(ci[1])) if ci else None,
+                pick.feature,
+                {"k": pick.hyper.get("k"), "vote": pick.hyper.get("vote")},
+                int(pick.n),
+                on,
+                pick.extra.get("outcomes"),
+                pick.metric,
+            )
+        )
+    return cells
+
+
+def _probe_cells(recs: list[Record]) -> list[Cell]:
+    cells = []
+    for r in recs:
+        if r.kind != "probe" or r.metric != "top1":
+            continue
+        ci = r.extra.get("ci95")
+        entry = PROBE_METHODS.get(r.method)
+        shown = entry.shown if entry is not None else _SHOWN
+        hyper = {k: v for k, v in r.hyper.items() if k in shown}
+        cells.append(
+            Cell(
+                r.task,
+                r.method,
+                r.model,
+                float(r.value),
+                (float(ci[0]), float(ci[1])) if ci else None,
+                r.feature,
+                hyper,
+                int(r.n),
+                "validation",
+                r.extra.get("outcomes"),
+                r.metric,
+            )
+        )
+    return cells
+
+
+def _depth(layer: str, num_layers: int) -> float:
+    """Relative depth of a stored layer: block i of L at (i + 1) / L; the head just past 1."""
+    if layer == "head":
+        return 1.08
+    i = int(layer.removeprefix("layer"))
+    return (i + 1) / max(num_layers, 1)
+
+
+def _curves(
+    recs: list[Record], cells: list[Cell], num_layers: dict[str, int]
+) -> dict[tuple[str, str, str], list[tuple[float, str, float]]]:
+    """Accuracy by layer depth: kNN test top-1 at the chosen k/vote/pool, probes' val top-1."""
+    curves: dict[tuple[str, str, str], list[tuple[float, str, float]]] = {}
+    chosen = {(c.task, c.model): c for c in cells if c.method == "knn" and c.metric == "top1"}
+    pts: dict[tuple[str, str, str], dict[str, tuple[float, float]]] = {}
+    for r in recs:
+        if r.kind == "knn" and r.metric == "top1" and r.split not in SELECTION_SPLITS:
+            c = chosen.get((r.task, r.model))
+            if c is None or r.task != r.dataset:
+                continue
+            if (r.hyper.get("k"), r.hyper.get("vote")) != (c.hyper["k"], c.hyper["vote"]):
+                continue
+            method, value = "knn", float(r.value)
+            prefer = r.pool == c.feature.split("/")[1]
+        elif r.kind == "probe" and r.metric == "val_top1":
+            method, value, prefer = r.method, float(r.value), True
+        else:
+            continue
+        if r.layer != "head" and not r.layer.removeprefix("layer").isdigit():
+            continue  # a concatenation of layers (last4/cls) has no one depth
+        key = (r.task, method, r.model)
+        slot = pts.setdefault(key, {})
+        # one point per layer: the chosen pool where the layer has it, else the best pool
+        rank = (1.0 if prefer else 0.0, value)
+        if r.layer not in slot or rank > slot[r.layer]:
+            slot[r.layer] = rank
+    for key, layers in pts.items():
+        nl = num_layers.get(key[2]) or 1 + max(
+            (int(name.removeprefix("layer")) for name in layers if name != "head"), default=0
+        )
+        curves[key] = sorted((_depth(name, nl), name, v[1]) for name, v in layers.items())
+    return curves
+
+
+def _zscore_ranking(
+    cells: list[Cell], methods: list[str], tasks: list[str], models: list[str]
+) -> dict[str, list[tuple[str, float, int]]]:
+    """BoB's aggregate: z-score each task's accuracies across models, average over tasks."""
+    ranking: dict[str, list[tuple[str, float, int]]] = {}
+    for m in methods:
+        zs: dict[str, list[float]] = {mod: [] for mod in models}
+        for t in tasks:
+            vals = {
+                c.model: c.value
+                for c in cells
+                if c.method == m and c.task == t and c.metric == "top1"
+            }
+            if len(vals) < 2:
+                continue
+            arr = np.array(list(vals.values()))
+            sd = float(arr.std())
+            for mod, v in vals.items():
+                zs[mod].append((v - float(arr.mean())) / sd if sd > 0 else 0.0)
+        rows = [(mod, float(np.mean(z)), len(z)) for mod, z in zs.items() if z]
+        if rows:
+            ranking[m] = sorted(rows, key=lambda x: -x[1])
+    return ranking
+
+
+def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
+    out = []
+    ref = {(c.task, c.method, c.metric): c for c in cells if c.model == reference}
+    for c in sorted(cells, key=lambda c: (c.task, _column(c.method))):
+        r = ref.get((c.task, c.method, c.metric))
+        if c.metric != "top1":  # the paired statistics count images right
+            continue
+        if c.model == reference or r is None:
+            continue
+        overlap = None
+        if c.ci95 and r.ci95:
+            overlap = c.ci95[0] <= r.ci95[1] and r.ci95[0] <= c.ci95[1]
+        out.append(
+            {
+                "task": c.task,
+                "method": c.method,
+                "model": c.model,
+                "value": c.value,
+                "reference_value": r.value,
+                "delta": c.value - r.value,
+                "delta_ci95": _paired_ci(c.outcomes, r.outcomes),
+                "mcnemar_p": _paired(c.outcomes, r.outcomes, mcnemar_p),
+                "ci_overlap": overlap,
+            }
+        )
+    return out
+
+
+def _paired(
+    a: dict[str, Any] | None,
+    b: dict[str, Any] | None,
+    stat: Callable[[np.ndarray, np.ndarray], Any],
+) -> Any:
+    """`stat` of two entries' hits over the test rows both scored; None unless both have
+    outcomes of the same dataset's rows."""
+    if not a or not b or a.get("fingerprint") is None:
+        return None
+    if (a["rows"], a["fingerprint"]) != (b["rows"], b["fingerprint"]):
+        return None
+    (scored_a, right_a), (scored_b, right_b) = decode_outcomes(a), decode_outcomes(b)
+    both = scored_a & scored_b
+    return stat(right_a[both], right_b[both]) if both.any() else None
+
+
+def _paired_ci(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[float] | None:
+    """95% paired bootstrap interval of a model's top-1 minus the reference's, image by image."""
+    ci = _paired(a, b, paired_bootstrap_ci)
+    return None if ci is None else list(ci)
+
+
+def delta_texts(d: dict[str, Any]) -> list[str]:
+    """A delta row's difference, paired interval and interval overlap, as the tables show them."""
+    ci = d.get("delta_ci95")
+    return [
+        f"{100 * d['delta']:+.2f}",
+        f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "-",
+        "-" if d.get("mcnemar_p") is None else f"{d['mcnemar_p']:.2g}",
+        {True: "yes", False: "no", None: "-"}[d["ci_overlap"]],
+    ]
+
+
+BEST_NOTE = (
+    "*: the best of its column, and every entry not significantly different from it on the "
+    "same test images (exact McNemar test, p >= 0.05)."
+)
+DELTA_COLUMNS = ["delta (points)", "paired 95% CI", "McNemar p", "CIs overlap"]
+DELTA_NOTE = (
+    "Test top-1 minus the reference's, in points. The paired interval resamples the test images "
+    "of both models together; McNemar's exact test asks whether the images only one of them "
+    "got right split as evenly as chance would (p < 0.05: unlikely to be noise). Two "
+    "leaderboard intervals that overlap say much less."
+)
+
+
+def build_report(
+    records: Iterable[Record | Mapping[str, Any]], reference: str | None = None
+) -> Report:
+    """Compute the leaderboard, curves, ranking, timings and reference deltas from records
+    (`Record`s, or their dicts of any schema)."""
+    recs = _as_records(records)
+    cells = _knn_cells(recs) + _probe_cells(recs)
+    errors = [r for r in recs if r.kind == "error"]
+    extracts = [r for r in recs if r.kind == "extract"]
+    if not cells and not errors:
+        raise ProbekitError(
+            "no kNN or probe results among the records; run `probekit triage`, `probekit knn` "
+            "or `probekit probe` first."
+        )
+    models = _first_seen(
+        [r.model for r in extracts] + [c.model for c in cells] + [e.model for e in errors]
+    )
+    tasks = _first_seen(
+        [c.task for c in cells if "->" not in c.task] + [c.task for c in cells if "->" in c.task]
+    )
+    methods = sorted({c.method for c in cells}, key=_column)
+    if reference is not None and reference not in models:
+        raise ProbekitError(
+            f"reference {reference!r} is not among the models: {', '.join(models)}."
+        )
+    num_layers = {
+        r.model: int(r.extra["num_layers"]) for r in extracts if r.extra.get("num_layers")
+    }
+    timing: dict[str, dict[str, float]] = {}
+    for r in recs:
+        if r.kind in ("extract", "time"):
+            t = timing.setdefault(r.model, {"extract_s": 0.0, "images": 0.0, "eval_s": 0.0})
+            if r.kind == "extract":
+                t["extract_s"] += float(r.extra.get("seconds") or 0.0)
+                t["images"] += float(r.extra.get("images") or 0)
+            else:
+                t["eval_s"] += float(r.extra.get("seconds") or 0.0)
+    return Report(
+        recs,
+        cells,
+        tasks,
+        models,
+        methods,
+        _zscore_ranking(cells, methods, tasks, models),
+        _curves(recs, cells, num_layers),
+        timing,
+        errors,
+        reference,
+        _deltas(cells, reference) if reference else [],
+        _best(cells),
+        _first_seen(["top1", *[c.metric for c in cells]]),
+    )
+
+
+def _best(cells: list[Cell]) -> set[tuple[str, str, str, str]]:
+    """Each leaderboard column's best entry, and every entry not significantly different from
+    it on the same test images (exact McNemar test, p >= 0.05). Columns of one entry, or whose
+    best has no per-image outcomes, mark nothing."""
+    out: set[tuple[str, str, str, str]] = set()
+    columns: dict[tuple[str, str, str], list[Cell]] = {}
+    for c in cells:
+        columns.setdefault((c.task, c.method, c.metric), []).append(c)
+    for (task, method, metric), column in columns.items():
+        top = max(column, key=lambda c: c.value)
+        if len(column) < 2 or top.outcomes is None:
+            continue
+        out.add((task, method, top.model, metric))
+        for c in column:
+            p = _paired(c.outcomes, top.outcomes, mcnemar_p) if c is not top else None
+            if p is not None and p >= 0.05:
+                out.add((task, method, c.model, metric))
+    return out

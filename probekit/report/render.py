@@ -1,0 +1,199 @@
+"""Reports written: Markdown, CSV, JSON Lines and the plots, from a computed `Report`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from probekit.records import Record
+from probekit.report.compute import (
+    BEST_NOTE,
+    BOB_CAVEAT,
+    DELTA_COLUMNS,
+    DELTA_NOTE,
+    Report,
+    build_report,
+    delta_texts,
+)
+
+__all__ = ["CSV_FIELDS", "leaderboard_rows", "render_markdown", "write_report"]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"
+
+
+def leaderboard_rows(
+    rep: Report, task: str, star: str = "*", metric: str = "top1"
+) -> list[list[str]]:
+    """Rows of one task's leaderboard of `metric`: model, then value [CI] (feature) per method;
+    `star` marks the entries of `rep.best`."""
+    rows = []
+    for model in rep.models:
+        row = [model]
+        for m in rep.methods:
+            c = rep.cell(task, m, model, metric)
+            mark = star if (task, m, model, metric) in rep.best else ""
+            text = "-" if c is None else f"{_pct(c.value)}{mark} {c.ci_text()} {c.feature}"
+            row.append(text.strip())
+        if any(v != "-" for v in row[1:]):
+            rows.append(row)
+    return rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
+    md = ["# probekit triage report", ""]
+    md.append(
+        "Top-1 accuracy (%) on each task's test split with a 95% bootstrap interval and the "
+        "feature (layer/pool) used. Every choice (feature, k, learning rate, weight decay, "
+        "epoch, C) was made without the test split: probes on validation data, kNN on "
+        "leave-one-out kNN over the train split (or a val split). `a->b`: trained on a, "
+        "tested on b." + (" " + BEST_NOTE.replace("*", "\\*") if rep.best else "")
+    )
+    for metric, task in ((m, t) for m in rep.metrics for t in rep.tasks if rep.shows(t, m)):
+        md += ["", f"## {task}" if metric == "top1" else f"## {task}: {metric}", ""]
+        md.append(_md_table(["model", *rep.methods], leaderboard_rows(rep, task, "\\*", metric)))
+        md += ["", "Chosen configuration (best layer and winning hyperparameters):", ""]
+        rows = []
+        for model in rep.models:
+            for m in rep.methods:
+                c = rep.cell(task, m, model, metric)
+                if c is not None:
+                    rows.append([model, m, c.feature, c.hyper_text(), c.selected_on, str(c.n)])
+        md.append(
+            _md_table(["model", "method", "feature", "hyperparameters", "chosen on", "n"], rows)
+        )
+    if rep.ranking:
+        md += ["", "## Ranking across tasks (mean z-score)", ""]
+        rows = []
+        for m, ranked in rep.ranking.items():
+            rows += [
+                [m, str(i + 1), mod, f"{z:+.2f}", str(n)] for i, (mod, z, n) in enumerate(ranked)
+            ]
+        md.append(_md_table(["method", "rank", "model", "mean z", "tasks"], rows))
+        md += ["", f"> {BOB_CAVEAT}"]
+    if rep.reference:
+        md += ["", f"## Difference to {rep.reference}", ""]
+        md += [DELTA_NOTE, ""]
+        rows = [[d["task"], d["method"], d["model"], *delta_texts(d)] for d in rep.deltas]
+        md.append(_md_table(["task", "method", "model", *DELTA_COLUMNS], rows))
+    if rep.timing:
+        md += ["", "## Time per backbone", ""]
+        rows = []
+        for model, t in rep.timing.items():
+            rate = t["images"] / t["extract_s"] if t["extract_s"] > 0 else float("nan")
+            rows.append(
+                [
+                    model,
+                    f"{t['images']:.0f}",
+                    f"{t['extract_s']:.1f}",
+                    "-" if math.isnan(rate) else f"{rate:.1f}",
+                    f"{t['eval_s']:.1f}",
+                ]
+            )
+        md.append(
+            _md_table(
+                ["model", "images", "extract (s)", "extract images/s", "kNN + probes (s)"], rows
+            )
+        )
+    if rep.errors:
+        md += ["", "## Failures", ""]
+        md += [
+            f"- {e.model} on {e.dataset} ({e.extra.get('stage')}): {e.extra.get('message')}"
+            for e in rep.errors
+        ]
+    if plots:
+        md += ["", "## Plots", ""]
+        md += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(md) + "\n"
+
+
+CSV_FIELDS = [
+    "task",
+    "method",
+    "model",
+    "metric",
+    "value",
+    "ci95_low",
+    "ci95_high",
+    "feature",
+    "hyperparameters",
+    "selected_on",
+    "n",
+    "mean_z",
+]
+
+
+def write_report(
+    records: Iterable[Record | Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    reference: str | None = None,
+    plots: bool = True,
+) -> tuple[Report, dict[str, str]]:
+    """Write report.md, results.csv, results.jsonl and the PNG plots; return what was written."""
+    rep = build_report(records, reference)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+
+    jsonl = out / "results.jsonl"
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    with tmp.open("w") as f:
+        for r in rep.records:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    tmp.replace(jsonl)
+    files["results.jsonl"] = str(jsonl)
+
+    z = {(m, mod): s for m, ranked in rep.ranking.items() for mod, s, _ in ranked}
+    path = out / "results.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for c in rep.cells:
+            lo, hi = c.ci95 if c.ci95 else ("", "")
+            w.writerow(
+                [
+                    c.task,
+                    c.method,
+                    c.model,
+                    c.metric,
+                    f"{c.value:.6f}",
+                    lo,
+                    hi,
+                    c.feature,
+                    c.hyper_text(),
+                    c.selected_on,
+                    c.n,
+                    "" if (c.method, c.model) not in z else f"{z[(c.method, c.model)]:.4f}",
+                ]
+            )
+    files["results.csv"] = str(path)
+
+    pngs: list[str] = []
+    if plots and rep.cells:
+        from probekit.plots import plot_heatmap, plot_layers, plot_ranking
+
+        pngs.append(plot_layers(rep, out / "layers.png"))
+        pngs.append(plot_heatmap(rep, out / "heatmap.png"))
+        if rep.ranking:
+            pngs.append(plot_ranking(rep, out / "ranking.png"))
+        files.update({Path(p).name: p for p in pngs})
+    path = out / "report.md"
+    path.write_text(render_markdown(rep, pngs))
+    files["report.md"] = str(path)
+    return rep, files
