@@ -6,9 +6,7 @@ cached features (kNN, probes on stores) does not pay for importing them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from probekit._lazy import lazy_names
 from probekit.errors import OptionError, ProbekitError, ProbekitWarning
 
 __version__ = "0.1.0"
@@ -83,12 +81,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'probekit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(globals(), _LAZY)
 
 
 def __dir__() -> list[str]:

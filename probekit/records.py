@@ -9,6 +9,8 @@ triages and reports write. `Record.from_dict` also reads the shapes written befo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 from probekit.errors import ProbekitError
 from probekit.specs import model_label
 
-__all__ = ["RECORD_SCHEMA", "SELECTION_SPLITS", "Record", "select_knn"]
+__all__ = ["RECORD_SCHEMA", "SELECTION_SPLITS", "Record", "select_knn", "write_records"]
 
 # 2: one flat shape for every kind (feature, hyper); 1 (or none): KnnRecord / ProbeRecord dicts
 RECORD_SCHEMA = 2
@@ -163,6 +165,26 @@ def _from_v1(d: dict[str, Any]) -> Record:
         extra=extra,
         **common,  # type: ignore[arg-type]
     )
+
+
+def write_records(store_path: Any, kind: str, config: Any, records: Iterable[Record]) -> str:
+    """Records as JSON Lines next to a store, written atomically; return the file's path.
+
+    The file is `<store>.<kind>-<hash of config>.jsonl`: a rerun with the same settings
+    replaces its own file, other settings get their own.
+    """
+    from probekit.cache.location import is_remote
+
+    tag = hashlib.sha256(json.dumps(config, default=str).encode()).hexdigest()[:8]
+    path = store_path.with_name(f"{store_path.stem}.{kind}-{tag}.jsonl")
+    text = "".join(json.dumps(r.to_dict()) + "\n" for r in records)
+    if is_remote(path):  # an object is written whole or not at all
+        path.write_text(text)
+        return str(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return str(path)
 
 
 def select_knn(candidates: Iterable[Record]) -> Record:

@@ -20,7 +20,7 @@ from probekit.extraction.loop import Runner
 from probekit.extraction.pixels import build_pixel_store
 from probekit.extraction.sources import EncodedSource, ImageSource, decode_on_device
 from probekit.specs import ModelSpec
-from probekit.triaging import _pixel_size
+from probekit.triaging.plan import _pixel_size
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ Names load on first use: listing stores and reading their metadata import no Zar
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from probekit._lazy import lazy_names
 
 _LAZY = {
     "FORMAT_VERSION": "probekit.cache.meta",
@@ -35,9 +34,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'probekit.cache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(globals(), _LAZY)

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -405,23 +405,6 @@ class FeatureStore(ChunkedStore):
             self._create_feature(
                 split, name, n, meta["feature_dims"][name], meta["chunk_rows"], "float32"
             )
-
-    def write_records(self, kind: str, config: Any, rows: Iterable[Mapping[str, Any]]) -> str:
-        """Write result records as JSON Lines next to the store, atomically; return the path.
-
-        The file is `<store>.<kind>-<hash of config>.jsonl`: a rerun with the same settings
-        replaces its own file, other settings get their own.
-        """
-        tag = hashlib.sha256(json.dumps(config, default=str).encode()).hexdigest()[:8]
-        path = self.path.with_name(f"{self.path.stem}.{kind}-{tag}.jsonl")
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-        if is_remote(path):  # an object is written whole or not at all
-            path.write_text(text)
-            return str(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        return str(path)
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind; return how many."""

@@ -28,7 +28,7 @@ from probekit.neighbors.search import (
     search,
     vote,
 )
-from probekit.records import Record
+from probekit.records import Record, write_records
 from probekit.specs import as_ints, options_of, parse_list
 
 __all__ = [
@@ -243,9 +243,8 @@ def knn(
             data.test_split,
             data.retrieval,
         ]
-        path = data.store.write_records(
-            "knn", config, (with_extra(r, backend=backend).to_dict() for r in records)
-        )
+        rows = (with_extra(r, backend=backend) for r in records)
+        path = write_records(data.store.path, "knn", config, rows)
     return KnnResult(records, backend, path, None if data.retrieval else data.queried, right)
 
 

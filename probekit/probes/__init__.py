@@ -35,7 +35,7 @@ from probekit.probes.base import (
 from probekit.probes.linear import LinearHeads, train_linear_heads
 from probekit.probes.logreg import fit_logreg, logreg_objective
 from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
-from probekit.records import Record
+from probekit.records import Record, write_records
 
 __all__ = [
     "DEFAULT_CS",
@@ -194,7 +194,7 @@ def probe(
             opts.test_split,
             [str(getattr(o, "path", o)) for o in eval_on],
         ]
-        path = store.write_records("probe", config, (r.to_dict() for r in records))
+        path = write_records(store.path, "probe", config, records)
     return ProbeResult(records, {s.method: s.config for s in selections}, path)
 
 

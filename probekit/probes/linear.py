@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -113,6 +113,49 @@ def _head_scores(heads: LinearHeads, rows: Rows, y: torch.Tensor) -> tuple[np.nd
     return (correct.double() / rows.n).cpu().numpy(), (loss / rows.n).cpu().numpy()
 
 
+class _Step(NamedTuple):
+    """One minibatch's update, for every head at once: the batch, its softmax minus one-hot,
+    1 / batch size, the scheduled learning rates (weights, biases), weight decays (or None)."""
+
+    xb: torch.Tensor  # (L, B, D)
+    p: torch.Tensor  # (L, B, H, C)
+    inv_b: float
+    lrs: tuple[torch.Tensor, torch.Tensor]
+    wd: torch.Tensor | None
+    step: int  # 1-based
+
+
+def _sgd_step(heads: LinearHeads, m1: list[torch.Tensor], _: list[torch.Tensor], s: _Step) -> None:
+    """SGD with momentum 0.9: m = 0.9 m + grad (+ wd W); W -= lr m; no decay on biases. The
+    weight gradient goes straight into the momentum (one fused batched matmul)."""
+    n_feat, d, h, c = heads.weight.shape
+    m1[0].view(n_feat, d, h * c).baddbmm_(
+        s.xb.transpose(1, 2), s.p.view(n_feat, -1, h * c), beta=0.9, alpha=s.inv_b
+    )
+    m1[1].mul_(0.9).add_(s.p.sum(1), alpha=s.inv_b)
+    if s.wd is not None:
+        m1[0].addcmul_(heads.weight, s.wd.view(1, 1, h, 1))
+    heads.weight.addcmul_(m1[0], s.lrs[0], value=-1.0)
+    heads.bias.addcmul_(m1[1], s.lrs[1], value=-1.0)
+
+
+def _adamw_step(
+    heads: LinearHeads, m1: list[torch.Tensor], m2: list[torch.Tensor], s: _Step
+) -> None:
+    """AdamW (betas 0.9, 0.999, eps 1e-8) with decoupled weight decay."""
+    n_feat, _, h, c = heads.weight.shape
+    g_w = torch.bmm(s.xb.transpose(1, 2), s.p.view(n_feat, -1, h * c))
+    grads = (g_w.view(heads.weight.shape).mul_(s.inv_b), s.p.sum(1).mul_(s.inv_b))
+    params = (heads.weight, heads.bias)
+    for i, (param, g, lr) in enumerate(zip(params, grads, s.lrs, strict=True)):
+        m1[i].mul_(0.9).add_(g, alpha=0.1)
+        m2[i].mul_(0.999).addcmul_(g, g, value=0.001)
+        m_hat, v_hat = m1[i] / (1 - 0.9**s.step), m2[i] / (1 - 0.999**s.step)
+        if i == 0 and s.wd is not None:
+            param.mul_(1 - lr * s.wd.view(1, 1, h, 1))
+        param.sub_(lr * m_hat / (v_hat.sqrt() + 1e-8))
+
+
 def train_linear_heads(
     x: torch.Tensor | Rows,
     y: torch.Tensor,
@@ -164,8 +207,8 @@ def train_linear_heads(
     lr0 = torch.tensor([lr * batch_size / 256 for lr, _ in grid], **opts)
     wd0 = torch.tensor([wd for _, wd in grid], **opts)
     params = [heads.weight, heads.bias]
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
+    m1 = [torch.zeros_like(p) for p in params]  # momentum (SGD), first moments (AdamW)
+    m2 = [torch.zeros_like(p) for p in params]  # second moments (AdamW)
     steps = max(1, math.ceil(n / batch_size))
     total, step = epochs * steps, 0
     decay = bool((wd0 != 0).any())
@@ -176,26 +219,8 @@ def train_linear_heads(
             scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule
             step += 1
             lr_w, lr_b = (lr0 * scale).view(1, 1, h, 1), (lr0 * scale).view(1, h, 1)
-            w_flat = (n_feat, d, h * n_classes)
-            if optimizer == "sgd":  # m = 0.9 m + grad (+ wd W); W -= lr m; no decay on biases
-                m1[0].view(w_flat).baddbmm_(
-                    xb.transpose(1, 2), p.view(w_flat[0], -1, w_flat[2]), beta=0.9, alpha=inv_b
-                )
-                m1[1].mul_(0.9).add_(p.sum(1), alpha=inv_b)
-                if decay:
-                    m1[0].addcmul_(heads.weight, wd0.view(1, 1, h, 1))
-                heads.weight.addcmul_(m1[0], lr_w, value=-1.0)
-                heads.bias.addcmul_(m1[1], lr_b, value=-1.0)
-            else:  # AdamW: decoupled weight decay
-                g_w = torch.bmm(xb.transpose(1, 2), p.view(w_flat[0], -1, w_flat[2]))
-                grads = (g_w.view(heads.weight.shape).mul_(inv_b), p.sum(1).mul_(inv_b))
-                for i, (param, g, lr) in enumerate(zip(params, grads, (lr_w, lr_b), strict=True)):
-                    m1[i].mul_(0.9).add_(g, alpha=0.1)
-                    m2[i].mul_(0.999).addcmul_(g, g, value=0.001)
-                    m_hat, v_hat = m1[i] / (1 - 0.9**step), m2[i] / (1 - 0.999**step)
-                    if i == 0 and decay:
-                        param.mul_(1 - lr * wd0.view(1, 1, h, 1))
-                    param.sub_(lr * m_hat / (v_hat.sqrt() + 1e-8))
+            update = _sgd_step if optimizer == "sgd" else _adamw_step
+            update(heads, m1, m2, _Step(xb, p, inv_b, (lr_w, lr_b), wd0 if decay else None, step))
         if val is not None and y_val is not None:
             acc, loss = _head_scores(heads, val, y_val)
             better = (acc > best.val_acc) | ((acc == best.val_acc) & (loss < best.val_loss))

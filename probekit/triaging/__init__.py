@@ -1,0 +1,167 @@
+"""`probekit triage`: every backbone x dataset through extract, kNN and probes, into one report.
+
+plan.py      TriagePlan: models, datasets, transfers, methods, extraction options
+evaluate.py  kNN (chosen by leave-one-out), the probes, transfers: records
+journal.py   finished evaluations kept across interruptions
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from probekit import distributed
+from probekit.cache.store import FeatureStore
+from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_KS, DEFAULT_LAYERS, DEFAULT_POOLS
+from probekit.extraction import ExtractOptions
+from probekit.methods import METHODS
+from probekit.records import Record
+from probekit.report import Report, build_report, write_report
+from probekit.specs import ModelSpec
+from probekit.triaging.evaluate import evaluate as _evaluate
+from probekit.triaging.evaluate import extraction_record, failure_message, note
+from probekit.triaging.journal import Journal, journal_key
+from probekit.triaging.plan import TriagePlan, parse_transfers
+
+__all__ = ["TriagePlan", "TriageResult", "parse_transfers", "triage"]
+
+
+@dataclass(frozen=True)
+class TriageResult:
+    """What a triage did: every record, the report built from them, and the files written."""
+
+    report: Report
+    files: dict[str, str]
+    out_dir: str
+
+    @property
+    def records(self) -> list[Record]:
+        return self.report.records
+
+
+def triage(
+    backbones: str | Sequence[str],
+    data: str | Sequence[str],
+    *,
+    transfer: str | Sequence[str] | None = None,
+    methods: str | Sequence[str] = METHODS,
+    layers: str | Sequence[int] = DEFAULT_LAYERS,
+    pool: str | Sequence[str] = DEFAULT_POOLS,
+    img_size: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    features: str | Sequence[str] | None = None,
+    reference: str | None = None,
+    out: str | os.PathLike[str] = "probekit-report",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+    precision: str = "auto",
+    pixel_cache: bool | None = None,
+    pixel_size: int | str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    plots: bool = True,
+    quiet: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> TriageResult:
+    """Extract (cache-aware), kNN-evaluate and probe every backbone on every dataset; report.
+
+    `backbones`: NAME, NAME@random or NAME@WEIGHTS_FILE (comma list). `features`: what kNN
+    and the probes evaluate (default: every stored feature), e.g. "last4/cls,head/embed":
+    names every backbone has (`lastN/POOL` concatenates its last N layers). `transfer`: SRC->DST
+    pairs; SRC must be among `data`, DST is extracted for its test split. A failure of one
+    backbone on one dataset becomes a row of the report; the others go on. `pixel_cache`
+    (default: on for more than one backbone) decodes each image once per geometry;
+    `pixel_size` ("auto": the largest resize among the backbones) once for all of them, each
+    backbone's crop cut and resized on the device (see `extract`).
+    """
+    # under torchrun every rank extracts and searches its share; rank 0 probes and reports
+    dist = distributed.init()
+    say = (log if dist.is_main else None) or (lambda _: None)
+    plan = TriagePlan.resolve(
+        backbones,
+        data,
+        transfer=transfer,
+        methods=methods,
+        ks=ks,
+        features=features,
+        reference=reference,
+        pixel_cache=pixel_cache,
+        pixel_size=pixel_size,
+        extract=ExtractOptions(
+            layers=layers,
+            pool=pool,
+            img_size=img_size,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            quiet=quiet,
+        ),
+    )
+    # evaluations an interrupted run into the same `out` finished are kept, not redone
+    journal = None if dist.is_group else Journal(Path(out).expanduser() / ".progress.jsonl")
+    plan.announce(say)
+    records: list[Record] = []
+    for b in plan.models:
+        stores = _extract_all(b, plan, records, say)
+        for spec in plan.data_specs:
+            if spec in stores:
+                _evaluate_one(b, spec, stores, plan, journal, records, say)
+    if dist.is_main:
+        rep, files = write_report(records, out, reference=plan.reference, plots=plots)
+    if dist.is_group:  # every rank returns rank 0's report
+        records, files = dist.broadcast((records, files) if dist.is_main else None)
+        rep = build_report(records, plan.reference)
+    return TriageResult(rep, files, str(Path(out).expanduser()))
+
+
+def _extract_all(
+    b: ModelSpec, plan: TriagePlan, records: list[Record], say: Callable[[str], None]
+) -> dict[str, FeatureStore]:
+    """One backbone's store of every dataset; a failure is a row of the report, not the end."""
+    stores: dict[str, FeatureStore] = {}
+    for spec, ds in plan.datasets.items():
+        try:
+            stores[spec] = extraction_record(b, ds, plan.extract, records, say)
+        except Exception as e:  # one backbone's failure is a row, not the end of the run
+            records.append(
+                note("error", b.label, ds.spec, stage="extract", message=failure_message(e))
+            )
+            say(f"  {b.label} on {ds.spec}: FAILED to extract: {failure_message(e)}")
+    return stores
+
+
+def _evaluate_one(
+    b: ModelSpec,
+    spec: str,
+    stores: dict[str, FeatureStore],
+    plan: TriagePlan,
+    journal: Journal | None,
+    records: list[Record],
+    say: Callable[[str], None],
+) -> None:
+    """kNN and probes of one backbone on one dataset (and its transfers), or what an earlier
+    run of the same evaluation kept."""
+    targets = [stores[dst] for src, dst in plan.pairs if src == spec and dst in stores]
+    key = journal_key(b.label, stores[spec], targets, plan.methods, plan.ks, plan.features)
+    kept = journal.get(key) if journal is not None else None
+    if kept is not None:
+        records += [Record.from_dict(r) for r in kept["records"]]
+        say(f"  {b.label} on {spec}: {kept['lines']} (kept from an earlier run)")
+        return
+    t0 = time.perf_counter()
+    first = len(records)
+    try:
+        lines = _evaluate(b, stores[spec], targets, plan.methods, plan.ks, plan.features, records)
+    except Exception as e:
+        records.append(note("error", b.label, spec, stage="evaluate", message=failure_message(e)))
+        say(f"  {b.label} on {spec}: FAILED to evaluate: {failure_message(e)}")
+        return
+    secs = time.perf_counter() - t0
+    records.append(note("time", b.label, spec, stage="evaluate", seconds=secs))
+    say(f"  {b.label} on {spec}: {lines} ({secs:.1f} s)")
+    done = records[first:]
+    if journal is not None and not any(r.kind == "error" for r in done):
+        journal.add(key, {"records": [r.to_dict() for r in done], "lines": lines})

@@ -1,0 +1,221 @@
+"""One backbone on one dataset: kNN (chosen by leave-one-out), every probe method, and the
+transfers to other datasets; failures become records."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from probekit import distributed
+from probekit.cache.store import FeatureStore, open_store
+from probekit.data import Dataset
+from probekit.errors import ProbekitError
+from probekit.evaluation import with_extra
+from probekit.extraction import ExtractOptions, extract
+from probekit.methods import PROBE_METHODS
+from probekit.metrics import encode_outcomes
+from probekit.neighbors import DEFAULT_TEMPERATURE, knn
+from probekit.records import Record, select_knn
+from probekit.specs import ModelSpec
+
+__all__ = ["evaluate", "extraction_record", "failure_message", "note"]
+
+
+def note(kind: str, model: str, dataset: str, **fields: Any) -> Record:
+    """An extract, time or error line: what it says is in `extra`."""
+    return Record(kind, model, dataset, extra=fields)
+
+
+def failure_message(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, ProbekitError) else f"{type(e).__name__}: {text}"
+
+
+def extraction_record(
+    b: ModelSpec,
+    ds: Dataset,
+    options: ExtractOptions,
+    records: list[Record],
+    say: Callable[[str], None],
+) -> FeatureStore:
+    res = extract(b, ds, options=options)
+    store = open_store(res.store_path)
+    meta = store.meta
+    # a cache hit reports the time of the extraction that made the store
+    seconds = float(meta.get("seconds", res.seconds)) if res.cache_hit else res.seconds
+    records.append(
+        note(
+            "extract",
+            b.label,
+            ds.spec,
+            backbone=b.name,
+            weights=meta["weights"]["source"],
+            images=res.images,
+            invalid=res.invalid,
+            seconds=seconds,
+            images_per_s=res.images / seconds if seconds > 0 else None,
+            cache_hit=res.cache_hit,
+            num_layers=meta["backbone"].get("num_layers"),
+            precision=meta["precision"],
+            pixels=res.pixels,
+            compile_seconds=res.compile_seconds,
+            input_size=meta["config"]["preprocessing"]["input_size"],
+            store=res.store_path,
+        )
+    )
+    say(f"  {res.summary()}")
+    return store
+
+
+def evaluate(
+    b: ModelSpec,
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    methods: list[str],
+    ks: Sequence[int],
+    features: list[str] | None,
+    records: list[Record],
+) -> str:
+    """kNN (test + selection split) and probes on one store; transfers to `targets`."""
+    spec = store.meta["dataset"]["spec"]
+    said = []
+    if "knn" in methods:
+        try:
+            said.append(_knn_all(store, targets, ks, features, b.label, records))
+        except Exception as e:  # the probes may still work
+            records.append(note("error", b.label, spec, stage="knn", message=failure_message(e)))
+            said.append(f"kNN FAILED: {failure_message(e)}")
+    probe_methods = [m for m in methods if m in PROBE_METHODS]
+    if probe_methods and distributed.current().is_main:
+        try:
+            said.append(_probe_all(store, targets, probe_methods, features, b.label, records))
+        except Exception as e:
+            records.append(note("error", b.label, spec, stage="probe", message=failure_message(e)))
+            said.append(f"probes FAILED: {failure_message(e)}")
+    return ", ".join(said)
+
+
+# kNN's feature, k and vote are chosen on at most this many queries of the selection split
+SELECTION_QUERIES = 20_000
+
+
+def _knn_all(
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    ks: Sequence[int],
+    features: list[str] | None,
+    label: str,
+    records: list[Record],
+) -> str:
+    # k beyond a small database is capped (leave-one-out leaves n - 1 neighbours)
+    n_db = int(store.valid("train").sum()) if "train" in store.splits else 0
+    ks = sorted({min(int(k), max(1, n_db - 1)) for k in ks})
+    test = knn(store, ks=ks, features=features)
+    out = [replace(r, model=label) for r in test.records]
+    if {"query", "gallery"} <= set(store.splits):  # retrieval: nothing to choose
+        records += out
+        return "kNN retrieval"
+    sel_split = "val" if "val" in store.splits else "train"
+    # leave-one-out on train: a sample of queries chooses as well as all of them, at a fraction
+    # of a large split's cost (every query searches the whole split)
+    sel = knn(store, ks=ks, features=features, test_split=sel_split, max_queries=SELECTION_QUERIES)
+    sel_recs = [r for r in sel.records if r.metric == "top1"]
+    out += [replace(r, model=label) for r in sel_recs]
+    best = select_knn(sel_recs)
+    config = (best.feature, best.hyper["k"], best.hyper["vote"])
+    at = next(
+        i
+        for i, r in enumerate(test.records)
+        if r.metric == "top1" and (r.feature, r.hyper["k"], r.hyper["vote"]) == config
+    )
+    # the chosen configuration's hits image by image: paired comparisons between models
+    assert test.queried is not None
+    outcomes = encode_outcomes(test.queried, test.right[config], store.fingerprint)
+    out[at] = with_extra(out[at], outcomes=outcomes)
+    for t in targets:
+        out += _knn_transfer(store, t, best, label)
+    records += out
+    k = best.hyper["k"]
+    return f"kNN {100 * test.records[at].value:.1f} ({best.feature}, k={k})"
+
+
+def _probe_all(
+    store: FeatureStore,
+    targets: list[FeatureStore],
+    methods: list[str],
+    features: list[str] | None,
+    label: str,
+    records: list[Record],
+) -> str:
+    from probekit.probes import probe
+
+    spec = store.meta["dataset"]["spec"]
+    res = probe(
+        store,
+        method="both" if set(methods) == set(PROBE_METHODS) else ",".join(methods),
+        features=features,
+        eval_on=targets,
+    )
+    records += [replace(r, model=label) for r in res.records]
+    said = []
+    for m in methods:
+        v = next(
+            r.value
+            for r in res.records
+            if r.method == m and r.metric == "top1" and r.dataset == spec
+        )
+        said.append(f"{m} {100 * v:.1f} ({res.selected[m]['feature']})")
+    return ", ".join(said)
+
+
+def _knn_transfer(src: FeatureStore, dst: FeatureStore, best: Record, label: str) -> list[Record]:
+    """kNN of the target's test images against the source's train split, with the source's
+    chosen feature, k and vote; classes are matched by name."""
+    name = best.feature
+    missing = sorted(set(dst.class_names) - set(src.class_names))
+    if missing or not dst.has_feature(name):
+        raise ProbekitError(
+            f"cannot transfer to {dst.meta['dataset']['spec']}: "
+            + (f"classes {missing[:5]} are not in the source" if missing else f"no {name}")
+        )
+    ids = {c: i for i, c in enumerate(src.class_names)}
+    sv, dv = src.valid("train"), dst.valid("test")
+    dst_y = np.array([ids[dst.class_names[t]] for t in dst.labels("test")[dv]], dtype=np.int64)
+    res = knn(
+        (
+            src.features("train", name)[sv],
+            src.labels("train")[sv],
+            dst.features("test", name)[dv],
+            dst_y,
+        ),
+        ks=[best.hyper["k"]],
+        temperature=best.hyper.get("temperature") or DEFAULT_TEMPERATURE,
+        vote_method=best.hyper["vote"],
+        write=False,
+    )
+    meta = src.meta
+    out = []
+    for r in res.records:
+        if r.metric not in ("top1", "top5", "balanced_accuracy"):
+            continue
+        extra: dict[str, Any] = {**r.extra, "selected_on": "leave-one-out on source train"}
+        if r.metric == "top1":
+            right = res.right[(r.feature, r.hyper["k"], r.hyper["vote"])]
+            extra["outcomes"] = encode_outcomes(dv, right, dst.fingerprint)
+        out.append(
+            replace(
+                r,
+                model=label,
+                backbone=meta["backbone"]["name"],
+                weights=meta["weights"]["source"],
+                train_dataset=meta["dataset"]["spec"],
+                dataset=dst.meta["dataset"]["spec"],
+                split="test",
+                feature=name,
+                extra=extra,
+            )
+        )
+    return out

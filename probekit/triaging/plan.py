@@ -1,0 +1,161 @@
+"""What a triage will do, decided before it runs: models, datasets, transfers, methods."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from probekit.data import Dataset, load_dataset
+from probekit.errors import OptionError, ProbekitError
+from probekit.extraction import ExtractOptions, Geometry, geometry_transform
+from probekit.methods import all_methods
+from probekit.specs import ModelSpec, as_ints, parse_list, parse_models
+
+__all__ = ["TriagePlan", "parse_transfers"]
+
+
+def parse_transfers(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
+    """`SRC->DST` pairs: probes trained on SRC's train split, tested on DST's test split."""
+    out = []
+    for item in parse_list(spec, "transfer"):
+        src, sep, dst = item.partition("->")
+        if not sep or not src.strip() or not dst.strip():
+            raise OptionError(f"transfer {item!r}: write SOURCE->TARGET, e.g. 'mnist5k->digits'.")
+        out.append((src.strip(), dst.strip()))
+    return out
+
+
+@dataclass(frozen=True)
+class TriagePlan:
+    """A triage decided before it runs: the models, datasets (listed and checked once, up
+    front: a bad spec stops before any work), transfers, methods and the extraction options."""
+
+    models: list[ModelSpec]
+    data_specs: list[str]
+    pairs: list[tuple[str, str]]  # transfers: probes trained on SRC, tested on DST
+    methods: list[str]
+    ks: list[int]
+    features: list[str] | None  # None: every stored feature
+    reference: str | None
+    datasets: dict[str, Dataset]
+    extract: ExtractOptions  # with the pixel cache policy decided
+
+    @classmethod
+    def resolve(
+        cls,
+        backbones: str | Sequence[str],
+        data: str | Sequence[str],
+        *,
+        transfer: str | Sequence[str] | None,
+        methods: str | Sequence[str],
+        ks: Sequence[int],
+        features: str | Sequence[str] | None,
+        reference: str | None,
+        pixel_cache: bool | None,
+        pixel_size: int | str | None,
+        extract: ExtractOptions,
+    ) -> TriagePlan:
+        models = parse_models(backbones)
+        data_specs = parse_list(data, "data")
+        if not data_specs:
+            raise OptionError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
+        pairs = parse_transfers(transfer)
+        for src, _ in pairs:
+            if src not in data_specs:
+                raise OptionError(f"transfer source {src!r} is not among --data ({data_specs}).")
+        wanted = parse_list(methods, "methods")
+        known = all_methods()
+        bad = [m for m in wanted if m not in known]
+        if bad or not wanted:
+            raise OptionError(f"unknown methods {bad}; use any of {', '.join(known)}.")
+        if reference is not None and reference not in [b.label for b in models]:
+            labels = ", ".join(b.label for b in models)
+            raise OptionError(f"--reference {reference!r} is not among --backbones ({labels}).")
+        datasets: dict[str, Dataset] = {}
+        for spec in [*data_specs, *[dst for _, dst in pairs]]:
+            if spec not in datasets:
+                datasets[spec] = load_dataset(spec)
+        for src, dst in pairs:
+            if datasets[src].spec == datasets[dst].spec:
+                raise OptionError(
+                    f"transfer {src}->{dst} is from a dataset to itself ({datasets[src].spec}); "
+                    "its test split is already evaluated. Name two datasets, e.g. "
+                    "'mnist5k->digits'."
+                )
+        # the pixel cache pays off as soon as a second backbone reads the same images
+        use_pixels = len(models) > 1 if pixel_cache is None else pixel_cache
+        side = _pixel_size(pixel_size, models, extract.img_size)
+        if side is not None and not use_pixels:
+            raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
+        options = ExtractOptions.of(extract, pixel_cache=use_pixels, pixel_size=side)
+        ks_list = [int(k) for k in as_ints(ks, "ks")]
+        return cls(
+            models,
+            data_specs,
+            pairs,
+            wanted,
+            ks_list,
+            _names(features),
+            reference,
+            datasets,
+            options,
+        )
+
+    def announce(self, say: Callable[[str], None]) -> None:
+        """The run's header, and how to decode once where several geometries each decode."""
+        say(
+            f"triage: {len(self.models)} backbones x {len(self.data_specs)} datasets"
+            + (f" + {len(self.pairs)} transfers" if self.pairs else "")
+            + f", methods {', '.join(self.methods)}"
+        )
+        opts = self.extract
+        if opts.pixel_cache and opts.pixel_size is None and len(self.models) > 1:
+            kinds = {g.describe() for g in _geometries(self.models, opts.img_size)}
+            if len(kinds) > 1:  # each geometry decodes the images once: say how to decode once
+                say(
+                    f"pixel cache: {len(self.models)} backbones, {len(kinds)} geometries, each "
+                    "decodes the images once; --pixel-size auto decodes them once for all (each "
+                    "backbone's crop cut and resized on the device: close to, not equal to, its "
+                    "own resize)"
+                )
+
+
+def _geometries(specs: Sequence[ModelSpec], img_size: int | None) -> list[Geometry]:
+    """Each backbone's preprocessing geometry (backbones that cannot be built are left out:
+    their extraction fails on its own, as a row of the report)."""
+    out = []
+    for b in specs:
+        try:
+            bb = b.create(img_size=img_size, load=False)
+        except ProbekitError:
+            continue
+        out.append(geometry_transform(dict(bb.data_config)))
+    return out
+
+
+def _pixel_size(
+    value: int | str | None, specs: Sequence[ModelSpec], img_size: int | None
+) -> int | None:
+    """The side of a pixel cache shared by `specs`: as given, or "auto": the largest resize of
+    a centre-crop geometry among them (None when none has one)."""
+    if value is None or isinstance(value, int):
+        return value
+    if value.strip().lower() != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise OptionError(
+                f"pixel_size {value!r} is neither a number of pixels nor 'auto'."
+            ) from None
+    sides = [g.center[0] for g in _geometries(specs, img_size) if g.center is not None]
+    return max(sides, default=None)
+
+
+def _names(spec: str | Sequence[str] | None) -> list[str] | None:
+    """A comma list (or a sequence) of feature names; None: every stored feature."""
+    if spec is None:
+        return None
+    names = parse_list(spec, "features")
+    if not names:
+        raise OptionError("features is empty; name features (e.g. last4/cls) or leave it out.")
+    return names
