@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from probekit.errors import ProbekitError
@@ -94,7 +94,7 @@ class Record:
             raise ProbekitError(f"a record is a JSON object, not {type(d).__name__}.")
         schema = d.get("schema", 1)
         if schema == RECORD_SCHEMA:
-            known = {k: d[k] for k in _FIELDS if k in d}
+            known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
             return cls(**known)
         if schema != 1:
             raise ProbekitError(
@@ -102,24 +102,6 @@ class Record:
                 "upgrade probekit."
             )
         return _from_v1(dict(d))
-
-
-_FIELDS = (
-    "kind",
-    "model",
-    "dataset",
-    "metric",
-    "value",
-    "split",
-    "feature",
-    "method",
-    "n",
-    "train_dataset",
-    "backbone",
-    "weights",
-    "hyper",
-    "extra",
-)
 
 
 def _kind_v1(d: Mapping[str, Any]) -> str:

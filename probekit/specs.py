@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ModelSpec",
     "as_ints",
+    "is_count",
     "model_label",
     "options_from",
     "options_of",
     "parse_list",
     "parse_models",
-    "store_label",
 ]
 
 
@@ -47,6 +47,11 @@ def options_from(cls: type[T], values: Mapping[str, Any]) -> T:
     where each keeps its option's name), the others left out."""
     known = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def is_count(value: Any) -> bool:
+    """A positive integer (not a bool, not a float): what a size or a count option takes."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def as_ints(value: Any, what: str) -> tuple[int, ...]:
@@ -88,16 +93,6 @@ def model_label(name: str, source: str, ref: str | None = None) -> str:
     if source == "file" and ref:
         return f"{name}@{Path(ref).name}"
     return name
-
-
-def store_label(meta: Mapping[str, Any]) -> str:
-    """`model_label` of the model a feature store was extracted from (its metadata)."""
-    weights = meta.get("weights", {})
-    return model_label(
-        str(meta.get("backbone", {}).get("name", "?")),
-        str(weights.get("source", "")),
-        weights.get("ref"),
-    )
 
 
 @dataclass(frozen=True)

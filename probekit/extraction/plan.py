@@ -26,7 +26,7 @@ from probekit.extraction.model import (
     resolve_policy,
 )
 from probekit.extraction.preprocess import DeviceCrop, Geometry, geometry_transform, square
-from probekit.specs import ModelSpec, options_of
+from probekit.specs import ModelSpec, is_count, options_of
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -80,11 +80,11 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         for name in ("batch_size", "chunk_rows", "device_queue"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value):
                 raise OptionError(f"{name} must be a positive integer, not {value!r}.")
         for name in ("img_size", "pixel_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and not is_count(value):
                 raise OptionError(f"{name} must be a positive number of pixels, not {value!r}.")
         if self.num_workers is not None and self.num_workers < 0:
             raise OptionError(f"num_workers must be 0 or more, not {self.num_workers}.")

@@ -29,7 +29,7 @@ from probekit.neighbors.search import (
     vote,
 )
 from probekit.records import Record, write_records
-from probekit.specs import as_ints, options_of, parse_list
+from probekit.specs import as_ints, is_count, options_of, parse_list
 
 __all__ = [
     "DEFAULT_KS",
@@ -173,10 +173,10 @@ class KnnOptions:
                 raise OptionError("features is empty; name features or leave it out.")
             object.__setattr__(self, "features", tuple(names))
         mb = self.memory_mb
-        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+        if not is_count(mb):
             raise OptionError(f"memory_mb must be a positive number of MiB, not {mb!r}.")
         q = self.max_queries
-        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+        if q is not None and not is_count(q):
             raise OptionError(f"max_queries must be a positive number of queries, not {q!r}.")
 
     @classmethod

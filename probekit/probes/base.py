@@ -25,7 +25,7 @@ from probekit.defaults import (
 from probekit.errors import OptionError, ProbekitError, choice
 from probekit.methods import PROBE_METHODS
 from probekit.probes.rows import Rows, feature_stats, holdout_split, linear_scores, memory_budget
-from probekit.specs import options_of, parse_list
+from probekit.specs import is_count, options_of, parse_list
 
 __all__ = ["Feature", "ProbeData", "ProbeOptions", "Selection"]
 
@@ -89,12 +89,12 @@ class ProbeOptions:
             raise OptionError(f"holdout must be a fraction in (0, 1), not {self.holdout!r}.")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_count(value):
                 raise OptionError(f"{name} must be a positive integer, not {value!r}.")
         if not (isinstance(self.tol, (int, float)) and self.tol > 0):
             raise OptionError(f"tol must be a positive number, not {self.tol!r}.")
         mb = self.memory_mb
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+        if mb is not None and not is_count(mb):
             raise OptionError(f"memory_mb must be a positive number of MiB, not {mb!r}.")
         choice("optimizer", self.optimizer, ("sgd", "adamw"))
         choice("dtype", self.dtype, ("float32", "float64"))
