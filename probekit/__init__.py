@@ -43,6 +43,8 @@ _LAZY = {
     "ModelSpec": "probekit.specs",
     "TriageResult": "probekit.triaging",
     "triage": "probekit.triaging",
+    "VerifyResult": "probekit.extraction.repair",
+    "verify": "probekit.extraction.repair",
 }
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "Report",
     "StoreSummary",
     "TriageResult",
+    "VerifyResult",
     "WeightsInfo",
     "__version__",
     "build_report",
@@ -77,6 +80,7 @@ __all__ = [
     "open_store",
     "probe",
     "triage",
+    "verify",
     "write_report",
 ]
 

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "DatasetKind",
     "Split",
     "load_dataset",
+    "overlap_warnings",
     "to_rgb",
 ]
 
@@ -55,6 +57,9 @@ class Dataset:
     # arrays hold pixels already resized and cropped for the model (a pixel cache): when their
     # size equals the model's input size they are used as they are, with no per-image work
     preprocessed: bool = False
+    # what makes a number from this dataset less than honest (duplicates, train/test overlap),
+    # with counts: said by extract, kept in the store, carried into records and the report
+    warnings: tuple[str, ...] = ()
 
     def load_image(self, split: str, index: int) -> Image.Image:
         """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
@@ -165,19 +170,49 @@ def _sorted_splits(names: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s))
 
 
-def _file_dataset(kind: str, root: Path, rows: Sequence[tuple[str, str, str]]) -> Dataset:
-    """rows: (split, class name, absolute path)."""
+def overlap_warnings(splits: Mapping[str, Sequence[str]], by: str) -> tuple[str, ...]:
+    """Counts of ids listed more than once in a split, and of ids of a split also in another
+    (an evaluated image the model was fit on), `by` saying what an id is (path, content)."""
+    out = []
+    seen: dict[str, str] = {}
+    for name, ids in splits.items():
+        dupes = len(ids) - len(set(ids))
+        if dupes:
+            out.append(f"{dupes} images of {name} are listed more than once (same {by})")
+        for other, n in Counter(seen[i] for i in set(ids) if i in seen).items():
+            out.append(f"{n} images of {name} are also in {other} (same {by})")
+        for i in ids:
+            seen.setdefault(i, name)
+    return tuple(out)
+
+
+def _file_dataset(
+    kind: str,
+    root: Path,
+    rows: Sequence[tuple[str, str, str]],
+    lines: Sequence[int] | None = None,
+) -> Dataset:
+    """rows: (split, class name, absolute path); `lines`: where each row was read (a CSV)."""
     if not rows:
         raise DatasetError(
             f"{kind}:{root} holds no images (extensions {', '.join(IMG_EXTENSIONS)}); "
             "check the path and layout."
         )
+    label_of: dict[str, tuple[str, int]] = {}
+    for at, (_, c, p) in enumerate(rows):
+        first = label_of.setdefault(p, (c, at))
+        if first[0] != c:
+            where = f"lines {lines[first[1]]} and {lines[at]}" if lines else "two class folders"
+            raise DatasetError(
+                f"{kind}:{root}: image {p!r} has two labels ({first[0]!r} and {c!r}, {where}); "
+                "give each image one label."
+            )
     class_names = tuple(sorted({c for _, c, _ in rows}))
     cls_id = {c: i for i, c in enumerate(class_names)}
     by_split: dict[str, list[tuple[str, str]]] = {}
     for split, c, p in rows:
         by_split.setdefault(split, []).append((p, c))
-    lines = []
+    listing = []
     splits = {}
     for name in _sorted_splits(list(by_split)):
         items = sorted(by_split[name])
@@ -186,11 +221,11 @@ def _file_dataset(kind: str, root: Path, rows: Sequence[tuple[str, str, str]]) -
         splits[name] = Split(name, ids, labels)
         for p, c in items:
             st = Path(p).stat()
-            lines.append(
+            listing.append(
                 f"{name}\t{c}\t{Path(p).relative_to(root) if Path(p).is_relative_to(root) else p}"
                 f"\t{st.st_size}\t{st.st_mtime_ns}"
             )
-    fingerprint = _digest("\n".join(lines))
+    fingerprint = _digest("\n".join(listing))
     canonical = f"{kind}:{root}"
     return Dataset(
         canonical,
@@ -198,6 +233,7 @@ def _file_dataset(kind: str, root: Path, rows: Sequence[tuple[str, str, str]]) -
         class_names,
         splits,
         fingerprint,
+        warnings=overlap_warnings({n: sp.ids for n, sp in splits.items()}, "path"),
     )
 
 
@@ -244,7 +280,7 @@ def _csv(arg: str) -> Dataset:
                 f"{path.name} needs a header with columns path,label[,split]; it has "
                 f"{sorted(fields)}."
             )
-        rows = []
+        rows, lines = [], []
         for i, r in enumerate(reader, start=2):
             if not r["path"] or r["label"] in (None, ""):
                 raise DatasetError(f"{path.name} line {i}: empty path or label.")
@@ -253,7 +289,8 @@ def _csv(arg: str) -> Dataset:
             if not p.exists():
                 raise DatasetError(f"{path.name} line {i}: image {str(p)!r} does not exist.")
             rows.append(((r.get("split") or "train").strip(), r["label"].strip(), str(p.resolve())))
-    return _file_dataset("csv", path, rows)
+            lines.append(i)
+    return _file_dataset("csv", path, rows, lines)
 
 
 def _array_dataset(
@@ -285,7 +322,12 @@ def _split_arrays(
         splits[name] = Split(name, ids, labels[part].astype(np.int64))
         arrays[name] = np.ascontiguousarray(images[part])
     fp = _digest(images.tobytes(), labels.astype(np.int64).tobytes())
-    return Dataset(spec, _slug(spec), tuple(class_names), splits, fp, arrays)
+    content = {
+        name: [hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest() for a in arrays[name]]
+        for name in splits
+    }
+    warnings = overlap_warnings(content, "pixels")
+    return Dataset(spec, _slug(spec), tuple(class_names), splits, fp, arrays, warnings=warnings)
 
 
 def _to_uint8(x: np.ndarray, hi: float) -> np.ndarray:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from probekit.errors import ProbekitError
+from probekit.errors import ProbekitError, ProbekitWarning, StoreError
 from probekit.specs import model_label
 
 __all__ = ["RECORD_SCHEMA", "SELECTION_SPLITS", "Record", "select_knn", "write_records"]
@@ -149,23 +151,50 @@ def _from_v1(d: dict[str, Any]) -> Record:
     )
 
 
-def write_records(store_path: Any, kind: str, config: Any, records: Iterable[Record]) -> str:
-    """Records as JSON Lines next to a store, written atomically; return the file's path.
+def write_records(
+    store_path: Any,
+    kind: str,
+    config: Any,
+    records: Iterable[Record],
+    out: str | os.PathLike[str] | None = None,
+) -> str | None:
+    """Records as JSON Lines next to a store (or in directory `out`), written atomically;
+    return the file's path, or None (with a warning) where the store's directory is read-only
+    and no `out` was given.
 
     The file is `<store>.<kind>-<hash of config>.jsonl`: a rerun with the same settings
-    replaces its own file, other settings get their own.
+    replaces its own file, other settings get their own. A write that fails (a full disk)
+    leaves no temporary file and is a one-line error.
     """
-    from probekit.cache.location import is_remote
+    from probekit.cache.location import is_remote, location, writable
 
     tag = hashlib.sha256(json.dumps(config, default=str).encode()).hexdigest()[:8]
-    path = store_path.with_name(f"{store_path.stem}.{kind}-{tag}.jsonl")
+    name = f"{store_path.stem}.{kind}-{tag}.jsonl"
+    folder = store_path.parent if out is None else location(out)
+    if out is None and not writable(folder):
+        warnings.warn(
+            f"{folder} is read-only: the {kind} records were not written; pass --out DIR "
+            "(out=) to keep them.",
+            ProbekitWarning,
+            stacklevel=3,
+        )
+        return None
+    path = folder / name
     text = "".join(json.dumps(r.to_dict()) + "\n" for r in records)
     if is_remote(path):  # an object is written whole or not at all
         path.write_text(text)
         return str(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(
+            f"cannot write the {kind} records to {path}: {e.strerror or e}; free space, or "
+            "pass --out DIR (out=) on another disk, and run again."
+        ) from None
     return str(path)
 
 

@@ -140,6 +140,13 @@ class ModelSpec:
             return model_label(self.name, "file", self.weights)
         return self.name
 
+    @property
+    def text(self) -> str:
+        """The spec as written: `NAME`, `NAME@random` or `NAME@FILE` (`parse` reads it back)."""
+        if self.random_init:
+            return f"{self.name}@random"
+        return self.name if self.weights is None else f"{self.name}@{self.weights}"
+
     def create(self, *, img_size: int | None = None, load: bool = True) -> Backbone:
         """The timm model with these weights (`load=False`: its skeleton on the meta device)."""
         from probekit.backbones import create_backbone

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import zarr
-from conftest import CLI, faulty
+from conftest import CLI, arrays_of, assert_same_store, faulty
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
@@ -179,55 +179,6 @@ def test_fp16_overflow_is_kept_in_float32(tmp_path: Path) -> None:
     assert store.features("train", "layer1/mean").dtype == np.float16  # untouched layers stay
 
 
-def _arrays(path: str) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, arr in _walk(zarr.open_group(path, mode="r")):
-        values = np.asarray(arr[:])
-        out[key] = values.tobytes() if values.dtype.kind in "biuf" else values.tolist()
-    return out
-
-
-def _chunk_files(path: str) -> dict[str, bytes]:
-    """Every file of the store but the root metadata (which holds timestamps)."""
-    root = Path(path)
-    return {
-        str(f.relative_to(root)): f.read_bytes()
-        for f in root.rglob("*")
-        if f.is_file() and f.relative_to(root) != Path("zarr.json")
-    }
-
-
-def _assert_same_store(path: str, clean: str) -> None:
-    """`path` holds what an uninterrupted run wrote to `clean`: the same files, every array but
-    the features byte for byte, and the features within 1 ulp: a CPU forward in another
-    process rarely rounds a value apart (seen in CI, not reproduced on demand)."""
-    got, want = _arrays(path), _arrays(clean)
-    assert got.keys() == want.keys()
-    features = {k for k, a in _walk(zarr.open_group(clean, mode="r")) if a.dtype.kind == "f"}
-    assert features and all("/" in k for k in features)
-    group, ref = zarr.open_group(path, mode="r"), zarr.open_group(clean, mode="r")
-    for key in want:
-        if key in features:
-            np.testing.assert_array_max_ulp(np.asarray(group[key][:]), np.asarray(ref[key][:]), 1)
-        else:
-            assert got[key] == want[key], key
-    files, ref_files = _chunk_files(path), _chunk_files(clean)
-    assert files.keys() == ref_files.keys()  # the same chunks, no stray temporary files
-    for name, data in files.items():
-        if name.partition("/c/")[0] not in features:
-            assert data == ref_files[name], name
-
-
-def _walk(g: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]:
-    out = []
-    for name, node in g.members():
-        if isinstance(node, zarr.Group):
-            out += _walk(node, f"{prefix}{name}/")
-        else:
-            out.append((f"{prefix}{name}", node))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [1, 3, 5])
 def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) -> None:
@@ -268,17 +219,17 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path: Path, kill_at: int) ->
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed ({done_before} chunks were done)" in rerun.stdout or done_before == 0
-    _assert_same_store(str(path), clean_path)
+    assert_same_store(str(path), clean_path)
 
 
 def test_store_interrupted_before_its_metadata_is_rebuilt(cache_dir: Path) -> None:
     first = probekit.extract("test_resnet", "synthetic:2", random_init=True, pool="mean", **SMALL)
-    want = _arrays(first.store_path)
+    want = arrays_of(first.store_path)
     path = Path(first.store_path)
     shutil.rmtree(path)
     zarr.open_group(str(path), mode="w").create_array("junk", shape=(1,), dtype="int8")
     again = probekit.extract("test_resnet", "synthetic:2", random_init=True, pool="mean", **SMALL)
-    assert not again.cache_hit and _arrays(again.store_path) == want
+    assert not again.cache_hit and arrays_of(again.store_path) == want
 
 
 @pytest.mark.network
@@ -331,7 +282,7 @@ def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> Non
     assert final.returncode == 0, final.stderr[-2000:]
     path = str(next((tmp_path / "killed").glob("*/*.zarr")))
     assert probekit.open_store(path).is_complete
-    _assert_same_store(path, clean_path)
+    assert_same_store(path, clean_path)
 
 
 def test_the_loop_reports_what_it_waited_for(image_folder: Path, monkeypatch) -> None:

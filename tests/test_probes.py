@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 import probekit
 from probekit.cache.store import FeatureStore
-from probekit.errors import ProbekitError
+from probekit.errors import ProbekitError, ProbekitWarning
 from probekit.metrics import decode_outcomes, encode_outcomes, mcnemar_p, paired_bootstrap_ci
 from probekit.probes import (
     bootstrap_ci,
@@ -253,7 +253,8 @@ def test_degenerate_inputs(tmp_path: Path) -> None:
         {"train": (x[:80], y[:80]), "test": (x[80:], np.full(20, 3))},
         ["a", "b", "c", "d"],
     )
-    res = probe(missing, **SMALL)
+    with pytest.warns(ProbekitWarning, match=r"no train images \('d'\).* at most 0\.0%"):
+        res = probe(missing, **SMALL)
     assert res.value("top1", method="logreg") == 0.0
     # constant features: standardization leaves them at zero, no NaN
     const = x.copy()

@@ -71,7 +71,13 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(str(p), device="cpu"))
+        try:
+            return dict(load_file(str(p), device="cpu"))
+        except Exception as e:  # SafetensorError: a header that does not parse
+            raise WeightsError(
+                f"{str(p)!r} is not a safetensors file ({str(e).splitlines()[0][:120]}); "
+                "pass a file written by safetensors (`safetensors.torch.save_file`)."
+            ) from None
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: refuse, never retry unsafely
@@ -184,16 +190,23 @@ def _cached_url_file(url: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def is_url(weights: str | os.PathLike[str] | None) -> bool:
+    """Weights given as a URL (http, https, file) rather than a local path."""
+    return weights is not None and urlparse(str(weights)).scheme in ("http", "https", "file")
+
+
 def _fetch_url(url: str, name: str) -> Path:
-    """A loader's original checkpoint: from torch.hub's cache, downloaded there when online."""
+    """A checkpoint at a URL: from torch.hub's cache, downloaded there when online."""
     cached = _cached_url_file(url)
     if cached is not None:
         return cached
-    host = urlparse(url).hostname or ""
+    parsed = urlparse(url)
     target = _url_cache_path(url)
     try:
-        with socket.create_connection((host, 443), timeout=3.0):
-            pass
+        if parsed.scheme in ("http", "https"):  # fail fast where there is no network
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            with socket.create_connection((parsed.hostname or "", port), timeout=3.0):
+                pass
         target.parent.mkdir(parents=True, exist_ok=True)
         # torch.hub downloads to a temporary file and moves it into place when complete
         torch.hub.download_url_to_file(url, str(target), progress=False)
@@ -322,6 +335,24 @@ def _url(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
     return model, WeightsInfo("url", info.ref, sha256_file(file))
 
 
+def _given_url_info(req: WeightsRequest) -> WeightsInfo:
+    """Weights given as a URL: identified by the URL (the file's sha256 is recorded on load)."""
+    url = str(req.weights)
+    cached = _cached_url_file(url)
+    return WeightsInfo("url", url, sha256_file(cached) if cached else None)
+
+
+def _given_url(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
+    model = build(False)
+    file = _fetch_url(info.ref, req.name)
+    state = load_state_dict_file(file)
+    if req.loader is not None:
+        _load_converted(model, req.loader, state)
+    else:
+        _load_into(model, state, f"weights {info.ref!r}")
+    return model, WeightsInfo("url", info.ref, sha256_file(file))
+
+
 def _hub_info(req: WeightsRequest) -> WeightsInfo:
     pcfg = req.pretrained_cfg
     if not pcfg.get("hf_hub_id") and not pcfg.get("url") and not pcfg.get("file"):
@@ -355,6 +386,7 @@ def _hub(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
 # in the order they are asked: a random init or a file given wins over the alias's own weights
 WEIGHT_SOURCES: tuple[WeightSource, ...] = (
     WeightSource("random-init", lambda r: r.random_init, _random_info, _random),
+    WeightSource("url", lambda r: is_url(r.weights), _given_url_info, _given_url),
     WeightSource("file", lambda r: r.weights is not None, _file_info, _file),
     WeightSource(
         "package",

@@ -8,7 +8,7 @@ from typing import Any
 
 from probekit.errors import StoreError
 
-__all__ = ["Location", "cache_root", "is_remote", "location"]
+__all__ = ["Location", "cache_root", "is_remote", "location", "writable"]
 
 
 # A store's place: a local Path, or a UPath for any fsspec URL that Zarr reads and writes
@@ -39,5 +39,23 @@ def is_remote(path: Any) -> bool:
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Location:
     """`cache_dir`, else `$PROBEKIT_CACHE`, else `~/.cache/probekit`; a URL for object storage."""
-    root = cache_dir or os.environ.get("PROBEKIT_CACHE") or Path.home() / ".cache" / "probekit"
-    return location(root)
+    given = cache_dir or os.environ.get("PROBEKIT_CACHE")
+    root = location(given or Path.home() / ".cache" / "probekit")
+    if not is_remote(root) and root.exists() and not root.is_dir():
+        said = "cache_dir" if cache_dir else "PROBEKIT_CACHE" if given else "the default cache"
+        raise StoreError(
+            f"{said} {str(root)!r} is a file, not a directory; pass a directory (or one that "
+            "does not exist yet) with --cache-dir or PROBEKIT_CACHE."
+        )
+    return root
+
+
+def writable(path: Location) -> bool:
+    """Whether this process may create files in directory `path` (or in the nearest existing
+    directory above it); object stores say so on write, and count as writable."""
+    if is_remote(path):
+        return True
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.access(p, os.W_OK)

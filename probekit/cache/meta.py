@@ -24,6 +24,7 @@ class DatasetMeta:
     spec: str
     name: str
     fingerprint: str | None
+    warnings: tuple[str, ...] = ()  # duplicates, train/test overlap (`data.overlap_warnings`)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class StoreMeta:
                     str(ds["spec"]),
                     str(ds.get("name", "")),
                     None if ds.get("fingerprint") is None else str(ds["fingerprint"]),
+                    tuple(str(w) for w in ds.get("warnings", ())),
                 ),
                 class_names=tuple(str(c) for c in d.get("class_names", [])),
                 backbone=BackboneMeta(

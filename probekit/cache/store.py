@@ -34,6 +34,13 @@ import zarr
 from zarr.core.sync import sync
 
 from probekit.cache._chunked import COMPRESSOR, ChunkedStore, now
+from probekit.cache.check import (
+    CheckReport,
+    Damage,
+    check_store,
+    expected_arrays,
+    failing_chunk,
+)
 from probekit.cache.location import Location, cache_root, is_remote, location
 from probekit.cache.meta import FORMAT_VERSION, META_KEY, StoreMeta
 from probekit.errors import ProbekitWarning, StoreError
@@ -222,10 +229,64 @@ class FeatureStore(ChunkedStore):
         assert isinstance(arr, zarr.Array)
         return arr
 
+    def _read(self, split: str, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows of one array (a slice, sorted indices, or all); a chunk that fails to decode is
+        a one-line error naming the store, the array and the chunk."""
+        arr = self._array(split, name)
+        try:
+            if rows is None:
+                return np.asarray(arr[:])
+            if isinstance(rows, slice):
+                return np.asarray(arr[rows])
+            return np.asarray(arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+        except StoreError:
+            raise
+        except Exception as e:  # zstd checksum, short chunk, wrong size: the chunk is damaged
+            n = int(arr.shape[0])
+            if rows is None:
+                first, last = 0, n
+            elif isinstance(rows, slice):
+                first, last, _ = rows.indices(n)
+            else:
+                first, last = int(rows[0]), int(rows[-1]) + 1
+            chunk = failing_chunk(arr, int(arr.chunks[0]), first, last)
+            where = f"chunk {chunk}" if chunk is not None else f"rows {first}-{last}"
+            marked = chunk is not None and self._mark_damaged(split, name, chunk)
+            todo = (
+                "it is marked for redoing: rerun the `probekit extract` command that made it"
+                if marked
+                else f"`probekit verify --repair {self.path}` recomputes it"
+            )
+            raise StoreError(
+                f"{where} of {split}/{name} in store {self.path} fails to decode "
+                f"({type(e).__name__}: {str(e)[:80]}); {todo}."
+            ) from None
+
+    def _mark_damaged(self, split: str, name: str, chunk: int) -> bool:
+        """Mark one chunk found damaged on reading for redoing, where this process may (a local
+        writable store no extraction is writing); whether it did."""
+        if is_remote(self.path) or not os.access(self.path, os.W_OK):
+            return False
+        try:
+            with StoreLock(self.path):
+                self.mark_for_redo(
+                    CheckReport(str(self.path), False, (Damage(split, name, (chunk,), "decode"),))
+                )
+        except (StoreError, OSError):
+            return False
+        return True
+
+    def check(self, *, full: bool = False) -> CheckReport:
+        """The store's self-check (see `probekit.cache.check`): cheap by default, `full` decodes
+        every chunk."""
+        return check_store(
+            self.group, self.info, str(self.path), full=full, num_classes=len(self.class_names)
+        )
+
     def features(self, split: str, name: str = "head/embed") -> np.ndarray:
         """(N, D) features of one layer/pool (e.g. 'layer11/cls', or a concatenation such as
         'last4/cls'), invalid rows included (zeros)."""
-        return _concat([np.asarray(self._array(split, p)[:]) for p in self.parts(name)])
+        return _concat([self._read(split, p) for p in self.parts(name)])
 
     def iter_features(
         self,
@@ -237,36 +298,36 @@ class FeatureStore(ChunkedStore):
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Stream (start_row, block) over rows [start, stop) of a feature array, `rows` at a
         time (default: a chunk)."""
-        arrs = [self._array(split, p) for p in self.parts(name)]
+        parts = self.parts(name)
+        arrs = [self._array(split, p) for p in parts]
         step = rows or int(arrs[0].chunks[0])
         end = int(arrs[0].shape[0]) if stop is None else min(stop, int(arrs[0].shape[0]))
         for first in range(start, end, step):
             last = min(first + step, end)
-            yield first, _concat([np.asarray(a[first:last]) for a in arrs])
+            yield first, _concat([self._read(split, p, slice(first, last)) for p in parts])
 
     def read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows `rows` (sorted indices) of a feature, reading only the chunks that hold them."""
         return _concat([self._read_rows(split, p, rows) for p in self.parts(name)])
 
     def _read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
-        arr = self._array(split, name)
         if not len(rows):
-            return np.asarray(arr[0:0])
+            return self._read(split, name, slice(0, 0))
         first, last = int(rows[0]), int(rows[-1]) + 1
         if 2 * len(rows) >= last - first:  # dense: read the span, then pick
-            span = np.asarray(arr[first:last])
+            span = self._read(split, name, slice(first, last))
             return span if len(rows) == last - first else span[np.asarray(rows) - first]
-        return np.asarray(arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+        return self._read(split, name, np.asarray(rows))
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._array(split, "labels")[:])
+        return self._read(split, "labels")
 
     def valid(self, split: str) -> np.ndarray:
         """Rows holding features: read without error, in a chunk marked done (a chunk being
         written, or cut short by a kill, is never counted)."""
-        valid = np.asarray(self._array(split, "valid")[:])
+        valid = self._read(split, "valid")
         if not self.is_complete:
-            done = np.asarray(self._array(split, "done")[:])
+            done = self._read(split, "done")
             valid &= np.repeat(done, int(self.meta["chunk_rows"]))[: len(valid)]
         return valid
 
@@ -285,14 +346,14 @@ class FeatureStore(ChunkedStore):
         return valid
 
     def ids(self, split: str) -> list[str]:
-        return [str(s) for s in self._array(split, "ids")[:]]
+        return [str(s) for s in self._read(split, "ids")]
 
     def invalid(self, split: str) -> list[tuple[str, str]]:
         """(id, reason) of each image that could not be read."""
         valid = self.valid(split)
         if valid.all():
             return []
-        ids, errors = self.ids(split), np.asarray(self._array(split, "errors")[:])
+        ids, errors = self.ids(split), self._read(split, "errors")
         return [(ids[i], str(errors[i])) for i in np.flatnonzero(~valid)]
 
     def tensors(self, split: str, name: str = "head/embed", device: str = "cpu") -> Any:
@@ -325,7 +386,7 @@ class FeatureStore(ChunkedStore):
             for name, dtype in (("labels", "int64"), ("valid", "bool")):
                 g.create_array(name, shape=(n,), chunks=rows, dtype=dtype, compressors=COMPRESSOR)
             for name in ("ids", "errors"):
-                g.create_array(name, shape=(n,), chunks=rows, dtype=str)
+                g.create_array(name, shape=(n,), chunks=rows, dtype=str, compressors=COMPRESSOR)
             g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False)
             for name in config.feature_names:
                 store._create_feature(
@@ -347,6 +408,8 @@ class FeatureStore(ChunkedStore):
             "feature_dims": dict(dims),
             "float32_features": sorted(float32_features),
             "status": "partial",
+            # every chunk of every array is written, fill values too: a missing file is damage
+            "chunk_files": "all",
             "created": now(),
             "updated": now(),
         }
@@ -387,8 +450,47 @@ class FeatureStore(ChunkedStore):
     def _node(self, path: str) -> Any:
         node = self._writing.get(path)
         if node is None:
-            node = self._writing[path] = self.group[path]
+            node = self.group[path]
+            assert isinstance(node, zarr.Array)
+            if not path.endswith("/done"):  # a done flag's absence is what "not done" is
+                node = node.with_config({"write_empty_chunks": True})
+            self._writing[path] = node
         return node
+
+    def mark_for_redo(self, report: CheckReport) -> list[str]:
+        """Make a damaged store a partial one that an extraction completes: arrays whose
+        metadata is wrong are made anew, each damaged chunk's done flag is cleared (its rows are
+        then never read); returns what was found, one text per damaged array."""
+        if report.ok:
+            return []
+        meta = self.info
+        self._writing.clear()
+        for d in report.damage:
+            if d.whole:
+                spec = next(a for a in expected_arrays(meta, d.split) if a.name == d.array)
+                self._remake(d.split, spec.name, spec.shape, spec.dtype, spec.chunks)
+        for split, chunks in report.redo().items():
+            done = self._node(f"{split}/done")
+            for c in chunks:
+                done[c] = False
+        self.update_meta(status="partial")
+        return [d.counted() for d in report.damage]
+
+    def _remake(
+        self, split: str, name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]
+    ) -> None:
+        """One array created anew (empty) with the layout `create` gives it."""
+        kind = {"string": str}.get(dtype, dtype)
+        fill: Any = {"string": "", "bool": False}.get(dtype, 0)
+        self.group.create_array(
+            f"{split}/{name}",
+            shape=shape,
+            chunks=chunks,
+            dtype=kind,
+            compressors="auto" if name == "done" else COMPRESSOR,
+            fill_value=fill,
+            overwrite=True,
+        )
 
     def switch_to_float32(self, name: str) -> None:
         """Keep feature `name` in float32 from now on: reset progress, recreate its arrays.
@@ -416,8 +518,13 @@ class FeatureStore(ChunkedStore):
         return len(stale)
 
 
-def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> FeatureStore:
-    """Open a feature store directory for reading (plain Zarr v3 under the hood)."""
+def open_store(
+    path: str | os.PathLike[str], *, allow_partial: bool = False, check: bool = True
+) -> FeatureStore:
+    """Open a feature store directory for reading (plain Zarr v3 under the hood).
+
+    `check` (default): the store's cheap self-check (metadata and a listing); a damaged store
+    is a one-line error naming what is damaged."""
     p = location(path)
     if not (p / "zarr.json").is_file():
         raise StoreError(
@@ -431,6 +538,10 @@ def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> 
     )
     store = FeatureStore(p, group)
     StoreMeta.from_dict(store.meta, repr(str(p)))  # checked once: format version, every field
+    if check:
+        report = store.check()
+        if not report.ok:
+            raise StoreError(report.message())
     if not store.is_complete and not allow_partial:
         raise StoreError(
             f"{str(p)!r} is incomplete (an extraction was interrupted or is running); "
@@ -443,11 +554,12 @@ def open_store(path: str | os.PathLike[str], *, allow_partial: bool = False) -> 
 def open_for_resume(path: Location, fingerprint: str, spec: str) -> FeatureStore | None:
     """The store at `path` to reuse (complete) or resume (partial), or None where it must be
     made anew (there is none, or its creation was interrupted before the metadata was written).
-    A store of other images than `fingerprint` says is a one-line error (never resumed)."""
+    A store of other images than `fingerprint` says is a one-line error (never resumed). The
+    store is not checked here: the caller checks it and marks what is damaged for redoing."""
     if not path.exists():
         return None
     try:
-        store = open_store(path, allow_partial=True)
+        store = open_store(path, allow_partial=True, check=False)
     except StoreError:
         try:  # the metadata is written last: without it, creation was interrupted
             interrupted = META_KEY not in zarr.open_group(str(path), mode="r").attrs

@@ -329,7 +329,7 @@ class _Writer:
         self.buffers = _buffers(shared, msg.chunk_rows, width)
         self.store, error = None, None
         try:
-            self.store = open_store(msg.path, allow_partial=True)
+            self.store = open_store(msg.path, allow_partial=True, check=False)
         except Exception as e:
             error = picklable(e)
         self.conn.send(Reply("begun", None, error))

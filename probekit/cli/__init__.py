@@ -33,13 +33,19 @@ class _Group(typer.core.TyperGroup):
         except ProbekitError as e:
             err.print(f"error: {e}")
             raise typer.Exit(code=1) from None
+        except KeyboardInterrupt as e:  # Ctrl-C: what was kept (an extraction says), code 130
+            err.print(str(e) or "interrupted.")
+            raise typer.Exit(code=130) from None
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                todo = "Free space (or use --cache-dir on another disk)"
+            elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                todo = "It is read-only here: use --cache-dir on a writable disk"
+            else:
                 raise
             err.print(
                 f"error: cannot write {e.filename or 'the cache'}: {os.strerror(e.errno)}. "
-                "Free space (or use --cache-dir on another disk) and run the same command "
-                "again: finished chunks are kept."
+                f"{todo} and run the same command again: finished chunks are kept."
             )
             raise typer.Exit(code=1) from None
 
@@ -78,6 +84,7 @@ app.command(name="report")(report.report_cmd)
 app.command()(report.demo)
 app.command(name="ls")(store.ls)
 app.command()(store.info)
+app.command()(store.verify)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -59,8 +58,18 @@ PoolOpt = Annotated[
     ),
 ]
 WeightsOpt = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option(help="Local weights: .safetensors, or .pth/.pt of tensors (weights_only)."),
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Weights: a local .safetensors, or .pth/.pt of tensors (weights_only); or a URL "
+        "(downloaded once into torch.hub's cache, its sha256 recorded)."
+    ),
+]
+RecordsOut = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Directory for the records (JSON Lines) \\[default: beside the store; a read-only "
+        "store's records are not written without it]."
+    ),
 ]
 RandomInitOpt = Annotated[bool, typer.Option(help="Random (seeded) weights, a baseline.")]
 ImgSizeOpt = Annotated[

@@ -19,12 +19,13 @@ from probekit.cli._common import (
     PoolOpt,
     QuietOpt,
     RandomInitOpt,
+    RecordsOut,
     StoreArg,
     WeightsOpt,
-    out,
     parse_ks,
     store_path,
 )
+from probekit.cli._common import out as stdout  # `out` is the commands' --out
 from probekit.defaults import (
     DEFAULT_EPOCHS,
     DEFAULT_HOLDOUT,
@@ -82,6 +83,7 @@ def knn_cmd(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the query sample.")] = 0,
     cache_dir: CacheDir = None,
+    out: RecordsOut = None,
     quiet: QuietOpt = False,
 ) -> None:
     """kNN classification (DINO protocol) or retrieval on cached features, every layer and pool."""
@@ -103,8 +105,8 @@ def knn_cmd(
     table = Table(*rows[0], title=f"kNN ({result.backend}), {test_split} vs {train_split}")
     for row in rows[1:]:
         table.add_row(*row)
-    out.print(table)
-    out.print(f"records: {result.path}")
+    stdout.print(table)
+    stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")
 
 
 def probe_cmd(
@@ -158,6 +160,7 @@ def probe_cmd(
     allow_partial: AllowPartialOpt = False,
     seed: Annotated[int, typer.Option(help="Holdout and minibatch seed.")] = 0,
     cache_dir: CacheDir = None,
+    out: RecordsOut = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Probes on cached features (every method of the registry), chosen on validation data,
@@ -187,5 +190,5 @@ def probe_cmd(
     table = Table(*rows[0], title="probes (selection on validation only)")
     for row in rows[1:]:
         table.add_row(*row)
-    out.print(table)
-    out.print(f"records: {result.path}")
+    stdout.print(table)
+    stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")

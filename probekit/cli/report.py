@@ -48,6 +48,8 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
         for row in leaderboard_rows(rep, task, metric=metric):
             table.add_row(*row)
         out.print(table)
+        for said in rep.warnings.get(task, []) if metric == "top1" else []:
+            out.print(f"warning ({task}): {said}")
     if rep.best:
         out.print(BEST_NOTE)
     if rep.ranking:

@@ -12,7 +12,7 @@ from rich.table import Table
 from probekit.cli._common import CacheDir, out
 from probekit.defaults import DEFAULT_LAYERS
 
-__all__ = ["backbones", "info", "ls"]
+__all__ = ["backbones", "info", "ls", "verify"]
 
 
 def backbones(
@@ -114,8 +114,13 @@ def info(
         out.print_json(json.dumps(dict(meta.raw)))
         return
     w = meta.weights
+    from probekit.cache.store import open_store
+
+    report = open_store(path, allow_partial=True, check=False).check()  # cheap: no chunk read
     out.print(f"store     {path}")
     out.print(f"status    {meta.status}  (key {meta.cache_key}, format {meta.format_version})")
+    if not report.ok:
+        out.print(f"DAMAGED   {report.message()}")
     out.print(f"dataset   {meta.dataset.spec}  ({len(meta.class_names)} classes)")
     out.print(f"backbone  {meta.backbone.name} = {meta.backbone.timm_name}")
     out.print(
@@ -132,10 +137,33 @@ def info(
         out.print(f"note      {note}")
     out.print("splits    " + ", ".join(f"{k} {v}" for k, v in meta.splits.items()))
     out.print("features  " + ", ".join(f"{n} ({meta.feature_dims[n]})" for n in meta.feature_names))
-    if meta.is_complete and meta.raw.get("invalid"):  # which images: read from the arrays
-        from probekit.cache.store import open_store
-
-        fs = open_store(path)
+    if meta.is_complete and report.ok and meta.raw.get("invalid"):  # read from the arrays
+        fs = open_store(path, check=False)
         for split in fs.splits:
             for image_id, reason in fs.invalid(split):
                 out.print(f"invalid   {split}: {image_id}: {reason}")
+
+
+def verify(
+    store: Annotated[str, typer.Argument(help="Path or URL of a feature store (`probekit ls`).")],
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Recompute the damaged chunks with the extraction the store records.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Read every chunk of a feature store (the full check); exit 1 when damage remains."""
+    from probekit.extraction.repair import verify as run_verify
+
+    result = run_verify(store, repair=repair, quiet=as_json)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        out.print(result.summary())
+    if not result.ok:
+        if not as_json:
+            out.print(f"run `probekit verify --repair {result.store}` to recompute them.")
+        raise typer.Exit(code=1)

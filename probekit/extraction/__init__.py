@@ -23,6 +23,7 @@ from typing import Any
 from probekit import distributed
 from probekit.backbones import Backbone
 from probekit.cache.child import pooled
+from probekit.cache.location import writable
 from probekit.cache.reader import PixelReader
 from probekit.cache.store import (
     FeatureStore,
@@ -35,7 +36,7 @@ from probekit.cache.store import (
 from probekit.cache.writer import ChunkWriter, NeedsFloat32
 from probekit.data import Dataset, load_dataset
 from probekit.distributed import Dist
-from probekit.errors import ProbekitWarning
+from probekit.errors import ProbekitWarning, StoreError
 from probekit.extraction.loop import LoopStats, Runner, Waits
 from probekit.extraction.model import (
     DEFAULT_POOLS,
@@ -69,6 +70,7 @@ __all__ = [
     "ExtractResult",
     "FeatureExtractor",
     "Geometry",
+    "Interrupted",
     "Waits",
     "default_workers",
     "extract",
@@ -99,6 +101,8 @@ class ExtractResult:
     compile_seconds: float = 0.0  # the first (compiling) batch, kept out of images_per_s
     # seconds the loop waited for input, the device and storage (see `Waits`)
     waits: dict[str, float] = field(default_factory=dict)
+    # damage the store's check found, whose chunks this call recomputed
+    repaired: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +116,8 @@ class ExtractResult:
         resumed = (
             f", resumed ({self.resumed_chunks} chunks were done)" if self.resumed_chunks else ""
         )
+        if self.repaired:
+            resumed += f", repaired {'; '.join(self.repaired)}"
         compiled = f", compile {self.compile_seconds:.1f} s" if self.compile_seconds else ""
         return (
             f"extracted {self.backbone} on {self.dataset}: {self.images} images, "
@@ -157,13 +163,41 @@ def extract(
     if not dist.is_main:
         opts = replace(opts, quiet=True)
     plan = ExtractPlan.resolve(model, ds, opts, dist)
+    if dist.is_main:
+        for said in ds.warnings:  # kept in the store too: knn, probes and reports say it again
+            warnings.warn(f"{ds.spec}: {said}", ProbekitWarning, stacklevel=2)
     if not plan.policy.is_cuda:
         keep_freed_memory()  # a CPU forward's activations stay mapped between batches
+    try:
+        return _extract(plan, dist, opts, t0)
+    except KeyboardInterrupt:
+        raise Interrupted(_kept(plan)) from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an extraction; its message says what was kept and how to resume."""
+
+
+def _kept(plan: ExtractPlan) -> str:
+    """ "N of M chunks kept ...": the store's progress when the extraction was interrupted."""
+    try:
+        store = open_store(plan.path, allow_partial=True, check=False)
+        total = sum(store.num_chunks(s) for s in store.splits)
+        done = total - sum(len(store.pending_chunks(s)) for s in store.splits)
+    except Exception:  # no store yet (or not readable): nothing was kept
+        return "interrupted before any chunk was written; run the same command to start again."
+    return f"interrupted: {done} of {total} chunks kept; run the same command to resume."
+
+
+def _extract(plan: ExtractPlan, dist: Dist, opts: ExtractOptions, t0: float) -> ExtractResult:
+    """`extract` once the plan is made: look up, build, run, finish."""
+    ds = plan.dataset
     # one process of a job holds the lock (against other jobs); its ranks coordinate by barriers
     with contextlib.ExitStack() as stack:
-        found = _look_up(plan, dist, stack)
+        found, repaired = _look_up(plan, dist, stack)
         if dist.broadcast(found is not None and found.is_complete):
             return _cache_hit(plan, t0)
+        repaired = dist.broadcast(repaired)
         # the writer (and reader) processes start now, or were kept from an earlier call:
         # they import while the model is built
         writer = stack.enter_context(pooled(ChunkWriter))
@@ -184,21 +218,51 @@ def extract(
         pixel_path, pixels = _pixel_input(plan, store, dist)
         runner = Runner(plan, fx, writer, reader, pixel_path, dist.shard)
         store, stats = _run(plan, store, runner, dist)
-        return _finish(plan, store, stats, resumed, pixels, dist, t0)
+        result = _finish(plan, store, stats, resumed, pixels, dist, t0)
+        return replace(result, repaired=tuple(repaired))
 
 
-def _look_up(plan: ExtractPlan, dist: Dist, stack: contextlib.ExitStack) -> FeatureStore | None:
-    """Take the store's lock (rank 0) and find the store to reuse or resume, if any."""
+def _look_up(
+    plan: ExtractPlan, dist: Dist, stack: contextlib.ExitStack
+) -> tuple[FeatureStore | None, list[str]]:
+    """Take the store's lock (rank 0) and find the store to reuse or resume, if any: checked,
+    and where damaged, its damaged chunks marked for redoing (what was found is returned)."""
     if not dist.is_main:
-        return None
+        return None, []
+    if not writable(plan.path.parent):  # a read-only cache: a complete sound store is read
+        return _read_only(plan), []
     stack.enter_context(StoreLock(plan.path))
     if plan.options.overwrite:
-        return None
-    return open_for_resume(plan.path, plan.dataset.fingerprint, plan.dataset.spec)
+        return None, []
+    found = open_for_resume(plan.path, plan.dataset.fingerprint, plan.dataset.spec)
+    if found is None:
+        return None, []
+    return found, found.mark_for_redo(found.check())
+
+
+def _read_only(plan: ExtractPlan) -> FeatureStore:
+    """The complete, sound store of a read-only cache (no lock is taken: nothing is written),
+    or a one-line error saying why nothing can be extracted there."""
+    where = f"the cache {plan.path.parent} is read-only"
+    found = (
+        None
+        if plan.options.overwrite
+        else open_for_resume(plan.path, plan.dataset.fingerprint, plan.dataset.spec)
+    )
+    if found is None or not found.is_complete:
+        state = "has no store" if found is None else "holds only a partial store"
+        raise StoreError(
+            f"{where} and {state} of {plan.model.label} on {plan.dataset.spec}: extract with "
+            "--cache-dir on a writable disk (complete stores of a read-only cache are read)."
+        )
+    report = found.check()
+    if not report.ok:
+        raise StoreError(f"{where}, so this damage cannot be repaired here: {report.message()}")
+    return found
 
 
 def _cache_hit(plan: ExtractPlan, t0: float) -> ExtractResult:
-    meta = open_store(plan.path).meta
+    meta = open_store(plan.path, check=False).meta  # checked by `_look_up`
     return ExtractResult(
         str(plan.path),
         True,
@@ -233,7 +297,7 @@ def _prepare_store(
     elif store is not None:
         store.remove_partial_files()
     dist.barrier()  # the store exists, as rank 0 made or found it
-    return store if store is not None else open_store(plan.path, allow_partial=True)
+    return store if store is not None else open_store(plan.path, allow_partial=True, check=False)
 
 
 def _pixel_input(plan: ExtractPlan, store: FeatureStore, dist: Dist) -> tuple[Location | None, str]:
@@ -291,7 +355,7 @@ def _run(
                 store.switch_to_float32(name)
         if dist.is_group:
             dist.barrier()
-            store = open_store(plan.path, allow_partial=True)
+            store = open_store(plan.path, allow_partial=True, check=False)
 
 
 def _finish(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import timm
@@ -15,6 +15,7 @@ import zarr
 
 from probekit import __version__
 from probekit.backbones import Backbone, parse_layers
+from probekit.backbones.weights import is_url
 from probekit.cache.store import Location, StoreConfig, StoreDtype, cache_root
 from probekit.data import Dataset
 from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, DEFAULT_LAYERS, DEFAULT_POOLS
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "ExtractOptions",
     "ExtractPlan",
+    "check_img_size",
     "default_workers",
     "store_path",
 ]
@@ -149,6 +151,7 @@ class ExtractPlan:
         if opts.decode == "gpu" and not policy.is_cuda:
             raise OptionError("decode='gpu' needs a CUDA device; use decode='cpu' on this machine.")
         skeleton = model.create(img_size=opts.img_size, load=False)
+        check_img_size(model.name, skeleton, opts.img_size)
         layers = parse_layers(opts.layers, skeleton.num_layers)
         pools, notes = parse_pools(opts.pool, skeleton.has_class_token)
         keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -206,12 +209,37 @@ class ExtractPlan:
         """The backbone with its weights (the one step of the plan that loads anything)."""
         return self.model.create(img_size=self.options.img_size)
 
+    def recipe(self) -> dict[str, Any]:
+        """The model, dataset and options that make this store (the options that change its
+        numbers; its device kind and precision as resolved)."""
+        opts = {k: _jsonable(getattr(self.options, k)) for k in RECIPE_OPTIONS}
+        device = "cuda" if self.policy.is_cuda else str(self.policy.device)
+        return {
+            "backbone": (
+                self.model
+                if self.model.weights is None or is_url(self.model.weights)
+                else replace(self.model, weights=os.path.abspath(self.model.weights))
+            ).text,
+            "dataset": self.dataset.spec,
+            "options": {
+                **opts,
+                "device": device,
+                "precision": self.policy.precision,
+                "chunk_rows": self.options.chunk_rows,
+            },
+        }
+
     def store_meta(self, bb: Backbone) -> dict[str, Any]:
         """The metadata a new store of this plan records (besides its config and layout)."""
         feature_info = getattr(bb.model, "feature_info", [])
         ds = self.dataset
         return {
-            "dataset": {"spec": ds.spec, "name": ds.name, "fingerprint": ds.fingerprint},
+            "dataset": {
+                "spec": ds.spec,
+                "name": ds.name,
+                "fingerprint": ds.fingerprint,
+                "warnings": list(ds.warnings),
+            },
             "class_names": list(ds.class_names),
             "backbone": {
                 "name": bb.name,
@@ -224,6 +252,8 @@ class ExtractPlan:
             "pools": list(self.config.pools),
             "pool_notes": list(self.pool_notes),
             "precision": self.policy.precision,
+            # how to make the same store again (`probekit verify --repair` recomputes with it)
+            "recipe": self.recipe(),
             "versions": {
                 "probekit": __version__,
                 "timm": timm.__version__,
@@ -231,6 +261,28 @@ class ExtractPlan:
                 "zarr": zarr.__version__,
             },
         }
+
+
+RECIPE_OPTIONS = ("layers", "pool", "img_size", "dtype", "pixel_cache", "pixel_size", "decode")
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else list(value)
+
+
+def check_img_size(name: str, skeleton: Backbone, img_size: int | None) -> None:
+    """A size a patch model can cut into whole patches (a one-line error before any weights)."""
+    patch = getattr(getattr(skeleton.model, "patch_embed", None), "patch_size", None)
+    if img_size is None or patch is None:
+        return
+    sides = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    step = max(int(v) for v in sides)
+    if img_size % step:
+        near = max(step, round(img_size / step) * step)
+        raise OptionError(
+            f"img_size {img_size} is not a whole number of {name}'s {step} px patches; use a "
+            f"multiple of {step} (e.g. {near})."
+        )
 
 
 def _pixel_plan(

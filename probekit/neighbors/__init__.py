@@ -15,7 +15,7 @@ from probekit import distributed
 from probekit.cache.store import FeatureStore, open_for_reading
 from probekit.defaults import DEFAULT_KS, DEFAULT_MEMORY_MB, DEFAULT_TEMPERATURE
 from probekit.errors import OptionError, ProbekitError, choice
-from probekit.evaluation import classification_records, with_extra
+from probekit.evaluation import check_labels, classification_records, warned, with_extra
 from probekit.metrics import retrieval_metrics
 from probekit.neighbors.search import (
     Vote,
@@ -157,6 +157,7 @@ class KnnOptions:
     max_queries: int | None = None
     seed: int = 0
     write: bool = True
+    out: str | os.PathLike[str] | None = None  # where records go (default: beside the store)
 
     def __post_init__(self) -> None:
         ks = sorted(set(as_ints(self.ks, "ks")))
@@ -244,7 +245,7 @@ def knn(
             data.retrieval,
         ]
         rows = (with_extra(r, backend=backend) for r in records)
-        path = write_records(data.store.path, "knn", config, rows)
+        path = write_records(data.store.path, "knn", config, rows, o.out)
     return KnnResult(records, backend, path, None if data.retrieval else data.queried, right)
 
 
@@ -272,17 +273,21 @@ class KnnData:
         """(train_x, train_y, test_x, test_y) in memory."""
         n_classes = int(max(arrays[1].max(initial=0), arrays[3].max(initial=0))) + 1
         same = o.train_split == o.test_split
+        base = Record(
+            "knn",
+            "arrays",
+            "arrays",
+            split=o.test_split,
+            method="knn",
+            train_dataset="arrays",
+            backbone="arrays",
+            weights="-",
+        )
+        if not o.retrieval:
+            said = check_labels(arrays[1], arrays[3], [], who="kNN")
+            base = warned(base, said, "arrays")
         return cls(
-            Record(
-                "knn",
-                "arrays",
-                "arrays",
-                split=o.test_split,
-                method="knn",
-                train_dataset="arrays",
-                backbone="arrays",
-                weights="-",
-            ),
+            base,
             ["array/given"],
             n_classes,
             o.train_split,
@@ -325,6 +330,13 @@ class KnnData:
             backbone=info.backbone.name,
             weights=info.weights_source,
         )
+        db_y, q_y = store.labels(train_split)[db_keep], store.labels(test_split)[q_keep]
+        said = list(info.dataset.warnings)
+        if not retrieval:
+            said += check_labels(
+                db_y, q_y, store.class_names, who="kNN", splits=(train_split, test_split)
+            )
+        base = warned(base, said, info.dataset.spec)
         return cls(
             base,
             list(names),
@@ -332,8 +344,8 @@ class KnnData:
             train_split,
             test_split,
             retrieval,
-            store.labels(train_split)[db_keep],
-            store.labels(test_split)[q_keep],
+            db_y,
+            q_y,
             q_keep,
             _positions(db_keep, q_keep) if train_split == test_split else None,
             store=store,

@@ -23,7 +23,7 @@ import torch
 from probekit.cache.store import FeatureStore, open_for_reading, open_store
 from probekit.defaults import DEFAULT_CS, DEFAULT_LRS, DEFAULT_WDS
 from probekit.errors import ProbekitError
-from probekit.evaluation import classification_records
+from probekit.evaluation import check_labels, classification_records, warned
 from probekit.methods import PROBE_METHODS
 from probekit.metrics import bootstrap_ci
 from probekit.probes.base import (
@@ -159,6 +159,7 @@ def probe(
         backbone=info.backbone.name,
         weights=info.weights_source,
     )
+    base = warned(base, data.warnings, info.dataset.spec)
     # validation accuracy of every feature's best probe (what selection saw): layer curves
     records = [
         replace(
@@ -194,7 +195,7 @@ def probe(
             opts.test_split,
             [str(getattr(o, "path", o)) for o in eval_on],
         ]
-        path = write_records(store.path, "probe", config, records)
+        path = write_records(store.path, "probe", config, records, opts.out)
     return ProbeResult(records, {s.method: s.config for s in selections}, path)
 
 
@@ -234,11 +235,14 @@ def _evaluate(
             if st is not store:  # map the other store's class ids onto ours by name
                 ids = {c: i for i, c in enumerate(store.class_names)}
                 y = np.array([ids[st.class_names[t]] for t in y], dtype=np.int64)
+            # test classes the probe never saw in training cap the score: said, with counts
+            seen = np.concatenate([data.fit_y.cpu().numpy(), data.val_y.cpu().numpy()])
+            absent = check_labels(seen, y, store.class_names, who="a probe")
             recs, _ = classification_records(
                 sel.ranked(x),
                 y,
                 data.n_classes,
-                replace(at, dataset=spec, split=split),
+                warned(replace(at, dataset=spec, split=split), absent, spec),
                 seed=data.options.seed,
                 scored=usable,
                 fingerprint=st.fingerprint,

@@ -5,6 +5,7 @@ feature rows and labels of the fit and validation parts, read once for every met
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from probekit.defaults import (
     DEFAULT_WDS,
 )
 from probekit.errors import OptionError, ProbekitError, choice
+from probekit.evaluation import check_labels
 from probekit.methods import PROBE_METHODS
 from probekit.probes.rows import Rows, feature_stats, holdout_split, linear_scores, memory_budget
 from probekit.specs import is_count, options_of, parse_list
@@ -70,6 +72,7 @@ class ProbeOptions:
     allow_partial: bool = False
     test_split: str = "test"
     write: bool = True
+    out: str | os.PathLike[str] | None = None  # where records go (default: beside the store)
     methods: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -149,6 +152,7 @@ class ProbeData:
     fit_y: torch.Tensor
     val_y: torch.Tensor
     feats: dict[str, Feature]
+    warnings: tuple[str, ...] = ()  # the dataset's own (duplicates, overlap: `Dataset.warnings`)
 
     @classmethod
     def prepare(cls, store: FeatureStore, options: ProbeOptions) -> ProbeData:
@@ -163,10 +167,8 @@ class ProbeData:
         budget = memory_budget(dev, opts.memory_mb)
         train_rows = np.flatnonzero(store.usable("train"))
         train_y = store.labels("train")[train_rows]
-        if len(np.unique(train_y)) < 2:
-            raise ProbekitError(
-                "the train split has fewer than 2 classes; a probe needs at least 2."
-            )
+        check_labels(train_y, train_y[:0], store.class_names, who="a probe")
+        said = list(store.info.dataset.warnings)
         if "val" in store.splits:  # a real validation split
             val_split, val_rows = "val", np.flatnonzero(store.usable("val"))
             fit_rows, val_y, fit_y = train_rows, store.labels("val")[val_rows], train_y
@@ -196,6 +198,7 @@ class ProbeData:
             torch.from_numpy(fit_y).to(dev),
             torch.from_numpy(val_y).to(dev),
             feats,
+            tuple(said),
         )
 
     @property

@@ -151,6 +151,9 @@ class Report:
     # different from it
     best: set[tuple[str, str, str, str]] = field(default_factory=set)
     metrics: list[str] = field(default_factory=lambda: ["top1"])  # a leaderboard per metric
+    # per task: what makes its numbers less than honest (duplicates, overlap, classes with
+    # no train image), as the records say it
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
     def cell(self, task: str, method: str, model: str, metric: str = "top1") -> Cell | None:
         for c in self.cells:
@@ -447,7 +450,18 @@ def build_report(
         _deltas(cells, reference) if reference else [],
         _best(cells),
         _first_seen(["top1", *[c.metric for c in cells]]),
+        _warnings(recs),
     )
+
+
+def _warnings(recs: list[Record]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in recs:
+        for text in r.extra.get("warnings") or ():
+            said = out.setdefault(r.task, [])
+            if str(text) not in said:
+                said.append(str(text))
+    return out
 
 
 def _best(cells: list[Cell]) -> set[tuple[str, str, str, str]]:

@@ -66,6 +66,8 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
     )
     for metric, task in ((m, t) for m in rep.metrics for t in rep.tasks if rep.shows(t, m)):
         md += ["", f"## {task}" if metric == "top1" else f"## {task}: {metric}", ""]
+        md += [f"> warning: {w}" for w in rep.warnings.get(task, [])]
+        md += [""] if rep.warnings.get(task) else []
         md.append(_md_table(["model", *rep.methods], leaderboard_rows(rep, task, "\\*", metric)))
         md += ["", "Chosen configuration (best layer and winning hyperparameters):", ""]
         rows = []

@@ -82,6 +82,8 @@ class TriagePlan:
                     "its test split is already evaluated. Name two datasets, e.g. "
                     "'mnist5k->digits'."
                 )
+        if extract.img_size is not None:  # a size some model cannot take stops before any work
+            _check_img_size(models, extract.img_size)
         # the pixel cache pays off as soon as a second backbone reads the same images
         use_pixels = len(models) > 1 if pixel_cache is None else pixel_cache
         side = _pixel_size(pixel_size, models, extract.img_size)
@@ -131,6 +133,17 @@ def _geometries(specs: Sequence[ModelSpec], img_size: int | None) -> list[Geomet
             continue
         out.append(geometry_transform(dict(bb.data_config)))
     return out
+
+
+def _check_img_size(specs: Sequence[ModelSpec], img_size: int) -> None:
+    from probekit.extraction.plan import check_img_size
+
+    for b in specs:
+        try:
+            skeleton = b.create(img_size=img_size, load=False)
+        except ProbekitError:  # fails on its own, as a row of the report
+            continue
+        check_img_size(b.name, skeleton, img_size)
 
 
 def _pixel_size(

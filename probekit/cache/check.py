@@ -1,0 +1,291 @@
+"""A feature store checks itself: every array's metadata against the store's config, every done
+chunk's files, the done flags against the status (cheap: metadata and one listing, no chunk
+read), and on demand every chunk decoded (`verify`). What is damaged is named chunk by chunk, so
+an extraction recomputes exactly those chunks.
+
+A store records in its metadata `chunk_files: "all"` when every chunk of every array is written
+(even one of fill values); only then is a missing chunk file damage. Stores written before that
+are checked on everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from probekit.cache.meta import StoreMeta
+
+__all__ = [
+    "ArraySpec",
+    "CheckReport",
+    "Damage",
+    "check_store",
+    "expected_arrays",
+    "failing_chunk",
+    "summarize",
+]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What one array of a split must be."""
+
+    name: str  # under the split: "labels", "layer4/mean", ...
+    shape: tuple[int, ...]
+    dtype: str  # Zarr's data_type: "int64", "bool", "string", "float16", "float32"
+    chunks: tuple[int, ...]
+
+    @property
+    def row_chunk(self) -> int:
+        """Rows per chunk (the done array: one flag per chunk)."""
+        return self.chunks[0]
+
+    def chunk_key(self, split: str, chunk: int) -> str:
+        """The chunk file of row chunk `chunk` (Zarr's default keys, "/" separated)."""
+        rest = "/0" * (len(self.shape) - 1)
+        return f"{split}/{self.name}/c/{chunk}{rest}"
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged array of a split: some of its row chunks, or the whole array."""
+
+    split: str
+    array: str
+    chunks: tuple[int, ...]  # the row chunks to recompute
+    reason: str  # "missing", "fails to decode", "metadata: ...", "done flag cleared"
+    whole: bool = False  # the array itself must be made anew (its metadata is wrong)
+
+    def describe(self) -> str:
+        n = len(self.chunks)
+        what = "chunk" if n == 1 else "chunks"
+        which = f"{what} {', '.join(map(str, self.chunks[:5]))}" + (" ..." if n > 5 else "")
+        if self.whole:
+            return f"{self.split}/{self.array} ({self.reason}; all {n} {what})"
+        return f"{which} of {self.split}/{self.array} ({self.reason})"
+
+    def counted(self) -> str:
+        """ "3 chunks of train/layer4/mean (chunk file missing)": what a repair redid."""
+        n = len(self.chunks)
+        return f"{n} chunk{'s' if n != 1 else ''} of {self.split}/{self.array} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What a check found (`damage` empty: the store is sound)."""
+
+    store: str
+    full: bool  # every chunk was decoded
+    damage: tuple[Damage, ...] = ()
+    chunks_read: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage
+
+    def redo(self) -> dict[str, list[int]]:
+        """Per split, the row chunks to recompute."""
+        out: dict[str, set[int]] = {}
+        for d in self.damage:
+            out.setdefault(d.split, set()).update(d.chunks)
+        return {s: sorted(c) for s, c in out.items()}
+
+    def count(self) -> int:
+        return sum(len(c) for c in self.redo().values())
+
+    def message(self) -> str:
+        """One line: what is damaged and what to do."""
+        first = "; ".join(d.describe() for d in self.damage[:3])
+        more = f"; and {len(self.damage) - 3} more" if len(self.damage) > 3 else ""
+        return (
+            f"store {self.store} is damaged: {first}{more}. Rerun the `probekit extract` command "
+            f"that made it to recompute exactly those chunks, or `probekit verify --repair "
+            f"{self.store}`."
+        )
+
+
+def expected_arrays(meta: StoreMeta, split: str) -> list[ArraySpec]:
+    """The arrays of one split as `FeatureStore.create` makes them from `meta`."""
+    n = int(meta.splits[split])
+    rows = max(1, min(meta.chunk_rows, n))
+    n_chunks = max(1, -(-n // meta.chunk_rows))
+    f32 = set(meta.float32_features)
+    store_dtype = str(meta.config.get("dtype", "float16"))
+    out = [
+        ArraySpec("labels", (n,), "int64", (rows,)),
+        ArraySpec("valid", (n,), "bool", (rows,)),
+        ArraySpec("ids", (n,), "string", (rows,)),
+        ArraySpec("errors", (n,), "string", (rows,)),
+        ArraySpec("done", (n_chunks,), "bool", (1,)),
+    ]
+    for name in meta.feature_names:
+        dim = int(meta.feature_dims[name])
+        dtype = "float32" if name in f32 else store_dtype
+        out.append(ArraySpec(name, (n, dim), dtype, (rows, dim)))
+    return out
+
+
+def _list_keys(store: Any) -> set[str]:
+    """Every key of the Zarr store under the group (one listing)."""
+
+    async def collect() -> list[str]:
+        return [k async for k in store.list_prefix("")]
+
+    # an object store's client caches listings: fresh ones here, and none kept after (a chunk
+    # written later by another process must not read as missing from a stale listing)
+    fs = getattr(store, "fs", None)
+    forget = getattr(fs, "invalidate_cache", None)
+    if callable(forget):
+        forget()
+    try:
+        return set(sync(collect()))
+    finally:
+        if callable(forget):
+            forget()
+
+
+def _metadata_problem(arr: Any, spec: ArraySpec) -> str | None:
+    md = arr.metadata.to_dict()
+    shape = tuple(int(v) for v in md.get("shape", ()))
+    if shape != spec.shape:
+        return f"shape {list(shape)} where the store says {list(spec.shape)}"
+    dtype = str(md.get("data_type"))
+    if dtype != spec.dtype:
+        return f"dtype {dtype} where the store says {spec.dtype}"
+    grid = md.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", ())
+    if tuple(int(v) for v in grid) != spec.chunks:
+        return f"chunks {list(grid)} where the store says {list(spec.chunks)}"
+    return None
+
+
+def check_store(
+    group: Any, meta: StoreMeta, where: str, *, full: bool = False, num_classes: int | None = None
+) -> CheckReport:
+    """Check the store whose Zarr group is `group` against its metadata `meta`.
+
+    Cheap (default): every array opens with the shape, dtype and chunking the config says;
+    every chunk whose done flag is set has its files (where the store writes every chunk); a
+    complete store has every done flag set. `full`: also decode every chunk of every array,
+    and check that labels are class indices.
+    """
+    damage: list[Damage] = []
+    keys = _list_keys(group.store)
+    every_file = meta.raw.get("chunk_files") == "all"
+    complete = meta.is_complete
+    read = 0
+    for split in meta.splits:
+        specs = expected_arrays(meta, split)
+        n_chunks = specs[4].shape[0]
+        everything = tuple(range(n_chunks))
+        arrays: dict[str, Any] = {}
+        for spec in specs:
+            try:
+                arr = group[f"{split}/{spec.name}"]
+                problem = _metadata_problem(arr, spec)
+            except Exception as e:  # whatever Zarr makes of damaged metadata, it is damage
+                problem = f"metadata unreadable: {type(e).__name__}"
+                arr = None
+            if problem is not None:
+                damage.append(Damage(split, spec.name, everything, problem, whole=True))
+            else:
+                arrays[spec.name] = arr
+        done = np.zeros(n_chunks, dtype=bool)
+        if "done" in arrays:
+            done, bad = _read_done(arrays["done"], n_chunks)
+            read += n_chunks if full else 0
+            if bad:
+                damage.append(Damage(split, "done", tuple(bad), "fails to decode"))
+        if complete and "done" in arrays:
+            cleared = tuple(int(i) for i in np.flatnonzero(~done))
+            bad_done = {
+                c for d in damage if d.array == "done" and d.split == split for c in d.chunks
+            }
+            cleared = tuple(c for c in cleared if c not in bad_done)
+            if cleared:
+                damage.append(
+                    Damage(split, "done", cleared, "done flag cleared in a complete store")
+                )
+        done_chunks = [int(i) for i in np.flatnonzero(done)]
+        for spec in specs:
+            if spec.name == "done" or spec.name not in arrays:
+                continue
+            if every_file:
+                missing = tuple(c for c in done_chunks if spec.chunk_key(split, c) not in keys)
+                if missing:
+                    damage.append(Damage(split, spec.name, missing, "chunk file missing"))
+            if full:
+                bad, n_read = _decode_all(arrays[spec.name], spec, done_chunks, num_classes)
+                read += n_read
+                if bad:
+                    damage.append(Damage(split, spec.name, tuple(bad), "fails to decode"))
+    return CheckReport(where, full, tuple(damage), read)
+
+
+def _read_done(arr: Any, n_chunks: int) -> tuple[np.ndarray, list[int]]:
+    """The done flags; a flag whose chunk fails to decode counts as not done (and is damage)."""
+    try:
+        return np.asarray(arr[:], dtype=bool), []
+    except Exception:
+        flags = np.zeros(n_chunks, dtype=bool)
+        bad = []
+        for i in range(n_chunks):
+            try:
+                flags[i] = bool(arr[i])
+            except Exception:
+                bad.append(i)
+        return flags, bad
+
+
+def _decode_all(
+    arr: Any, spec: ArraySpec, chunks: Iterable[int], num_classes: int | None
+) -> tuple[list[int], int]:
+    """The row chunks of `arr` (among `chunks`) that fail to decode or hold impossible values."""
+    bad: list[int] = []
+    n = 0
+    rows = spec.row_chunk
+    for c in chunks:
+        n += 1
+        try:
+            values = np.asarray(arr[c * rows : (c + 1) * rows])
+        except Exception:
+            bad.append(c)
+            continue
+        labels = spec.name == "labels" and num_classes is not None and len(values)
+        if labels and (int(values.min()) < 0 or int(values.max()) >= (num_classes or 0)):
+            bad.append(c)
+    return bad, n
+
+
+def failing_chunk(arr: Any, rows: int, first: int, last: int) -> int | None:
+    """The first row chunk between rows [first, last) of `arr` that fails to decode."""
+    for c in range(first // rows, max(first // rows + 1, -(-last // rows))):
+        try:
+            np.asarray(arr[c * rows : (c + 1) * rows])
+        except Exception:
+            return c
+    return None
+
+
+def summarize(report: CheckReport) -> Mapping[str, Any]:
+    """A JSON-able summary (`probekit verify --json`)."""
+    return {
+        "store": report.store,
+        "ok": report.ok,
+        "full": report.full,
+        "chunks_read": report.chunks_read,
+        "damage": [
+            {
+                "split": d.split,
+                "array": d.array,
+                "chunks": list(d.chunks),
+                "reason": d.reason,
+                "whole": d.whole,
+            }
+            for d in report.damage
+        ],
+    }

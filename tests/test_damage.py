@@ -1,0 +1,232 @@
+"""A damaged store never gives numbers: each damage to a real extracted store ends in a one-line
+error, and `extract` (or `verify --repair`) recomputes exactly the damaged chunks, into a store
+equal to a clean run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_same_store
+from typer.testing import CliRunner
+
+import probekit
+from probekit.cli import app
+from probekit.errors import StoreError
+
+RUN = {"chunk_rows": 256, "num_workers": 0, "quiet": True}  # digits: 6 train chunks, 2 test
+MODEL, DATA = "test_resnet@random", "digits"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, float]]:
+    """A complete store (its cache root, its path) and its kNN numbers."""
+    root = tmp_path_factory.mktemp("clean")
+    res = probekit.extract(MODEL, DATA, cache_dir=root, **RUN)
+    return root, res.store_path, _knn(res.store_path)
+
+
+def _knn(path: str) -> dict[str, float]:
+    result = probekit.knn(path, ks=5)
+    return {f"{r.feature}/{r.metric}": r.value for r in result.records if r.split == "test"}
+
+
+def _copy(clean: tuple[Path, str, dict[str, float]], tmp_path: Path) -> tuple[Path, Path]:
+    root, store, _ = clean
+    copy = tmp_path / "cache"
+    shutil.copytree(root, copy)
+    return copy, copy / Path(store).relative_to(root)
+
+
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _delete_feature_chunk(s: Path) -> None:
+    (s / "train/layer4/mean/c/2/0").unlink()
+
+
+def _edit_row_count(s: Path) -> None:
+    _edit_json(s / "train/layer3/mean/zarr.json", lambda d: d["shape"].__setitem__(0, 1000))
+
+
+def _delete_labels(s: Path) -> None:
+    shutil.rmtree(s / "train/labels/c")
+
+
+def _bad_json(s: Path) -> None:
+    (s / "train/valid/zarr.json").write_text('{"shape": [14')
+
+
+def _edit_dtype(s: Path) -> None:
+    _edit_json(s / "test/layer1/mean/zarr.json", lambda d: d.__setitem__("data_type", "float32"))
+
+
+def _clear_done_flag(s: Path) -> None:
+    (s / "train/done/c/4").unlink()  # a cleared flag: Zarr keeps no chunk of fill values
+
+
+def _truncate_chunk(s: Path) -> None:
+    f = s / "train/layer2/mean/c/1/0"
+    f.write_bytes(f.read_bytes()[:50])
+
+
+def _garbage_chunk(s: Path) -> None:
+    f = s / "test/head/embed/c/0/0"
+    f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
+
+
+# found by the cheap check on opening (no chunk read)
+CHEAP = {
+    "feature chunk deleted": (_delete_feature_chunk, "chunk 2 of train/layer4/mean"),
+    "row count edited": (_edit_row_count, "train/layer3/mean .shape"),
+    "label chunks deleted": (_delete_labels, "train/labels"),
+    "bad json": (_bad_json, "train/valid .metadata unreadable"),
+    "dtype edited": (_edit_dtype, "test/layer1/mean .dtype float32"),
+    "done flag cleared": (_clear_done_flag, "chunk 4 of train/done .done flag cleared"),
+}
+# found when a chunk is read
+ON_READ = {
+    "chunk truncated": (_truncate_chunk, "chunk 1 of train/layer2/mean"),
+    "chunk overwritten": (_garbage_chunk, "chunk 0 of test/head/embed"),
+}
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip("(") for w in text.replace(".", " ").split()]
+
+
+@pytest.mark.parametrize("case", list(CHEAP))
+def test_damage_found_on_opening_then_repaired_by_extract(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path, case: str
+) -> None:
+    damage, said = CHEAP[case]
+    root, store = _copy(clean, tmp_path)
+    damage(store)
+    for run in (lambda: probekit.knn(str(store)), lambda: probekit.probe(str(store))):
+        with pytest.raises(StoreError, match="is damaged") as e:
+            run()
+        assert all(w in str(e.value) for w in _words(said)), str(e.value)
+        assert "\n" not in str(e.value)
+    result = CliRunner().invoke(app, ["knn", str(store)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and result.output.startswith("error: store ")
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    info = CliRunner().invoke(app, ["info", str(store)], env={"COLUMNS": "400"})
+    assert info.exit_code == 0 and "DAMAGED" in info.output
+
+    res = probekit.extract(MODEL, DATA, cache_dir=root, **RUN)
+    assert not res.cache_hit and res.repaired, res
+    assert Path(res.store_path) == store
+    assert_same_store(str(store), clean[1])
+    assert _knn(str(store)) == clean[2]
+    assert probekit.extract(MODEL, DATA, cache_dir=root, **RUN).cache_hit
+
+
+def test_repair_recomputes_exactly_the_damaged_chunks(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    root, store = _copy(clean, tmp_path)
+    _delete_feature_chunk(store)
+    _clear_done_flag(store)
+    res = probekit.extract(MODEL, DATA, cache_dir=root, **RUN)
+    assert set(res.repaired) == {
+        "1 chunk of train/layer4/mean (chunk file missing)",
+        "1 chunk of train/done (done flag cleared in a complete store)",
+    }
+    assert res.resumed_chunks == 8 - 2  # every other chunk was kept
+    said = res.summary()
+    assert (
+        ", repaired 1 chunk of train/" in said and "train/layer4/mean (chunk file missing)" in said
+    )
+
+
+@pytest.mark.parametrize("case", list(ON_READ))
+def test_chunk_that_fails_to_decode_is_named_then_recomputed(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path, case: str
+) -> None:
+    damage, said = ON_READ[case]
+    root, store = _copy(clean, tmp_path)
+    damage(store)
+    assert probekit.open_store(store).check().ok  # no chunk is read by the cheap check
+    with pytest.raises(StoreError, match=f"{said} in store .* fails to decode") as e:
+        probekit.knn(str(store))
+    assert "marked for redoing" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(StoreError, match="incomplete"):  # marked: never read again as it is
+        probekit.knn(str(store))
+    res = probekit.extract(MODEL, DATA, cache_dir=root, **RUN)
+    assert res.resumed_chunks == 7
+    assert_same_store(str(store), clean[1])
+    assert _knn(str(store)) == clean[2]
+
+
+@pytest.mark.parametrize("case", [*ON_READ, "feature chunk deleted", "dtype edited"])
+def test_verify_finds_every_damaged_chunk_and_repairs_it(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path, case: str
+) -> None:
+    damage, _ = {**CHEAP, **ON_READ}[case]
+    _, store = _copy(clean, tmp_path)
+    damage(store)
+    found = CliRunner().invoke(app, ["verify", str(store), "--json"])
+    assert found.exit_code == 1
+    report = json.loads(found.output)["report"]
+    assert not report["ok"] and report["full"] and report["damage"]
+    fixed = CliRunner().invoke(app, ["verify", str(store), "--repair"], env={"COLUMNS": "300"})
+    assert fixed.exit_code == 0 and fixed.output.startswith("repaired "), fixed.output
+    assert_same_store(str(store), clean[1])
+    assert CliRunner().invoke(app, ["verify", str(store)]).exit_code == 0
+
+
+def test_verify_of_a_sound_store_reads_every_chunk(
+    clean: tuple[Path, str, dict[str, float]],
+) -> None:
+    result = probekit.verify(clean[1])
+    assert result.ok and not result.repaired
+    # 9 arrays per split (labels, valid, ids, errors, done, 4 layers + head = 5 features)
+    per_split = {"train": 6, "test": 2}
+    assert result.report["chunks_read"] == sum(10 * n for n in per_split.values())
+
+
+def test_triage_on_a_damaged_store_repairs_it_first(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    root, store = _copy(clean, tmp_path)
+    _delete_labels(store)
+    result = probekit.triage(
+        MODEL,
+        DATA,
+        cache_dir=root,
+        methods="knn",
+        ks=[5],
+        out=tmp_path / "out",
+        plots=False,
+        quiet=True,
+        log=None,
+    )
+    assert_same_store(str(store), clean[1])
+    knn = {
+        f"{r.feature}/{r.metric}": r.value
+        for r in result.records
+        if r.kind == "knn" and r.split == "test"
+    }
+    assert knn == clean[2]
+
+
+def test_verify_without_a_way_to_recompute_says_what_to_run(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    _, store = _copy(clean, tmp_path)
+    _edit_json(
+        store / "zarr.json",
+        lambda d: d["attributes"]["probekit"].__setitem__("recipe", None),
+    )
+    _delete_feature_chunk(store)
+    with pytest.raises(StoreError, match=r"records no recipe.*rerun the `probekit extract`"):
+        probekit.verify(store, repair=True)
+    with pytest.raises(StoreError, match="incomplete"):  # the damage is marked, never read
+        probekit.knn(str(store))
