@@ -7,9 +7,11 @@ import numpy as np
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHUNK_ROWS",
+    "DEFAULT_CROP_PCT",
     "DEFAULT_CS",
     "DEFAULT_EPOCHS",
     "DEFAULT_HOLDOUT",
+    "DEFAULT_IMG_SIZE",
     "DEFAULT_KS",
     "DEFAULT_LAYERS",
     "DEFAULT_LRS",
@@ -26,6 +28,10 @@ DEFAULT_LAYERS = "last4"
 DEFAULT_POOLS = "cls,mean"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CHUNK_ROWS = 1024
+# a triage evaluates every backbone at one resolution (BoB's and DINOv2's linear/kNN protocol:
+# the short side resized to 256, the centre 224 cropped); a size given anywhere keeps that ratio
+DEFAULT_IMG_SIZE = 224
+DEFAULT_CROP_PCT = 0.875
 # kNN: DINO's k grid and temperature; a database block of this many MiB at a time
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07

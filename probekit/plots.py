@@ -18,7 +18,7 @@ from probekit.methods import method_title
 if TYPE_CHECKING:
     from probekit.report.compute import Report
 
-__all__ = ["plot_heatmap", "plot_layers", "plot_ranking"]
+__all__ = ["plot_cost", "plot_heatmap", "plot_layers", "plot_ranking", "plot_resolution"]
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
@@ -124,4 +124,73 @@ def plot_ranking(rep: Report, path: str | os.PathLike[str]) -> str:
         ax.set_xlabel("mean z-score across tasks", fontsize=8)
         ax.set_title(method, fontsize=10)
     fig.suptitle("Ranking (kNN/linear probes favour CNNs, underrate MAE: see report)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_cost(rep: Report, path: str | os.PathLike[str]) -> str | None:
+    """Test top-1 against GMACs per image (log scale), a panel per task, a marker per method;
+    the Pareto front (no entry cheaper and better) joined per method. None: no cost known."""
+    from probekit.report.compute import cost_points, pareto_front
+
+    tasks = [t for t in rep.tasks if any(cost_points(rep, t, m) for m in rep.methods)]
+    if not tasks:
+        return None
+    fig = Figure(figsize=(4.2 * len(tasks), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        for i, method in enumerate(rep.methods):
+            pts = cost_points(rep, task, method)
+            if not pts:
+                continue
+            xs, ys = [g for _, g, _ in pts], [100 * a for _, _, a in pts]
+            ax.scatter(xs, ys, s=22, color=f"C{i}", label=method_title(method))
+            front = pareto_front([(g, a) for _, g, a in pts])
+            ax.plot([xs[j] for j in front], [ys[j] for j in front], color=f"C{i}", lw=1.0)
+            for name, x, y in zip([n for n, _, _ in pts], xs, ys, strict=True):
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("GMACs per image (evaluated input)", fontsize=8)
+        ax.set_ylabel("test top-1 (%)", fontsize=8)
+        ax.set_title(short(task), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Accuracy vs cost (lines: the Pareto front)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_resolution(rep: Report, path: str | os.PathLike[str]) -> str | None:
+    """A resolution sweep: test top-1 against the input size per model, a panel per task and
+    method (None when no model was run at two sizes)."""
+    from probekit.report.compute import resolution_curves
+
+    panels = [
+        (t, m, resolution_curves(rep, t, m))
+        for t in rep.tasks
+        for m in rep.methods
+        if resolution_curves(rep, t, m)
+    ]
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.8 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (task, method, curves) in zip(axes, panels, strict=True):
+        for i, (model, pts) in enumerate(curves.items()):
+            ax.plot(
+                [s for s, _ in pts], [100 * a for _, a in pts], "o-", color=f"C{i}", label=model
+            )
+            for size, acc in pts:
+                gmacs = (rep.costs.get(f"{model} @{size}px") or {}).get("gmacs")
+                if gmacs:
+                    ax.annotate(
+                        f"{gmacs:.1f}G",
+                        (size, 100 * acc),
+                        fontsize=6,
+                        xytext=(2, 3),
+                        textcoords="offset points",
+                    )
+        ax.set_xlabel("input size (px)", fontsize=8)
+        ax.set_ylabel("test top-1 (%)", fontsize=8)
+        ax.set_title(f"{short(task)}: {method_title(method)}", fontsize=9)
+        ax.legend(fontsize=7)
+
+    fig.suptitle("Accuracy vs resolution (labels: GMACs per image)", fontsize=9)
     return _save(fig, path)

@@ -207,6 +207,7 @@ def test_triage_on_a_damaged_store_repairs_it_first(
         plots=False,
         quiet=True,
         log=None,
+        img_size="native",  # the store as `extract` made it
     )
     assert_same_store(str(store), clean[1])
     knn = {

@@ -246,8 +246,10 @@ def test_triage_pixel_size_auto_decodes_once_for_every_geometry(
 ) -> None:
     from probekit.triaging import triage
 
+    # each model's own preprocessing (crop 0.95 of 160 px), bicubic and bilinear: two geometries
     kw = dict(methods="knn", layers="last1", pool="mean", quiet=True, plots=False)
-    models = ["test_vit@random", "test_resnet@random"]  # bicubic and bilinear: two geometries
+    kw["img_size"] = "native"
+    models = ["test_vit@random", "test_resnet@random"]
     lines: list[str] = []
     triage(models, "synthetic:4", out=tmp_path / "a", log=lines.append, **kw)
     assert any("2 geometries" in x and "--pixel-size auto" in x for x in lines), lines

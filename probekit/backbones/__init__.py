@@ -30,10 +30,11 @@ from probekit.backbones.weights import (
     sha256_file,
     weight_source,
 )
-from probekit.defaults import DEFAULT_LAYERS
+from probekit.defaults import DEFAULT_CROP_PCT, DEFAULT_LAYERS
 from probekit.errors import (
     BackboneError,
     LayerSpecError,
+    OptionError,
     WeightsError,
     close_matches,
     not_a_file,
@@ -50,12 +51,14 @@ __all__ = [
     "BackboneInfo",
     "WeightSource",
     "WeightsInfo",
+    "check_patch_size",
     "create_backbone",
     "list_backbones",
     "load_packaged_weights",
     "load_state_dict_file",
     "num_layers",
     "parse_layers",
+    "resize_input",
     "resolve_backbone_name",
     "sha256_file",
 ]
@@ -70,6 +73,7 @@ class Backbone:
     model: torch.nn.Module
     weights: WeightsInfo
     data_config: Mapping[str, Any] = field(default_factory=dict)
+    native_size: int = 0  # the input side its weights were trained at (timm's pretrained cfg)
 
     @property
     def num_layers(self) -> int:
@@ -312,8 +316,6 @@ def create_backbone(
     if weights is not None and random_init:
         raise WeightsError("pass either --weights FILE or --random-init, not both.")
     kwargs: dict[str, Any] = {}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
     if alias is not None and alias.loader is not None:
         from probekit.loaders import LOADERS
 
@@ -321,16 +323,31 @@ def create_backbone(
 
     def build(pretrained: bool, **extra: Any) -> torch.nn.Module:
         try:
-            return timm.create_model(timm_name, pretrained=pretrained, **kwargs, **extra)
+            model = timm.create_model(timm_name, pretrained=pretrained, **kwargs, **extra)
         except TypeError as e:
             if "img_size" in kwargs and "img_size" in str(e):
-                kwargs.pop("img_size")  # CNNs take any resolution without being told
-                return timm.create_model(timm_name, pretrained=pretrained, **extra)
+                raise BackboneError(
+                    f"{name} cannot be built for {img_size} px inputs ({e}); use its own size "
+                    "(--img-size native) or another size."
+                ) from None
             raise
+        return model
+
+    resizes = img_size is not None  # set_input_size once the weights are in (see below)
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         skeleton = build(False)
+        if img_size is not None and not hasattr(skeleton, "set_input_size"):
+            resizes = False
+            if getattr(skeleton, "patch_embed", None) is not None:  # a fixed-size token model
+                check_patch_size(skeleton, name, img_size)
+                kwargs["img_size"] = img_size  # timm resamples pretrained position embeddings
+                skeleton = build(False)
+            # CNNs take any resolution as they are
+        if resizes:
+            assert img_size is not None
+            resize_input(skeleton, name, img_size)
     num_layers(skeleton)  # fail early on models without forward_intermediates
     pcfg = dict(getattr(skeleton, "pretrained_cfg", {}) or {})
     request = WeightsRequest(name, timm_name, alias, weights, random_init, seed, pcfg)
@@ -339,11 +356,46 @@ def create_backbone(
     model = skeleton
     if load:  # act: build the model with them
         model, info = source.load(request, info, build)
+        if resizes:  # after its weights: position embeddings resampled from theirs
+            assert img_size is not None
+            resize_input(model, name, img_size)
     model.eval().requires_grad_(False)
     data_config = dict(resolve_model_data_config(model))
-    if img_size is not None:
-        data_config["input_size"] = (3, img_size, img_size)
-    return Backbone(name, timm_name, model, info, data_config)
+    native = [int(v) for v in pcfg.get("input_size") or data_config["input_size"]]
+    if img_size is not None:  # the evaluation protocol's resize and crop, the model's own norm
+        data_config.update(
+            input_size=(3, img_size, img_size), crop_pct=DEFAULT_CROP_PCT, crop_mode="center"
+        )
+    return Backbone(name, timm_name, model, info, data_config, native_size=native[-1])
+
+
+def check_patch_size(model: torch.nn.Module, name: str, img_size: int) -> None:
+    """A size a patch model cuts into whole patches, or a one-line error saying which to use."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return
+    sides = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    step = max(int(v) for v in sides)
+    if img_size % step:
+        near = max(step, round(img_size / step) * step)
+        raise OptionError(
+            f"img_size {img_size} is not a whole number of {name}'s {step} px patches; use a "
+            f"multiple of {step} (e.g. {near})."
+        )
+
+
+def resize_input(model: torch.nn.Module, name: str, img_size: int) -> None:
+    """Make a token model take `img_size` px inputs the way timm does (`set_input_size`:
+    position embeddings resampled, window sizes adapted); a one-line error where it cannot."""
+    check_patch_size(model, name, img_size)
+    try:
+        model.set_input_size(img_size=(img_size, img_size))  # type: ignore[operator]
+    except Exception as e:  # window sizes that do not divide, and the like
+        raise BackboneError(
+            f"{name} cannot take {img_size} px inputs ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else ''}); use its own size "
+            "(--img-size native) or another size."
+        ) from None
 
 
 # `package.module:function`: the only form that imports user code, and only when a user passes it

@@ -24,6 +24,7 @@ __all__ = [
     "RandomInitOpt",
     "ReferenceOpt",
     "StoreArg",
+    "TriageSizeOpt",
     "WeightsOpt",
     "err",
     "out",
@@ -74,7 +75,17 @@ RecordsOut = Annotated[
 RandomInitOpt = Annotated[bool, typer.Option(help="Random (seeded) weights, a baseline.")]
 ImgSizeOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option(help="Override the input resolution."),
+    typer.Option(
+        help="Input resolution for every model (short side resized to N/0.875, centre N "
+        "cropped; each model's own normalization) \\[default: the model's pretrained size]."
+    ),
+]
+TriageSizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Evaluation resolution of every backbone: N (short side resized to N/0.875, centre "
+        "N cropped), native (each model's pretrained size), or a list 224,336,448 (a sweep)."
+    ),
 ]
 AllowPartialOpt = Annotated[
     bool,

@@ -10,15 +10,21 @@ from rich.table import Table
 
 from probekit.cli._common import (
     CacheDir,
-    ImgSizeOpt,
     LayersOpt,
     PoolOpt,
     QuietOpt,
     ReferenceOpt,
+    TriageSizeOpt,
     out,
     parse_ks,
 )
-from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_KS, DEFAULT_LAYERS, DEFAULT_POOLS
+from probekit.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMG_SIZE,
+    DEFAULT_KS,
+    DEFAULT_LAYERS,
+    DEFAULT_POOLS,
+)
 from probekit.methods import METHODS
 
 if TYPE_CHECKING:
@@ -37,6 +43,7 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
         delta_texts,
         leaderboard_rows,
     )
+    from probekit.report.render import COST_HEADER, COST_NOTE, cost_rows
 
     for metric, task in ((m, t) for m in rep.metrics for t in rep.tasks if rep.shows(t, m)):
         name = "top-1" if metric == "top1" else metric
@@ -52,6 +59,12 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
             out.print(f"warning ({task}): {said}")
     if rep.best:
         out.print(BEST_NOTE)
+    if cost_rows(rep):
+        table = Table(*COST_HEADER, title="cost and resolution")
+        for row in cost_rows(rep):
+            table.add_row(*row)
+        out.print(table)
+        out.print(COST_NOTE)
     if rep.ranking:
         table = Table("rank", *rep.ranking, title="ranking across tasks: mean z-score (BoB)")
         for i in range(max(len(v) for v in rep.ranking.values())):
@@ -104,7 +117,7 @@ def triage_cmd(
     methods: Annotated[str, typer.Option(help=f"Any of {', '.join(METHODS)}.")] = ",".join(METHODS),
     layers: LayersOpt = DEFAULT_LAYERS,
     pool: PoolOpt = DEFAULT_POOLS,
-    img_size: ImgSizeOpt = None,
+    img_size: TriageSizeOpt = str(DEFAULT_IMG_SIZE),
     k: Annotated[str, typer.Option("--k", help="kNN neighbour counts to choose from.")] = (
         ",".join(map(str, DEFAULT_KS))
     ),

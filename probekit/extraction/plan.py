@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from probekit import __version__
-from probekit.backbones import Backbone, parse_layers
+from probekit.backbones import Backbone, check_patch_size, parse_layers
 from probekit.backbones.weights import is_url
 from probekit.cache.store import Location, StoreConfig, StoreDtype, cache_root
 from probekit.data import Dataset
@@ -209,6 +209,23 @@ class ExtractPlan:
         """The backbone with its weights (the one step of the plan that loads anything)."""
         return self.model.create(img_size=self.options.img_size)
 
+    def cost(self) -> dict[str, Any]:
+        """Parameters (M) and GMACs per image at the evaluated size (counted on the meta-device
+        skeleton), the evaluated and the pretrained input side."""
+        from probekit.backbones.cost import count_gmacs, count_params
+
+        model = self.skeleton.model
+        try:
+            gmacs: float | None = round(count_gmacs(model, self.size), 4)
+        except Exception:  # a model whose forward cannot run on the meta device: not counted
+            gmacs = None
+        return {
+            "params_m": round(count_params(model) / 1e6, 4),
+            "gmacs": gmacs,
+            "img_size": self.size[0],
+            "native_size": self.skeleton.native_size or self.size[0],
+        }
+
     def recipe(self) -> dict[str, Any]:
         """The model, dataset and options that make this store (the options that change its
         numbers; its device kind and precision as resolved)."""
@@ -251,6 +268,7 @@ class ExtractPlan:
             "layers": [{"index": i, "module": feature_info[i]["module"]} for i in self.layers],
             "pools": list(self.config.pools),
             "pool_notes": list(self.pool_notes),
+            "cost": self.cost(),
             "precision": self.policy.precision,
             # how to make the same store again (`probekit verify --repair` recomputes with it)
             "recipe": self.recipe(),
@@ -272,17 +290,8 @@ def _jsonable(value: Any) -> Any:
 
 def check_img_size(name: str, skeleton: Backbone, img_size: int | None) -> None:
     """A size a patch model can cut into whole patches (a one-line error before any weights)."""
-    patch = getattr(getattr(skeleton.model, "patch_embed", None), "patch_size", None)
-    if img_size is None or patch is None:
-        return
-    sides = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
-    step = max(int(v) for v in sides)
-    if img_size % step:
-        near = max(step, round(img_size / step) * step)
-        raise OptionError(
-            f"img_size {img_size} is not a whole number of {name}'s {step} px patches; use a "
-            f"multiple of {step} (e.g. {near})."
-        )
+    if img_size is not None:
+        check_patch_size(skeleton.model, name, img_size)
 
 
 def _pixel_plan(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,28 @@ class Report:
     # per task: what makes its numbers less than honest (duplicates, overlap, classes with
     # no train image), as the records say it
     warnings: dict[str, list[str]] = field(default_factory=dict)
+    # per model: img_size, native_size, params_m, gmacs, and images/s of its extraction per
+    # dataset (`images_per_s`), from the extract records
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def cost_of(self, model: str, task: str) -> dict[str, Any]:
+        """img_size, params_m, gmacs, images_per_s of `model`'s entry on `task` (empty where
+        the records do not say)."""
+        c = self.costs.get(model)
+        if not c:
+            return {}
+        rates = c.get("images_per_s", {})
+        rate = rates.get(task.split("->")[-1]) or rates.get(task.split("->")[0])
+        return {**{k: c.get(k) for k in ("img_size", "params_m", "gmacs")}, "images_per_s": rate}
+
+    def size_note(self, model: str) -> str:
+        """ "224px", or "224px, pretrained 518px" where the evaluated size is not the
+        pretrained one ("" where the records do not say)."""
+        c = self.costs.get(model) or {}
+        size, native = c.get("img_size"), c.get("native_size")
+        if not size:
+            return ""
+        return f"{size}px" + (f", pretrained {native}px" if native and native != size else "")
 
     def cell(self, task: str, method: str, model: str, metric: str = "top1") -> Cell | None:
         for c in self.cells:
@@ -451,7 +474,60 @@ def build_report(
         _best(cells),
         _first_seen(["top1", *[c.metric for c in cells]]),
         _warnings(recs),
+        _costs(extracts),
     )
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points no other point beats: none as cheap or cheaper
+    and at least as accurate, better in one of the two. Sorted by cost."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        beaten = any(
+            (c2 <= c and a2 >= a) and (c2 < c or a2 > a)
+            for j, (c2, a2) in enumerate(points)
+            if j != i
+        )
+        if not beaten:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def cost_points(rep: Report, task: str, method: str) -> list[tuple[str, float, float]]:
+    """(model, GMACs, top-1) of every entry of `task`/`method` whose cost is known."""
+    out = []
+    for model in rep.models:
+        cell = rep.cell(task, method, model)
+        gmacs = (rep.costs.get(model) or {}).get("gmacs")
+        if cell is not None and gmacs:
+            out.append((model, float(gmacs), cell.value))
+    return out
+
+
+SIZED = re.compile(r"^(.*) @(\d+)px$")
+
+
+def resolution_curves(rep: Report, task: str, method: str) -> dict[str, list[tuple[int, float]]]:
+    """A sweep's entries (`model @Npx`) of `task`/`method` as (size, top-1) per model."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for model in rep.models:
+        m = SIZED.match(model)
+        cell = rep.cell(task, method, model)
+        if m and cell is not None:
+            out.setdefault(m[1], []).append((int(m[2]), cell.value))
+    return {k: sorted(v) for k, v in out.items() if len(v) > 1}
+
+
+def _costs(extracts: list[Record]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in extracts:
+        c = out.setdefault(r.model, {"images_per_s": {}})
+        for k in ("img_size", "native_size", "params_m", "gmacs"):
+            if r.extra.get(k) is not None:
+                c[k] = r.extra[k]
+        if r.extra.get("images_per_s"):
+            c["images_per_s"][r.dataset] = float(r.extra["images_per_s"])
+    return out
 
 
 def _warnings(recs: list[Record]) -> dict[str, list[str]]:

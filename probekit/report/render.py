@@ -21,7 +21,15 @@ from probekit.report.compute import (
     delta_texts,
 )
 
-__all__ = ["CSV_FIELDS", "leaderboard_rows", "render_markdown", "write_report"]
+__all__ = [
+    "COST_HEADER",
+    "COST_NOTE",
+    "CSV_FIELDS",
+    "cost_rows",
+    "leaderboard_rows",
+    "render_markdown",
+    "write_report",
+]
 
 
 # --------------------------------------------------------------------------- writing
@@ -38,7 +46,8 @@ def leaderboard_rows(
     `star` marks the entries of `rep.best`."""
     rows = []
     for model in rep.models:
-        row = [model]
+        note = rep.size_note(model)
+        row = [f"{model} ({note})" if "pretrained" in note else model]
         for m in rep.methods:
             c = rep.cell(task, m, model, metric)
             mark = star if (task, m, model, metric) in rep.best else ""
@@ -93,6 +102,9 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         md += [DELTA_NOTE, ""]
         rows = [[d["task"], d["method"], d["model"], *delta_texts(d)] for d in rep.deltas]
         md.append(_md_table(["task", "method", "model", *DELTA_COLUMNS], rows))
+    if rep.costs and cost_rows(rep):
+        md += ["", "## Cost and resolution", "", COST_NOTE, ""]
+        md.append(_md_table(COST_HEADER, cost_rows(rep)))
     if rep.timing:
         md += ["", "## Time per backbone", ""]
         rows = []
@@ -137,7 +149,54 @@ CSV_FIELDS = [
     "selected_on",
     "n",
     "mean_z",
+    "img_size",
+    "params_m",
+    "gmacs",
+    "images_per_s",
 ]
+
+
+def _num(v: Any, digits: int) -> str:
+    return "" if v is None else f"{float(v):.{digits}f}"
+
+
+def _cost_cells(cost: Mapping[str, Any]) -> list[str]:
+    return [
+        str(cost.get("img_size") or ""),
+        _num(cost.get("params_m"), 3),
+        _num(cost.get("gmacs"), 3),
+        _num(cost.get("images_per_s"), 1),
+    ]
+
+
+def cost_rows(rep: Report) -> list[list[str]]:
+    """Per model: input (and pretrained size where it differs), params (M), GMACs per image,
+    extraction images/s per dataset."""
+    rows = []
+    for model in rep.models:
+        c = rep.costs.get(model)
+        if not c:
+            continue
+        rates = ", ".join(f"{d} {v:.0f}" for d, v in c.get("images_per_s", {}).items())
+        rows.append(
+            [
+                model,
+                rep.size_note(model) or "-",
+                _num(c.get("params_m"), 1) or "-",
+                "-" if c.get("gmacs") is None else f"{float(c['gmacs']):.3g}",
+                rates or "-",
+            ]
+        )
+    return rows
+
+
+COST_HEADER = ["model", "input", "params (M)", "GMACs/image", "extract images/s"]
+COST_NOTE = (
+    "GMACs: multiply-adds of one image's forward at the evaluated input, counted on the model "
+    "(torch's FlopCounterMode, attention included). images/s: the extraction loop on the machine "
+    "that made the store. An input marked 'pretrained N px' is evaluated at another size than "
+    "its weights were trained at: its numbers are not the paper's."
+)
 
 
 def write_report(
@@ -182,18 +241,31 @@ def write_report(
                     c.selected_on,
                     c.n,
                     "" if (c.method, c.model) not in z else f"{z[(c.method, c.model)]:.4f}",
+                    *_cost_cells(rep.cost_of(c.model, c.task)),
                 ]
             )
     files["results.csv"] = str(path)
 
     pngs: list[str] = []
     if plots and rep.cells:
-        from probekit.plots import plot_heatmap, plot_layers, plot_ranking
+        from probekit.plots import (
+            plot_cost,
+            plot_heatmap,
+            plot_layers,
+            plot_ranking,
+            plot_resolution,
+        )
 
         pngs.append(plot_layers(rep, out / "layers.png"))
         pngs.append(plot_heatmap(rep, out / "heatmap.png"))
         if rep.ranking:
             pngs.append(plot_ranking(rep, out / "ranking.png"))
+        for drawn in (
+            plot_cost(rep, out / "cost.png"),
+            plot_resolution(rep, out / "resolution.png"),
+        ):
+            if drawn is not None:
+                pngs.append(drawn)
         files.update({Path(p).name: p for p in pngs})
     path = out / "report.md"
     path.write_text(render_markdown(rep, pngs))

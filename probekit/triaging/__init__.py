@@ -10,12 +10,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from probekit import distributed
 from probekit.cache.store import FeatureStore
-from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_KS, DEFAULT_LAYERS, DEFAULT_POOLS
+from probekit.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IMG_SIZE,
+    DEFAULT_KS,
+    DEFAULT_LAYERS,
+    DEFAULT_POOLS,
+)
 from probekit.extraction import ExtractOptions
 from probekit.methods import METHODS
 from probekit.records import Record
@@ -50,7 +56,7 @@ def triage(
     methods: str | Sequence[str] = METHODS,
     layers: str | Sequence[int] = DEFAULT_LAYERS,
     pool: str | Sequence[str] = DEFAULT_POOLS,
-    img_size: int | None = None,
+    img_size: int | str | Sequence[int | str] | None = DEFAULT_IMG_SIZE,
     ks: Sequence[int] = DEFAULT_KS,
     features: str | Sequence[str] | None = None,
     reference: str | None = None,
@@ -74,7 +80,10 @@ def triage(
     backbone on one dataset becomes a row of the report; the others go on. `pixel_cache`
     (default: on for more than one backbone) decodes each image once per geometry;
     `pixel_size` ("auto": the largest resize among the backbones) once for all of them, each
-    backbone's crop cut and resized on the device (see `extract`).
+    backbone's crop cut and resized on the device (see `extract`). `img_size`: the evaluation
+    resolution of every backbone (default 224: the short side resized to 256, the centre 224
+    cropped, each model's own normalization and interpolation), `native` for each model's
+    pretrained size, or a list (224,336,448) to run every backbone at each size.
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
@@ -89,10 +98,10 @@ def triage(
         reference=reference,
         pixel_cache=pixel_cache,
         pixel_size=pixel_size,
+        img_size=img_size,
         extract=ExtractOptions(
             layers=layers,
             pool=pool,
-            img_size=img_size,
             batch_size=batch_size,
             device=device,
             precision=precision,
@@ -104,27 +113,44 @@ def triage(
     journal = None if dist.is_group else Journal(Path(out).expanduser() / ".progress.jsonl")
     plan.announce(say)
     records: list[Record] = []
-    for b in plan.models:
-        stores = _extract_all(b, plan, records, say)
-        for spec in plan.data_specs:
-            if spec in stores:
-                _evaluate_one(b, spec, stores, plan, journal, records, say)
+    for size in plan.sizes:
+        options = plan.at(size)
+        for b in plan.models:
+            first = len(records)
+            stores = _extract_all(b, plan, options, records, say)
+            for spec in plan.data_specs:
+                if spec in stores:
+                    _evaluate_one(b, spec, stores, plan, journal, records, say)
+            if plan.sweep:  # every entry of a sweep is a model at one size
+                records[first:] = [sized(r, size) for r in records[first:]]
+    reference = plan.reference
+    if reference is not None and plan.sweep:  # the reference model at the first size
+        reference = sized(Record("note", reference, ""), plan.sizes[0]).model
     if dist.is_main:
-        rep, files = write_report(records, out, reference=plan.reference, plots=plots)
+        rep, files = write_report(records, out, reference=reference, plots=plots)
     if dist.is_group:  # every rank returns rank 0's report
         records, files = dist.broadcast((records, files) if dist.is_main else None)
-        rep = build_report(records, plan.reference)
+        rep = build_report(records, reference)
     return TriageResult(rep, files, str(Path(out).expanduser()))
 
 
+def sized(record: Record, size: int | None) -> Record:
+    """`record` of a resolution sweep: its model named with the size (`dino_vits16 @224px`)."""
+    return replace(record, model=f"{record.model} @{'native' if size is None else f'{size}px'}")
+
+
 def _extract_all(
-    b: ModelSpec, plan: TriagePlan, records: list[Record], say: Callable[[str], None]
+    b: ModelSpec,
+    plan: TriagePlan,
+    options: ExtractOptions,
+    records: list[Record],
+    say: Callable[[str], None],
 ) -> dict[str, FeatureStore]:
     """One backbone's store of every dataset; a failure is a row of the report, not the end."""
     stores: dict[str, FeatureStore] = {}
     for spec, ds in plan.datasets.items():
         try:
-            stores[spec] = extraction_record(b, ds, plan.extract, records, say)
+            stores[spec] = extraction_record(b, ds, options, records, say)
         except Exception as e:  # one backbone's failure is a row, not the end of the run
             records.append(
                 note("error", b.label, ds.spec, stage="extract", message=failure_message(e))

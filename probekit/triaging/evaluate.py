@@ -46,6 +46,10 @@ def extraction_record(
     meta = store.meta
     # a cache hit reports the time of the extraction that made the store
     seconds = float(meta.get("seconds", res.seconds)) if res.cache_hit else res.seconds
+    cost = dict(meta.get("cost") or {})
+    size = int(meta["config"]["preprocessing"]["input_size"][-1])
+    # the extraction loop's throughput (as the store recorded it): the cost column
+    rate = meta.get("images_per_s") if res.cache_hit else res.images_per_s
     records.append(
         note(
             "extract",
@@ -56,7 +60,11 @@ def extraction_record(
             images=res.images,
             invalid=res.invalid,
             seconds=seconds,
-            images_per_s=res.images / seconds if seconds > 0 else None,
+            images_per_s=float(rate) if rate else (res.images / seconds if seconds > 0 else None),
+            img_size=int(cost.get("img_size") or size),
+            native_size=int(cost.get("native_size") or size),
+            params_m=cost.get("params_m"),
+            gmacs=cost.get("gmacs"),
             cache_hit=res.cache_hit,
             num_layers=meta["backbone"].get("num_layers"),
             precision=meta["precision"],

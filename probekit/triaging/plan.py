@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from probekit.data import Dataset, load_dataset
+from probekit.defaults import DEFAULT_IMG_SIZE
 from probekit.errors import OptionError, ProbekitError
 from probekit.extraction import ExtractOptions, Geometry, geometry_transform
 from probekit.methods import all_methods
 from probekit.specs import ModelSpec, as_ints, parse_list, parse_models
 
-__all__ = ["TriagePlan", "parse_transfers"]
+__all__ = ["TriagePlan", "parse_sizes", "parse_transfers"]
 
 
 def parse_transfers(spec: str | Sequence[str] | None) -> list[tuple[str, str]]:
@@ -38,7 +40,17 @@ class TriagePlan:
     features: list[str] | None  # None: every stored feature
     reference: str | None
     datasets: dict[str, Dataset]
-    extract: ExtractOptions  # with the pixel cache policy decided
+    extract: ExtractOptions  # with the pixel cache policy decided (img_size: the first size)
+    # the evaluation resolutions (None: each model's own): every backbone runs at each
+    sizes: tuple[int | None, ...] = (DEFAULT_IMG_SIZE,)
+
+    @property
+    def sweep(self) -> bool:
+        """More than one resolution: every entry is named with its size."""
+        return len(self.sizes) > 1
+
+    def at(self, size: int | None) -> ExtractOptions:
+        return replace(self.extract, img_size=size)
 
     @classmethod
     def resolve(
@@ -54,8 +66,10 @@ class TriagePlan:
         pixel_cache: bool | None,
         pixel_size: int | str | None,
         extract: ExtractOptions,
+        img_size: int | str | Sequence[int | str] | None = DEFAULT_IMG_SIZE,
     ) -> TriagePlan:
         models = parse_models(backbones)
+        sizes = parse_sizes(img_size)
         data_specs = parse_list(data, "data")
         if not data_specs:
             raise OptionError("no datasets given; e.g. --data imagefolder:PATH,mnist5k.")
@@ -82,14 +96,19 @@ class TriagePlan:
                     "its test split is already evaluated. Name two datasets, e.g. "
                     "'mnist5k->digits'."
                 )
-        if extract.img_size is not None:  # a size some model cannot take stops before any work
-            _check_img_size(models, extract.img_size)
-        # the pixel cache pays off as soon as a second backbone reads the same images
-        use_pixels = len(models) > 1 if pixel_cache is None else pixel_cache
-        side = _pixel_size(pixel_size, models, extract.img_size)
+        for size in sizes:  # a size some model cannot take stops before any work
+            if size is not None:
+                _check_img_size(models, size)
+        # the pixel cache pays off as soon as a second backbone (or size) reads the same images
+        use_pixels = len(models) * len(sizes) > 1 if pixel_cache is None else pixel_cache
+        # one pixel store for every size where it can: squares for the largest resize
+        largest = None if None in sizes else max(s for s in sizes if s is not None)
+        side = _pixel_size(pixel_size, models, largest)
         if side is not None and not use_pixels:
             raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
-        options = ExtractOptions.of(extract, pixel_cache=use_pixels, pixel_size=side)
+        options = ExtractOptions.of(
+            extract, pixel_cache=use_pixels, pixel_size=side, img_size=sizes[0]
+        )
         ks_list = [int(k) for k in as_ints(ks, "ks")]
         return cls(
             models,
@@ -101,14 +120,16 @@ class TriagePlan:
             reference,
             datasets,
             options,
+            sizes,
         )
 
     def announce(self, say: Callable[[str], None]) -> None:
         """The run's header, and how to decode once where several geometries each decode."""
+        said = ", ".join("native" if s is None else f"{s}px" for s in self.sizes)
         say(
             f"triage: {len(self.models)} backbones x {len(self.data_specs)} datasets"
             + (f" + {len(self.pairs)} transfers" if self.pairs else "")
-            + f", methods {', '.join(self.methods)}"
+            + f", methods {', '.join(self.methods)}, evaluated at {said}"
         )
         opts = self.extract
         if opts.pixel_cache and opts.pixel_size is None and len(self.models) > 1:
@@ -120,6 +141,38 @@ class TriagePlan:
                     "backbone's crop cut and resized on the device: close to, not equal to, its "
                     "own resize)"
                 )
+
+
+def parse_sizes(value: int | str | Sequence[int | str] | None) -> tuple[int | None, ...]:
+    """Evaluation resolutions: `native` (each model's own pretrained size; None), an integer
+    for all, or a comma list of them (a resolution sweep)."""
+    items: list[Any]
+    if value is None or isinstance(value, int):
+        items = [value]
+    elif isinstance(value, str):
+        items = parse_list(value, "img_size")
+    else:
+        items = list(value)
+    out: list[int | None] = []
+    for item in items:
+        if item is None or (isinstance(item, str) and item.strip().lower() == "native"):
+            size = None
+        else:
+            try:
+                size = int(item)
+            except (TypeError, ValueError):
+                raise OptionError(
+                    f"img_size {item!r}: give native, a number of pixels or a comma list "
+                    "(224,336,448)."
+                ) from None
+            if size <= 0:
+                raise OptionError(f"img_size must be a positive number of pixels, not {size}.")
+        if size in out:
+            raise OptionError(f"img_size {value!r} names {size or 'native'} twice.")
+        out.append(size)
+    if not out:
+        raise OptionError("img_size is empty; give native, a number of pixels or a list.")
+    return tuple(out)
 
 
 def _geometries(specs: Sequence[ModelSpec], img_size: int | None) -> list[Geometry]:
@@ -141,6 +194,8 @@ def _check_img_size(specs: Sequence[ModelSpec], img_size: int) -> None:
     for b in specs:
         try:
             skeleton = b.create(img_size=img_size, load=False)
+        except OptionError:  # the size itself: stops here
+            raise
         except ProbekitError:  # fails on its own, as a row of the report
             continue
         check_img_size(b.name, skeleton, img_size)
