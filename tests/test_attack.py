@@ -276,7 +276,7 @@ def test_one_image_with_two_labels_names_the_lines(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_says_what_was_kept_and_resume_finishes(tmp_path: Path) -> None:
     env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "cache")}
-    args = ["extract", "-b", "test_resnet@random", "-d", "mnist5k", "--chunk-rows", "64"]
+    args = ["extract", "-b", "test_resnet@random", "-d", "digits", "--chunk-rows", "64"]
     args += ["--batch-size", "16", "--num-workers", "0"]
     proc = subprocess.Popen(
         [sys.executable, "-c", CLI, *args],
@@ -296,10 +296,10 @@ def test_ctrl_c_says_what_was_kept_and_resume_finishes(tmp_path: Path) -> None:
         "chunks kept; run the same command to resume."
     ), err
     kept, total = (int(w) for w in line.split()[1:4:2])
-    assert 2 <= kept < total == 63 + 16  # mnist5k: 4000 train, 1000 test rows in 64-row chunks
+    assert 2 <= kept < total == 23 + 6  # digits: 1437 train, 360 test rows in 64-row chunks
     res = probekit.extract(
         "test_resnet@random",
-        "mnist5k",
+        "digits",
         chunk_rows=64,
         num_workers=0,
         quiet=True,
@@ -356,7 +356,11 @@ def test_records_on_a_full_disk_leave_nothing(
         return real(self, *a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Path, "write_text", full)
-    for run in (lambda: probekit.knn(digits_store, ks=5), lambda: probekit.probe(digits_store)):
+
+    def probe() -> object:
+        return probekit.probe(digits_store, method="logreg", features="head/embed")
+
+    for run in (lambda: probekit.knn(digits_store, ks=5), probe):
         with pytest.raises(StoreError, match=r"cannot write the (knn|probe) records .*free space"):
             run()
     _one_line_error(["knn", digits_store], "cannot write the knn records", "No space left")

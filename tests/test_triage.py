@@ -85,9 +85,15 @@ def test_readme_quickstart_and_triage_commands(
     res = runner.invoke(app, ["demo", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "report: probekit-demo/report.md" in res.output.replace(str(tmp_path) + "/", "")
-    for name in ("report.md", "results.csv", "results.jsonl", "layers.png", "heatmap.png"):
+    demo_files = ("report.md", "results.csv", "results.jsonl", "layers.png", "heatmap.png")
+    for name in (*demo_files, "cost.png"):
         assert (tmp_path / "probekit-demo" / name).is_file(), name
-    assert "| effnet_lite0 |" in (tmp_path / "probekit-demo" / "report.md").read_text()
+    demo_md = (tmp_path / "probekit-demo" / "report.md").read_text()
+    assert "| effnet_lite0 |" in demo_md
+    # the cost beside accuracy, and the size each entry was evaluated at
+    assert "## Cost and resolution" in demo_md and "GMACs/image" in demo_md
+    assert "| effnet_lite0 (64px, pretrained 224px) |" in demo_md
+    assert "cost and resolution" in res.output
 
     # the online flow, with tiny models and generated folders for PATH and OTHER
     path = _folder(tmp_path / "pets", 10, 6, seed=0)
