@@ -143,17 +143,19 @@ def plot_cost(rep: Report, path: str | os.PathLike[str]) -> str | None:
             if not pts:
                 continue
             xs, ys = [g for _, g, _ in pts], [100 * a for _, _, a in pts]
-            ax.scatter(xs, ys, s=22, color=f"C{i}", label=method_title(method))
+            ax.scatter(xs, ys, s=22, color=f"C{i}", label=method)
             front = pareto_front([(g, a) for _, g, a in pts])
             ax.plot([xs[j] for j in front], [ys[j] for j in front], color=f"C{i}", lw=1.0)
             for name, x, y in zip([n for n, _, _ in pts], xs, ys, strict=True):
                 ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
+        costs = [g for m in rep.methods for _, g, _ in cost_points(rep, task, m)]
+        if max(costs) > 10 * min(costs):  # orders of magnitude apart: a log axis
+            ax.set_xscale("log")
         ax.set_xlabel("GMACs per image (evaluated input)", fontsize=8)
         ax.set_ylabel("test top-1 (%)", fontsize=8)
         ax.set_title(short(task), fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("Accuracy vs cost (lines: the Pareto front)", fontsize=9)
+    fig.suptitle("Test top-1 vs cost (lines: each method's Pareto front)", fontsize=9)
     return _save(fig, path)
 
 
