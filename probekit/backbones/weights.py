@@ -294,12 +294,19 @@ def _file_info(req: WeightsRequest) -> WeightsInfo:
 
 def _file(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
     model = build(False)
-    state = load_state_dict_file(info.ref)
-    if req.loader is not None:  # an original checkpoint of a converted alias
+    _load_state(model, req, load_state_dict_file(info.ref), f"weights file {info.ref!r}")
+    return model, info
+
+
+def _load_state(
+    model: torch.nn.Module, req: WeightsRequest, state: dict[str, torch.Tensor], what: str
+) -> None:
+    """A checkpoint into `model`: converted for an alias with a loader (an original
+    checkpoint), else loaded as timm's own state dict."""
+    if req.loader is not None:
         _load_converted(model, req.loader, state)
     else:
-        _load_into(model, state, f"weights file {info.ref!r}")
-    return model, info
+        _load_into(model, state, what)
 
 
 def _package_info(req: WeightsRequest) -> WeightsInfo:
@@ -322,34 +329,17 @@ def _url_of(req: WeightsRequest) -> str:
 
 
 def _url_info(req: WeightsRequest) -> WeightsInfo:
-    url = _url_of(req)
+    """Weights at a URL (given as --weights, or a converted alias's original checkpoint):
+    identified by the URL; the file's sha256 is recorded once it is fetched."""
+    url = str(req.weights) if is_url(req.weights) else _url_of(req)
     cached = _cached_url_file(url)
     return WeightsInfo("url", url, sha256_file(cached) if cached else None)
 
 
 def _url(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
-    assert req.loader is not None
     model = build(False)
     file = _fetch_url(info.ref, req.name)
-    _load_converted(model, req.loader, load_state_dict_file(file))
-    return model, WeightsInfo("url", info.ref, sha256_file(file))
-
-
-def _given_url_info(req: WeightsRequest) -> WeightsInfo:
-    """Weights given as a URL: identified by the URL (the file's sha256 is recorded on load)."""
-    url = str(req.weights)
-    cached = _cached_url_file(url)
-    return WeightsInfo("url", url, sha256_file(cached) if cached else None)
-
-
-def _given_url(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
-    model = build(False)
-    file = _fetch_url(info.ref, req.name)
-    state = load_state_dict_file(file)
-    if req.loader is not None:
-        _load_converted(model, req.loader, state)
-    else:
-        _load_into(model, state, f"weights {info.ref!r}")
+    _load_state(model, req, load_state_dict_file(file), f"weights {info.ref!r}")
     return model, WeightsInfo("url", info.ref, sha256_file(file))
 
 
@@ -386,7 +376,7 @@ def _hub(req: WeightsRequest, info: WeightsInfo, build: Build) -> Any:
 # in the order they are asked: a random init or a file given wins over the alias's own weights
 WEIGHT_SOURCES: tuple[WeightSource, ...] = (
     WeightSource("random-init", lambda r: r.random_init, _random_info, _random),
-    WeightSource("url", lambda r: is_url(r.weights), _given_url_info, _given_url),
+    WeightSource("url", lambda r: is_url(r.weights), _url_info, _url),
     WeightSource("file", lambda r: r.weights is not None, _file_info, _file),
     WeightSource(
         "package",

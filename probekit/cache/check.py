@@ -11,7 +11,7 @@ are checked on everything else.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,6 @@ class CheckReport:
     full: bool  # every chunk was decoded
     damage: tuple[Damage, ...] = ()
     chunks_read: int = 0
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -273,19 +272,4 @@ def failing_chunk(arr: Any, rows: int, first: int, last: int) -> int | None:
 
 def summarize(report: CheckReport) -> Mapping[str, Any]:
     """A JSON-able summary (`probekit verify --json`)."""
-    return {
-        "store": report.store,
-        "ok": report.ok,
-        "full": report.full,
-        "chunks_read": report.chunks_read,
-        "damage": [
-            {
-                "split": d.split,
-                "array": d.array,
-                "chunks": list(d.chunks),
-                "reason": d.reason,
-                "whole": d.whole,
-            }
-            for d in report.damage
-        ],
-    }
+    return {**asdict(report), "ok": report.ok}
