@@ -126,6 +126,9 @@ def expected_arrays(meta: StoreMeta, split: str) -> list[ArraySpec]:
         dim = int(meta.feature_dims[name])
         dtype = "float32" if name in f32 else store_dtype
         out.append(ArraySpec(name, (n, dim), dtype, (rows, dim)))
+    for name, (t, d) in meta.token_shapes.items():
+        dtype = "float32" if name in f32 else store_dtype
+        out.append(ArraySpec(name, (n, t, d), dtype, (rows, t, d)))
     return out
 
 

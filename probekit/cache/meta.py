@@ -4,6 +4,7 @@ showing one (`probekit ls`, `info`) needs neither Zarr nor any array."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class StoreMeta:
     float32_features: tuple[str, ...]
     precision: str
     raw: Mapping[str, Any]
+    token_shapes: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "store") -> StoreMeta:
@@ -102,6 +104,9 @@ class StoreMeta:
                 float32_features=tuple(str(n) for n in d.get("float32_features", [])),
                 precision=str(d.get("precision") or config.get("precision", "")),
                 raw=dict(d),
+                token_shapes={
+                    str(k): (int(v[0]), int(v[1])) for k, v in d.get("token_shapes", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(

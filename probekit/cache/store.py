@@ -10,6 +10,8 @@ Layout of one store (a directory `<cache>/<dataset>/<backbone>-<key>.zarr`, plai
     <split>/done               (n_chunks,)   bool, one Zarr chunk per row chunk: resume progress
     <split>/layer<i>/<pool>    (N, D) float16|float32, chunked along N
     <split>/head/embed         (N, D)        the model's pooled pre-logits embedding
+    <split>/layer<i>/tokens    (N, T, D)     with --tokens: the layer's patch tokens (class and
+                                             register tokens excluded), all or pooled to a grid
 
 A row chunk is written whole (each array's chunk file is written atomically by Zarr's local
 store: temp file + rename) before its `done` flag is set, so a killed run never counts a
@@ -76,11 +78,14 @@ class StoreConfig:
     pools: tuple[str, ...]
     dtype: StoreDtype
     precision: str
+    tokens: str | None = None  # "all" or a grid side "8": each layer's patch tokens stored
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["preprocessing"] = json.loads(json.dumps(dict(self.preprocessing)))
         d["layers"], d["pools"] = list(self.layers), list(self.pools)
+        if self.tokens is None:  # stores without tokens keep the key they always had
+            del d["tokens"]
         return d
 
     @property
@@ -92,6 +97,11 @@ class StoreConfig:
     def feature_names(self) -> list[str]:
         """Array names under a split group, e.g. ['layer11/cls', 'head/embed']."""
         return [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
+
+    @property
+    def token_names(self) -> list[str]:
+        """The token arrays under a split group, e.g. ['layer11/tokens'] (none without tokens)."""
+        return [f"layer{i}/tokens" for i in self.layers] if self.tokens is not None else []
 
 
 class StoreLock:
@@ -215,6 +225,26 @@ class FeatureStore(ChunkedStore):
     def feature_dim(self, name: str) -> int:
         dims = self.meta["feature_dims"]
         return sum(int(dims[p]) for p in self.parts(name))
+
+    # ---- token features (`extract --tokens`)
+    @property
+    def token_names(self) -> list[str]:
+        """The stored token arrays, e.g. ['layer11/tokens'] (empty: a store without tokens)."""
+        return list(self.meta.get("token_shapes", {}))
+
+    def token_shape(self, name: str) -> tuple[int, int]:
+        """(T, D): tokens per image and their width, of token array `name`."""
+        shapes = self.meta.get("token_shapes", {})
+        if name not in shapes:
+            have = ", ".join(shapes) or "none: extract with --tokens all (or --tokens 8)"
+            raise StoreError(f"store has no token array {name!r}; token arrays: {have}.")
+        t, d = shapes[name]
+        return int(t), int(d)
+
+    def tokens(self, split: str, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n, T, D) tokens of `rows` (sorted indices; default all) of one layer."""
+        self.token_shape(name)
+        return self._read(split, name) if rows is None else self._read_rows(split, name, rows)
 
     # ---- readers
     def _array(self, split: str, name: str) -> Any:
@@ -376,7 +406,11 @@ class FeatureStore(ChunkedStore):
         dims: Mapping[str, int],
         chunk_rows: int,
         float32_features: set[str],
+        token_shapes: Mapping[str, tuple[int, int]] | None = None,
     ) -> FeatureStore:
+        """A new store: every array made empty (features (N, D); tokens (N, T, D) with
+        `token_shapes` {name: (T, D)}), metadata written last (status partial)."""
+        shapes = {k: (int(v[0]), int(v[1])) for k, v in (token_shapes or {}).items()}
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         store = cls(path, group)
         for split, n in split_sizes.items():
@@ -393,10 +427,13 @@ class FeatureStore(ChunkedStore):
                     split,
                     name,
                     n,
-                    dims[name],
+                    (dims[name],),
                     chunk_rows,
                     "float32" if name in float32_features else config.dtype,
                 )
+            for name, shape in shapes.items():
+                dtype = "float32" if name in float32_features else config.dtype
+                store._create_feature(split, name, n, shape, chunk_rows, dtype)
         group.attrs[META_KEY] = {
             **meta,
             "format_version": FORMAT_VERSION,
@@ -407,6 +444,7 @@ class FeatureStore(ChunkedStore):
             "feature_names": config.feature_names,
             "feature_dims": dict(dims),
             "float32_features": sorted(float32_features),
+            "token_shapes": {k: list(v) for k, v in shapes.items()},
             "status": "partial",
             # every chunk of every array is written, fill values too: a missing file is damage
             "chunk_files": "all",
@@ -416,12 +454,13 @@ class FeatureStore(ChunkedStore):
         return store
 
     def _create_feature(
-        self, split: str, name: str, n: int, dim: int, chunk_rows: int, dtype: str
+        self, split: str, name: str, n: int, row: tuple[int, ...], chunk_rows: int, dtype: str
     ) -> None:
+        """One feature array (n, *row), chunked along its rows alone."""
         self.group.create_array(
             f"{split}/{name}",
-            shape=(n, dim),
-            chunks=(max(1, min(chunk_rows, n)), dim),
+            shape=(n, *row),
+            chunks=(max(1, min(chunk_rows, n)), *row),
             dtype=dtype,
             compressors=COMPRESSOR,
             fill_value=0,
@@ -503,10 +542,10 @@ class FeatureStore(ChunkedStore):
         f32 = sorted({*self.meta.get("float32_features", []), name})
         self.update_meta(float32_features=f32)
         meta = self.meta
+        shapes = meta.get("token_shapes", {})
+        row = tuple(shapes[name]) if name in shapes else (meta["feature_dims"][name],)
         for split, n in meta["splits"].items():
-            self._create_feature(
-                split, name, n, meta["feature_dims"][name], meta["chunk_rows"], "float32"
-            )
+            self._create_feature(split, name, n, row, meta["chunk_rows"], "float32")
 
     def remove_partial_files(self) -> int:
         """Delete temp files a killed writer left behind; return how many."""

@@ -57,6 +57,7 @@ class Begin(NamedTuple):
     dtype: str
     f32: list[str]  # features kept in float32
     chunk_rows: int
+    shapes: dict[str, tuple[int, ...]]  # token arrays: each row's (T, D) (flat in buffers)
 
 
 class Chunk(NamedTuple):
@@ -171,15 +172,21 @@ class ChunkWriter:
         dtype: str,
         f32: set[str],
         chunk_rows: int,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
-        """Write chunks of the store at `store_path`, whose features are `dims` (in order)."""
+        """Write chunks of the store at `store_path`, whose features are `dims` (in order);
+        `shapes`: the row shape of each token array (its `dims` width flattened)."""
         self.settle()
         width = sum(dims.values())
         size = SLOTS * _stride(chunk_rows, width)
         fd = shared_memory(size, "probekit-chunks")
         try:
             self._shared = mmap.mmap(fd, size)
-            self._send(Begin(str(store_path), dict(dims), dtype, sorted(f32), chunk_rows))
+            self._send(
+                Begin(
+                    str(store_path), dict(dims), dtype, sorted(f32), chunk_rows, dict(shapes or {})
+                )
+            )
             try:
                 send_handle(self._conn, fd, self._proc.pid)
             except OSError:
@@ -306,7 +313,7 @@ class _Writer:
         self.conn = conn
         self.store: Any = None
         self.buffers: list[ChunkBuffer] = []
-        self.begun = Begin("", {}, "float16", [], 0)
+        self.begun = Begin("", {}, "float16", [], 0, {})
 
     def handle(self, msg: Begin | Chunk | End) -> bool:
         if isinstance(msg, End):
@@ -346,6 +353,8 @@ class _Writer:
             columns = chunk_columns(
                 buf.features[: msg.rows], buf.valid[: msg.rows], why, b.dims, b.dtype, set(b.f32)
             )
+            for name, shape in b.shapes.items():  # token rows back to (rows, T, D)
+                columns[name] = columns[name].reshape(msg.rows, *shape)
             columns["labels"] = np.asarray(msg.labels)
             columns["ids"] = np.array(msg.ids, dtype=str)
             self.store.write_chunk(msg.split, msg.chunk, b.chunk_rows, columns)

@@ -24,6 +24,7 @@ __all__ = [
     "RandomInitOpt",
     "ReferenceOpt",
     "StoreArg",
+    "TokensOpt",
     "TriageSizeOpt",
     "WeightsOpt",
     "err",
@@ -85,6 +86,14 @@ TriageSizeOpt = Annotated[
     typer.Option(
         help="Evaluation resolution of every backbone: N (short side resized to N/0.875, centre "
         "N cropped), native (each model's pretrained size), or a list 224,336,448 (a sweep)."
+    ),
+]
+TokensOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Also store each chosen layer's patch tokens (N, T, D) for attentive probes: all, "
+        "or a grid side g (tokens average-pooled to g x g). The size is said first and checked "
+        "against free space \[default: none]."
     ),
 ]
 AllowPartialOpt = Annotated[

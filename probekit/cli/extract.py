@@ -13,6 +13,7 @@ from probekit.cli._common import (
     PoolOpt,
     QuietOpt,
     RandomInitOpt,
+    TokensOpt,
     WeightsOpt,
     out,
 )
@@ -44,6 +45,7 @@ def extract(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     img_size: ImgSizeOpt = None,
+    tokens: TokensOpt = None,
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")

@@ -56,6 +56,7 @@ from probekit.extraction.plan import (
     default_workers,
 )
 from probekit.extraction.preprocess import DeviceCrop, Geometry, geometry_transform, square
+from probekit.extraction.tokens import TOKEN_CHUNK_BYTES, check_token_space
 from probekit.specs import ModelSpec
 
 __all__ = [
@@ -212,6 +213,7 @@ def _extract(plan: ExtractPlan, dist: Dist, opts: ExtractOptions, t0: float) -> 
             plan.policy,
             compile=plan.compile,
             crop=None if plan.pixels is None else plan.pixels.crop,
+            tokens=plan.options.tokens,
         )
         store = _prepare_store(plan, bb, fx, found, dist)
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
@@ -285,14 +287,22 @@ def _prepare_store(
     """A new store (rank 0 makes it), or the one found, cleared of a killed writer's temp files."""
     store = found
     if dist.is_main and store is None:
+        widths = fx.dims(plan.size)
+        dims = {k: v for k, v in widths.items() if k not in fx.token_shapes}
+        chunk_rows = plan.options.chunk_rows
+        if fx.token_shapes:
+            check_token_space(plan, fx)
+            # a chunk's rows travel through shared buffers as float32: a bounded chunk
+            chunk_rows = min(chunk_rows, max(16, TOKEN_CHUNK_BYTES // (4 * sum(widths.values()))))
         store = FeatureStore.create(
             plan.path,
             plan.config,
-            plan.store_meta(bb),
+            plan.store_meta(bb, fx),
             {k: len(v) for k, v in plan.dataset.splits.items()},
-            fx.dims(plan.size),
-            plan.options.chunk_rows,
+            dims,
+            chunk_rows,
             set(),
+            fx.token_shapes,
         )
     elif store is not None:
         store.remove_partial_files()

@@ -293,9 +293,11 @@ class Runner:
             for c in cs
         )
         names = list(self.fx.names)  # a batch's features side by side, in this order
-        dims = {k: int(store.meta["feature_dims"][k]) for k in names}
+        shapes = {k: tuple(v) for k, v in store.meta.get("token_shapes", {}).items()}
+        widths = {k: int(t) * int(d) for k, (t, d) in shapes.items()}  # tokens travel flat
+        dims = {k: widths.get(k) or int(store.meta["feature_dims"][k]) for k in names}
         f32 = set(store.meta.get("float32_features", []))
-        self.writer.begin(store.path, dims, self.plan.options.dtype, f32, chunk_rows)
+        self.writer.begin(store.path, dims, self.plan.options.dtype, f32, chunk_rows, shapes)
         stats = LoopStats()
         t_start = time.perf_counter()
         try:

@@ -26,8 +26,11 @@ __all__ = [
     "FeatureExtractor",
     "keep_freed_memory",
     "parse_pools",
+    "parse_tokens",
     "pool_features",
+    "pool_tokens",
     "resolve_policy",
+    "token_grid",
 ]
 
 POOLS = ("cls", "mean", "cls+mean", "gem")
@@ -125,11 +128,52 @@ def pool_features(
     raise AssertionError(pool)
 
 
+def parse_tokens(value: str | int | None) -> str | None:
+    """`--tokens`: None (no tokens), "all", or a grid side g >= 1 (as text: "8")."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "all":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return str(int(text))
+    raise OptionError(
+        f"tokens takes all or a grid side such as 8 (tokens average-pooled to 8x8), not {value!r}."
+    )
+
+
+def token_grid(grid: str, size: tuple[int, int]) -> tuple[int, int]:
+    """The stored grid of a layer whose map is `size` (H, W): the map itself for "all", else
+    g x g (a map smaller than g is kept whole: pooling never upsamples)."""
+    if grid == "all":
+        return size
+    g = int(grid)
+    return min(g, size[0]), min(g, size[1])
+
+
+def pool_tokens(
+    spatial: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """A layer's patch tokens as (B, T, C) float32, row-major over the (pooled) grid.
+
+    spatial: (B, C, H, W), or (B, H*W, C) tokens (NLC, prefix tokens already apart)."""
+    x = spatial.float()
+    if x.ndim == 3:
+        if grid == size:
+            return x
+        b, _, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, *size)
+    if tuple(x.shape[2:]) != grid:
+        x = torch.nn.functional.adaptive_avg_pool2d(x, grid)
+    return x.flatten(2).transpose(1, 2)
+
+
 class FeatureExtractor:
     """uint8 image batches in, pooled fp32 features per layer/pool out, from ONE forward pass.
 
     `crop`: the batches are larger squares (a shared pixel cache): this geometry's input is cut
-    from them first, in the same (compiled) graph."""
+    from them first, in the same (compiled) graph. `tokens` ("all" or a grid side): each
+    layer's patch tokens too, as `layer<i>/tokens` (B, T*C) (`token_shapes` gives (T, C))."""
 
     def __init__(
         self,
@@ -139,6 +183,7 @@ class FeatureExtractor:
         policy: DevicePolicy,
         compile: bool = False,
         crop: DeviceCrop | None = None,
+        tokens: str | None = None,
     ):
         # Any: timm's uniform contract (forward_intermediates, forward_head) is not in nn.Module
         self.model: Any = backbone.model.to(policy.device).to(memory_format=torch.channels_last)
@@ -152,7 +197,16 @@ class FeatureExtractor:
         self.scale = (1.0 / (255.0 * std)).float().to(policy.device)
         self.shift = (mean / std).float().to(policy.device)
         self.names = [f"layer{i}/{p}" for i in self.layers for p in self.pools] + ["head/embed"]
-        self._token_kw = self._token_format(tuple(cfg["input_size"][1:]))
+        size = tuple(int(v) for v in cfg["input_size"][1:])
+        self._token_kw = self._token_format(size)
+        self.tokens = tokens
+        # each layer's map (H, W) and stored grid, by a probing forward (NCHW)
+        self.maps: dict[str, tuple[int, int]] = {}
+        self.grids: dict[str, tuple[int, int]] = {}
+        self.token_shapes: dict[str, tuple[int, int]] = {}
+        if tokens is not None:
+            self._probe_maps(size, tokens)
+            self.names += list(self.token_shapes)
         # uint8 batch on the device -> features: compiled as one graph, the normalization is
         # fused into the first kernels instead of passing over the batch on its own
         self._fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] = self._forward
@@ -174,6 +228,26 @@ class FeatureExtractor:
         except (AssertionError, TypeError, ValueError, RuntimeError):
             kw.pop("output_fmt")
         return kw
+
+    @torch.inference_mode()
+    def _probe_maps(self, size: tuple[int, ...], tokens: str) -> None:
+        if not self.layers:
+            raise LayerSpecError("--tokens stores the tokens of chosen layers; choose --layers.")
+        probe = torch.zeros(1, 3, *size, device=self.policy.device)
+        inters = self.model.forward_intermediates(
+            probe, indices=self.layers, norm=True, intermediates_only=True
+        )
+        for idx, inter in zip(self.layers, inters, strict=True):
+            if inter.ndim != 4:
+                raise LayerSpecError(
+                    f"layer {idx} of {type(self.model).__name__} gives no spatial map "
+                    f"({tuple(inter.shape)}); --tokens needs a ViT or CNN layer."
+                )
+            name = f"layer{idx}/tokens"
+            hw = (int(inter.shape[2]), int(inter.shape[3]))
+            grid = token_grid(tokens, hw)
+            self.maps[name], self.grids[name] = hw, grid
+            self.token_shapes[name] = (grid[0] * grid[1], int(inter.shape[1]))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> (x / 255 - mean) / std as float32 on the device, channels-last."""
@@ -202,6 +276,10 @@ class FeatureExtractor:
             spatial, prefix = inter if self.has_prefix else (inter, None)
             for p in self.pools:
                 out[f"layer{idx}/{p}"] = pool_features(spatial, prefix, p)
+            name = f"layer{idx}/tokens"
+            if name in self.grids:
+                tok = pool_tokens(spatial, self.maps[name], self.grids[name])
+                out[name] = tok.reshape(len(tok), -1)
         out["head/embed"] = head.float().flatten(1)
         return out
 

@@ -24,6 +24,7 @@ from probekit.errors import OptionError, ProbekitError, choice
 from probekit.extraction.model import (
     DevicePolicy,
     parse_pools,
+    parse_tokens,
     resolve_policy,
 )
 from probekit.extraction.preprocess import DeviceCrop, Geometry, geometry_transform, square
@@ -55,11 +56,15 @@ class ExtractOptions:
     JPEGs decoded and resized on the CUDA device (nvJPEG) instead of by CPU workers.
     num_workers: decoding processes (default: every core builds the pixel cache; beside the
     model all cores but two decode on CUDA, half of them on the CPU).
+    tokens: "all" or a grid side g: each chosen layer's patch tokens stored too, as
+    `<split>/layer<i>/tokens` (N, T, D) (all of them, or average-pooled to a g x g grid), for
+    attentive probes; the store's size is estimated first and checked against free space.
     """
 
     layers: str | Sequence[int] = DEFAULT_LAYERS
     pool: str | Sequence[str] = DEFAULT_POOLS
     img_size: int | None = None
+    tokens: str | int | None = None
     dtype: StoreDtype = "float16"
     precision: str = "auto"
     device: str = "auto"
@@ -90,6 +95,7 @@ class ExtractOptions:
                 raise OptionError(f"{name} must be a positive number of pixels, not {value!r}.")
         if self.num_workers is not None and self.num_workers < 0:
             raise OptionError(f"num_workers must be 0 or more, not {self.num_workers}.")
+        object.__setattr__(self, "tokens", parse_tokens(self.tokens))
         choice("dtype", self.dtype, ("float16", "float32"))
         choice("decode", self.decode, ("cpu", "gpu"))
         choice("pixel_reader", self.pixel_reader, ("process", "threads"))
@@ -153,6 +159,8 @@ class ExtractPlan:
         skeleton = model.create(img_size=opts.img_size, load=False)
         check_img_size(model.name, skeleton, opts.img_size)
         layers = parse_layers(opts.layers, skeleton.num_layers)
+        if opts.tokens is not None and not layers:
+            raise OptionError("tokens are stored for chosen layers; give --layers (e.g. last).")
         pools, notes = parse_pools(opts.pool, skeleton.has_class_token)
         keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
         preprocessing = {k: skeleton.data_config[k] for k in keys}
@@ -172,6 +180,7 @@ class ExtractPlan:
             pools if layers else (),
             opts.dtype,
             policy.precision,
+            opts.tokens,
         )
         return cls(
             model=model,
@@ -246,11 +255,18 @@ class ExtractPlan:
             },
         }
 
-    def store_meta(self, bb: Backbone) -> dict[str, Any]:
-        """The metadata a new store of this plan records (besides its config and layout)."""
+    def store_meta(self, bb: Backbone, fx: Any = None) -> dict[str, Any]:
+        """The metadata a new store of this plan records (besides its config and layout);
+        `fx` (the `FeatureExtractor`) tells what its token arrays are."""
         feature_info = getattr(bb.model, "feature_info", [])
         ds = self.dataset
+        extra: dict[str, Any] = {}
+        if fx is not None and fx.token_shapes:
+            from probekit.extraction.tokens import token_meta
+
+            extra["tokens"] = token_meta(fx)
         return {
+            **extra,
             "dataset": {
                 "spec": ds.spec,
                 "name": ds.name,
@@ -281,7 +297,16 @@ class ExtractPlan:
         }
 
 
-RECIPE_OPTIONS = ("layers", "pool", "img_size", "dtype", "pixel_cache", "pixel_size", "decode")
+RECIPE_OPTIONS = (
+    "layers",
+    "pool",
+    "img_size",
+    "tokens",
+    "dtype",
+    "pixel_cache",
+    "pixel_size",
+    "decode",
+)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,101 @@
+"""The token cache's size, said before anything is written: each chosen layer's patch tokens
+(N, T, D) per split, in the store's dtype; a store that would not fit the free space of its
+disk is a one-line error that says how to shrink it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from probekit.cache.store import is_remote
+from probekit.errors import StoreError
+from probekit.extraction.model import token_grid
+
+if TYPE_CHECKING:
+    from probekit.extraction.model import FeatureExtractor
+    from probekit.extraction.plan import ExtractPlan
+
+__all__ = ["TOKEN_CHUNK_BYTES", "check_token_space", "gib", "token_bytes", "token_meta"]
+
+# a token store's chunks hold at most this many float32 bytes per row chunk (the writer's
+# shared buffers hold three of them)
+TOKEN_CHUNK_BYTES = 64 * 2**20
+
+
+def token_bytes(images: int, shapes: Mapping[str, tuple[int, int]], dtype: str = "float16") -> int:
+    """Bytes of the token arrays of `images` rows (before compression: tokens barely compress)."""
+    item = 2 if dtype == "float16" else 4
+    return images * sum(t * d for t, d in shapes.values()) * item
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB, MiB or KiB."""
+    if n >= 2**28:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _free_bytes(path: Any) -> int | None:
+    """Free bytes of the disk that will hold `path` (None for an object store)."""
+    if is_remote(path):
+        return None
+    p = Path(str(path)).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(shutil.disk_usage(p).free)
+    except OSError:
+        return None
+
+
+def check_token_space(plan: ExtractPlan, fx: FeatureExtractor) -> int:
+    """Say the token arrays' estimated size (stderr, unless quiet) and refuse a store that would
+    not fit the free space; returns the estimate in bytes."""
+    shapes = fx.token_shapes
+    need = token_bytes(plan.images, shapes, plan.options.dtype)
+    per_image = token_bytes(1, shapes, plan.options.dtype)
+    grids = ", ".join(f"{n.split('/')[0]} {g[0]}x{g[1]}" for n, g in fx.grids.items())
+    if not plan.options.quiet:
+        print(
+            f"token cache: {plan.images} images x {gib(per_image)} ({grids}; "
+            f"{len(shapes)} layer{'s' if len(shapes) != 1 else ''}) = about {gib(need)}",
+            file=sys.stderr,
+        )
+    free = _free_bytes(plan.path)
+    if free is not None and need > 0.95 * free:
+        d = {k: v[1] for k, v in shapes.items()}
+        smaller = {
+            k: (token_grid("8", fx.maps[k])[0] * token_grid("8", fx.maps[k])[1], d[k])
+            for k in shapes
+        }
+        last = list(shapes)[-1]
+        raise StoreError(
+            f"the token cache needs about {gib(need)} and {plan.path.parent} has {gib(free)} "
+            f"free: shrink it with --tokens 8 (about "
+            f"{gib(token_bytes(plan.images, smaller, plan.options.dtype))}) or fewer layers "
+            f"(--layers last: about "
+            f"{gib(token_bytes(plan.images, {last: shapes[last]}, plan.options.dtype))}), or "
+            "use --cache-dir on a larger disk."
+        )
+    return need
+
+
+def token_meta(fx: FeatureExtractor) -> dict[str, Any]:
+    """What a store records of its tokens: the grid asked for, the prefix tokens left out, and
+    each layer's map, stored grid and pooling."""
+    n_prefix = int(getattr(fx.model, "num_prefix_tokens", 0) or 0)
+    return {
+        "grid": fx.tokens,
+        "prefix_tokens_excluded": n_prefix,
+        "layers": {
+            name: {
+                "map": list(fx.maps[name]),
+                "grid": list(fx.grids[name]),
+                "pooling": "none" if fx.grids[name] == fx.maps[name] else "adaptive_avg_pool2d",
+            }
+            for name in fx.token_shapes
+        },
+    }
