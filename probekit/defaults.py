@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "DEFAULT_ATTN_LRS",
+    "DEFAULT_ATTN_WDS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHUNK_ROWS",
     "DEFAULT_CROP_PCT",
@@ -18,6 +20,7 @@ __all__ = [
     "DEFAULT_MEMORY_MB",
     "DEFAULT_POOLS",
     "DEFAULT_PROBE_BATCH_SIZE",
+    "DEFAULT_QUERIES",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOL",
     "DEFAULT_WDS",
@@ -44,4 +47,8 @@ DEFAULT_CS = tuple(float(c) for c in 10 ** np.linspace(-6, 5, 45))
 DEFAULT_HOLDOUT = 0.1  # the validation share of train where a store has no val split
 DEFAULT_EPOCHS = 20
 DEFAULT_PROBE_BATCH_SIZE = 256
+# attentive probes (AIM / V-JEPA style): AdamW, cosine schedule after a linear warmup
+DEFAULT_ATTN_LRS = (1e-4, 3e-4, 1e-3)
+DEFAULT_ATTN_WDS = (0.01, 0.1)
+DEFAULT_QUERIES = 1
 DEFAULT_TOL = 1e-4  # L-BFGS: stop when no gradient entry exceeds it (scikit-learn's default)

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["METHODS", "PROBE_METHODS", "ProbeMethod", "all_methods", "method_title"]
+__all__ = [
+    "METHODS",
+    "PROBE_METHODS",
+    "ProbeMethod",
+    "all_methods",
+    "default_probes",
+    "method_title",
+]
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,8 @@ class ProbeMethod:
     title: str  # the layer curve's panel title
     module: str  # holds `select(data, options) -> Selection`
     shown: tuple[str, ...] = ()  # the chosen hyperparameters a leaderboard entry shows
+    default: bool = True  # run by "both" and by a triage's default methods
+    tokens: bool = False  # reads the token arrays (`extract --tokens`), not pooled features
 
     def select(self) -> Callable[..., Any]:
         fn: Callable[..., Any] = importlib.import_module(self.module).select
@@ -47,15 +56,30 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             "probekit.probes.logreg",
             ("C",),
         ),
+        ProbeMethod(
+            "attentive",
+            "attentive probe on stored tokens (learned queries, multi-head cross-attention "
+            "pooling, linear classifier; lr x wd x layer grid, best epoch on validation)",
+            "attentive probe, val top-1",
+            "probekit.probes.attentive",
+            ("lr", "wd", "queries", "epoch"),
+            default=False,
+            tokens=True,
+        ),
     )
 }
 # the methods a triage runs by default, in the order of a report's columns
-METHODS = ("knn", *PROBE_METHODS)
+METHODS = ("knn", *(m.name for m in PROBE_METHODS.values() if m.default))
 
 
 def all_methods() -> tuple[str, ...]:
     """Every method there is now (kNN, then the registry's probes, in its order)."""
     return ("knn", *PROBE_METHODS)
+
+
+def default_probes() -> list[str]:
+    """The probe methods "both" means: those that read pooled features."""
+    return [m.name for m in PROBE_METHODS.values() if m.default]
 
 
 def method_title(method: str) -> str:

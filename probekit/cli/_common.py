@@ -93,7 +93,7 @@ TokensOpt = Annotated[
     typer.Option(
         help="Also store each chosen layer's patch tokens (N, T, D) for attentive probes: all, "
         "or a grid side g (tokens average-pooled to g x g). The size is said first and checked "
-        "against free space \[default: none]."
+        r"against free space \[default: none]."
     ),
 ]
 AllowPartialOpt = Annotated[

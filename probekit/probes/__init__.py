@@ -191,6 +191,11 @@ def probe(
             opts.optimizer,
             opts.cs,
             opts.tol,
+            *(
+                [opts.attn_lrs, opts.attn_wds, opts.queries, opts.attn_heads, opts.position]
+                if "attentive" in opts.methods
+                else []
+            ),
             opts.dtype,
             opts.test_split,
             [str(getattr(o, "path", o)) for o in eval_on],
@@ -228,9 +233,7 @@ def _evaluate(
         for st, spec in evals:
             usable = st.usable(split)
             rows = np.flatnonzero(usable)
-            x = Rows.from_store(
-                st, split, [f.name], rows, f.mean[None], f.std[None], budget=data.budget
-            )
+            x = sel.rows(st, split, rows, data.budget)
             y = st.labels(split)[rows]
             if st is not store:  # map the other store's class ids onto ours by name
                 ids = {c: i for i, c in enumerate(store.class_names)}
@@ -258,7 +261,8 @@ def _check_transfer(src: FeatureStore, dst: FeatureStore, name: str) -> None:
             f"cannot evaluate on {dst.info.dataset.spec}: classes {missing[:5]} are not "
             "among the probe's training classes."
         )
-    if not dst.has_feature(name) or not src.info.same_model(dst.info):
+    held = name in dst.token_names or dst.has_feature(name)
+    if not held or not src.info.same_model(dst.info):
         raise ProbekitError(
             f"cannot evaluate on {dst.path.name}: it does not hold feature {name!r} of the same "
             "backbone and weights; extract it with the same options."

@@ -15,18 +15,21 @@ import torch
 
 from probekit.cache.store import FeatureStore
 from probekit.defaults import (
+    DEFAULT_ATTN_LRS,
+    DEFAULT_ATTN_WDS,
     DEFAULT_CS,
     DEFAULT_EPOCHS,
     DEFAULT_HOLDOUT,
     DEFAULT_LRS,
     DEFAULT_PROBE_BATCH_SIZE,
+    DEFAULT_QUERIES,
     DEFAULT_TOL,
     DEFAULT_WDS,
 )
 from probekit.errors import OptionError, ProbekitError, choice
 from probekit.evaluation import check_labels
-from probekit.methods import PROBE_METHODS
-from probekit.probes.rows import Rows, feature_stats, holdout_split, linear_scores, memory_budget
+from probekit.methods import PROBE_METHODS, default_probes
+from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
 from probekit.specs import is_count, options_of, parse_list
 
 __all__ = ["Feature", "ProbeData", "ProbeOptions", "Selection"]
@@ -52,6 +55,9 @@ class ProbeOptions:
     holdout: the validation share of train when the store has no `val` split. linear heads:
     lrs (scaled by batch_size / 256), wds, epochs, batch_size, optimizer (sgd or adamw).
     logreg: cs (the C path), tol (L-BFGS gradient tolerance), refit on train + validation.
+    attentive (on token arrays, `extract --tokens`): attn_lrs x attn_wds (AdamW), queries
+    (learned queries), attn_heads (default: width / 64), position ("learned": a learned
+    position term in the attention logits; "none": order-blind), epochs and batch_size shared.
     dtype: float32 or float64; memory_mb: features held at once, beyond it streamed.
     """
 
@@ -66,6 +72,11 @@ class ProbeOptions:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     cs: Sequence[float] = DEFAULT_CS
     tol: float = DEFAULT_TOL
+    attn_lrs: Sequence[float] = DEFAULT_ATTN_LRS
+    attn_wds: Sequence[float] = DEFAULT_ATTN_WDS
+    queries: int = DEFAULT_QUERIES
+    attn_heads: int | None = None
+    position: Literal["learned", "none"] = "learned"
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
     memory_mb: int | None = None
@@ -77,7 +88,7 @@ class ProbeOptions:
 
     def __post_init__(self) -> None:
         wanted = ["both"] if self.method == "both" else parse_list(self.method, "method")
-        methods = list(PROBE_METHODS) if wanted == ["both"] else wanted
+        methods = default_probes() if wanted == ["both"] else wanted
         if not methods:
             raise OptionError("method is empty; use " + ", ".join([*PROBE_METHODS, "both"]) + ".")
         for m in methods:
@@ -90,7 +101,7 @@ class ProbeOptions:
             object.__setattr__(self, "features", tuple(names))
         if not 0 < float(self.holdout) < 1:
             raise OptionError(f"holdout must be a fraction in (0, 1), not {self.holdout!r}.")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "queries"):
             value = getattr(self, name)
             if not is_count(value):
                 raise OptionError(f"{name} must be a positive integer, not {value!r}.")
@@ -99,11 +110,17 @@ class ProbeOptions:
         mb = self.memory_mb
         if mb is not None and not is_count(mb):
             raise OptionError(f"memory_mb must be a positive number of MiB, not {mb!r}.")
+        heads = self.attn_heads
+        if heads is not None and not is_count(heads):
+            raise OptionError(f"attn_heads must be a positive integer, not {heads!r}.")
+        choice("position", self.position, ("learned", "none"))
         choice("optimizer", self.optimizer, ("sgd", "adamw"))
         choice("dtype", self.dtype, ("float32", "float64"))
         object.__setattr__(self, "lrs", _positive_numbers("lrs", self.lrs))
         object.__setattr__(self, "wds", _positive_numbers("wds", self.wds, zero=True))
         object.__setattr__(self, "cs", _positive_numbers("cs", self.cs))
+        object.__setattr__(self, "attn_lrs", _positive_numbers("attn_lrs", self.attn_lrs))
+        object.__setattr__(self, "attn_wds", _positive_numbers("attn_wds", self.attn_wds, True))
 
     @classmethod
     def of(cls, options: ProbeOptions | None = None, **changes: Any) -> ProbeOptions:
@@ -153,11 +170,27 @@ class ProbeData:
     val_y: torch.Tensor
     feats: dict[str, Feature]
     warnings: tuple[str, ...] = ()  # the dataset's own (duplicates, overlap: `Dataset.warnings`)
+    token_names: tuple[str, ...] = ()  # the token arrays the token methods read
 
     @classmethod
     def prepare(cls, store: FeatureStore, options: ProbeOptions) -> ProbeData:
         opts = options
-        names = store.check_features(opts.features) if opts.features else store.feature_names
+        tokens = [f for f in (opts.features or ()) if f in store.token_names]
+        asked = [f for f in (opts.features or ()) if f not in tokens]
+        names = store.check_features(asked) if opts.features else store.feature_names
+        if any(PROBE_METHODS[m].tokens for m in opts.methods):
+            tokens = tokens or ([] if asked else store.token_names)
+            if not tokens:
+                among = " among the features asked" if asked else ""
+                raise ProbekitError(
+                    f"{store.path.name} has no token arrays{among}: attentive probes read patch "
+                    "tokens; extract with --tokens all (or --tokens 8)."
+                )
+        if not names and any(not PROBE_METHODS[m].tokens for m in opts.methods):
+            raise ProbekitError(
+                "the features asked are all token arrays; pooled probes (linear, logreg) need a "
+                "pooled feature such as layer11/cls, or use --method attentive alone."
+            )
         if opts.test_split not in store.splits or "train" not in store.splits:
             raise ProbekitError(
                 f"probes need a train and a {opts.test_split!r} split; the store has "
@@ -199,6 +232,7 @@ class ProbeData:
             torch.from_numpy(val_y).to(dev),
             feats,
             tuple(said),
+            tuple(tokens),
         )
 
     @property
@@ -223,7 +257,8 @@ class ProbeData:
 
 @dataclass
 class Selection:
-    """The classifier one method chose on validation: W (C, D), b (C,) on `feature`.
+    """The classifier one method chose on validation: W (C, D), b (C,) on `feature` (a linear
+    method), or any `scorer` of rows (an attentive probe on token rows, which `reader` reads).
 
     config: what was chosen and how (the record's hyperparameters, with `val_top1`);
     curve: (feature, its best configuration, its validation top-1) of every feature (the
@@ -233,24 +268,46 @@ class Selection:
 
     method: str
     feature: Feature
-    weight: torch.Tensor
-    bias: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
     config: dict[str, Any]
     curve: list[tuple[str, dict[str, Any], float]]
     train_rows: Callable[[], Rows]
     train_y: torch.Tensor
+    # (1, b, width) rows -> (b, C) logits, where the classifier is not linear
+    scorer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (store, split, rows, budget) -> its rows, where they are not standardized features
+    reader: Callable[[FeatureStore, str, np.ndarray, int], Rows] | None = None
+
+    def logits(self, xb: torch.Tensor) -> torch.Tensor:
+        if self.scorer is not None:
+            return self.scorer(xb)
+        assert self.weight is not None and self.bias is not None
+        return torch.addmm(self.bias, xb[0], self.weight.T)
+
+    def rows(self, store: FeatureStore, split: str, rows: np.ndarray, budget: int) -> Rows:
+        """The rows this classifier reads, of `rows` of `split` of `store`."""
+        if self.reader is not None:
+            return self.reader(store, split, rows, budget)
+        f = self.feature
+        return Rows.from_store(
+            store, split, [f.name], rows, f.mean[None], f.std[None], budget=budget
+        )
 
     def ranked(self, rows: Rows, top: int = 5) -> np.ndarray:
         """(n, top) classes of every row, best first."""
         return np.concatenate(
             [
-                torch.addmm(self.bias, xb[0], self.weight.T)
-                .argsort(1, descending=True)[:, :top]
-                .cpu()
-                .numpy()
+                self.logits(xb).argsort(1, descending=True)[:, :top].cpu().numpy()
                 for xb in rows.blocks()
             ]
         )
 
     def train_top1(self) -> float:
-        return linear_scores(self.train_rows(), self.train_y, self.weight, self.bias)[0]
+        rows, correct, start = self.train_rows(), 0, 0
+        with torch.no_grad():
+            for xb in rows.blocks():
+                yb = self.train_y[start : start + xb.shape[1]]
+                start += xb.shape[1]
+                correct += int((self.logits(xb).argmax(1) == yb).sum())
+        return correct / rows.n

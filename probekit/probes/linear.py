@@ -14,7 +14,7 @@ import torch
 from probekit.probes.base import ProbeData, ProbeOptions, Selection
 from probekit.probes.rows import Rows, gather, log_softmax_
 
-__all__ = ["LinearHeads", "select", "train_linear_heads"]
+__all__ = ["LinearHeads", "minibatches", "select", "train_linear_heads"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _softmax_minus_onehot(heads: LinearHeads, xb: torch.Tensor, yb: torch.Tensor
     return p
 
 
-def _minibatches(
+def minibatches(
     rows: Rows, y: torch.Tensor, batch_size: int, window: int, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of minibatches. With every row in memory, a plain shuffle; otherwise a
@@ -213,7 +213,7 @@ def train_linear_heads(
     total, step = epochs * steps, 0
     decay = bool((wd0 != 0).any())
     for epoch in range(epochs):
-        for xb, yb in _minibatches(rows, y, batch_size, window, gen):
+        for xb, yb in minibatches(rows, y, batch_size, window, gen):
             p = _softmax_minus_onehot(heads, xb, yb)
             inv_b = 1.0 / len(yb)  # mean over the batch
             scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule

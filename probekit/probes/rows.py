@@ -112,14 +112,22 @@ class Rows:
         split: str,
         names: Sequence[str],
         rows: np.ndarray,
-        mean: torch.Tensor,
-        std: torch.Tensor,
+        mean: torch.Tensor | None,
+        std: torch.Tensor | None,
         *,
         budget: int,
+        raw: tuple[int, torch.dtype, torch.device] | None = None,
     ) -> Rows:
-        """Rows `rows` (sorted) of `split` for features `names`, standardized by mean/std (L, D)."""
-        n_feat, d = mean.shape
-        dtype, device = mean.dtype, mean.device
+        """Rows `rows` (sorted) of `split` for features `names`, standardized by mean/std (L, D);
+        or, with mean and std None, as stored in `raw` = (width, dtype, device): token arrays
+        (n, T, D) as rows of T*D values (each token normalized by the probe itself)."""
+        if mean is None or std is None:
+            assert raw is not None
+            d, dtype, device = raw
+            n_feat = len(names)
+        else:
+            n_feat, d = mean.shape
+            dtype, device = mean.dtype, mean.device
         row_bytes = n_feat * d * torch.empty((), dtype=dtype).element_size()
 
         def read(pos: np.ndarray) -> torch.Tensor:
@@ -128,9 +136,11 @@ class Rows:
             for i, name in enumerate(names):
                 for s in range(0, len(pos), step):
                     part = store.read_rows(split, name, rows[pos[s : s + step]])
+                    part = part.reshape(len(part), -1)
                     out[i, s : s + step] = torch.from_numpy(part).to(device, dtype)
-            out -= mean[:, None]
-            out /= std[:, None]
+            if mean is not None and std is not None:
+                out -= mean[:, None]
+                out /= std[:, None]
             return out
 
         if row_bytes * len(rows) <= budget:

@@ -1,0 +1,419 @@
+"""Attentive probes on stored patch tokens (`extract --tokens`): learned queries attend over a
+layer's tokens (multi-head cross-attention, as AIM, V-JEPA and DINOv3's video evaluation pool
+frozen features), then a linear classifier. Every (layer, lr, wd) probe of the grid is trained
+on the same minibatches in one batched pass, each keeping its best epoch on validation.
+
+One probe, for tokens x (B, T, D) of one image batch:
+
+    x' = LayerNorm(x)                                    (per token, no affine)
+    q  = queries Wq + bq                                 (Q learned queries, `heads` heads)
+    a  = softmax(q_h (x' + p) Wk_h^T / sqrt(D / heads))  over the T tokens (p: position term)
+    o  = concat_h(a x' Wv_h + bv_h) Wo + bo              (B, Q, D)
+    logits = mean over queries(o) Wc + bc
+
+This is `torch.nn.MultiheadAttention(query=q, key=x' + p, value=x')` (its key bias drops out of
+the softmax), computed associatively: each head's query is carried into the token space first
+(Wk_h^T q_h), so the keys of B x T tokens are never projected and attending costs B T D per
+query and head instead of B T D^2.
+
+The position term p (T, D), learned (default) or none: cross-attention pooling is blind to the
+tokens' order, and a CNN's map positions are carried only weakly by its features; a ViT's
+tokens carry their position embedding already.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probekit.cache.store import FeatureStore
+from probekit.probes.base import Feature, ProbeData, ProbeOptions, Selection
+from probekit.probes.linear import minibatches
+from probekit.probes.rows import Rows
+
+__all__ = ["AttentiveHeads", "default_heads", "select", "token_rows", "train_attentive_heads"]
+
+# the weights each probe decays (AdamW, decoupled); biases are not decayed
+DECAYED = ("query", "wq", "wk", "wv", "wo", "pos", "wc")
+
+
+def default_heads(width: int) -> int:
+    """Heads of width 64 (a ViT's), the most that divide `width` (at least 1)."""
+    h = max(1, width // 64)
+    while width % h:
+        h -= 1
+    return h
+
+
+@dataclass
+class AttentiveHeads:
+    """L x H attentive probes (L layers of one token shape, H (lr, wd) configurations each).
+
+    `params[name]` is (L, H, ...): query (Q, D), wq/wk/wv/wo (D, D), bq/bv/bo (D,), pos (T, D)
+    (absent without a position term), wc (D, C), bc (C,). epoch/val_acc/val_loss: (L, H).
+    """
+
+    params: dict[str, torch.Tensor]
+    heads: int
+    epoch: np.ndarray
+    val_acc: np.ndarray
+    val_loss: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        l_, h_ = self.params["wc"].shape[:2]
+        return int(l_), int(h_)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(L, B, T, D) tokens -> (L, H, B, Q, D): every probe's attention-pooled outputs."""
+        p = self.params
+        n_layers, n_cfg = self.shape
+        q_n, d = p["query"].shape[2:]
+        nh = self.heads
+        dh = d // nh
+        xn = F.layer_norm(x, (d,))
+        qp = torch.einsum("lhqd,lhed->lhqe", p["query"], p["wq"]) + p["bq"][:, :, None]
+        qh = qp.view(n_layers, n_cfg, q_n, nh, dh)
+        # each head's query in the token space: Wk_h^T q_h (the key bias drops out of softmax)
+        u = torch.einsum("lhqnd,lhnde->lhqne", qh, p["wk"].view(n_layers, n_cfg, nh, dh, d))
+        u = u * dh**-0.5
+        s = torch.einsum("lbte,lhqne->lhbqnt", xn, u)
+        if "pos" in p:
+            s = s + torch.einsum("lhqne,lhte->lhqnt", u, p["pos"])[:, :, None]
+        a = s.softmax(-1)
+        pooled = torch.einsum("lhbqnt,lbte->lhbqne", a, xn)
+        v = torch.einsum("lhbqne,lhnde->lhbqnd", pooled, p["wv"].view(n_layers, n_cfg, nh, dh, d))
+        v = v + p["bv"].view(n_layers, n_cfg, 1, 1, nh, dh)
+        v = v.reshape(*v.shape[:4], d)
+        return torch.einsum("lhbqd,lhed->lhbqe", v, p["wo"]) + p["bo"][:, :, None, None]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(L, B, T, D) tokens -> (L, H, B, C)."""
+        z = self.pooled(x).mean(3)
+        return torch.einsum("lhbd,lhdc->lhbc", z, self.params["wc"]) + self.params["bc"][:, :, None]
+
+    def one(self, layer: int, cfg: int) -> AttentiveHeads:
+        """Probe (layer, cfg) alone, as a 1 x 1 grid (its tensors copied)."""
+        params = {k: v[layer : layer + 1, cfg : cfg + 1].clone() for k, v in self.params.items()}
+        keep = (slice(layer, layer + 1), slice(cfg, cfg + 1))
+        return AttentiveHeads(
+            params, self.heads, self.epoch[keep], self.val_acc[keep], self.val_loss[keep]
+        )
+
+
+def _init(
+    n_layers: int,
+    n_cfg: int,
+    t: int,
+    d: int,
+    c: int,
+    queries: int,
+    position: bool,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One probe's initial weights from `seed` (as torch.nn.MultiheadAttention initializes its
+    projections: Xavier uniform, zero biases; queries and classifier N(0, 0.02)), copied to
+    every probe of the grid: a probe's start does not depend on its place in the grid."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = math.sqrt(6.0 / (2 * d))
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+
+    one = {
+        "query": torch.randn(queries, d, generator=gen, dtype=torch.float64) * 0.02,
+        "wq": uniform(d, d),
+        "bq": torch.zeros(d, dtype=torch.float64),
+        "wk": uniform(d, d),
+        "wv": uniform(d, d),
+        "bv": torch.zeros(d, dtype=torch.float64),
+        "wo": uniform(d, d),
+        "bo": torch.zeros(d, dtype=torch.float64),
+        "wc": torch.randn(d, c, generator=gen, dtype=torch.float64) * 0.02,
+        "bc": torch.zeros(c, dtype=torch.float64),
+    }
+    if position:
+        one["pos"] = torch.zeros(t, d, dtype=torch.float64)
+    return {
+        k: v.to(device, dtype).expand(n_layers, n_cfg, *v.shape).clone().requires_grad_(True)
+        for k, v in one.items()
+    }
+
+
+def _tokens(xb: torch.Tensor, t: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """(L, B, T*D) rows (as stored: float16) -> (L, B, T, D) in the compute dtype."""
+    return xb.view(xb.shape[0], xb.shape[1], t, d).to(dtype)
+
+
+def _autocast(device: torch.device) -> Any:
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _scores(
+    heads: AttentiveHeads, rows: Rows, y: torch.Tensor, t: int, d: int, dtype: torch.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy, mean cross-entropy), each (L, H), of every probe on `rows`."""
+    shape = heads.shape
+    correct = torch.zeros(shape, dtype=torch.int64, device=rows.device)
+    loss = torch.zeros(shape, dtype=torch.float64, device=rows.device)
+    start = 0
+    with torch.no_grad():
+        for xb in _blocks(rows, 1024):
+            yb = y[start : start + xb.shape[1]]
+            start += xb.shape[1]
+            with _autocast(rows.device):
+                logits = heads.logits(_tokens(xb, t, d, dtype))
+            log_p = logits.float().log_softmax(-1)  # (L, H, b, C)
+            correct += (log_p.argmax(-1) == yb).sum(-1)
+            idx = yb.view(1, 1, -1, 1).expand(*shape, -1, 1)
+            loss -= log_p.gather(-1, idx)[..., 0].sum(-1, dtype=torch.float64)
+    return (correct.double() / rows.n).cpu().numpy(), (loss / rows.n).cpu().numpy()
+
+
+def _blocks(rows: Rows, size: int) -> Any:
+    """Every row once, in order, at most `size` rows at a time (bounded activations)."""
+    for block in rows.blocks():
+        for s in range(0, block.shape[1], size):
+            yield block[:, s : s + size]
+
+
+def train_attentive_heads(
+    x: torch.Tensor | Rows,
+    y: torch.Tensor,
+    n_classes: int,
+    token_shape: tuple[int, int],
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    *,
+    queries: int = 1,
+    heads: int | None = None,
+    position: bool = True,
+    epochs: int = 20,
+    batch_size: int = 256,
+    seed: int = 0,
+    x_val: torch.Tensor | Rows | None = None,
+    y_val: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    window: int | None = None,
+) -> AttentiveHeads:
+    """Train every (layer, lr, wd) attentive probe on the same minibatches.
+
+    x: (L, N, T*D) token rows of L layers of one token shape (T, D), or streamed `Rows`.
+    AdamW (betas 0.9, 0.999, eps 1e-8, decoupled weight decay on the weights), a linear warmup
+    over the first epoch (at most a tenth of the steps), then a cosine schedule. The loss is the
+    sum of every probe's mean cross-entropy: probes never interact, so a batched probe equals
+    the same probe trained alone (same seed). With a validation set, each probe keeps its
+    weights of its best epoch (accuracy, then lower loss); without, its last.
+    """
+    rows = x if isinstance(x, Rows) else Rows.of(x)
+    val = None if x_val is None else (x_val if isinstance(x_val, Rows) else Rows.of(x_val))
+    t, d = token_shape
+    n_layers, n = rows.layers, rows.n
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    n_cfg = len(grid)
+    nh = heads or default_heads(d)
+    if d % nh:
+        from probekit.errors import OptionError
+
+        raise OptionError(f"attn_heads {nh} does not divide the token width {d}.")
+    device = rows.device
+    params = _init(n_layers, n_cfg, t, d, n_classes, queries, position, seed, dtype, device)
+    state = AttentiveHeads(
+        params,
+        nh,
+        np.full((n_layers, n_cfg), epochs),
+        np.zeros((n_layers, n_cfg)),
+        np.zeros((n_layers, n_cfg)),
+    )
+    best = AttentiveHeads(
+        {k: v.detach().clone() for k, v in params.items()},
+        nh,
+        np.zeros((n_layers, n_cfg), int),
+        np.full((n_layers, n_cfg), -1.0),
+        np.full((n_layers, n_cfg), np.inf),
+    )
+    lr0 = torch.tensor([lr for lr, _ in grid], dtype=dtype, device=device)
+    wd0 = torch.tensor([wd for _, wd in grid], dtype=dtype, device=device)
+    m1 = {k: torch.zeros_like(v) for k, v in params.items()}
+    m2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    steps = max(1, math.ceil(n / batch_size))
+    total = epochs * steps
+    warmup = max(1, min(steps, total // 10))
+    window = (n if rows.resident else rows.block) if window is None else window
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(epochs):
+        for xb, yb in minibatches(rows, y, batch_size, window, gen):
+            with _autocast(device):
+                logits = state.logits(_tokens(xb, t, d, dtype))
+            # every probe's mean cross-entropy, summed: each gets its own gradient
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, n_classes),
+                yb.repeat(n_layers * n_cfg),
+                reduction="sum",
+            ) / len(yb)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            step += 1
+            if step <= warmup:
+                scale = step / warmup
+            else:
+                scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            with torch.no_grad():
+                for (name, p), g in zip(params.items(), grads, strict=True):
+                    g = g.to(p.dtype)
+                    view = (n_layers, n_cfg) + (1,) * (p.ndim - 2)
+                    lr = (lr0 * scale).view(1, n_cfg, *view[2:])
+                    if name in DECAYED:
+                        p.mul_(1 - lr * wd0.view(1, n_cfg, *view[2:]))
+                    m1[name].mul_(0.9).add_(g, alpha=0.1)
+                    m2[name].mul_(0.999).addcmul_(g, g, value=0.001)
+                    m_hat = m1[name] / (1 - 0.9**step)
+                    v_hat = m2[name] / (1 - 0.999**step)
+                    p.sub_(lr * m_hat / (v_hat.sqrt() + 1e-8))
+        if val is not None and y_val is not None:
+            acc, vloss = _scores(state, val, y_val, t, d, dtype)
+            better = (acc > best.val_acc) | ((acc == best.val_acc) & (vloss < best.val_loss))
+            if better.any():
+                mask = torch.from_numpy(better).to(device)
+                for k, v in params.items():
+                    best.params[k][mask] = v.detach()[mask]
+                best.epoch[better], best.val_acc[better] = epoch + 1, acc[better]
+                best.val_loss[better] = vloss[better]
+    if val is not None:
+        return best
+    state.params = {k: v.detach() for k, v in params.items()}
+    return state
+
+
+def token_rows(
+    data: ProbeData,
+    store: FeatureStore,
+    split: str,
+    names: Sequence[str],
+    rows: np.ndarray,
+    budget: int,
+) -> Rows:
+    """Token rows (L, n, T*D) of `names` (one token shape), held in their stored dtype on the
+    probe's device when they fit `budget`, else streamed from the store."""
+    t, d = store.token_shape(names[0])
+    f32 = set(store.meta.get("float32_features", []))
+    stored = torch.float32 if any(n in f32 for n in names) else torch.float16
+    if data.device.type == "cpu" and stored == torch.float16:
+        stored = torch.float16  # held as stored: half the memory; cast per minibatch
+    return Rows.from_store(
+        store, split, list(names), rows, None, None, budget=budget, raw=(t * d, stored, data.device)
+    )
+
+
+def select(data: ProbeData, options: ProbeOptions) -> Selection:
+    """Every (layer, lr, wd) attentive probe trained together (layers of one token shape as one
+    stack), epoch and probe chosen on validation accuracy, then the lower validation loss."""
+    store = data.store
+    grid = [(lr, wd) for lr in options.attn_lrs for wd in options.attn_wds]
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name in data.token_names:
+        by_shape.setdefault(store.token_shape(name), []).append(name)
+    best: tuple[tuple[float, float], Any] = ((-1.0, 0.0), None)
+    curve: list[tuple[str, dict[str, Any], float]] = []
+    streamed = False
+    dtype = options.torch_dtype
+    for shape, group in by_shape.items():
+        share = data.fit_share
+        fit_x = token_rows(data, store, "train", group, data.fit_rows, int(data.budget * share))
+        val_x = token_rows(
+            data, store, data.val_split, group, data.val_rows, int(data.budget * (1 - share))
+        )
+        streamed |= not fit_x.resident
+        heads = train_attentive_heads(
+            fit_x,
+            data.fit_y,
+            data.n_classes,
+            shape,
+            options.attn_lrs,
+            options.attn_wds,
+            queries=options.queries,
+            heads=options.attn_heads,
+            position=options.position == "learned",
+            epochs=options.epochs,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            x_val=val_x,
+            y_val=data.val_y,
+            dtype=dtype,
+        )
+        del fit_x, val_x
+        for li, name in enumerate(group):
+            hd = int(np.lexsort((heads.val_loss[li], -heads.val_acc[li]))[0])
+            curve.append((name, {"lr": grid[hd][0], "wd": grid[hd][1]}, heads.val_acc[li, hd]))
+        flat = np.lexsort((heads.val_loss.ravel(), -heads.val_acc.ravel()))[0]
+        li, hd = (int(v) for v in np.unravel_index(int(flat), heads.val_acc.shape))
+        score = (float(heads.val_acc[li, hd]), float(-heads.val_loss[li, hd]))
+        if score > best[0]:
+            best = (score, (group[li], heads.one(li, hd), hd, shape))
+    assert best[1] is not None
+    name, chosen, hd, (t, d) = best[1]
+    config: dict[str, Any] = {
+        "feature": name,
+        "lr": grid[hd][0],
+        "wd": grid[hd][1],
+        "epoch": int(chosen.epoch[0, 0]),
+        "epochs": options.epochs,
+        "batch_size": options.batch_size,
+        "queries": options.queries,
+        "attn_heads": chosen.heads,
+        "position": options.position,
+        "tokens": t,
+        "optimizer": "adamw",
+        "heads": len(grid) * len(data.token_names),
+        "val_top1": best[0][0],
+    }
+    if streamed:
+        config["features_streamed"] = True
+
+    def scorer(xb: torch.Tensor) -> torch.Tensor:
+        with _autocast(data.device):
+            return chosen.logits(_tokens(xb, t, d, dtype))[0, 0].float()
+
+    def reader(st: FeatureStore, split: str, rows: np.ndarray, budget: int) -> Rows:
+        return _Bounded(token_rows(data, st, split, [name], rows, budget), 1024)
+
+    feature = Feature(name, torch.zeros(0), torch.ones(0))
+    return Selection(
+        "attentive",
+        feature,
+        None,
+        None,
+        config,
+        curve,
+        lambda: reader(store, "train", data.fit_rows, data.budget),
+        data.fit_y,
+        scorer,
+        reader,
+    )
+
+
+class _Bounded(Rows):
+    """Rows given in blocks of at most `size` rows (an attentive probe's activations grow with
+    the block; a resident split is still read once)."""
+
+    def __init__(self, rows: Rows, size: int):
+        super().__init__(rows.n, rows.layers, rows.width, dtype=rows.dtype, device=rows.device)
+        self.inner, self.size = rows, size
+
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        return self.inner.take(positions)
+
+    def blocks(self) -> Any:
+        yield from _blocks(self.inner, self.size)
