@@ -47,8 +47,10 @@ DEFAULT_CS = tuple(float(c) for c in 10 ** np.linspace(-6, 5, 45))
 DEFAULT_HOLDOUT = 0.1  # the validation share of train where a store has no val split
 DEFAULT_EPOCHS = 20
 DEFAULT_PROBE_BATCH_SIZE = 256
-# attentive probes (AIM / V-JEPA style): AdamW, cosine schedule after a linear warmup
-DEFAULT_ATTN_LRS = (1e-4, 3e-4, 1e-3)
+# attentive probes (AIM / V-JEPA style): AdamW, cosine schedule after a linear warmup; at
+# least ATTN_MIN_STEPS steps an epoch (the batch shrinks on small datasets, to 16 at least)
+ATTN_MIN_STEPS = 10
+DEFAULT_ATTN_LRS = (3e-4, 1e-3, 3e-3)
 DEFAULT_ATTN_WDS = (0.01, 0.1)
 DEFAULT_QUERIES = 1
 DEFAULT_TOL = 1e-4  # L-BFGS: stop when no gradient entry exceeds it (scikit-learn's default)

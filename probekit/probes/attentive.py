@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from probekit.cache.store import FeatureStore
+from probekit.defaults import ATTN_MIN_STEPS
 from probekit.probes.base import Feature, ProbeData, ProbeOptions, Selection
 from probekit.probes.linear import minibatches
 from probekit.probes.rows import Rows
@@ -329,6 +330,8 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
     curve: list[tuple[str, dict[str, Any], float]] = []
     streamed = False
     dtype = options.torch_dtype
+    # a small train split still gets ATTN_MIN_STEPS AdamW steps an epoch
+    batch = min(options.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
     for shape, group in by_shape.items():
         share = data.fit_share
         fit_x = token_rows(data, store, "train", group, data.fit_rows, int(data.budget * share))
@@ -347,7 +350,7 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
             heads=options.attn_heads,
             position=options.position == "learned",
             epochs=options.epochs,
-            batch_size=options.batch_size,
+            batch_size=batch,
             seed=options.seed,
             x_val=val_x,
             y_val=data.val_y,
@@ -370,7 +373,7 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
         "wd": grid[hd][1],
         "epoch": int(chosen.epoch[0, 0]),
         "epochs": options.epochs,
-        "batch_size": options.batch_size,
+        "batch_size": batch,
         "queries": options.queries,
         "attn_heads": chosen.heads,
         "position": options.position,
