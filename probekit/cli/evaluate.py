@@ -21,12 +21,15 @@ from probekit.cli._common import (
     RandomInitOpt,
     RecordsOut,
     StoreArg,
+    TokensOpt,
     WeightsOpt,
     parse_ks,
     store_path,
 )
 from probekit.cli._common import out as stdout  # `out` is the commands' --out
 from probekit.defaults import (
+    DEFAULT_ATTN_LRS,
+    DEFAULT_ATTN_WDS,
     DEFAULT_EPOCHS,
     DEFAULT_HOLDOUT,
     DEFAULT_KS,
@@ -34,6 +37,7 @@ from probekit.defaults import (
     DEFAULT_MEMORY_MB,
     DEFAULT_POOLS,
     DEFAULT_PROBE_BATCH_SIZE,
+    DEFAULT_QUERIES,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOL,
 )
@@ -109,6 +113,14 @@ def knn_cmd(
     stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")
 
 
+def parse_numbers(text: str, flag: str) -> list[float]:
+    """`--attn-lrs 3e-4,1e-3`."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OptionError(f"{flag} takes numbers such as 3e-4,1e-3, not {text!r}.") from None
+
+
 def probe_cmd(
     store: StoreArg = None,
     backbone: BackboneOpt = None,
@@ -118,10 +130,11 @@ def probe_cmd(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     img_size: ImgSizeOpt = None,
+    tokens: TokensOpt = None,
     method: Annotated[
         str,
         typer.Option(
-            help="Probe methods (comma list), or both (all): "
+            help="Probe methods (comma list), or both (linear and logreg): "
             + "; ".join(f"{m.name}: {m.summary}" for m in PROBE_METHODS.values())
             + "."
         ),
@@ -148,6 +161,21 @@ def probe_cmd(
     tol: Annotated[
         float, typer.Option(help="Logistic regression: stop when no gradient entry exceeds it.")
     ] = DEFAULT_TOL,
+    attn_lrs: Annotated[
+        str, typer.Option(help="Attentive: AdamW learning rates (comma list).")
+    ] = ",".join(map(str, DEFAULT_ATTN_LRS)),
+    attn_wds: Annotated[
+        str, typer.Option(help="Attentive: weight decays (comma list).")
+    ] = ",".join(map(str, DEFAULT_ATTN_WDS)),
+    queries: Annotated[int, typer.Option(help="Attentive: learned queries.")] = DEFAULT_QUERIES,
+    attn_heads: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Attentive: attention heads \\[default: token width / 64]."),
+    ] = None,
+    position: Annotated[
+        str,
+        typer.Option(help="Attentive: learned (a learned position term on the keys) or none."),
+    ] = "learned",
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     memory_mb: Annotated[
@@ -170,11 +198,21 @@ def probe_cmd(
     from probekit.probes import ProbeOptions, probe
     from probekit.specs import options_from
 
-    given = dict(locals())
+    given = dict(
+        locals(),
+        attn_lrs=parse_numbers(attn_lrs, "--attn-lrs"),
+        attn_wds=parse_numbers(attn_wds, "--attn-wds"),
+    )
     # the extraction a store named by --backbone and --data gets: these options alone (the
-    # probe's own batch_size, dtype and device are the probe's)
+    # probe's own batch_size, dtype and device are the probe's); attentive needs tokens
+    wants_tokens = "attentive" in parse_list(method, "--method")
     extract_options = ExtractOptions(
-        layers=layers, pool=pool, img_size=img_size, cache_dir=cache_dir, quiet=quiet
+        layers=layers,
+        pool=pool,
+        img_size=img_size,
+        tokens=tokens or ("all" if wants_tokens else None),
+        cache_dir=cache_dir,
+        quiet=quiet,
     )
     path = store_path(store, backbone, data, given, extract_options)
     others: list[str] = []

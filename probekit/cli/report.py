@@ -14,6 +14,7 @@ from probekit.cli._common import (
     PoolOpt,
     QuietOpt,
     ReferenceOpt,
+    TokensOpt,
     TriageSizeOpt,
     out,
     parse_ks,
@@ -25,7 +26,7 @@ from probekit.defaults import (
     DEFAULT_LAYERS,
     DEFAULT_POOLS,
 )
-from probekit.methods import METHODS
+from probekit.methods import METHODS, all_methods
 
 if TYPE_CHECKING:
     from probekit.report import Report
@@ -114,10 +115,16 @@ def triage_cmd(
             help="Comma list of 'SOURCE->TARGET': probes trained on SOURCE, tested on TARGET."
         ),
     ] = None,
-    methods: Annotated[str, typer.Option(help=f"Any of {', '.join(METHODS)}.")] = ",".join(METHODS),
+    methods: Annotated[
+        str,
+        typer.Option(
+            help=f"Any of {', '.join(all_methods())} (attentive stores tokens: --tokens)."
+        ),
+    ] = ",".join(METHODS),
     layers: LayersOpt = DEFAULT_LAYERS,
     pool: PoolOpt = DEFAULT_POOLS,
     img_size: TriageSizeOpt = str(DEFAULT_IMG_SIZE),
+    tokens: TokensOpt = None,
     k: Annotated[str, typer.Option("--k", help="kNN neighbour counts to choose from.")] = (
         ",".join(map(str, DEFAULT_KS))
     ),
@@ -165,6 +172,7 @@ def triage_cmd(
         layers=layers,
         pool=pool,
         img_size=img_size,
+        tokens=tokens,
         ks=parse_ks(k),
         features=features,
         reference=reference,

@@ -57,6 +57,7 @@ def triage(
     layers: str | Sequence[int] = DEFAULT_LAYERS,
     pool: str | Sequence[str] = DEFAULT_POOLS,
     img_size: int | str | Sequence[int | str] | None = DEFAULT_IMG_SIZE,
+    tokens: str | int | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     features: str | Sequence[str] | None = None,
     reference: str | None = None,
@@ -83,7 +84,9 @@ def triage(
     backbone's crop cut and resized on the device (see `extract`). `img_size`: the evaluation
     resolution of every backbone (default 224: the short side resized to 256, the centre 224
     cropped, each model's own normalization and interpolation), `native` for each model's
-    pretrained size, or a list (224,336,448) to run every backbone at each size.
+    pretrained size, or a list (224,336,448) to run every backbone at each size. `tokens`:
+    each layer's patch tokens stored too (all, or a grid side g), what `attentive` reads; with
+    `attentive` among the methods it defaults to all.
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
@@ -102,6 +105,7 @@ def triage(
         extract=ExtractOptions(
             layers=layers,
             pool=pool,
+            tokens=tokens,
             batch_size=batch_size,
             device=device,
             precision=precision,

@@ -163,7 +163,7 @@ def _probe_all(
     spec = store.meta["dataset"]["spec"]
     res = probe(
         store,
-        method="both" if set(methods) == set(PROBE_METHODS) else ",".join(methods),
+        method=",".join(methods),
         features=features,
         eval_on=targets,
     )

@@ -10,7 +10,7 @@ from probekit.data import Dataset, load_dataset
 from probekit.defaults import DEFAULT_IMG_SIZE
 from probekit.errors import OptionError, ProbekitError
 from probekit.extraction import ExtractOptions, Geometry, geometry_transform
-from probekit.methods import all_methods
+from probekit.methods import PROBE_METHODS, all_methods
 from probekit.specs import ModelSpec, as_ints, parse_list, parse_models
 
 __all__ = ["TriagePlan", "parse_sizes", "parse_transfers"]
@@ -106,8 +106,12 @@ class TriagePlan:
         side = _pixel_size(pixel_size, models, largest)
         if side is not None and not use_pixels:
             raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
+        # attentive probes read tokens: all of them unless a grid is asked
+        tokens = extract.tokens
+        if tokens is None and any(PROBE_METHODS[m].tokens for m in wanted if m in PROBE_METHODS):
+            tokens = "all"
         options = ExtractOptions.of(
-            extract, pixel_cache=use_pixels, pixel_size=side, img_size=sizes[0]
+            extract, pixel_cache=use_pixels, pixel_size=side, img_size=sizes[0], tokens=tokens
         )
         ks_list = [int(k) for k in as_ints(ks, "ks")]
         return cls(
