@@ -68,7 +68,7 @@ else
     MODELS=vit_small_patch16_224,resnet50; IMAGES=32768; BATCH=256; JPEGS=2048; BENCH_LIMIT=200
 fi
 
-STEPS=${STEPS:-tests bench diag jpeg}
+STEPS=${STEPS:-tests bench attentive diag jpeg}
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # the whole log goes to the file (failures in full, no captured debug logging), its end here
@@ -80,6 +80,10 @@ has_step bench && step "bench: $MODELS, batch $BATCH, bf16, compiled, eager; syn
 timeout "$(limit "$BENCH_LIMIT")" $PY benchmarks/bench_extract.py --device "$DEVICE" \
     --precision bf16 --models "$MODELS" --batch-size "$BATCH" --images "$IMAGES" --compile both \
     --source pixels,synthetic --repeats 1 --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt"
+
+has_step attentive && step "attentive: one epoch from the token cache vs the backbone loop" &&
+timeout "$(limit 120)" $PY benchmarks/bench_attentive.py --device "$DEVICE" --images 2048 \
+    --batch-size 256 --out "$OUT" 2>&1 | tee "$OUT/gpu_attentive.txt"
 
 has_step diag && step "diag: the host side of ${MODELS%%,*} compiled, parts taken out" &&
 timeout "$(limit 170)" $PY benchmarks/diag_extract_host.py --model "${MODELS%%,*}" \

@@ -318,7 +318,7 @@ def _two_feature_store(tmp_path: Path, n: int = 900, d: int = 16) -> Path:
 
 def test_windowed_minibatches_visit_every_row_once() -> None:
     from probekit.probes import Rows
-    from probekit.probes.linear import _minibatches
+    from probekit.probes.linear import minibatches
 
     n = 1000
     rows = Rows.of(torch.arange(n, dtype=torch.float64)[None, :, None])
@@ -326,7 +326,7 @@ def test_windowed_minibatches_visit_every_row_once() -> None:
     gen = torch.Generator().manual_seed(0)
     for window in (n, 300, 97, 40):  # whole, and windows that do not divide into batches
         seen, sizes = [], []
-        for xb, yb in _minibatches(rows, y, 64, window, gen):
+        for xb, yb in minibatches(rows, y, 64, window, gen):
             assert torch.equal(xb[0, :, 0].long(), yb)  # features and labels stay paired
             seen.append(yb)
             sizes.append(len(yb))
