@@ -334,6 +334,21 @@ def test_windowed_minibatches_visit_every_row_once() -> None:
         assert sizes[:-1] == [64] * (len(sizes) - 1) and len(sizes) == -(-n // 64)
 
 
+def test_windowed_minibatches_mix_rows_stored_sorted_by_class() -> None:
+    """A store's rows are often sorted by class (mnist5k, image folders): a streamed window is
+    made of many small blocks, so every batch still holds nearly every class."""
+    from probekit.probes import Rows
+    from probekit.probes.linear import minibatches
+
+    n, classes = 4000, 10
+    y = torch.arange(n) * classes // n  # sorted by class
+    rows = Rows.of(y.double()[None, :, None])
+    gen = torch.Generator().manual_seed(0)
+    batches = list(minibatches(rows, y, 256, 1100, gen))
+    assert min(len(yb.unique()) for _, yb in batches) >= classes - 1
+    assert max(int(yb.bincount().max()) for _, yb in batches) < 3 * 256 // classes
+
+
 def test_streamed_features_give_the_same_probes(tmp_path: Path) -> None:
     """Rows read from the store a block at a time give the same floats, heads and logistic
     regression as the same rows held in memory."""

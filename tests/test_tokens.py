@@ -190,3 +190,54 @@ def test_killed_token_extraction_resumes_to_the_same_store(tmp_path: Path) -> No
     store = probekit.open_store(path)
     n_test = store.meta["splits"]["test"]
     assert store.tokens("test", "layer5/tokens").shape == (n_test, 100, 64)
+
+
+def test_token_arrays_are_shards_of_small_inner_chunks_read_row_for_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row chunk of tokens is one shard of inner chunks of a few rows (a read of a few rows
+    decodes a few inner chunks); reads of any row set equal numpy's indexing of the whole."""
+    import probekit.cache._chunked as chunked
+    import probekit.cache.store as store_mod
+
+    # test_vit at 64 px: 16 tokens of 64, 2 KiB a float16 row; inner chunks of 2 rows
+    monkeypatch.setattr(chunked, "TOKEN_INNER_BYTES", 2 * 16 * 64 * 2)
+    res = probekit.extract(
+        "test_vit",
+        "synthetic:4",
+        random_init=True,
+        layers="last",
+        tokens="all",
+        img_size=64,
+        **{**SMALL, "chunk_rows": 8},
+    )
+    store = probekit.open_store(res.store_path)
+    arr = store.group["train/layer5/tokens"]
+    assert arr.shards == (8, 16, 64) and arr.chunks == (2, 16, 64)
+    assert chunked.inner_rows(12, 2048) == 2 and chunked.inner_rows(7, 2048) == 1
+    whole = np.asarray(arr[:])
+    n = len(whole)
+    # a span of 3 inner chunks at a time: runs split by skipped inner chunks and by the span
+    monkeypatch.setattr(store_mod, "SPAN_BYTES", 3 * 2 * 16 * 64 * 2)
+    rng = np.random.default_rng(0)
+    picks = [np.arange(n), np.array([0]), np.array([n - 1]), np.arange(1, n, 3)]
+    picks += [np.sort(rng.choice(n, k, replace=False)) for k in (2, 5, n // 2)]
+    for rows in picks:
+        np.testing.assert_array_equal(store.tokens("train", "layer5/tokens", rows), whole[rows])
+    assert store.check(full=True).ok
+
+
+def test_a_damaged_token_shard_is_named_and_recomputed(tmp_path: Path) -> None:
+    args = dict(random_init=True, layers="last", tokens="all", img_size=64, **SMALL)
+    res = probekit.extract("test_vit", "synthetic:4", cache_dir=tmp_path, **args)
+    store = probekit.open_store(res.store_path)
+    want = store.tokens("train", "layer5/tokens")
+    shard = Path(res.store_path) / "train/layer5/tokens/c/1/0/0"
+    shard.write_bytes(shard.read_bytes()[:-40])  # the shard's index cut short
+    with pytest.raises(StoreError, match=r"chunk 1 of train/layer5/tokens .*fails to decode"):
+        store.tokens("train", "layer5/tokens")
+    again = probekit.extract("test_vit", "synthetic:4", cache_dir=tmp_path, **args)
+    assert again.store_path == res.store_path
+    np.testing.assert_array_max_ulp(
+        probekit.open_store(res.store_path).tokens("train", "layer5/tokens"), want, 1
+    )

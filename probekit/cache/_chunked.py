@@ -11,10 +11,25 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-__all__ = ["COMPRESSOR", "ChunkedStore", "now"]
+__all__ = ["COMPRESSOR", "TOKEN_INNER_BYTES", "ChunkedStore", "inner_rows", "now"]
 
 # zstd with its checksums: a damaged chunk fails to decode instead of reading as other numbers
 COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
+
+
+# a token array's row chunk is one Zarr shard of inner chunks of at most this many bytes: a
+# read of a few rows decodes those inner chunks, never the whole row chunk (tens of MiB)
+TOKEN_INNER_BYTES = 2**20
+
+
+def inner_rows(shard_rows: int, row_bytes: int) -> int:
+    """Rows of one inner chunk of a sharded array: a power of two that divides `shard_rows`
+    (Zarr's rule), of at most `TOKEN_INNER_BYTES` (one row where a row is larger)."""
+    cap = max(1, TOKEN_INNER_BYTES // max(1, row_bytes))
+    rows = 1
+    while rows * 2 <= cap and shard_rows % (rows * 2) == 0:
+        rows *= 2
+    return rows
 
 
 def now() -> str:

@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from probekit.cache._chunked import COMPRESSOR, ChunkedStore, now
+from probekit.cache._chunked import COMPRESSOR, ChunkedStore, inner_rows, now
 from probekit.cache.check import (
     CheckReport,
     Damage,
@@ -146,6 +146,10 @@ _LAST_N = re.compile(r"^last(\d+)/(.+)$")
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     """Features side by side (one part: as stored; float16 next to float32: float32)."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+# a sharded array is read this many bytes of rows at a time (a bounded temporary)
+SPAN_BYTES = 8 * 2**20
 
 
 class FeatureStore(ChunkedStore):
@@ -279,7 +283,7 @@ class FeatureStore(ChunkedStore):
                 first, last, _ = rows.indices(n)
             else:
                 first, last = int(rows[0]), int(rows[-1]) + 1
-            chunk = failing_chunk(arr, int(arr.chunks[0]), first, last)
+            chunk = failing_chunk(arr, int((arr.shards or arr.chunks)[0]), first, last)
             where = f"chunk {chunk}" if chunk is not None else f"rows {first}-{last}"
             marked = chunk is not None and self._mark_damaged(split, name, chunk)
             todo = (
@@ -330,7 +334,7 @@ class FeatureStore(ChunkedStore):
         time (default: a chunk)."""
         parts = self.parts(name)
         arrs = [self._array(split, p) for p in parts]
-        step = rows or int(arrs[0].chunks[0])
+        step = rows or int((arrs[0].shards or arrs[0].chunks)[0])
         end = int(arrs[0].shape[0]) if stop is None else min(stop, int(arrs[0].shape[0]))
         for first in range(start, end, step):
             last = min(first + step, end)
@@ -343,11 +347,37 @@ class FeatureStore(ChunkedStore):
     def _read_rows(self, split: str, name: str, rows: np.ndarray) -> np.ndarray:
         if not len(rows):
             return self._read(split, name, slice(0, 0))
+        arr = self._array(split, name)
+        if arr.shards is not None:
+            return self._read_sharded(split, name, np.asarray(rows, dtype=np.int64), arr)
         first, last = int(rows[0]), int(rows[-1]) + 1
         if 2 * len(rows) >= last - first:  # dense: read the span, then pick
             span = self._read(split, name, slice(first, last))
             return span if len(rows) == last - first else span[np.asarray(rows) - first]
         return self._read(split, name, np.asarray(rows))
+
+    def _read_sharded(self, split: str, name: str, rows: np.ndarray, arr: Any) -> np.ndarray:
+        """Rows of a sharded (token) array as slices over runs of touched inner chunks, a few
+        MiB at a time: Zarr's own fancy indexing of a shard decodes it again and again, and
+        holds far more than the rows asked for."""
+        unit = int(arr.chunks[0])
+        row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+        span_units = max(1, SPAN_BYTES // (unit * row_bytes))
+        out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+        units = rows // unit
+        cuts = np.flatnonzero(np.diff(units) > 1) + 1  # a skipped inner chunk ends a run
+        for run in np.split(np.arange(len(rows)), cuts):
+            start = 0
+            while start < len(run):
+                # rows of this run within `span_units` inner chunks of its first row
+                limit = units[run[start]] + span_units
+                stop = start + int(np.searchsorted(units[run[start:]], limit))
+                idx = run[start:stop]
+                lo, hi = int(rows[idx[0]]), int(rows[idx[-1]]) + 1
+                span = self._read(split, name, slice(lo, hi))
+                out[idx] = span if hi - lo == len(idx) else span[rows[idx] - lo]
+                start = stop
+        return out
 
     def labels(self, split: str) -> np.ndarray:
         return self._read(split, "labels")
@@ -456,15 +486,21 @@ class FeatureStore(ChunkedStore):
     def _create_feature(
         self, split: str, name: str, n: int, row: tuple[int, ...], chunk_rows: int, dtype: str
     ) -> None:
-        """One feature array (n, *row), chunked along its rows alone."""
+        """One feature array (n, *row), chunked along its rows alone; token arrays (n, T, D)
+        as one shard per row chunk, of inner chunks of a few rows (`inner_rows`)."""
+        rows = max(1, min(chunk_rows, n))
+        layout: dict[str, Any] = {"chunks": (rows, *row)}
+        if len(row) == 2:
+            inner = inner_rows(rows, int(np.prod(row)) * np.dtype(dtype).itemsize)
+            layout = {"chunks": (inner, *row), "shards": (rows, *row)}
         self.group.create_array(
             f"{split}/{name}",
             shape=(n, *row),
-            chunks=(max(1, min(chunk_rows, n)), *row),
             dtype=dtype,
             compressors=COMPRESSOR,
             fill_value=0,
             overwrite=True,
+            **layout,
         )
 
     def write_chunk(
@@ -476,6 +512,15 @@ class FeatureStore(ChunkedStore):
 
         async def write_all() -> None:  # the arrays concurrently, one pass through Zarr's loop
             rows = [slice(start, start + len(v)) for v in columns.values()]
+            # a shard written anew, never merged into what a redone chunk left: Zarr reads an
+            # existing edge shard back, and a damaged one would fail the write
+            await asyncio.gather(
+                *(
+                    (a.async_array.store_path / a.metadata.encode_chunk_key((chunk, 0, 0))).delete()
+                    for a in arrays
+                    if a.shards is not None
+                )
+            )
             await asyncio.gather(
                 *(
                     a.async_array.setitem(r, v)
@@ -519,6 +564,9 @@ class FeatureStore(ChunkedStore):
         self, split: str, name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]
     ) -> None:
         """One array created anew (empty) with the layout `create` gives it."""
+        if len(shape) == 3:  # tokens
+            self._create_feature(split, name, shape[0], shape[1:], chunks[0], dtype)
+            return
         kind = {"string": str}.get(dtype, dtype)
         fill: Any = {"string": "", "bool": False}.get(dtype, 0)
         self.group.create_array(

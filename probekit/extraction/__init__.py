@@ -45,6 +45,7 @@ from probekit.extraction.model import (
     FeatureExtractor,
     keep_freed_memory,
     parse_pools,
+    parse_tokens,
     pool_features,
     resolve_policy,
 )
@@ -213,7 +214,7 @@ def _extract(plan: ExtractPlan, dist: Dist, opts: ExtractOptions, t0: float) -> 
             plan.policy,
             compile=plan.compile,
             crop=None if plan.pixels is None else plan.pixels.crop,
-            tokens=plan.options.tokens,
+            tokens=parse_tokens(plan.options.tokens),
         )
         store = _prepare_store(plan, bb, fx, found, dist)
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
@@ -294,6 +295,8 @@ def _prepare_store(
             check_token_space(plan, fx)
             # a chunk's rows travel through shared buffers as float32: a bounded chunk
             chunk_rows = min(chunk_rows, max(16, TOKEN_CHUNK_BYTES // (4 * sum(widths.values()))))
+            # a multiple of 64 where it can: the token shards' inner chunks divide it
+            chunk_rows = chunk_rows // 64 * 64 or chunk_rows
         store = FeatureStore.create(
             plan.path,
             plan.config,

@@ -180,7 +180,7 @@ class ExtractPlan:
             pools if layers else (),
             opts.dtype,
             policy.precision,
-            opts.tokens,
+            parse_tokens(opts.tokens),  # already text: parsed when the options were made
         )
         return cls(
             model=model,

@@ -40,6 +40,10 @@ from probekit.probes.rows import Rows
 
 __all__ = ["AttentiveHeads", "default_heads", "select", "token_rows", "train_attentive_heads"]
 
+# rows scored at once: at most this many bytes of float32 tokens per layer (the activations of
+# a block are a few times this)
+SCORE_BYTES = 16 * 2**20
+
 # the weights each probe decays (AdamW, decoupled); biases are not decayed
 DECAYED = ("query", "wq", "wk", "wv", "wo", "pos", "wc")
 
@@ -171,7 +175,7 @@ def _scores(
     loss = torch.zeros(shape, dtype=torch.float64, device=rows.device)
     start = 0
     with torch.no_grad():
-        for xb in _blocks(rows, 1024):
+        for xb in _blocks(rows, _score_rows(t, d)):
             yb = y[start : start + xb.shape[1]]
             start += xb.shape[1]
             with _autocast(rows.device):
@@ -181,6 +185,10 @@ def _scores(
             idx = yb.view(1, 1, -1, 1).expand(*shape, -1, 1)
             loss -= log_p.gather(-1, idx)[..., 0].sum(-1, dtype=torch.float64)
     return (correct.double() / rows.n).cpu().numpy(), (loss / rows.n).cpu().numpy()
+
+
+def _score_rows(t: int, d: int) -> int:
+    return max(1, SCORE_BYTES // (4 * t * d))
 
 
 def _blocks(rows: Rows, size: int) -> Any:
@@ -387,10 +395,11 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
 
     def scorer(xb: torch.Tensor) -> torch.Tensor:
         with _autocast(data.device):
-            return chosen.logits(_tokens(xb, t, d, dtype))[0, 0].float()
+            logits: torch.Tensor = chosen.logits(_tokens(xb, t, d, dtype))[0, 0]
+            return logits.float()
 
     def reader(st: FeatureStore, split: str, rows: np.ndarray, budget: int) -> Rows:
-        return _Bounded(token_rows(data, st, split, [name], rows, budget), 1024)
+        return _Bounded(token_rows(data, st, split, [name], rows, budget), _score_rows(t, d))
 
     feature = Feature(name, torch.zeros(0), torch.ones(0))
     return Selection(

@@ -210,7 +210,8 @@ class ProbeData:
             val_split, fit_rows, val_rows = "train", train_rows[fit_idx], train_rows[val_idx]
             fit_y, val_y = train_y[fit_idx], train_y[val_idx]
         feats: dict[str, Feature] = {}
-        for name in names:  # train statistics, a block at a time
+        pooled = any(not PROBE_METHODS[m].tokens for m in opts.methods)
+        for name in names if pooled else ():  # train statistics, a block at a time
             width = store.feature_dim(name)
             block = max(256, min(16384, budget // (3 * 8 * width)))  # float64 blocks
             mean_np, std_np = feature_stats(store, "train", name, fit_rows, block)

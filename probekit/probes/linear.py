@@ -56,13 +56,15 @@ def minibatches(
     rows: Rows, y: torch.Tensor, batch_size: int, window: int, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of minibatches. With every row in memory, a plain shuffle; otherwise a
-    windowed one: blocks of consecutive rows in random order, `window` rows loaded at a time
-    and shuffled, a batch that straddles two windows completed from the next."""
+    windowed one: blocks of consecutive rows (a 64th of a window, at least 16 rows) in random
+    order, `window` rows loaded at a time and shuffled, a batch that straddles two windows
+    completed from the next."""
     n = rows.n
     if window >= n:
         windows = [(np.arange(n), torch.randperm(n, generator=gen))]
     else:
-        block = max(1, window // 8)
+        # many small blocks a window: rows stored sorted by class still mix in every batch
+        block = max(1, window // 64, min(window, 16))
         starts = torch.randperm(math.ceil(n / block), generator=gen).numpy() * block
         per = max(1, window // block)
         windows = []
@@ -94,6 +96,7 @@ def minibatches(
                 carry = (gather(data, idx), y_win[idx])
                 break
             yield gather(data, idx), y_win[idx]
+        del data  # one window held at a time: the next is read after this one is let go
     if carry is not None:
         yield carry
 
