@@ -7,8 +7,11 @@
    The store is extracted first (not timed). Default: packaged EfficientNet-Lite0 (ImageNet
    weights) at 224 px, its last block's 7x7 map, on --images images of mnist5k.
 2. Memory: `probekit.probe(method="attentive")` on a token store 4x larger than --memory-mb
-   (the whole mnist5k token store, memory_mb a quarter of it), in a fresh process: peak RSS
-   above the process's RSS before the probe starts (imports, store open), against the budget.
+   (the whole mnist5k token store, memory_mb a quarter of it, then half of it), each in a
+   fresh process: the peak RSS (VmHWM, reset when the probe starts) above the RSS then
+   (imports, store open); and at a quarter again with glibc's MALLOC_ARENA_MAX=1. Against it,
+   the model: the peak of the same probe's training steps and scoring blocks on random tokens
+   held in memory (one batch), less those tokens.
 
     python benchmarks/bench_attentive.py [--images 512 --batch-size 64 --device cpu]
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -91,19 +93,62 @@ def backbone_epoch(rows, y, shape, batch, device) -> float:  # type: ignore[no-u
     return time.perf_counter() - t0
 
 
-MEMORY_CHILD = """
-import json, resource, sys, torch
-import probekit
+CHILD_HEAD = """
+import json, numpy as np, torch
+import probekit, probekit.probes
+import scipy.stats, sklearn.model_selection  # the probe's lazy imports: not its memory
+
+def status(key):  # kB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
 torch.set_num_threads({threads})
+torch.ones(64, 64).sum()
+"""
+
+PROBE_CHILD = (
+    CHILD_HEAD
+    + """
 store = probekit.open_store({path!r})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from now
+before = status("VmRSS")
 res = probekit.probe(store, method="attentive", memory_mb={mb}, epochs=1, attn_lrs=[1e-3],
                      attn_wds=[0.01], device={device!r}, write=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"before_mib": before / 1024, "peak_mib": peak / 1024,
+peak = status("VmHWM")
+print(json.dumps({{"above_start_mib": (peak - before) / 1024,
+                   "batch_size": res.selected["attentive"]["batch_size"],
                    "streamed": bool(res.selected["attentive"].get("features_streamed")),
                    "test_top1": res.value("top1", method="attentive", split="test")}}))
 """
+)
+
+MODEL_CHILD = (
+    CHILD_HEAD
+    + """
+from probekit.probes.attentive import _score_rows, train_attentive_heads
+t, d, b = {t}, {d}, {batch}
+x = torch.randn(1, b, t * d).half()
+xv = torch.randn(1, _score_rows(t, d), t * d).half()
+y, yv = torch.randint(0, 10, (b,)), torch.randint(0, 10, (xv.shape[1],))
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+train_attentive_heads(x, y, 10, (t, d), [1e-3], [0.01], epochs=2, batch_size=b, x_val=xv,
+                      y_val=yv)
+print(json.dumps({{"model_mib": (status("VmHWM") - before) / 1024}}))
+"""
+)
+
+
+def child(code: str, **env: str) -> dict:  # type: ignore[type-arg]
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def main() -> None:
@@ -139,16 +184,26 @@ def main() -> None:
         store.group[f"train/{name}"].nbytes / 2**20 + store.group[f"test/{name}"].nbytes / 2**20
     )
     mb = max(1, int(token_mib / 4))
-    code = MEMORY_CHILD.format(
-        path=res.store_path, mb=mb, device=args.device, threads=torch.get_num_threads()
+    threads = torch.get_num_threads()
+    runs = {
+        f"memory_mb={m}": child(
+            PROBE_CHILD.format(path=res.store_path, mb=m, device=args.device, threads=threads)
+        )
+        for m in (mb, 2 * mb)
+    }
+    # glibc gives each of Zarr's decoding threads an arena that keeps what it freed: the same
+    # run with one arena shows how much of the peak that is
+    runs[f"memory_mb={mb}, MALLOC_ARENA_MAX=1"] = child(
+        PROBE_CHILD.format(path=res.store_path, mb=mb, device=args.device, threads=threads),
+        MALLOC_ARENA_MAX="1",
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    mem = json.loads(run.stdout.strip().splitlines()[-1])
-    mem.update(
-        store_token_mib=round(token_mib, 1),
-        memory_mb=mb,
-        above_start_mib=round(mem["peak_mib"] - mem["before_mib"], 1),
-    )
+    t, d = shape
+    batch = runs[f"memory_mb={mb}"]["batch_size"]
+    model = child(MODEL_CHILD.format(t=t, d=d, batch=batch, threads=threads))["model_mib"]
+    mem = {"store_token_mib": round(token_mib, 1), "model_mib": round(model, 1), "runs": runs}
+    for m, run in zip((mb, 2 * mb, mb), runs.values(), strict=True):
+        run["above_start_mib"] = round(run["above_start_mib"], 1)
+        run["beyond_budget_and_model_mib"] = round(run["above_start_mib"] - m - model, 1)
     print(json.dumps(mem))
     save_result(
         "bench_attentive",
@@ -161,5 +216,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    resource.setrlimit  # noqa: B018 - resource is imported for the child's measurement
     main()
