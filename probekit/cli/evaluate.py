@@ -230,3 +230,49 @@ def probe_cmd(
         table.add_row(*row)
     stdout.print(table)
     stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")
+
+
+def compare_cmd(
+    stores: Annotated[
+        list[str], typer.Argument(help="Feature stores of the same images (`probekit ls`).")
+    ],
+    split: Annotated[str, typer.Option(help="The split whose images are compared.")] = "test",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma list of features every store holds [default: all stored]."),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Neighbours of mutual kNN.")] = 10,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per pair of features.")
+    ] = False,
+) -> None:
+    """Representation similarity: debiased linear CKA and mutual kNN between every pair of
+    stored features (of one or more stores), on the images they share (matched by id)."""
+    import json
+
+    from probekit.similarity import compare
+
+    names = [f.strip() for f in features.split(",") if f.strip()] if features else None
+    res = compare(stores, split=split, features=names, k=k)
+    if as_json:
+        for p in res.pairs:
+            stdout.print(json.dumps(p.to_dict()))
+        return
+    table = Table("model a", "feature a", "model b", "feature b", "images", "CKA", f"mutual {k}-NN")
+    for p in res.pairs:
+        table.add_row(
+            res.labels[p.store_a],
+            p.feature_a,
+            res.labels[p.store_b],
+            p.feature_b,
+            str(p.n),
+            f"{p.cka:.3f}",
+            f"{p.mutual_knn:.3f}",
+        )
+    stdout.print(table)
+    stdout.print(
+        "CKA: how alike the two representations are up to rotation and scale (1: the same, "
+        f"0: unrelated). mutual {k}-NN: the share of each image's {k} nearest neighbours both "
+        f"agree on (1: the same neighbourhoods, about {k / max(1, res.pairs[0].n - 1):.3f} by "
+        "chance)."
+    )

@@ -1,0 +1,231 @@
+"""How alike two representations of the same images are: debiased linear CKA (Kornblith et
+al. 2019, with the unbiased HSIC estimator of Song et al. 2012) and mutual k-nearest-neighbour
+alignment (Huh et al. 2024), between every pair of stored features of one or more stores,
+their rows matched by image id.
+
+Linear CKA is computed in feature space (X^T Y, never the n x n Gram matrices), so it costs
+n d1 d2 and no n^2 memory; kNN neighbours come from the same exact search as `probekit.knn`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from probekit.cache.store import FeatureStore, open_store
+from probekit.errors import OptionError, ProbekitError
+from probekit.records import Record
+
+__all__ = ["CompareResult", "Similarity", "compare", "hsic", "linear_cka", "mutual_knn"]
+
+DEFAULT_MUTUAL_K = 10
+
+
+def _centered(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    out: np.ndarray = x - x.mean(0, keepdims=True)
+    return out
+
+
+def hsic(x: np.ndarray, y: np.ndarray, *, debiased: bool = True) -> float:
+    """HSIC of linear kernels between (n, d1) and (n, d2) rows, features centered first:
+    the unbiased estimator (n >= 4) or the biased tr(KHLH) / (n-1)^2."""
+    xc, yc = _centered(x), _centered(y)
+    return _hsic(xc, yc, debiased)
+
+
+def _hsic(xc: np.ndarray, yc: np.ndarray, debiased: bool) -> float:
+    n = len(xc)
+    cross = float(np.square(xc.T @ yc).sum())  # tr(K L) = ||X^T Y||_F^2
+    if not debiased:
+        return cross / (n - 1) ** 2
+    if n < 4:
+        raise ProbekitError(f"debiased CKA needs at least 4 images in common, got {n}.")
+    kx, ky = np.einsum("ij,ij->i", xc, xc), np.einsum("ij,ij->i", yc, yc)  # Gram diagonals
+    sx, sy = xc.sum(0), yc.sum(0)
+    trace = cross - float(kx @ ky)  # tr(K~ L~), the diagonals zeroed
+    ones_k, ones_l = float(sx @ sx - kx.sum()), float(sy @ sy - ky.sum())  # 1^T K~ 1, 1^T L~ 1
+    k1, l1 = xc @ sx - kx, yc @ sy - ky  # K~ 1, L~ 1
+    total = trace + ones_k * ones_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(k1 @ l1)
+    return total / (n * (n - 3))
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray, *, debiased: bool = True) -> float:
+    """Linear CKA of two representations (n, d1), (n, d2) of the same n images: 1 for the
+    same features, invariant to rotations and isotropic scaling of either; NaN where one of
+    them has no variance."""
+    xc, yc = _centered(x), _centered(y)
+    if len(xc) != len(yc):
+        raise ProbekitError(f"CKA needs the same images in both: {len(xc)} vs {len(yc)} rows.")
+    xy, xx, yy = (_hsic(a, b, debiased) for a, b in ((xc, yc), (xc, xc), (yc, yc)))
+    if xx <= 0 or yy <= 0:
+        return math.nan
+    return xy / math.sqrt(xx * yy)
+
+
+def neighbours(x: np.ndarray, k: int, backend: str = "auto") -> np.ndarray:
+    """(n, k) indices of each row's k nearest other rows by cosine similarity."""
+    from probekit.neighbors.search import l2_normalize, search
+
+    z = l2_normalize(x)
+    _, idx = search(z, z, k, backend=backend, exclude=np.arange(len(z)))
+    return idx
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of |a_i & b_i| / k for two (n, k) neighbour lists."""
+    k = a.shape[1]
+    both = (a[:, :, None] == b[:, None, :]).any(2).sum(1)
+    return float(both.mean() / k)
+
+
+def mutual_knn(x: np.ndarray, y: np.ndarray, k: int = DEFAULT_MUTUAL_K, **kw: Any) -> float:
+    """Mutual kNN alignment: the mean fraction of each image's k nearest neighbours (cosine,
+    itself left out) that two representations share; 1 for the same neighbourhoods, about
+    k / (n - 1) for unrelated ones."""
+    if len(x) != len(y):
+        raise ProbekitError(f"mutual kNN needs the same images in both: {len(x)} vs {len(y)}.")
+    return _overlap(neighbours(x, k, **kw), neighbours(y, k, **kw))
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """One pair of stored features on the same images (`n` of them)."""
+
+    store_a: str
+    feature_a: str
+    store_b: str
+    feature_b: str
+    n: int
+    cka: float
+    mutual_knn: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Every pair's numbers, the labels of the stores, the split and the images used."""
+
+    pairs: list[Similarity]
+    labels: dict[str, str]  # store path -> model label
+    dataset: str
+    split: str
+    k: int
+
+    def records(self) -> list[Record]:
+        """Two records a pair (`cka`, `mutual_knn`): model and feature are the pair's first,
+        the second in `extra` (model_b, feature_b)."""
+        out = []
+        for p in self.pairs:
+            for metric, value in (("cka", p.cka), ("mutual_knn", p.mutual_knn)):
+                out.append(
+                    Record(
+                        "compare",
+                        self.labels[p.store_a],
+                        self.dataset,
+                        metric=metric,
+                        value=value,
+                        split=self.split,
+                        feature=p.feature_a,
+                        method="compare",
+                        n=p.n,
+                        hyper={"k": self.k} if metric == "mutual_knn" else {"debiased": True},
+                        extra={
+                            "model_b": self.labels[p.store_b],
+                            "feature_b": p.feature_b,
+                            "store_a": p.store_a,
+                            "store_b": p.store_b,
+                        },
+                    )
+                )
+        return out
+
+
+def _common_rows(stores: Sequence[FeatureStore], split: str) -> list[np.ndarray]:
+    """For each store, the row positions of the images every store holds validly, in the
+    first store's order (matched by id)."""
+    for st in stores:
+        if split not in st.splits:
+            raise ProbekitError(
+                f"{st.path.name} has no {split!r} split (it has {', '.join(st.splits)}); "
+                "pick another with --split."
+            )
+    maps = []
+    for st in stores:
+        ids, valid = st.ids(split), st.valid(split)
+        maps.append({i: r for r, i in enumerate(ids) if valid[r]})
+    common = [i for i in maps[0] if all(i in m for m in maps[1:])]
+    if len(common) < 4:
+        raise ProbekitError(
+            f"the stores share {len(common)} valid images of split {split!r}; comparing needs "
+            "at least 4 (extract the same dataset with each backbone)."
+        )
+    return [np.array([m[i] for i in common], dtype=np.int64) for m in maps]
+
+
+def compare(
+    sources: Sequence[FeatureStore | str | os.PathLike[str]],
+    *,
+    split: str = "test",
+    features: Sequence[str] | None = None,
+    k: int = DEFAULT_MUTUAL_K,
+    backend: str = "auto",
+) -> CompareResult:
+    """CKA and mutual kNN between every pair of (store, feature) of `sources` on the images
+    they share (matched by id; a row invalid in one store is dropped from all).
+
+    `features`: names every store holds (default: each store's own stored features).
+    One store compares its layers with each other.
+    """
+    if isinstance(sources, (str, os.PathLike, FeatureStore)):
+        sources = [sources]
+    if not sources:
+        raise OptionError("compare needs at least one store.")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise OptionError(f"k must be a positive number of neighbours, got {k!r}.")
+    stores = [s if isinstance(s, FeatureStore) else open_store(s) for s in sources]
+    paths = [str(s.path) for s in stores]
+    if len(set(paths)) != len(paths):
+        raise OptionError("a store is given twice; give each store once.")
+    rows = _common_rows(stores, split)
+    items: list[tuple[str, str, np.ndarray]] = []
+    for st, r, path in zip(stores, rows, paths, strict=True):
+        names = st.check_features(list(features)) if features else st.feature_names
+        ordered = np.sort(r)  # read in the store's order, then put in the first store's
+        back = np.searchsorted(ordered, r)
+        for name in names:
+            x = np.asarray(st.read_rows(split, name, ordered), np.float32)[back]
+            items.append((path, name, x))
+    if len(items) < 2:
+        raise ProbekitError("one feature alone: nothing to compare; give two stores or features.")
+    n = len(rows[0])
+    if k >= n:
+        raise OptionError(f"k={k} needs more than {k} images in common; there are {n}.")
+    centered = [_centered(x) for _, _, x in items]
+    self_hsic = [_hsic(c, c, True) for c in centered]
+    near = [neighbours(x, k, backend) for _, _, x in items]
+    pairs = []
+    for i, j in itertools.combinations(range(len(items)), 2):
+        denom = self_hsic[i] * self_hsic[j]
+        cka = _hsic(centered[i], centered[j], True) / math.sqrt(denom) if denom > 0 else math.nan
+        pairs.append(
+            Similarity(
+                items[i][0],
+                items[i][1],
+                items[j][0],
+                items[j][1],
+                n,
+                cka,
+                _overlap(near[i], near[j]),
+            )
+        )
+    labels = {p: st.info.label for p, st in zip(paths, stores, strict=True)}
+    return CompareResult(pairs, labels, stores[0].info.dataset.spec, split, k)
