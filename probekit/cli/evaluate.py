@@ -276,3 +276,36 @@ def compare_cmd(
         f"agree on (1: the same neighbourhoods, about {k / max(1, res.pairs[0].n - 1):.3f} by "
         "chance)."
     )
+
+
+def structure_cmd(
+    store: Annotated[str, typer.Argument(help="A feature store (`probekit ls`).")],
+    split: Annotated[str, typer.Option(help="The split whose images are measured.")] = "test",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma list of stored features [default: all stored]."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="k-means seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+) -> None:
+    """Label-free and cluster metrics of every stored feature: RankMe (effective rank) and
+    k-means NMI and ARI against the labels."""
+    import json
+
+    from probekit.structure import structure
+
+    names = [f.strip() for f in features.split(",") if f.strip()] if features else None
+    res = structure(store, split=split, features=names, seed=seed)
+    if as_json:
+        for r in res.records:
+            stdout.print(json.dumps(r.to_dict()))
+        return
+    table = Table("feature", "RankMe", "k-means NMI", "k-means ARI")
+    for name, v in res.rows.items():
+        table.add_row(name, f"{v['rankme']:.1f}", f"{v['nmi']:.3f}", f"{v['ari']:.3f}")
+    stdout.print(table)
+    stdout.print(
+        "RankMe: how many directions the features really use (no labels needed; higher often "
+        "transfers better). NMI / ARI: how well k-means clusters, one per class, recover the "
+        "classes (1: exactly, 0: chance)."
+    )
