@@ -10,14 +10,18 @@ import numba
 import numpy as np
 
 __all__ = [
+    "ECE_BINS",
     "RetrievalMetrics",
     "balanced_accuracy",
     "bootstrap_ci",
     "decode_outcomes",
     "encode_outcomes",
+    "expected_calibration_error",
+    "fit_temperature",
     "mcnemar_p",
     "paired_bootstrap_ci",
     "per_class_accuracy",
+    "reliability_bins",
     "retrieval_metrics",
     "topk_accuracy",
 ]
@@ -206,3 +210,58 @@ def retrieval_metrics(
         recall_at={int(k): float(rec[keep, t].sum()) for t, k in enumerate(ks_arr)},
         n=int(keep.sum()),
     )
+
+
+# --------------------------------------------------------------------------- calibration
+
+ECE_BINS = 15
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(1, keepdims=True)
+    return out
+
+
+def reliability_bins(
+    logits: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean confidence, accuracy, count) of each of `bins` equal-width bins of the top-class
+    probability over (0, 1] (a bin with no rows: confidence and accuracy NaN)."""
+    p = _softmax(logits)
+    conf, pred = p.max(1), p.argmax(1)
+    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)  # (lo, hi] bins
+    count = np.bincount(which, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, conf, minlength=bins) / count
+        acc = np.bincount(which, (pred == labels).astype(np.float64), minlength=bins) / count
+    return mean_conf, acc, count
+
+
+def expected_calibration_error(
+    logits: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE: the rows' share-weighted gap between accuracy and mean top-class probability,
+    over `bins` equal-width confidence bins (Guo et al. 2017)."""
+    conf, acc, count = reliability_bins(logits, labels, bins)
+    seen = count > 0
+    return float((count[seen] * np.abs(acc[seen] - conf[seen])).sum() / max(count.sum(), 1))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 that minimizes the mean cross-entropy of softmax(logits / T)
+    (temperature scaling, Guo et al. 2017), searched over log T in [-5, 5]."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(1, keepdims=True)
+        return float((np.log(np.exp(s).sum(1)) - s[np.arange(len(y)), y]).mean())
+
+    res = minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))

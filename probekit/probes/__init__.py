@@ -25,7 +25,12 @@ from probekit.defaults import DEFAULT_CS, DEFAULT_LRS, DEFAULT_WDS
 from probekit.errors import ProbekitError
 from probekit.evaluation import check_labels, classification_records, warned
 from probekit.methods import PROBE_METHODS
-from probekit.metrics import bootstrap_ci
+from probekit.metrics import (
+    bootstrap_ci,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+)
 from probekit.probes.base import (
     Feature,
     ProbeData,
@@ -218,6 +223,9 @@ def _evaluate(
     at = replace(base, feature=f.name, method=sel.method, hyper=cfg)
     with torch.no_grad():
         train_top1 = sel.train_top1()
+        # temperature scaling, fitted on the validation rows (logreg's refit has seen them)
+        val_logits = sel.all_logits(sel.rows(store, data.val_split, data.val_rows, data.budget))
+        temperature = fit_temperature(val_logits, data.val_y.cpu().numpy())
         # underfitting: the probe fits its own training data hardly better than held-out data
         underfit = train_top1 < 0.95 and train_top1 - cfg["val_top1"] < 0.02
         records = [
@@ -241,17 +249,49 @@ def _evaluate(
             # test classes the probe never saw in training cap the score: said, with counts
             seen = np.concatenate([data.fit_y.cpu().numpy(), data.val_y.cpu().numpy()])
             absent = check_labels(seen, y, store.class_names, who="a probe")
+            logits = sel.all_logits(x)
+            ranked = np.ascontiguousarray(np.argsort(-logits, 1, kind="stable")[:, :5])
+            split_at = warned(replace(at, dataset=spec, split=split), absent, spec)
             recs, _ = classification_records(
-                sel.ranked(x),
+                ranked,
                 y,
                 data.n_classes,
-                warned(replace(at, dataset=spec, split=split), absent, spec),
+                split_at,
                 seed=data.options.seed,
                 scored=usable,
                 fingerprint=st.fingerprint,
             )
-            records += recs
+            records += recs + calibration_records(
+                logits, y, temperature, replace(split_at, n=len(y)), sel.config.get("refit")
+            )
     return records
+
+
+def calibration_records(
+    logits: np.ndarray, y: np.ndarray, temperature: float, at: Record, refit: str | None
+) -> list[Record]:
+    """ECE (15 bins) of the probe's softmax on these rows, before (`ece`) and after (`ece_ts`)
+    temperature scaling by `temperature`, each with its reliability diagram's bins."""
+    out = []
+    for metric, t in (("ece", 1.0), ("ece_ts", temperature)):
+        conf, acc, count = reliability_bins(logits / t, y)
+        bins = {
+            "confidence": [None if np.isnan(v) else float(v) for v in conf],
+            "accuracy": [None if np.isnan(v) else float(v) for v in acc],
+            "count": [int(v) for v in count],
+        }
+        extra: dict[str, Any] = {**at.extra, "temperature": t, "bins": bins}
+        if metric == "ece_ts" and refit:
+            extra["temperature_fit_on"] = f"validation (also in the {refit} refit)"
+        out.append(
+            replace(
+                at,
+                metric=metric,
+                value=expected_calibration_error(logits / t, y),
+                extra=extra,
+            )
+        )
+    return out
 
 
 def _check_transfer(src: FeatureStore, dst: FeatureStore, name: str) -> None:

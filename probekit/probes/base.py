@@ -297,12 +297,12 @@ class Selection:
 
     def ranked(self, rows: Rows, top: int = 5) -> np.ndarray:
         """(n, top) classes of every row, best first."""
-        return np.concatenate(
-            [
-                self.logits(xb).argsort(1, descending=True)[:, :top].cpu().numpy()
-                for xb in rows.blocks()
-            ]
-        )
+        return np.ascontiguousarray(np.argsort(-self.all_logits(rows), 1, kind="stable")[:, :top])
+
+    def all_logits(self, rows: Rows) -> np.ndarray:
+        """(n, C) float64 logits of every row (C is small: held whole)."""
+        with torch.no_grad():
+            return np.concatenate([self.logits(xb).double().cpu().numpy() for xb in rows.blocks()])
 
     def train_top1(self) -> float:
         rows, correct, start = self.train_rows(), 0, 0
