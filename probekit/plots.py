@@ -18,7 +18,14 @@ from probekit.methods import method_title
 if TYPE_CHECKING:
     from probekit.report.compute import Report
 
-__all__ = ["plot_cost", "plot_heatmap", "plot_layers", "plot_ranking", "plot_resolution"]
+__all__ = [
+    "plot_cost",
+    "plot_heatmap",
+    "plot_layers",
+    "plot_methods",
+    "plot_ranking",
+    "plot_resolution",
+]
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
@@ -195,4 +202,38 @@ def plot_resolution(rep: Report, path: str | os.PathLike[str]) -> str | None:
         ax.legend(fontsize=7)
 
     fig.suptitle("Accuracy vs resolution (labels: GMACs per image)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_methods(rep: Report, path: str | os.PathLike[str]) -> str | None:
+    """Method against method per backbone: a panel per task, the methods along x and a line
+    per backbone through its test top-1 by each (lines that cross: the methods rank the
+    backbones differently). None where no task has two methods."""
+    tasks = [t for t in rep.tasks if len({c.method for c in rep.cells if c.task == t}) >= 2]
+    if not tasks:
+        return None
+    fig = Figure(figsize=(3.2 + 1.0 * len(rep.methods), 3.4 * len(tasks)), layout="constrained")
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(rep.models)}
+    for ax, task in zip(axes, tasks, strict=True):
+        for model in rep.models:
+            pts = [
+                (i, 100 * c.value)
+                for i, m in enumerate(rep.methods)
+                if (c := rep.cell(task, m, model)) is not None
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", ms=4, color=colors[model], label=model)
+        ax.set_xticks(range(len(rep.methods)), rep.methods, fontsize=8)
+        ax.set_ylabel("test top-1 (%)", fontsize=8)
+        ax.set_title(short(task), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
+        )
+    fig.suptitle("Each backbone by each method (crossing lines: rankings disagree)", fontsize=10)
     return _save(fig, path)

@@ -24,6 +24,7 @@ from probekit.errors import ProbekitError
 from probekit.methods import PROBE_METHODS, all_methods
 from probekit.metrics import decode_outcomes, mcnemar_p, paired_bootstrap_ci
 from probekit.records import SELECTION_SPLITS, Record, select_knn
+from probekit.report.agreement import Agreement, Flag, agreement, gap_flags
 
 __all__ = [
     "BEST_NOTE",
@@ -158,6 +159,9 @@ class Report:
     # per model: img_size, native_size, params_m, gmacs, and images/s of its extraction per
     # dataset (`images_per_s`), from the extract records
     costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # how far the methods' rankings agree per task, and backbones one method underrates
+    agreements: list[Agreement] = field(default_factory=list)
+    flags: list[Flag] = field(default_factory=list)
 
     def cost_of(self, model: str, task: str) -> dict[str, Any]:
         """img_size, params_m, gmacs, images_per_s of `model`'s entry on `task` (empty where
@@ -427,8 +431,11 @@ def build_report(
 ) -> Report:
     """Compute the leaderboard, curves, ranking, timings and reference deltas from records
     (`Record`s, or their dicts of any schema)."""
-    recs = _as_records(records)
+    # agreement records are derived from the leaderboard: made anew, never read back
+    recs = [r for r in _as_records(records) if r.kind != "agreement"]
     cells = _knn_cells(recs) + _probe_cells(recs)
+    agreements = agreement(cells)
+    recs += agreement_records(agreements)
     errors = [r for r in recs if r.kind == "error"]
     extracts = [r for r in recs if r.kind == "extract"]
     if not cells and not errors:
@@ -475,7 +482,36 @@ def build_report(
         _first_seen(["top1", *[c.metric for c in cells]]),
         _warnings(recs),
         _costs(extracts),
+        agreements,
+        gap_flags(cells),
     )
+
+
+def agreement_records(agreements: Sequence[Agreement]) -> list[Record]:
+    """Two records an agreement (`spearman`, `kendall`): method "a vs b", model "-", the
+    backbones ranked in extra."""
+    out = []
+    for a in agreements:
+        for metric, value, ci in (
+            ("spearman", a.spearman, a.spearman_ci95),
+            ("kendall", a.kendall, a.kendall_ci95),
+        ):
+            src, _, dst = a.task.partition("->")
+            out.append(
+                Record(
+                    "agreement",
+                    "-",
+                    dst or src,
+                    metric=metric,
+                    value=value,
+                    split="test",
+                    method=f"{a.method_a} vs {a.method_b}",
+                    n=len(a.models),
+                    train_dataset=src,
+                    extra={"models": list(a.models), "ci95": None if ci is None else list(ci)},
+                )
+            )
+    return out
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

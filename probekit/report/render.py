@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from probekit.records import Record
+from probekit.report.agreement import AGREEMENT_NOTE
 from probekit.report.compute import (
     BEST_NOTE,
     BOB_CAVEAT,
@@ -97,6 +98,14 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
             ]
         md.append(_md_table(["method", "rank", "model", "mean z", "tasks"], rows))
         md += ["", f"> {BOB_CAVEAT}"]
+    if rep.agreements or rep.flags:
+        md += ["", "## How far the proxies agree", ""]
+        if rep.agreements:
+            md += [AGREEMENT_NOTE, ""]
+            md.append(_md_table(AGREEMENT_HEADER, agreement_rows(rep)))
+        if rep.flags:
+            md += [""] + [f"- {f.text()}" for f in rep.flags]
+        md += ["", f"> {BOB_CAVEAT}"]
     if rep.reference:
         md += ["", f"## Difference to {rep.reference}", ""]
         md += [DELTA_NOTE, ""]
@@ -134,6 +143,29 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         md += ["", "## Plots", ""]
         md += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(md) + "\n"
+
+
+AGREEMENT_HEADER = ["task", "methods", "backbones", "Spearman [95% CI]", "Kendall [95% CI]"]
+
+
+def _corr(v: float, ci: tuple[float, float] | None) -> str:
+    if math.isnan(v):
+        return "-"
+    return f"{v:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+
+
+def agreement_rows(rep: Report) -> list[list[str]]:
+    """Per task and pair of methods: how many backbones, Spearman and Kendall with intervals."""
+    return [
+        [
+            a.task,
+            f"{a.method_a} vs {a.method_b}",
+            str(len(a.models)),
+            _corr(a.spearman, a.spearman_ci95),
+            _corr(a.kendall, a.kendall_ci95),
+        ]
+        for a in rep.agreements
+    ]
 
 
 CSV_FIELDS = [
@@ -252,6 +284,7 @@ def write_report(
             plot_cost,
             plot_heatmap,
             plot_layers,
+            plot_methods,
             plot_ranking,
             plot_resolution,
         )
@@ -261,6 +294,7 @@ def write_report(
         if rep.ranking:
             pngs.append(plot_ranking(rep, out / "ranking.png"))
         for drawn in (
+            plot_methods(rep, out / "methods.png"),
             plot_cost(rep, out / "cost.png"),
             plot_resolution(rep, out / "resolution.png"),
         ):
