@@ -20,11 +20,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "plot_cost",
+    "plot_fewshot",
     "plot_heatmap",
     "plot_layers",
     "plot_methods",
     "plot_ranking",
+    "plot_reliability",
     "plot_resolution",
+    "plot_similarity",
 ]
 
 
@@ -236,4 +239,142 @@ def plot_methods(rep: Report, path: str | os.PathLike[str]) -> str | None:
             handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
         )
     fig.suptitle("Each backbone by each method (crossing lines: rankings disagree)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_reliability(rep: Report, path: str | os.PathLike[str]) -> str | None:
+    """Reliability diagrams of the probes on test: accuracy against confidence per bin, a
+    panel per (task, method), a line per model (solid before temperature scaling, dashed
+    after). None where no record has calibration bins."""
+    got: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in rep.records:
+        if r.kind == "probe" and r.metric in ("ece", "ece_ts") and "bins" in r.extra:
+            got.setdefault((r.task, r.method), {}).setdefault(r.model, {})[r.metric] = r.extra
+    if not got:
+        return None
+    panels = sorted(got, key=lambda k: (rep.tasks.index(k[0]) if k[0] in rep.tasks else 99, k[1]))
+    nc = min(3, len(panels))
+    nr = -(-len(panels) // nc)
+    fig = Figure(figsize=(3.6 * nc, 3.4 * nr + 0.6), layout="constrained")
+    axes = fig.subplots(nr, nc, squeeze=False).ravel()
+    colors = {m: f"C{i % 10}" for i, m in enumerate(rep.models)}
+    for ax, (task, method) in zip(axes, panels, strict=False):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
+        for model, by in got[(task, method)].items():
+            for metric, style in (("ece", "-"), ("ece_ts", "--")):
+                bins = by.get(metric, {}).get("bins")
+                if not bins:
+                    continue
+                pts = [
+                    (c, a)
+                    for c, a, n in zip(
+                        bins["confidence"], bins["accuracy"], bins["count"], strict=True
+                    )
+                    if n and c is not None
+                ]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    label = model if metric == "ece" else None
+                    ax.plot(xs, ys, style, marker="o", ms=3, color=colors.get(model), label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{short(task)}: {method}", fontsize=9)
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(
+            handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
+        )
+    fig.suptitle("Reliability on test (dashed: after temperature scaling)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_similarity(rep: Report, path: str | os.PathLike[str]) -> str | None:
+    """CKA between the backbones, a heatmap per task (None where nothing was compared)."""
+    pairs: dict[str, dict[tuple[str, str], float]] = {}
+    for r in rep.records:
+        if r.kind == "compare" and r.metric == "cka":
+            b = str(r.extra.get("model_b"))
+            pairs.setdefault(r.dataset, {})[(r.model, b)] = r.value
+    if not pairs:
+        return None
+    tasks = list(pairs)
+    fig = Figure(
+        figsize=(3.2 + 0.6 * len(rep.models), 3.0 + 0.5 * len(rep.models)), layout="constrained"
+    )
+    fig.set_figwidth(fig.get_figwidth() * len(tasks))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        names = [m for m in rep.models if any(m in k for k in pairs[task])]
+        grid = np.eye(len(names))
+        for (a, b), v in pairs[task].items():
+            if a in names and b in names:
+                grid[names.index(a), names.index(b)] = grid[names.index(b), names.index(a)] = v
+        im = ax.imshow(grid, cmap="magma", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if v < 0.6 else "black",
+            )
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_title(f"{short(task)}: CKA", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_fewshot(rep: Report, path: str | os.PathLike[str]) -> str | None:
+    """Test top-1 against shots per class, a panel per task, a colour per backbone and a line
+    style per method, with each point's interval across episodes. None without few-shot."""
+    recs = [r for r in rep.records if r.kind == "fewshot" and r.metric == "top1"]
+    if not recs:
+        return None
+    tasks = list(dict.fromkeys(r.task for r in recs))
+    fig = Figure(figsize=(4.6 * len(tasks), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(rep.models)}
+    styles = {"knn": ":", "linear": "--", "logreg": "-"}
+    for ax, task in zip(axes, tasks, strict=True):
+        lines: dict[tuple[str, str], list[Any]] = {}
+        for r in recs:
+            if r.task == task:
+                lines.setdefault((r.model, r.method), []).append(r)
+        for (model, method), rs in lines.items():
+            rs.sort(key=lambda r: int(r.hyper["shots"]))
+            xs = [int(r.hyper["shots"]) for r in rs]
+            ys = [100 * r.value for r in rs]
+            lo = [100 * (r.value - r.extra["ci95"][0]) for r in rs]
+            hi = [100 * (r.extra["ci95"][1] - r.value) for r in rs]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[lo, hi],
+                ls=styles.get(method, "-"),
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=colors.get(model),
+                label=f"{model} {method}",
+            )
+        ax.set_xscale("log")
+        shots = sorted({int(r.hyper["shots"]) for r in recs if r.task == task})
+        ax.set_xticks(shots, [str(s) for s in shots])
+        ax.set_xlabel("train images per class", fontsize=8)
+        ax.set_ylabel("test top-1 (%)", fontsize=8)
+        ax.set_title(short(task), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=7)
+    fig.suptitle("Few-shot (mean over episodes, 95% interval)", fontsize=10)
     return _save(fig, path)

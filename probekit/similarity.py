@@ -178,12 +178,15 @@ def compare(
     features: Sequence[str] | None = None,
     k: int = DEFAULT_MUTUAL_K,
     backend: str = "auto",
+    features_of: Sequence[Sequence[str]] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> CompareResult:
     """CKA and mutual kNN between every pair of (store, feature) of `sources` on the images
     they share (matched by id; a row invalid in one store is dropped from all).
 
-    `features`: names every store holds (default: each store's own stored features).
-    One store compares its layers with each other.
+    `features`: names every store holds (default: each store's own stored features), or
+    `features_of`: one list per store. One store compares its layers with each other.
+    `labels`: what each store's model is called in the records (default: its own label).
     """
     if isinstance(sources, (str, os.PathLike, FeatureStore)):
         sources = [sources]
@@ -195,10 +198,13 @@ def compare(
     paths = [str(s.path) for s in stores]
     if len(set(paths)) != len(paths):
         raise OptionError("a store is given twice; give each store once.")
+    if features_of is not None and len(features_of) != len(stores):
+        raise OptionError(f"features_of has {len(features_of)} lists for {len(stores)} stores.")
     rows = _common_rows(stores, split)
     items: list[tuple[str, str, np.ndarray]] = []
-    for st, r, path in zip(stores, rows, paths, strict=True):
-        names = st.check_features(list(features)) if features else st.feature_names
+    for i, (st, r, path) in enumerate(zip(stores, rows, paths, strict=True)):
+        asked = features_of[i] if features_of is not None else features
+        names = st.check_features(list(asked)) if asked else st.feature_names
         ordered = np.sort(r)  # read in the store's order, then put in the first store's
         back = np.searchsorted(ordered, r)
         for name in names:
@@ -227,5 +233,7 @@ def compare(
                 _overlap(near[i], near[j]),
             )
         )
-    labels = {p: st.info.label for p, st in zip(paths, stores, strict=True)}
-    return CompareResult(pairs, labels, stores[0].info.dataset.spec, split, k)
+    names_of = list(labels) if labels is not None else [st.info.label for st in stores]
+    return CompareResult(
+        pairs, dict(zip(paths, names_of, strict=True)), stores[0].info.dataset.spec, split, k
+    )

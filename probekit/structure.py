@@ -45,7 +45,10 @@ def kmeans_clusters(x: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray
     z = l2_normalize(x)
     if n_clusters > len(z):
         raise ProbekitError(f"k-means with {n_clusters} clusters needs as many rows; got {len(z)}.")
-    km = faiss.Kmeans(z.shape[1], n_clusters, niter=20, nredo=3, seed=seed, verbose=False)
+    # min_points_per_centroid 1: a small test split is clustered as it is, without a warning
+    km = faiss.Kmeans(
+        z.shape[1], n_clusters, niter=20, nredo=3, seed=seed, min_points_per_centroid=1
+    )
     km.train(z)
     _, assign = km.index.search(z, 1)
     return assign[:, 0].astype(np.int64)

@@ -117,3 +117,43 @@ def test_vectorized_rank_correlations_equal_scipy_with_ties() -> None:
             assert np.isnan(rho[i])
         else:
             assert rho[i] == pytest.approx(want_rho) and tau[i] == pytest.approx(want_tau)
+
+
+def test_triage_report_says_how_far_to_trust_it(tmp_path: Path) -> None:
+    """A triage of three backbones: agreement, calibration, label-free structure and
+    similarity sections, their records and plots."""
+    import probekit
+
+    res = probekit.triage(
+        ["test_resnet@random", "test_vit@random", "test_convnext@random"],
+        ["synthetic:24"],
+        img_size=64,
+        layers="last2",
+        out=tmp_path / "rep",
+        cache_dir=tmp_path / "cache",
+        quiet=True,
+        log=None,
+    )
+    md = Path(res.files["report.md"]).read_text()
+    for title in (
+        "## How far the proxies agree",
+        "## Calibration of the probes",
+        "## Without labels: effective rank and clusters",
+        "## How alike the backbones are",
+    ):
+        assert title in md
+    assert {"methods.png", "reliability.png", "similarity.png"} <= set(res.files)
+    kinds: dict[str, set[str]] = {}
+    for r in res.records:
+        kinds.setdefault(r.kind, set()).add(r.metric)
+    assert kinds["agreement"] == {"spearman", "kendall"}
+    assert kinds["compare"] == {"cka", "mutual_knn"}
+    assert kinds["structure"] == {"rankme", "nmi", "ari"}
+    assert {"ece", "ece_ts"} <= kinds["probe"]
+    pairs = {(r.model, r.extra["model_b"]) for r in res.records if r.kind == "compare"}
+    assert len(pairs) == 3  # every pair of the three backbones
+    # the records read back give the same report sections
+    again = probekit.build_report(probekit.load_records([tmp_path / "rep"]))
+    assert sorted(r.to_dict()["value"] for r in again.records if r.kind == "compare") == sorted(
+        r.value for r in res.records if r.kind == "compare"
+    )

@@ -309,3 +309,52 @@ def structure_cmd(
         "transfers better). NMI / ARI: how well k-means clusters, one per class, recover the "
         "classes (1: exactly, 0: chance)."
     )
+
+
+def fewshot_cmd(
+    store: Annotated[str, typer.Argument(help="A feature store (`probekit ls`).")],
+    shots: Annotated[str, typer.Option(help="Train images per class, a comma list.")] = "1,2,5,10",
+    episodes: Annotated[int, typer.Option(help="Seeded episodes per number of shots.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the episodes and the holdout.")] = 0,
+    methods: Annotated[str, typer.Option(help="Any of knn, linear, logreg.")] = "knn,linear,logreg",
+    feature: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="The stored feature [default: head/embed]."),
+    ] = None,
+    out: RecordsOut = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+) -> None:
+    """Few-shot episodes: SHOTS train images per class (never validation or test images),
+    kNN, linear heads and logistic regression per episode, mean test top-1 with a 95%
+    interval across episodes."""
+    import json
+
+    from probekit.fewshot import fewshot
+
+    res = fewshot(
+        store,
+        shots=shots,
+        episodes=episodes,
+        seed=seed,
+        methods=methods,
+        feature=feature,
+        out=out,
+    )
+    if as_json:
+        for r in res.records:
+            stdout.print(json.dumps(r.to_dict()))
+        return
+    table = Table("method", "shots", "episodes", "test top-1 (%)", "95% CI", "feature")
+    for r in res.records:
+        lo, hi = r.extra["ci95"]
+        table.add_row(
+            r.method,
+            str(r.hyper["shots"]),
+            str(r.hyper["episodes"]),
+            f"{100 * r.value:.2f}",
+            f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+            r.feature,
+        )
+    stdout.print(table)
+    if res.path:
+        stdout.print(f"records: {res.path}")

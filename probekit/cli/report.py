@@ -136,6 +136,13 @@ def triage_cmd(
         ),
     ] = None,
     reference: ReferenceOpt = None,
+    shots: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Few-shot episodes too: train images per class, e.g. 1,5,10 \\[default: none]."
+        ),
+    ] = None,
+    episodes: Annotated[int, typer.Option(help="Seeded episodes per number of shots.")] = 5,
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path(
         "probekit-report"
     ),
@@ -176,6 +183,8 @@ def triage_cmd(
         ks=parse_ks(k),
         features=features,
         reference=reference,
+        shots=shots,
+        episodes=episodes,
         out=out_dir,
         batch_size=batch_size,
         device=device,

@@ -57,7 +57,13 @@ def _key(r: Record) -> tuple[Any, ...]:
         # a probe's test numbers belong to the probe chosen on validation: its feature is a
         # result, not part of what was measured, so a rerun replaces them whatever it chose
         return (r.kind, r.model, r.train_dataset, r.dataset, r.split, r.method, r.metric)
-    hyper = tuple(sorted((k, json.dumps(v)) for k, v in r.hyper.items())) if r.kind == "knn" else ()
+    hyper: tuple[Any, ...] = ()
+    if r.kind == "knn":
+        hyper = tuple(sorted((k, json.dumps(v)) for k, v in r.hyper.items()))
+    elif r.kind == "compare":  # a pair: the second model and feature are part of it
+        hyper = (r.extra.get("model_b"), r.extra.get("feature_b"))
+    elif r.kind == "fewshot":  # one number of shots of one set of episodes
+        hyper = tuple(r.hyper.get(k) for k in ("shots", "episodes", "seed"))
     return (r.kind, r.model, r.task, r.split, r.feature, r.method, hyper, r.metric)
 
 

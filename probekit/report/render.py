@@ -21,6 +21,19 @@ from probekit.report.compute import (
     build_report,
     delta_texts,
 )
+from probekit.report.trust import (
+    CALIBRATION_HEADER,
+    CALIBRATION_NOTE,
+    FEWSHOT_NOTE,
+    SIMILARITY_HEADER,
+    SIMILARITY_NOTE,
+    STRUCTURE_HEADER,
+    STRUCTURE_NOTE,
+    calibration_rows,
+    fewshot_table,
+    similarity_rows,
+    structure_rows,
+)
 
 __all__ = [
     "COST_HEADER",
@@ -106,6 +119,7 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         if rep.flags:
             md += [""] + [f"- {f.text()}" for f in rep.flags]
         md += ["", f"> {BOB_CAVEAT}"]
+    md += _trust_sections(rep)
     if rep.reference:
         md += ["", f"## Difference to {rep.reference}", ""]
         md += [DELTA_NOTE, ""]
@@ -143,6 +157,35 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         md += ["", "## Plots", ""]
         md += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(md) + "\n"
+
+
+def _trust_sections(rep: Report) -> list[str]:
+    """Calibration, label-free structure and similarity, each where the records have it."""
+    md: list[str] = []
+    few = [(t, fewshot_table(rep, t)) for t in rep.tasks]
+    few = [(t, table) for t, table in few if table[1]]
+    if few:
+        md += ["", "## Few-shot", "", FEWSHOT_NOTE]
+        for task, (header, rows) in few:
+            md += ["", f"{task}:", "", _md_table(header, rows)]
+    for title, note, header, rows_of in (
+        ("Calibration of the probes", CALIBRATION_NOTE, CALIBRATION_HEADER, calibration_rows),
+        (
+            "Without labels: effective rank and clusters",
+            STRUCTURE_NOTE,
+            STRUCTURE_HEADER,
+            structure_rows,
+        ),
+        ("How alike the backbones are", SIMILARITY_NOTE, SIMILARITY_HEADER, similarity_rows),
+    ):
+        per_task = [(t, rows_of(rep, t)) for t in rep.tasks]
+        per_task = [(t, rows) for t, rows in per_task if rows]
+        if not per_task:
+            continue
+        md += ["", f"## {title}", "", note]
+        for task, rows in per_task:
+            md += ["", f"{task}:", "", _md_table(header, rows)]
+    return md
 
 
 AGREEMENT_HEADER = ["task", "methods", "backbones", "Spearman [95% CI]", "Kendall [95% CI]"]
@@ -185,6 +228,8 @@ CSV_FIELDS = [
     "params_m",
     "gmacs",
     "images_per_s",
+    "shots",
+    "episodes",
 ]
 
 
@@ -274,6 +319,31 @@ def write_report(
                     c.n,
                     "" if (c.method, c.model) not in z else f"{z[(c.method, c.model)]:.4f}",
                     *_cost_cells(rep.cost_of(c.model, c.task)),
+                    "",
+                    "",
+                ]
+            )
+        for r in rep.records:  # few-shot: a row per method and shots, the mean over episodes
+            if r.kind != "fewshot" or r.metric != "top1":
+                continue
+            lo, hi = r.extra.get("ci95") or ("", "")
+            w.writerow(
+                [
+                    r.task,
+                    r.method,
+                    r.model,
+                    "top1",
+                    f"{r.value:.6f}",
+                    lo,
+                    hi,
+                    r.feature,
+                    "",
+                    "validation",
+                    r.n,
+                    "",
+                    *_cost_cells(rep.cost_of(r.model, r.task)),
+                    r.hyper.get("shots"),
+                    r.hyper.get("episodes"),
                 ]
             )
     files["results.csv"] = str(path)
@@ -282,11 +352,14 @@ def write_report(
     if plots and rep.cells:
         from probekit.plots import (
             plot_cost,
+            plot_fewshot,
             plot_heatmap,
             plot_layers,
             plot_methods,
             plot_ranking,
+            plot_reliability,
             plot_resolution,
+            plot_similarity,
         )
 
         pngs.append(plot_layers(rep, out / "layers.png"))
@@ -295,6 +368,9 @@ def write_report(
             pngs.append(plot_ranking(rep, out / "ranking.png"))
         for drawn in (
             plot_methods(rep, out / "methods.png"),
+            plot_fewshot(rep, out / "fewshot.png"),
+            plot_reliability(rep, out / "reliability.png"),
+            plot_similarity(rep, out / "similarity.png"),
             plot_cost(rep, out / "cost.png"),
             plot_resolution(rep, out / "resolution.png"),
         ):

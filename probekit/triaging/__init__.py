@@ -28,7 +28,12 @@ from probekit.records import Record
 from probekit.report import Report, build_report, write_report
 from probekit.specs import ModelSpec
 from probekit.triaging.evaluate import evaluate as _evaluate
-from probekit.triaging.evaluate import extraction_record, failure_message, note
+from probekit.triaging.evaluate import (
+    extraction_record,
+    failure_message,
+    note,
+    similarity_records,
+)
 from probekit.triaging.journal import Journal, journal_key
 from probekit.triaging.plan import TriagePlan, parse_transfers
 
@@ -68,6 +73,8 @@ def triage(
     pixel_cache: bool | None = None,
     pixel_size: int | str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    shots: Sequence[int] | str | None = None,
+    episodes: int = 5,
     plots: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] | None = print,
@@ -86,7 +93,9 @@ def triage(
     cropped, each model's own normalization and interpolation), `native` for each model's
     pretrained size, or a list (224,336,448) to run every backbone at each size. `tokens`:
     each layer's patch tokens stored too (all, or a grid side g), what `attentive` reads; with
-    `attentive` among the methods it defaults to all.
+    `attentive` among the methods it defaults to all. `shots` (e.g. 1,5,10) adds few-shot
+    episodes (`episodes` of each, seeded) of kNN, linear and logreg among `methods`, on the
+    feature the first probe (else kNN) chose.
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
@@ -102,6 +111,8 @@ def triage(
         pixel_cache=pixel_cache,
         pixel_size=pixel_size,
         img_size=img_size,
+        shots=shots,
+        episodes=episodes,
         extract=ExtractOptions(
             layers=layers,
             pool=pool,
@@ -119,14 +130,25 @@ def triage(
     records: list[Record] = []
     for size in plan.sizes:
         options = plan.at(size)
+        by_data: dict[str, list[tuple[str, FeatureStore]]] = {}
         for b in plan.models:
             first = len(records)
             stores = _extract_all(b, plan, options, records, say)
+            label = sized(Record("note", b.label, ""), size).model if plan.sweep else b.label
             for spec in plan.data_specs:
                 if spec in stores:
                     _evaluate_one(b, spec, stores, plan, journal, records, say)
+                    by_data.setdefault(spec, []).append((label, stores[spec]))
             if plan.sweep:  # every entry of a sweep is a model at one size
                 records[first:] = [sized(r, size) for r in records[first:]]
+        if dist.is_main:  # how alike the backbones' representations are, per dataset
+            for spec, pairs in by_data.items():
+                try:
+                    records += similarity_records(pairs, records, plan.methods)
+                except Exception as e:
+                    msg = failure_message(e)
+                    records.append(note("error", "-", spec, stage="compare", message=msg))
+                    say(f"  comparing the backbones on {spec}: FAILED: {msg}")
     reference = plan.reference
     if reference is not None and plan.sweep:  # the reference model at the first size
         reference = sized(Record("note", reference, ""), plan.sizes[0]).model
@@ -175,7 +197,15 @@ def _evaluate_one(
     """kNN and probes of one backbone on one dataset (and its transfers), or what an earlier
     run of the same evaluation kept."""
     targets = [stores[dst] for src, dst in plan.pairs if src == spec and dst in stores]
-    key = journal_key(b.label, stores[spec], targets, plan.methods, plan.ks, plan.features)
+    key = journal_key(
+        b.label,
+        stores[spec],
+        targets,
+        plan.methods,
+        plan.ks,
+        plan.features,
+        (plan.shots, plan.episodes) if plan.shots else None,
+    )
     kept = journal.get(key) if journal is not None else None
     if kept is not None:
         records += [Record.from_dict(r) for r in kept["records"]]
@@ -184,7 +214,16 @@ def _evaluate_one(
     t0 = time.perf_counter()
     first = len(records)
     try:
-        lines = _evaluate(b, stores[spec], targets, plan.methods, plan.ks, plan.features, records)
+        lines = _evaluate(
+            b,
+            stores[spec],
+            targets,
+            plan.methods,
+            plan.ks,
+            plan.features,
+            records,
+            (plan.shots, plan.episodes),
+        )
     except Exception as e:
         records.append(note("error", b.label, spec, stage="evaluate", message=failure_message(e)))
         say(f"  {b.label} on {spec}: FAILED to evaluate: {failure_message(e)}")

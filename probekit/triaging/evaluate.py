@@ -21,7 +21,7 @@ from probekit.neighbors import DEFAULT_TEMPERATURE, knn
 from probekit.records import Record, select_knn
 from probekit.specs import ModelSpec
 
-__all__ = ["evaluate", "extraction_record", "failure_message", "note"]
+__all__ = ["evaluate", "extraction_record", "failure_message", "note", "similarity_records"]
 
 
 def note(kind: str, model: str, dataset: str, **fields: Any) -> Record:
@@ -86,8 +86,10 @@ def evaluate(
     ks: Sequence[int],
     features: list[str] | None,
     records: list[Record],
+    fewshot: tuple[tuple[int, ...], int] = ((), 5),
 ) -> str:
-    """kNN (test + selection split) and probes on one store; transfers to `targets`."""
+    """kNN (test + selection split) and probes on one store; transfers to `targets`; label-free
+    structure; few-shot episodes where `fewshot` = (shots, episodes) names shots."""
     spec = store.meta["dataset"]["spec"]
     said = []
     if "knn" in methods:
@@ -103,7 +105,93 @@ def evaluate(
         except Exception as e:
             records.append(note("error", b.label, spec, stage="probe", message=failure_message(e)))
             said.append(f"probes FAILED: {failure_message(e)}")
+    if "test" in store.splits and distributed.current().is_main:
+        try:  # label-free and cluster metrics of every evaluated feature: cheap on the cache
+            from probekit.structure import structure
+
+            names = [f for f in features if store.has_feature(f)] if features else None
+            got = structure(store, features=names)
+            records += [replace(r, model=b.label) for r in got.records]
+        except Exception as e:
+            records.append(
+                note("error", b.label, spec, stage="structure", message=failure_message(e))
+            )
+    shots, episodes = fewshot
+    few_methods = [m for m in methods if m in ("knn", "linear", "logreg")]
+    if shots and few_methods and distributed.current().is_main:
+        try:
+            said.append(_fewshot(store, shots, episodes, few_methods, b.label, records))
+        except Exception as e:
+            records.append(
+                note("error", b.label, spec, stage="fewshot", message=failure_message(e))
+            )
+            said.append(f"few-shot FAILED: {failure_message(e)}")
     return ", ".join(said)
+
+
+def _fewshot(
+    store: FeatureStore,
+    shots: tuple[int, ...],
+    episodes: int,
+    methods: list[str],
+    label: str,
+    records: list[Record],
+) -> str:
+    """Few-shot episodes on the feature this store's first probe (else kNN) chose."""
+    from probekit.fewshot import fewshot
+
+    spec = store.meta["dataset"]["spec"]
+    chosen = {
+        r.method: r.feature
+        for r in records
+        if r.model == label
+        and r.dataset == spec
+        and r.metric == "top1"
+        and r.split == "test"
+        and r.kind in ("probe", "knn")
+        and r.train_dataset in ("", spec)
+    }
+    feature = next((chosen[m] for m in ("logreg", "linear", "knn") if m in chosen), None)
+    if feature is not None and not store.has_feature(feature):
+        feature = None
+    res = fewshot(
+        store, shots=shots, episodes=episodes, methods=methods, feature=feature, write=False
+    )
+    records += [replace(r, model=label) for r in res.records]
+    top = max(shots)
+    best = max(r.value for r in res.records if r.hyper["shots"] == top)
+    return f"few-shot {top}-shot {100 * best:.1f}"
+
+
+def similarity_records(
+    stores: list[tuple[str, FeatureStore]], records: list[Record], methods: list[str]
+) -> list[Record]:
+    """CKA and mutual kNN between the backbones evaluated on one dataset, each by the feature
+    its entry of the first method uses (what the leaderboard shows)."""
+    from probekit.report import build_report
+    from probekit.similarity import compare
+
+    if len(stores) < 2:
+        return []
+    spec = stores[0][1].meta["dataset"]["spec"]
+    try:
+        cells = build_report(records).cells
+    except ProbekitError:
+        return []
+    chosen = []
+    for label, store in stores:
+        mine = {c.method: c.feature for c in cells if c.task == spec and c.model == label}
+        feature = next((mine[m] for m in methods if m in mine and store.has_feature(mine[m])), None)
+        if feature is not None:
+            chosen.append((label, store, feature))
+    if len(chosen) < 2:
+        return []
+    res = compare(
+        [s for _, s, _ in chosen],
+        features_of=[[f] for _, _, f in chosen],
+        labels=[label for label, _, _ in chosen],
+    )
+    return res.records()
 
 
 # kNN's feature, k and vote are chosen on at most this many queries of the selection split

@@ -48,6 +48,7 @@ def journal_key(
     methods: list[str],
     ks: Sequence[int],
     features: list[str] | None,
+    fewshot: Any = None,
 ) -> str:
     """What an evaluation's numbers depend on: model label, the stores (each extraction has its
     own creation time) and the evaluation options."""
@@ -55,5 +56,7 @@ def journal_key(
     options: list[Any] = [methods, sorted(int(k) for k in ks)]
     if features is not None:
         options.append(features)
+    if fewshot is not None:  # shots and episodes (the episodes' seed is fixed: 0)
+        options.append(["fewshot", fewshot])
     blob = json.dumps([label, ident, *options], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

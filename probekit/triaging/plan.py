@@ -11,7 +11,7 @@ from probekit.defaults import DEFAULT_IMG_SIZE
 from probekit.errors import OptionError, ProbekitError
 from probekit.extraction import ExtractOptions, Geometry, geometry_transform
 from probekit.methods import PROBE_METHODS, all_methods
-from probekit.specs import ModelSpec, as_ints, parse_list, parse_models
+from probekit.specs import ModelSpec, as_ints, is_count, parse_list, parse_models
 
 __all__ = ["TriagePlan", "parse_sizes", "parse_transfers"]
 
@@ -43,6 +43,9 @@ class TriagePlan:
     extract: ExtractOptions  # with the pixel cache policy decided (img_size: the first size)
     # the evaluation resolutions (None: each model's own): every backbone runs at each
     sizes: tuple[int | None, ...] = (DEFAULT_IMG_SIZE,)
+    # few-shot episodes (`probekit.fewshot`): shots per class (none: no few-shot) and episodes
+    shots: tuple[int, ...] = ()
+    episodes: int = 5
 
     @property
     def sweep(self) -> bool:
@@ -67,8 +70,15 @@ class TriagePlan:
         pixel_size: int | str | None,
         extract: ExtractOptions,
         img_size: int | str | Sequence[int | str] | None = DEFAULT_IMG_SIZE,
+        shots: Sequence[int] | str | None = None,
+        episodes: int = 5,
     ) -> TriagePlan:
         models = parse_models(backbones)
+        shot_list = tuple(sorted({int(v) for v in as_ints(shots, "shots")})) if shots else ()
+        if any(v < 1 for v in shot_list):
+            raise OptionError(f"shots must be positive integers (e.g. 1,5,10), not {shots!r}.")
+        if not is_count(episodes):
+            raise OptionError(f"episodes must be a positive integer, not {episodes!r}.")
         sizes = parse_sizes(img_size)
         data_specs = parse_list(data, "data")
         if not data_specs:
@@ -125,6 +135,8 @@ class TriagePlan:
             datasets,
             options,
             sizes,
+            shot_list,
+            int(episodes),
         )
 
     def announce(self, say: Callable[[str], None]) -> None:
