@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,16 @@ from probekit.cache.store import FeatureStore, open_store
 from probekit.errors import OptionError, ProbekitError
 from probekit.records import Record
 
-__all__ = ["CompareResult", "Similarity", "compare", "hsic", "linear_cka", "mutual_knn"]
+__all__ = [
+    "CompareResult",
+    "EnsembleGain",
+    "Similarity",
+    "compare",
+    "concat_probe",
+    "hsic",
+    "linear_cka",
+    "mutual_knn",
+]
 
 DEFAULT_MUTUAL_K = 10
 
@@ -119,6 +128,7 @@ class CompareResult:
     dataset: str
     split: str
     k: int
+    ensembles: list[EnsembleGain] = field(default_factory=list)  # with concat=True
 
     def records(self) -> list[Record]:
         """Two records a pair (`cka`, `mutual_knn`): model and feature are the pair's first,
@@ -146,7 +156,7 @@ class CompareResult:
                         },
                     )
                 )
-        return out
+        return out + [e.record(self.dataset, self.split) for e in self.ensembles]
 
 
 def _common_rows(stores: Sequence[FeatureStore], split: str) -> list[np.ndarray]:
@@ -180,6 +190,7 @@ def compare(
     backend: str = "auto",
     features_of: Sequence[Sequence[str]] | None = None,
     labels: Sequence[str] | None = None,
+    concat: bool = False,
 ) -> CompareResult:
     """CKA and mutual kNN between every pair of (store, feature) of `sources` on the images
     they share (matched by id; a row invalid in one store is dropped from all).
@@ -187,6 +198,8 @@ def compare(
     `features`: names every store holds (default: each store's own stored features), or
     `features_of`: one list per store. One store compares its layers with each other.
     `labels`: what each store's model is called in the records (default: its own label).
+    `concat`: also a logistic regression on each pair of two stores' features side by side
+    against each alone (`concat_probe`): does the ensemble pay?
     """
     if isinstance(sources, (str, os.PathLike, FeatureStore)):
         sources = [sources]
@@ -234,6 +247,157 @@ def compare(
             )
         )
     names_of = list(labels) if labels is not None else [st.info.label for st in stores]
-    return CompareResult(
-        pairs, dict(zip(paths, names_of, strict=True)), stores[0].info.dataset.spec, split, k
+    by_path = dict(zip(paths, names_of, strict=True))
+    ensembles = []
+    if concat:
+        store_of = dict(zip(paths, stores, strict=True))
+        for p in pairs:
+            if p.store_a != p.store_b:
+                ensembles.append(
+                    concat_probe(
+                        store_of[p.store_a],
+                        store_of[p.store_b],
+                        feature_a=p.feature_a,
+                        feature_b=p.feature_b,
+                        labels=[by_path[p.store_a], by_path[p.store_b]],
+                        test_split=split,
+                    )
+                )
+    return CompareResult(pairs, by_path, stores[0].info.dataset.spec, split, k, ensembles)
+
+
+@dataclass(frozen=True)
+class EnsembleGain:
+    """Logistic regression on two backbones' features side by side against each alone, on
+    the same images: does the ensemble pay?"""
+
+    model_a: str
+    feature_a: str
+    model_b: str
+    feature_b: str
+    n: int  # test images
+    top1_a: float
+    top1_b: float
+    top1_both: float
+    gain: float  # top1_both minus the better of the two alone
+    gain_ci95: tuple[float, float]  # paired bootstrap over the test images
+    mcnemar_p: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record(self, dataset: str, split: str) -> Record:
+        return Record(
+            "compare",
+            self.model_a,
+            dataset,
+            metric="concat_gain",
+            value=self.gain,
+            split=split,
+            feature=self.feature_a,
+            method="concat",
+            n=self.n,
+            hyper={"probe": "logreg"},
+            extra={
+                "model_b": self.model_b,
+                "feature_b": self.feature_b,
+                "top1_a": self.top1_a,
+                "top1_b": self.top1_b,
+                "top1_both": self.top1_both,
+                "ci95": list(self.gain_ci95),
+                "mcnemar_p": self.mcnemar_p,
+            },
+        )
+
+
+def concat_probe(
+    a: FeatureStore | str | os.PathLike[str],
+    b: FeatureStore | str | os.PathLike[str],
+    *,
+    feature_a: str = "head/embed",
+    feature_b: str = "head/embed",
+    labels: Sequence[str] | None = None,
+    test_split: str = "test",
+    seed: int = 0,
+    device: str = "auto",
+) -> EnsembleGain:
+    """Logistic regression (`probe(method="logreg")`: C chosen on a validation holdout, refit,
+    tested once) on `feature_a` of store a, `feature_b` of store b, and both side by side, on
+    the images the stores share (matched by id, in every split)."""
+    import tempfile
+    from pathlib import Path
+
+    from probekit.cache.arrays import store_from_arrays
+    from probekit.metrics import decode_outcomes, mcnemar_p, paired_bootstrap_ci
+    from probekit.probes import probe
+
+    stores = [s if isinstance(s, FeatureStore) else open_store(s) for s in (a, b)]
+    if str(stores[0].path) == str(stores[1].path):
+        raise OptionError("a concatenation probe needs two different stores.")
+    names = [stores[0].check_features([feature_a])[0], stores[1].check_features([feature_b])[0]]
+    splits = [s for s in stores[0].splits if s in stores[1].splits]
+    if "train" not in splits or test_split not in splits:
+        raise ProbekitError(f"both stores need a train and a {test_split!r} split.")
+    arrays: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+    ids: dict[str, list[str]] = {}
+    classes = stores[0].class_names
+    for split in splits:
+        rows = _common_rows(stores, split)
+        xs = []
+        for st, r, name in zip(stores, rows, names, strict=True):
+            ordered = np.sort(r)
+            xs.append(
+                np.asarray(st.read_rows(split, name, ordered), np.float32)[
+                    np.searchsorted(ordered, r)
+                ]
+            )
+        ya = stores[0].labels(split)[rows[0]]
+        yb = stores[1].labels(split)[rows[1]]
+        if [classes[i] for i in ya] != [stores[1].class_names[i] for i in yb]:
+            raise ProbekitError(
+                f"the stores label the same {split} images differently; compare stores of the "
+                "same dataset."
+            )
+        both = np.concatenate(xs, axis=1)
+        arrays[split] = ({"layer0/mean": xs[0], "layer1/mean": xs[1], "head/embed": both}, ya)
+        all_ids = stores[0].ids(split)
+        ids[split] = [all_ids[int(i)] for i in rows[0]]
+    label_of = list(labels) if labels is not None else [st.info.label for st in stores]
+    outcomes = {}
+    with tempfile.TemporaryDirectory(prefix="probekit-concat-") as tmp:
+        joint = store_from_arrays(
+            str(Path(tmp) / "concat.zarr"),
+            arrays,
+            classes,
+            dataset=stores[0].info.dataset.spec,
+            ids=ids,
+        )
+        for key, name in (("a", "layer0/mean"), ("b", "layer1/mean"), ("both", "head/embed")):
+            res = probe(
+                joint,
+                method="logreg",
+                features=[name],
+                seed=seed,
+                device=device,
+                test_split=test_split,
+                write=False,
+            )
+            rec = next(r for r in res.records if r.metric == "top1" and r.split == test_split)
+            scored, right = decode_outcomes(rec.extra["outcomes"])
+            outcomes[key] = (rec.value, right[scored])
+    best = max(("a", "b"), key=lambda k: outcomes[k][0])
+    right_both, right_best = outcomes["both"][1], outcomes[best][1]
+    lo, hi = paired_bootstrap_ci(right_both, right_best)
+    return EnsembleGain(
+        label_of[0],
+        names[0],
+        label_of[1],
+        names[1],
+        len(right_both),
+        outcomes["a"][0],
+        outcomes["b"][0],
+        outcomes["both"][0],
+        outcomes["both"][0] - outcomes[best][0],
+        (float(lo), float(hi)),
+        float(mcnemar_p(right_both, right_best)),
     )

@@ -83,43 +83,19 @@ def write_store(
     """A complete feature store holding given arrays: splits = {name: (x (N, D), y (N,))},
     x either one array (stored as `feature`) or {feature name: array}; `num_layers`: the
     model's (for lastN/POOL features)."""
-    from probekit.cache.store import FeatureStore, StoreConfig
+    from probekit.cache.arrays import store_from_arrays
 
     def named(x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return x if isinstance(x, dict) else {feature: x}
 
-    dims = {k: v.shape[1] for k, v in named(next(iter(splits.values()))[0]).items()}
-    layer_pools = [k.partition("/") for k in dims if k != "head/embed"]  # 'layer3/mean'
-    layers = tuple(sorted({int(la.removeprefix("layer")) for la, _, _ in layer_pools}))
-    pools = tuple(sorted({p for _, _, p in layer_pools}))
-    cfg = StoreConfig("arrays", backbone, "given", {}, layers, pools, "float32", "fp32")
-    assert sorted(cfg.feature_names) == sorted(dims), "features: layerN/POOL grid and head/embed"
-    meta = {
-        "dataset": {"spec": f"arrays:{path.name}", "fingerprint": "-"},
-        "backbone": {"name": backbone, "num_layers": num_layers},
-        "weights": {"source": "given"},
-        "class_names": class_names,
-    }
-    n = chunk_rows or max(len(y) for _, y in splits.values())
-    store = FeatureStore.create(
-        path, cfg, meta, {s: len(y) for s, (_, y) in splits.items()}, dims, n, set()
+    store_from_arrays(
+        str(path),
+        {s: (named(x), y) for s, (x, y) in splits.items()},
+        class_names,
+        backbone=backbone,
+        chunk_rows=chunk_rows,
+        num_layers=num_layers,
     )
-    for s, (x, y) in splits.items():
-        for chunk, start in enumerate(range(0, len(y), n)):
-            rows = slice(start, start + n)
-            store.write_chunk(
-                s,
-                chunk,
-                n,
-                {
-                    **{k: v[rows].astype(np.float32) for k, v in named(x).items()},
-                    "labels": y[rows],
-                    "valid": np.ones(len(y[rows]), bool),
-                    "ids": np.array([f"{s}{i}" for i in range(start, start + len(y[rows]))]),
-                    "errors": np.array([""] * len(y[rows])),
-                },
-            )
-    store.update_meta(status="complete")
     return path
 
 

@@ -143,3 +143,51 @@ def test_compare_cli_prints_a_table_and_json(tmp_path: Path) -> None:
     assert table.exit_code == 0 and "CKA" in table.output and "1.000" in table.output
     bad = runner.invoke(app, ["compare", str(a), str(b), "--split", "val"])
     assert bad.exit_code == 1 and "no 'val' split" in bad.output
+
+
+def test_concatenation_probe_pays_where_each_backbone_knows_half(tmp_path: Path) -> None:
+    """a sees which pair of classes (y // 2), b which class within the pair (y % 2), stored
+    in another order: alone each gets about half, side by side nearly all."""
+    from probekit.similarity import concat_probe
+
+    rng = np.random.default_rng(4)
+    n = 800
+    y = rng.integers(0, 4, n)
+    xa = (np.eye(2)[y // 2] * 3 + rng.normal(size=(n, 2))).astype(np.float32)
+    xb = (np.eye(2)[y % 2] * 3 + rng.normal(size=(n, 2))).astype(np.float32)
+    perm = rng.permutation(n)
+    cut = 600
+    a = write_store(
+        tmp_path / "a.zarr",
+        {"train": (xa[:cut], y[:cut]), "test": (xa[cut:], y[cut:])},
+        list("pqrs"),
+        backbone="a",
+    )
+    tr, te = perm[perm < cut], perm[perm >= cut]  # b: the same images, shuffled
+    b = write_store(
+        tmp_path / "b.zarr",
+        {"train": (xb[tr], y[tr]), "test": (xb[te], y[te])},
+        list("pqrs"),
+        backbone="b",
+    )
+    zarr.open_array(str(b / "train/ids"))[:] = np.array([f"train{i}" for i in tr])
+    zarr.open_array(str(b / "test/ids"))[:] = np.array([f"test{i - cut}" for i in te])
+    gain = concat_probe(a, b)
+    assert 0.35 < gain.top1_a < 0.65 and 0.35 < gain.top1_b < 0.65
+    assert gain.top1_both > 0.9 and gain.n == n - cut
+    assert gain.gain == pytest.approx(gain.top1_both - max(gain.top1_a, gain.top1_b))
+    assert 0 < gain.gain_ci95[0] < gain.gain < gain.gain_ci95[1] and gain.mcnemar_p < 1e-6
+    rec = gain.record("d", "test")
+    assert rec.metric == "concat_gain" and rec.extra["model_b"] == "b"
+    with pytest.raises(ProbekitError, match="two different stores"):
+        concat_probe(a, a)
+    res = compare([a, b], concat=True)
+    (ens,) = res.ensembles
+    assert ens.top1_both == gain.top1_both
+    assert [r.metric for r in res.records()] == ["cka", "mutual_knn", "concat_gain"]
+    from typer.testing import CliRunner
+
+    from probekit.cli import app
+
+    out = CliRunner().invoke(app, ["compare", str(a), str(b), "--concat"])
+    assert out.exit_code == 0 and "side by side" in out.output

@@ -143,6 +143,13 @@ def triage_cmd(
         ),
     ] = None,
     episodes: Annotated[int, typer.Option(help="Seeded episodes per number of shots.")] = 5,
+    concat: Annotated[
+        bool,
+        typer.Option(
+            "--concat",
+            help="Logistic regression on every pair of backbones side by side vs each alone.",
+        ),
+    ] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path(
         "probekit-report"
     ),
@@ -185,6 +192,7 @@ def triage_cmd(
         reference=reference,
         shots=shots,
         episodes=episodes,
+        concat=concat,
         out=out_dir,
         batch_size=batch_size,
         device=device,

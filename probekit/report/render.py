@@ -24,12 +24,15 @@ from probekit.report.compute import (
 from probekit.report.trust import (
     CALIBRATION_HEADER,
     CALIBRATION_NOTE,
+    ENSEMBLE_HEADER,
+    ENSEMBLE_NOTE,
     FEWSHOT_NOTE,
     SIMILARITY_HEADER,
     SIMILARITY_NOTE,
     STRUCTURE_HEADER,
     STRUCTURE_NOTE,
     calibration_rows,
+    ensemble_rows,
     fewshot_table,
     similarity_rows,
     structure_rows,
@@ -177,6 +180,7 @@ def _trust_sections(rep: Report) -> list[str]:
             structure_rows,
         ),
         ("How alike the backbones are", SIMILARITY_NOTE, SIMILARITY_HEADER, similarity_rows),
+        ("Backbones side by side", ENSEMBLE_NOTE, ENSEMBLE_HEADER, ensemble_rows),
     ):
         per_task = [(t, rows_of(rep, t)) for t in rep.tasks]
         per_task = [(t, rows) for t, rows in per_task if rows]

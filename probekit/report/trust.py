@@ -13,12 +13,15 @@ from probekit.report.compute import Report
 __all__ = [
     "CALIBRATION_HEADER",
     "CALIBRATION_NOTE",
+    "ENSEMBLE_HEADER",
+    "ENSEMBLE_NOTE",
     "FEWSHOT_NOTE",
     "SIMILARITY_HEADER",
     "SIMILARITY_NOTE",
     "STRUCTURE_HEADER",
     "STRUCTURE_NOTE",
     "calibration_rows",
+    "ensemble_rows",
     "fewshot_table",
     "leaderboard_feature",
     "similarity_rows",
@@ -155,3 +158,32 @@ def fewshot_table(rep: Report, task: str) -> tuple[list[str], list[list[str]]]:
             row.append(f"{100 * got_s.value:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
         rows.append(row)
     return ["model", "method", *[f"{s}-shot" for s in shots]], rows
+
+
+ENSEMBLE_HEADER = ["model a", "model b", "a alone", "b alone", "side by side", "gain [95% CI]", "p"]
+ENSEMBLE_NOTE = (
+    "Does an ensemble pay? Logistic regression on both backbones' features side by side, "
+    "against the better of the two alone, on the same test images (top-1 %; a paired interval "
+    "of the gain, and McNemar's p: below 0.05, unlikely to be noise)."
+)
+
+
+def ensemble_rows(rep: Report, task: str) -> list[list[str]]:
+    rows = []
+    for r in rep.records:
+        if r.kind != "compare" or r.metric != "concat_gain" or r.dataset != task:
+            continue
+        e = r.extra
+        lo, hi = e.get("ci95") or (math.nan, math.nan)
+        rows.append(
+            [
+                f"{r.model} ({r.feature})",
+                f"{e.get('model_b')} ({e.get('feature_b')})",
+                _pct(float(e.get("top1_a", math.nan))),
+                _pct(float(e.get("top1_b", math.nan))),
+                _pct(float(e.get("top1_both", math.nan))),
+                f"{100 * r.value:+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+                f"{float(e.get('mcnemar_p', math.nan)):.2g}",
+            ]
+        )
+    return rows

@@ -75,6 +75,7 @@ def triage(
     cache_dir: str | os.PathLike[str] | None = None,
     shots: Sequence[int] | str | None = None,
     episodes: int = 5,
+    concat: bool = False,
     plots: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] | None = print,
@@ -95,7 +96,8 @@ def triage(
     each layer's patch tokens stored too (all, or a grid side g), what `attentive` reads; with
     `attentive` among the methods it defaults to all. `shots` (e.g. 1,5,10) adds few-shot
     episodes (`episodes` of each, seeded) of kNN, linear and logreg among `methods`, on the
-    feature the first probe (else kNN) chose.
+    feature the first probe (else kNN) chose. `concat`: a logistic regression on every pair
+    of backbones' features side by side, against each alone (does an ensemble pay?).
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
@@ -144,7 +146,7 @@ def triage(
         if dist.is_main:  # how alike the backbones' representations are, per dataset
             for spec, pairs in by_data.items():
                 try:
-                    records += similarity_records(pairs, records, plan.methods)
+                    records += similarity_records(pairs, records, plan.methods, concat)
                 except Exception as e:
                     msg = failure_message(e)
                     records.append(note("error", "-", spec, stage="compare", message=msg))

@@ -164,10 +164,14 @@ def _fewshot(
 
 
 def similarity_records(
-    stores: list[tuple[str, FeatureStore]], records: list[Record], methods: list[str]
+    stores: list[tuple[str, FeatureStore]],
+    records: list[Record],
+    methods: list[str],
+    concat: bool = False,
 ) -> list[Record]:
     """CKA and mutual kNN between the backbones evaluated on one dataset, each by the feature
-    its entry of the first method uses (what the leaderboard shows)."""
+    its entry of the first method uses (what the leaderboard shows); with `concat`, a logistic
+    regression on each pair's features side by side against each alone."""
     from probekit.report import build_report
     from probekit.similarity import compare
 
@@ -190,6 +194,7 @@ def similarity_records(
         [s for _, s, _ in chosen],
         features_of=[[f] for _, _, f in chosen],
         labels=[label for label, _, _ in chosen],
+        concat=concat,
     )
     return res.records()
 
