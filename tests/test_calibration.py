@@ -61,24 +61,31 @@ def test_temperature_minimizes_the_validation_cross_entropy() -> None:
 
 
 def test_probe_records_ece_before_and_after_temperature_scaling(tmp_path: Path) -> None:
+    # 60 noisy dimensions, 500 train images, hardly any regularization: an overfit, and so
+    # overconfident, logistic regression
     rng = np.random.default_rng(2)
-    centres = rng.normal(size=(3, 10))
+    centres = rng.normal(size=(3, 60)) * 0.2
     y = rng.integers(0, 3, 900)
-    x = (centres[y] + 1.5 * rng.normal(size=(900, 10))).astype(np.float32)
+    x = (centres[y] + rng.normal(size=(900, 60))).astype(np.float32)
     path = write_store(
-        tmp_path / "s.zarr", {"train": (x[:700], y[:700]), "test": (x[700:], y[700:])}, list("abc")
+        tmp_path / "s.zarr", {"train": (x[:500], y[:500]), "test": (x[500:], y[500:])}, list("abc")
     )
     res = probe(path, method="both", lrs=[0.1], wds=[0.0], epochs=3, cs=[1e3], write=False)
     for m in ("linear", "logreg"):
         recs = {r.metric: r for r in res.records if r.method == m}
         for metric in ("ece", "ece_ts"):
             r = recs[metric]
-            assert 0 <= r.value <= 1 and r.n == 200 and r.split == "test"
-            assert sum(r.extra["bins"]["count"]) == 200
+            assert 0 <= r.value <= 1 and r.n == 400 and r.split == "test"
+            assert sum(r.extra["bins"]["count"]) == 400
         assert recs["ece"].extra["temperature"] == 1.0
         assert recs["ece_ts"].extra["temperature"] > 0
     # logistic regression with almost no regularization is overconfident; scaling fixes most
     lr = {r.metric: r for r in res.records if r.method == "logreg"}
+    assert lr["ece"].value > 0.1
     assert lr["ece_ts"].extra["temperature"] > 1
     assert lr["ece_ts"].value < lr["ece"].value
+    # three epochs of linear heads are underconfident: a temperature below 1 fixes most
+    lin = {r.metric: r for r in res.records if r.method == "linear"}
+    assert lin["ece_ts"].extra["temperature"] < 1
+    assert lin["ece_ts"].value < lin["ece"].value / 2
     assert "refit" in lr["ece_ts"].extra["temperature_fit_on"]

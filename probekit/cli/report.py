@@ -34,6 +34,32 @@ if TYPE_CHECKING:
 __all__ = ["demo", "print_report", "report_cmd", "triage_cmd"]
 
 
+def _print_trust(rep: Report) -> None:
+    """Few-shot, calibration, structure, similarity and side-by-side tables, one per task."""
+    from probekit.report import trust
+
+    for task in rep.tasks:
+        header, rows = trust.fewshot_table(rep, task)
+        if rows:
+            table = Table(*header, title=f"{task}: few-shot test top-1 (%) [95% CI]")
+            for row in rows:
+                table.add_row(*row)
+            out.print(table)
+    for title, header, rows_of in (
+        ("calibration (ECE, %)", trust.CALIBRATION_HEADER, trust.calibration_rows),
+        ("without labels", trust.STRUCTURE_HEADER, trust.structure_rows),
+        ("how alike the backbones are", trust.SIMILARITY_HEADER, trust.similarity_rows),
+        ("side by side", trust.ENSEMBLE_HEADER, trust.ensemble_rows),
+    ):
+        for task in rep.tasks:
+            rows = rows_of(rep, task)
+            if rows:
+                table = Table(*header, title=f"{task}: {title}")
+                for row in rows:
+                    table.add_row(*row)
+                out.print(table)
+
+
 def print_report(rep: Report, files: dict[str, str]) -> None:
     """The leaderboard of every task, the ranking with BoB's caveat, the reference deltas."""
     from probekit.report import (
@@ -78,6 +104,18 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
             )
         out.print(table)
         out.print(BOB_CAVEAT)
+    if rep.agreements:
+        from probekit.report.agreement import AGREEMENT_NOTE
+        from probekit.report.render import AGREEMENT_HEADER, agreement_rows
+
+        table = Table(*AGREEMENT_HEADER, title="how far the methods' rankings agree")
+        for row in agreement_rows(rep):
+            table.add_row(*row)
+        out.print(table)
+        out.print(AGREEMENT_NOTE)
+    for flag in rep.flags:
+        out.print(f"note: {flag.text()}")
+    _print_trust(rep)
     if rep.reference and rep.deltas:
         table = Table(
             "task", "method", "model", *DELTA_COLUMNS, title=f"difference to {rep.reference}"

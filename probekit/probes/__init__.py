@@ -100,6 +100,7 @@ class ProbeResult:
                 "top-5",
                 "balanced",
                 "train top-1",
+                "ECE (scaled)",
             ]
         ]
         for m, cfg in self.selected.items():
@@ -126,9 +127,16 @@ class ProbeResult:
                         f"{100 * rec[('balanced_accuracy', dataset)].value:.2f}",
                         f"{100 * train.value:.2f}"
                         + (" (underfit)" if train.extra["underfit"] else ""),
+                        _ece_text(rec.get(("ece", dataset)), rec.get(("ece_ts", dataset))),
                     ]
                 )
         return out
+
+
+def _ece_text(ece: Record | None, scaled: Record | None) -> str:
+    if ece is None or scaled is None:
+        return "-"
+    return f"{100 * ece.value:.1f} ({100 * scaled.value:.1f})"
 
 
 def probe(
@@ -223,8 +231,12 @@ def _evaluate(
     at = replace(base, feature=f.name, method=sel.method, hyper=cfg)
     with torch.no_grad():
         train_top1 = sel.train_top1()
-        # temperature scaling, fitted on the validation rows (logreg's refit has seen them)
-        val_logits = sel.all_logits(sel.rows(store, data.val_split, data.val_rows, data.budget))
+        # temperature scaling, fitted on validation logits of a classifier that never saw
+        # those rows (logreg: its solution before the refit on train + validation)
+        val_logits = sel.val_logits
+        if val_logits is None:
+            val_rows = sel.rows(store, data.val_split, data.val_rows, data.budget)
+            val_logits = sel.all_logits(val_rows)
         temperature = fit_temperature(val_logits, data.val_y.cpu().numpy())
         # underfitting: the probe fits its own training data hardly better than held-out data
         underfit = train_top1 < 0.95 and train_top1 - cfg["val_top1"] < 0.02
@@ -282,7 +294,7 @@ def calibration_records(
         }
         extra: dict[str, Any] = {**at.extra, "temperature": t, "bins": bins}
         if metric == "ece_ts" and refit:
-            extra["temperature_fit_on"] = f"validation (also in the {refit} refit)"
+            extra["temperature_fit_on"] = f"validation, by the solution before the {refit} refit"
         out.append(
             replace(
                 at,

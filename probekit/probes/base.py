@@ -279,6 +279,9 @@ class Selection:
     scorer: Callable[[torch.Tensor], torch.Tensor] | None = None
     # (store, split, rows, budget) -> its rows, where they are not standardized features
     reader: Callable[[FeatureStore, str, np.ndarray, int], Rows] | None = None
+    # (n_val, C) validation logits of a classifier fitted without the validation rows, where
+    # the final one was refit on them (logreg): what temperature scaling is fitted on
+    val_logits: np.ndarray | None = None
 
     def logits(self, xb: torch.Tensor) -> torch.Tensor:
         if self.scorer is not None:

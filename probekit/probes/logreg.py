@@ -129,6 +129,12 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
         del fit_x, val_x
     assert best[1] is not None and best_rows is not None
     name, c, w, b = best[1]
+    # the chosen solution's validation logits, before the refit sees those rows: what its
+    # temperature is fitted on
+    with torch.no_grad():
+        val_logits = np.concatenate(
+            [torch.addmm(b, xb[0], w.T).double().cpu().numpy() for xb in best_rows[1].blocks()]
+        )
     # refit on train + validation with the chosen C, from the chosen solution
     all_x = Concat(*best_rows)
     del best_rows
@@ -147,4 +153,14 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
     }
     if streamed:
         config["features_streamed"] = True
-    return Selection("logreg", data.feats[name], w, b, config, curve, lambda: all_x, all_y)
+    return Selection(
+        "logreg",
+        data.feats[name],
+        w,
+        b,
+        config,
+        curve,
+        lambda: all_x,
+        all_y,
+        val_logits=val_logits,
+    )
