@@ -12,6 +12,7 @@ __all__ = [
     "DEMO_BACKBONES",
     "DEMO_DATASETS",
     "DEMO_IMG_SIZE",
+    "DEMO_SHOTS",
     "DEMO_TRANSFERS",
     "run_demo",
 ]
@@ -24,6 +25,8 @@ DEMO_TRANSFERS = ("mnist5k->digits",)
 # (3 backbones over 5000 + 1200 + 1797 images, kNN and probes on every layer) within a few
 # minutes on a 2-core CPU.
 DEMO_IMG_SIZE = 128
+# few-shot episodes on the cache: a few seconds a backbone and dataset
+DEMO_SHOTS = (1, 5, 10)
 
 
 def run_demo(
@@ -38,7 +41,8 @@ def run_demo(
         + (f" and the {', '.join(DEMO_TRANSFERS)} transfer" if DEMO_TRANSFERS else "")
         + f"; offline (packaged ImageNet weights, built-in "
         f"data, all images), at {DEMO_IMG_SIZE}px instead of the native size to stay within "
-        "minutes on a CPU; every layer, mean-pooled."
+        "minutes on a CPU; every layer, mean-pooled; few-shot episodes at "
+        f"{', '.join(map(str, DEMO_SHOTS))} shots."
     )
     t0 = time.perf_counter()
     result = triage(
@@ -48,6 +52,7 @@ def run_demo(
         layers="all",
         pool="mean",
         img_size=DEMO_IMG_SIZE,
+        shots=DEMO_SHOTS,
         reference=DEMO_BACKBONES[-1],  # the random-init baseline
         out=out,
         cache_dir=cache_dir,

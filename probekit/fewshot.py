@@ -69,7 +69,8 @@ def sample_episodes(
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
-    """95% Student-t interval of the mean of `values` (the mean itself for one value)."""
+    """95% Student-t interval of the mean of `values` (the mean itself for one value); the
+    caller clips it to what the values can be."""
     from scipy.stats import t
 
     v = np.asarray(values, dtype=np.float64)
@@ -263,7 +264,7 @@ def fewshot(
             per["logreg"] = (accs, chosen)
         for m in wanted:
             accs, chosen = per[m]
-            lo, hi = t_interval(accs)
+            lo, hi = (min(max(v, 0.0), 1.0) for v in t_interval(accs))  # an accuracy
             records.append(
                 replace(
                     base,

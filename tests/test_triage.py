@@ -94,6 +94,9 @@ def test_readme_quickstart_and_triage_commands(
     assert "## Cost and resolution" in demo_md and "GMACs/image" in demo_md
     assert "| effnet_lite0 (64px, pretrained 224px) |" in demo_md
     assert "cost and resolution" in res.output
+    # few-shot episodes at the demo's shots, on the real photos and packaged weights
+    assert "## Few-shot" in demo_md and "| effnet_lite0 | logreg |" in demo_md
+    assert (tmp_path / "probekit-demo" / "fewshot.png").is_file()
 
     # the online flow, with tiny models and generated folders for PATH and OTHER
     path = _folder(tmp_path / "pets", 10, 6, seed=0)
