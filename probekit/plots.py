@@ -38,6 +38,18 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
     return str(path)
 
 
+def _finish(
+    fig: Figure, ax: Any, title: str, path: str | os.PathLike[str], fontsize: int = 8
+) -> str:
+    """The first panel's legend below the panels (three columns at most), the title, saved."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ncols = min(3, len(labels))
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=fontsize)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def short(task: str, width: int = 28) -> str:
     """A task's name for a plot: folder/file specs by their last path part, then truncated."""
 
@@ -233,13 +245,9 @@ def plot_methods(rep: Report, path: str | os.PathLike[str]) -> str | None:
         ax.set_title(short(task), fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(
-            handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
-        )
-    fig.suptitle("Each backbone by each method (crossing lines: rankings disagree)", fontsize=10)
-    return _save(fig, path)
+    return _finish(
+        fig, axes[0], "Each backbone by each method (crossing lines: rankings disagree)", path
+    )
 
 
 def plot_reliability(rep: Report, path: str | os.PathLike[str]) -> str | None:
@@ -285,13 +293,7 @@ def plot_reliability(rep: Report, path: str | os.PathLike[str]) -> str | None:
         ax.grid(alpha=0.3)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(
-            handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
-        )
-    fig.suptitle("Reliability on test (dashed: after temperature scaling)", fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, axes[0], "Reliability on test (dashed: after temperature scaling)", path)
 
 
 def plot_similarity(rep: Report, path: str | os.PathLike[str]) -> str | None:
@@ -374,7 +376,4 @@ def plot_fewshot(rep: Report, path: str | os.PathLike[str]) -> str | None:
         ax.set_title(short(task), fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=7)
-    fig.suptitle("Few-shot (mean over episodes, 95% interval)", fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, axes[0], "Few-shot (mean over episodes, 95% interval)", path, 7)
