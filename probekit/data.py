@@ -61,19 +61,27 @@ class Dataset:
     # with counts: said by extract, kept in the store, carried into records and the report
     warnings: tuple[str, ...] = ()
     # dense datasets: per split (N, H, W) uint8 masks, one class index a pixel (255: ignore),
-    # aligned with `arrays`
+    # aligned with `arrays`; or each image's mask file (`seg:PATH`), read as `mask_rule` says
     masks: Mapping[str, np.ndarray] | None = field(default=None, repr=False)
+    mask_paths: Mapping[str, tuple[str, ...]] | None = field(default=None, repr=False)
+    mask_rule: str = "index"  # "index": values are class indices; "ade": 0 ignored, v -> v - 1
 
     @property
     def dense(self) -> bool:
         """Whether every image has a mask (a segmentation dataset)."""
-        return self.masks is not None
+        return self.masks is not None or self.mask_paths is not None
 
-    def load_mask(self, split: str, index: int) -> Image.Image:
-        """The image's mask as a one-band PIL image (mode L), one class index a pixel."""
-        if self.masks is None:
+    def load_mask(self, split: str, index: int, size: tuple[int, int] | None = None) -> Image.Image:
+        """The image's mask as a one-band PIL image (mode L), one class index a pixel (255:
+        ignore). A mask that cannot be read, is not `size` (the image's, PIL order), or holds
+        a label beyond the classes raises InvalidImageError with the reason."""
+        if self.masks is not None:
+            return Image.fromarray(self.masks[split][index], mode="L")
+        if self.mask_paths is None:
             raise DatasetError(f"{self.spec} has no masks: it is not a segmentation dataset.")
-        return Image.fromarray(self.masks[split][index], mode="L")
+        from probekit.masks import read_mask
+
+        return read_mask(self.mask_paths[split][index], len(self.class_names), self.mask_rule, size)
 
     def load_image(self, split: str, index: int) -> Image.Image:
         """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
@@ -512,8 +520,15 @@ DATASET_KINDS: dict[str, DatasetKind] = {
         DatasetKind(
             "digit-scenes", _digit_scenes, "digit-scenes[:N]", "digits on photos, with masks"
         ),
+        DatasetKind("seg", lambda a: _seg(a), "seg:PATH", "VOC, ADE20k or images/ + masks/"),
     )
 }
 BUILTIN_DATASETS = tuple(
-    k.kind for k in DATASET_KINDS.values() if k.kind not in ("imagefolder", "csv")
+    k.kind for k in DATASET_KINDS.values() if k.kind not in ("imagefolder", "csv", "seg")
 )
+
+
+def _seg(arg: str) -> Dataset:
+    from probekit.masks import seg_dataset
+
+    return seg_dataset(arg)

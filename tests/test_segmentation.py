@@ -4,6 +4,8 @@ mask geometry against the image's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,101 @@ def test_digit_scenes_are_deterministic_with_masks_that_match_the_strokes() -> N
     mask = a.load_mask("train", 0)
     assert mask.mode == "L" and np.array_equal(np.asarray(mask), a.masks["train"][0])
     assert load_dataset("digit-scenes:32").fingerprint != a.fingerprint
+
+
+def _palette_png(path: Path, labels: np.ndarray) -> None:
+    """A VOC-style mask: a palette PNG whose indices are the labels."""
+    from PIL import Image
+
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    palette = np.random.default_rng(0).integers(0, 256, 768).astype(np.uint8)
+    im.putpalette(palette.tolist())
+    im.save(path)
+
+
+def _voc(root: Path) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    truth = {}
+    for i in range(5):
+        stem = f"2007_{i:06d}"
+        h, w = 30 + i, 40
+        Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8)).save(
+            root / "JPEGImages" / f"{stem}.jpg"
+        )
+        labels = rng.integers(0, 21, (h, w))
+        labels[0, :] = 255  # an ignored border
+        _palette_png(root / "SegmentationClass" / f"{stem}.png", labels)
+        truth[stem] = labels
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("2007_000000\n2007_000001\n2007_000002\n")
+    (sets / "val.txt").write_text("2007_000003\n2007_000004\n")
+    return truth
+
+
+def test_voc_layout_reads_palette_indices_with_ignore(tmp_path: Path) -> None:
+    from probekit.data import load_dataset
+    from probekit.errors import DatasetError, InvalidImageError
+    from probekit.masks import VOC_CLASSES
+
+    truth = _voc(tmp_path / "voc")
+    ds = load_dataset(f"seg:{tmp_path / 'voc'}")
+    assert ds.dense and ds.class_names == VOC_CLASSES
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 3, "test": 2}  # val -> test
+    for split in ("train", "test"):
+        for i, path in enumerate(ds.splits[split].ids):
+            stem = Path(path).stem
+            image = ds.load_image(split, i)
+            mask = ds.load_mask(split, i, size=image.size)
+            assert np.array_equal(np.asarray(mask), truth[stem])  # indices; 255 kept
+    # a label beyond the 21 classes, a mask of another size: the row's reason
+    _palette_png(tmp_path / "voc/SegmentationClass/2007_000000.png", np.full((30, 40), 30))
+    with pytest.raises(InvalidImageError, match="label 30, beyond the 21 classes"):
+        ds.load_mask("train", 0)
+    with pytest.raises(InvalidImageError, match="the image 41x30"):
+        ds.load_mask("train", 0, size=(41, 30))
+    (tmp_path / "voc/SegmentationClass/2007_000004.png").unlink()
+    with pytest.raises(DatasetError, match=r"val.txt line 2 names '2007_000004'.*mask is missing"):
+        load_dataset(f"seg:{tmp_path / 'voc'}")
+
+
+def test_ade_and_plain_layouts(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from probekit.data import load_dataset
+    from probekit.errors import DatasetError
+
+    ade = tmp_path / "ade"
+    for part in ("training", "validation"):
+        (ade / "images" / part).mkdir(parents=True)
+        (ade / "annotations" / part).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 6)).save(ade / "images" / part / f"ADE_{i}.jpg")
+            labels = np.arange(48).reshape(6, 8) % 4  # 0 = other: ignored
+            Image.fromarray(labels.astype(np.uint8), mode="L").save(
+                ade / "annotations" / part / f"ADE_{i}.png"
+            )
+    ds = load_dataset(f"seg:{ade}")
+    assert set(ds.splits) == {"train", "test"} and ds.class_names == ("0", "1", "2")
+    m = np.asarray(ds.load_mask("train", 0))
+    want = np.where(np.arange(48).reshape(6, 8) % 4 == 0, 255, np.arange(48).reshape(6, 8) % 4 - 1)
+    assert np.array_equal(m, want)
+
+    plain = tmp_path / "plain"
+    (plain / "images").mkdir(parents=True)
+    (plain / "masks").mkdir()
+    Image.new("RGB", (5, 5)).save(plain / "images" / "a.png")
+    Image.fromarray(np.full((5, 5), 2, np.uint8), mode="L").save(plain / "masks" / "a.png")
+    (plain / "classes.txt").write_text("sky\nroad\ncar\n")
+    ds = load_dataset(f"seg:{plain}")
+    assert ds.class_names == ("sky", "road", "car") and list(ds.splits) == ["train"]
+    assert ds.fingerprint != load_dataset(f"seg:{ade}").fingerprint
+    Image.new("RGB", (5, 5)).save(plain / "images" / "b.png")
+    with pytest.raises(DatasetError, match=r"b.png .* has no mask"):
+        load_dataset(f"seg:{plain}")
+    with pytest.raises(DatasetError, match="no known layout"):
+        load_dataset(f"seg:{tmp_path}")
