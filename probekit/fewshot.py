@@ -35,6 +35,7 @@ __all__ = [
     "FewShotResult",
     "fewshot",
     "sample_episodes",
+    "support_digest",
     "t_interval",
 ]
 
@@ -66,6 +67,27 @@ def sample_episodes(
             picked.append(mine[rng.permutation(len(mine))[:shots]])
         out.append(np.concatenate(picked))
     return out
+
+
+def _ids_digest(ids: Sequence[str], supports: Sequence[np.ndarray]) -> str:
+    joined = "\n".join(",".join(ids[int(r)] for r in rows) for rows in supports)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def support_digest(
+    store: FeatureStore, shots: Sequence[int], episodes: int, seed: int = 0, holdout: float = 0.1
+) -> str:
+    """A hash of the train image ids every episode of every `shots` samples (what `fewshot`
+    records per shots), from the labels alone: a resume key that changes with the images."""
+    from probekit.probes.base import fit_and_validation
+
+    _, fit_rows, fit_y, _, _ = fit_and_validation(store, holdout, seed)
+    ids = store.ids("train")
+    parts = [
+        _ids_digest(ids, sample_episodes(fit_y, fit_rows, s, episodes, seed))
+        for s in sorted(set(shots))
+    ]
+    return hashlib.sha256(",".join(parts).encode()).hexdigest()[:16]
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
@@ -206,9 +228,7 @@ def fewshot(
     records = []
     for s in shot_list:
         supports = sample_episodes(fit_y, data.fit_rows, s, episodes, seed)
-        digest = hashlib.sha256(
-            "\n".join(",".join(ids[int(r)] for r in rows) for rows in supports).encode()
-        ).hexdigest()[:16]
+        digest = _ids_digest(ids, supports)
         y_s = torch.from_numpy(store.labels("train")[supports[0]]).to(dev)
         x_s = torch.stack([read("train", rows) for rows in supports])  # (E, S, D)
         per: dict[str, tuple[list[float], list[dict[str, Any]]]] = {}

@@ -68,6 +68,16 @@ def test_support_never_holds_a_validation_or_test_row(
     assert len(drawn[-1]) == len(fit)  # 200 shots: every fit row, and no more
     digests = {r.extra["support_ids_sha256"] for r in res.records}
     assert len(digests) == 3  # one per shots
+    # the resume key's hash: the same samples, from the labels alone
+    import hashlib
+
+    per_shots = [
+        next(r for r in res.records if r.hyper["shots"] == s).extra["support_ids_sha256"]
+        for s in (1, 5, 200)
+    ]
+    key = fs.support_digest(probekit.open_store(path), [1, 5, 200], 3, seed=3)
+    assert key == hashlib.sha256(",".join(per_shots).encode()).hexdigest()[:16]
+    assert fs.support_digest(probekit.open_store(path), [1, 5, 200], 3, seed=4) != key
     # a real val split: support only from train
     vpath = _blob_store(tmp_path / "v", val=True)
     drawn.clear()

@@ -149,7 +149,7 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 # a sharded array is read this many bytes of rows at a time (a bounded temporary)
-SPAN_BYTES = 8 * 2**20
+SPAN_BYTES = 4 * 2**20
 
 
 class FeatureStore(ChunkedStore):

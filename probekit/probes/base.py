@@ -32,7 +32,7 @@ from probekit.methods import PROBE_METHODS, default_probes
 from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
 from probekit.specs import is_count, options_of, parse_list
 
-__all__ = ["Feature", "ProbeData", "ProbeOptions", "Selection"]
+__all__ = ["Feature", "ProbeData", "ProbeOptions", "Selection", "fit_and_validation"]
 
 
 def _positive_numbers(name: str, values: Sequence[float], zero: bool = False) -> tuple[float, ...]:
@@ -149,6 +149,21 @@ class Feature:
     std: torch.Tensor
 
 
+def fit_and_validation(
+    store: FeatureStore, holdout: float, seed: int
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(validation split, fit rows, their labels, validation rows, their labels): the usable
+    train rows and a real `val` split, else a seeded stratified `holdout` of train."""
+    train_rows = np.flatnonzero(store.usable("train"))
+    train_y = store.labels("train")[train_rows]
+    check_labels(train_y, train_y[:0], store.class_names, who="a probe")
+    if "val" in store.splits:  # a real validation split
+        val_rows = np.flatnonzero(store.usable("val"))
+        return "val", train_rows, train_y, val_rows, store.labels("val")[val_rows]
+    fit_idx, val_idx = holdout_split(train_y, holdout, seed)
+    return "train", train_rows[fit_idx], train_y[fit_idx], train_rows[val_idx], train_y[val_idx]
+
+
 @dataclass
 class ProbeData:
     """The fit and validation parts of one store's train data, for every probe method.
@@ -198,17 +213,10 @@ class ProbeData:
             )
         dev = opts.torch_device()
         budget = memory_budget(dev, opts.memory_mb)
-        train_rows = np.flatnonzero(store.usable("train"))
-        train_y = store.labels("train")[train_rows]
-        check_labels(train_y, train_y[:0], store.class_names, who="a probe")
         said = list(store.info.dataset.warnings)
-        if "val" in store.splits:  # a real validation split
-            val_split, val_rows = "val", np.flatnonzero(store.usable("val"))
-            fit_rows, val_y, fit_y = train_rows, store.labels("val")[val_rows], train_y
-        else:
-            fit_idx, val_idx = holdout_split(train_y, opts.holdout, opts.seed)
-            val_split, fit_rows, val_rows = "train", train_rows[fit_idx], train_rows[val_idx]
-            fit_y, val_y = train_y[fit_idx], train_y[val_idx]
+        val_split, fit_rows, fit_y, val_rows, val_y = fit_and_validation(
+            store, opts.holdout, opts.seed
+        )
         feats: dict[str, Feature] = {}
         pooled = any(not PROBE_METHODS[m].tokens for m in opts.methods)
         for name in names if pooled else ():  # train statistics, a block at a time

@@ -69,6 +69,12 @@ def memory_budget(device: str | torch.device, memory_mb: int | None = None) -> i
         return 4 * 2**30
 
 
+# a streamed read converts at most this many bytes (as float32) at a time, and the store reads
+# spans of at most SPAN_BYTES: what a streamed read holds besides its rows
+READ_PIECE = 4 * 2**20
+READ_RESERVE = 2 * READ_PIECE
+
+
 class Rows:
     """Standardized rows of L features of one width, as (L, n, D): held on the device when
     they fit the memory budget, otherwise read from the store `block` rows at a time.
@@ -132,7 +138,7 @@ class Rows:
 
         def read(pos: np.ndarray) -> torch.Tensor:
             out = torch.empty(n_feat, len(pos), d, dtype=dtype, device=device)
-            step = max(1, min(len(pos), 2**24 // (4 * d)))  # 16 MiB pieces: few temporaries
+            step = max(1, min(len(pos), READ_PIECE // (4 * d)))  # bounded temporaries
             for i, name in enumerate(names):
                 for s in range(0, len(pos), step):
                     part = store.read_rows(split, name, rows[pos[s : s + step]])
@@ -146,7 +152,10 @@ class Rows:
         if row_bytes * len(rows) <= budget:
             data = read(np.arange(len(rows)))
             return cls(len(rows), n_feat, d, dtype=dtype, device=device, data=data)
-        block = max(1, budget // row_bytes)
+        # streamed: a read's own temporaries (a piece, the store's span) come out of a budget
+        # that has room for them
+        held = budget - READ_RESERVE if budget > 2 * READ_RESERVE else budget
+        block = max(1, held // row_bytes)
         return cls(len(rows), n_feat, d, dtype=dtype, device=device, read=read, block=block)
 
     def take(self, positions: np.ndarray) -> torch.Tensor:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from probekit import distributed
 from probekit.cache.store import FeatureStore
@@ -187,6 +188,19 @@ def _extract_all(
     return stores
 
 
+def _fewshot_key(store: FeatureStore, plan: TriagePlan) -> Any:
+    """Shots, episodes and the hash of the images they sample (None without few-shot)."""
+    if not plan.shots or "train" not in store.splits:
+        return None
+    from probekit.fewshot import support_digest
+
+    try:
+        digest = support_digest(store, plan.shots, plan.episodes)
+    except Exception:  # a split few-shot cannot sample from: the evaluation says why
+        digest = None
+    return [list(plan.shots), plan.episodes, digest]
+
+
 def _evaluate_one(
     b: ModelSpec,
     spec: str,
@@ -206,7 +220,7 @@ def _evaluate_one(
         plan.methods,
         plan.ks,
         plan.features,
-        (plan.shots, plan.episodes) if plan.shots else None,
+        _fewshot_key(stores[spec], plan),
     )
     kept = journal.get(key) if journal is not None else None
     if kept is not None:
