@@ -77,6 +77,14 @@ def test_probe_records_ece_before_and_after_temperature_scaling(tmp_path: Path) 
             r = recs[metric]
             assert 0 <= r.value <= 1 and r.n == 400 and r.split == "test"
             assert sum(r.extra["bins"]["count"]) == 400
+            # the value is the ECE its own reliability bins give
+            b = r.extra["bins"]
+            gaps = [
+                n * abs(a - c)
+                for c, a, n in zip(b["confidence"], b["accuracy"], b["count"], strict=True)
+                if n
+            ]
+            assert r.value == pytest.approx(sum(gaps) / 400, abs=1e-12)
         assert recs["ece"].extra["temperature"] == 1.0
         assert recs["ece_ts"].extra["temperature"] > 0
     # logistic regression with almost no regularization is overconfident; scaling fixes most

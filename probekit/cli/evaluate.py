@@ -4,7 +4,7 @@ backbone and data)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -285,7 +285,12 @@ def compare_cmd(
         "chance)."
     )
     if res.ensembles:
-        stdout.print(ensemble_table(res.ensembles))
+        from probekit.report.trust import ENSEMBLE_HEADER, ENSEMBLE_NOTE, ensemble_row
+
+        table = Table(*ENSEMBLE_HEADER, title="side by side")
+        for e in res.ensembles:
+            table.add_row(*ensemble_row(e.record(res.dataset, res.split)))
+        stdout.print(table)
         stdout.print(ENSEMBLE_NOTE)
 
 
@@ -369,26 +374,3 @@ def fewshot_cmd(
     stdout.print(table)
     if res.path:
         stdout.print(f"records: {res.path}")
-
-
-ENSEMBLE_NOTE = (
-    "Side by side: logistic regression on both backbones' features concatenated, against the "
-    "better of the two alone, on the same test images (paired interval; McNemar p < 0.05: "
-    "unlikely to be noise)."
-)
-
-
-def ensemble_table(ensembles: list[Any]) -> Table:
-    table = Table("model a", "model b", "a alone", "b alone", "side by side", "gain [95% CI]", "p")
-    for e in ensembles:
-        lo, hi = e.gain_ci95
-        table.add_row(
-            f"{e.model_a} ({e.feature_a})",
-            f"{e.model_b} ({e.feature_b})",
-            f"{100 * e.top1_a:.2f}",
-            f"{100 * e.top1_b:.2f}",
-            f"{100 * e.top1_both:.2f}",
-            f"{100 * e.gain:+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
-            f"{e.mcnemar_p:.2g}",
-        )
-    return table

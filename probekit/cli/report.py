@@ -36,28 +36,15 @@ __all__ = ["demo", "print_report", "report_cmd", "triage_cmd"]
 
 def _print_trust(rep: Report) -> None:
     """Few-shot, calibration, structure, similarity and side-by-side tables, one per task."""
-    from probekit.report import trust
+    from probekit.report.trust import sections
 
-    for task in rep.tasks:
-        header, rows = trust.fewshot_table(rep, task)
-        if rows:
-            table = Table(*header, title=f"{task}: few-shot test top-1 (%) [95% CI]")
+    for sec in sections(rep):
+        for task, header, rows in sec.tables:
+            table = Table(*header, title=f"{task}: {sec.title.lower()}")
             for row in rows:
                 table.add_row(*row)
             out.print(table)
-    for title, header, rows_of in (
-        ("calibration (ECE, %)", trust.CALIBRATION_HEADER, trust.calibration_rows),
-        ("without labels", trust.STRUCTURE_HEADER, trust.structure_rows),
-        ("how alike the backbones are", trust.SIMILARITY_HEADER, trust.similarity_rows),
-        ("side by side", trust.ENSEMBLE_HEADER, trust.ensemble_rows),
-    ):
-        for task in rep.tasks:
-            rows = rows_of(rep, task)
-            if rows:
-                table = Table(*header, title=f"{task}: {title}")
-                for row in rows:
-                    table.add_row(*row)
-                out.print(table)
+        out.print(sec.note)
 
 
 def print_report(rep: Report, files: dict[str, str]) -> None:

@@ -36,6 +36,7 @@ from probekit.probes.base import (
     ProbeData,
     ProbeOptions,
     Selection,
+    ranked_classes,
 )
 from probekit.probes.linear import LinearHeads, train_linear_heads
 from probekit.probes.logreg import fit_logreg, logreg_objective
@@ -262,7 +263,7 @@ def _evaluate(
             seen = np.concatenate([data.fit_y.cpu().numpy(), data.val_y.cpu().numpy()])
             absent = check_labels(seen, y, store.class_names, who="a probe")
             logits = sel.all_logits(x)
-            ranked = np.ascontiguousarray(np.argsort(-logits, 1, kind="stable")[:, :5])
+            ranked = ranked_classes(logits)
             split_at = warned(replace(at, dataset=spec, split=split), absent, spec)
             recs, _ = classification_records(
                 ranked,

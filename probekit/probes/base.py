@@ -32,7 +32,14 @@ from probekit.methods import PROBE_METHODS, default_probes
 from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
 from probekit.specs import is_count, options_of, parse_list
 
-__all__ = ["Feature", "ProbeData", "ProbeOptions", "Selection", "fit_and_validation"]
+__all__ = [
+    "Feature",
+    "ProbeData",
+    "ProbeOptions",
+    "Selection",
+    "fit_and_validation",
+    "ranked_classes",
+]
 
 
 def _positive_numbers(name: str, values: Sequence[float], zero: bool = False) -> tuple[float, ...]:
@@ -264,6 +271,11 @@ class ProbeData:
         return self.rows_of(group, self.val_split, self.val_rows, share)
 
 
+def ranked_classes(logits: np.ndarray, top: int = 5) -> np.ndarray:
+    """(n, top) classes of (n, C) logits, best first (ties: the lower class first)."""
+    return np.ascontiguousarray(np.argsort(-logits, 1, kind="stable")[:, :top])
+
+
 @dataclass
 class Selection:
     """The classifier one method chose on validation: W (C, D), b (C,) on `feature` (a linear
@@ -305,10 +317,6 @@ class Selection:
         return Rows.from_store(
             store, split, [f.name], rows, f.mean[None], f.std[None], budget=budget
         )
-
-    def ranked(self, rows: Rows, top: int = 5) -> np.ndarray:
-        """(n, top) classes of every row, best first."""
-        return np.ascontiguousarray(np.argsort(-self.all_logits(rows), 1, kind="stable")[:, :top])
 
     def all_logits(self, rows: Rows) -> np.ndarray:
         """(n, C) float64 logits of every row (C is small: held whole)."""

@@ -35,6 +35,7 @@ __all__ = [
     "Report",
     "build_report",
     "delta_texts",
+    "leaderboard_cells",
     "load_records",
 ]
 
@@ -439,7 +440,7 @@ def build_report(
     (`Record`s, or their dicts of any schema)."""
     # agreement records are derived from the leaderboard: made anew, never read back
     recs = [r for r in _as_records(records) if r.kind != "agreement"]
-    cells = _knn_cells(recs) + _probe_cells(recs)
+    cells = leaderboard_cells(recs)
     agreements = agreement(cells)
     recs += agreement_records(agreements)
     errors = [r for r in recs if r.kind == "error"]
@@ -491,6 +492,13 @@ def build_report(
         agreements,
         gap_flags(cells),
     )
+
+
+def leaderboard_cells(records: Iterable[Record | Mapping[str, Any]]) -> list[Cell]:
+    """The leaderboard's entries alone: kNN as chosen on its selection split, the probes as
+    chosen on validation (no report around them)."""
+    recs = _as_records(records)
+    return _knn_cells(recs) + _probe_cells(recs)
 
 
 def agreement_records(agreements: Sequence[Agreement]) -> list[Record]:

@@ -21,22 +21,7 @@ from probekit.report.compute import (
     build_report,
     delta_texts,
 )
-from probekit.report.trust import (
-    CALIBRATION_HEADER,
-    CALIBRATION_NOTE,
-    ENSEMBLE_HEADER,
-    ENSEMBLE_NOTE,
-    FEWSHOT_NOTE,
-    SIMILARITY_HEADER,
-    SIMILARITY_NOTE,
-    STRUCTURE_HEADER,
-    STRUCTURE_NOTE,
-    calibration_rows,
-    ensemble_rows,
-    fewshot_table,
-    similarity_rows,
-    structure_rows,
-)
+from probekit.report.trust import sections
 
 __all__ = [
     "COST_HEADER",
@@ -163,31 +148,11 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
 
 
 def _trust_sections(rep: Report) -> list[str]:
-    """Calibration, label-free structure and similarity, each where the records have it."""
+    """Few-shot, calibration, label-free structure, similarity and side by side."""
     md: list[str] = []
-    few = [(t, fewshot_table(rep, t)) for t in rep.tasks]
-    few = [(t, table) for t, table in few if table[1]]
-    if few:
-        md += ["", "## Few-shot", "", FEWSHOT_NOTE]
-        for task, (header, rows) in few:
-            md += ["", f"{task}:", "", _md_table(header, rows)]
-    for title, note, header, rows_of in (
-        ("Calibration of the probes", CALIBRATION_NOTE, CALIBRATION_HEADER, calibration_rows),
-        (
-            "Without labels: effective rank and clusters",
-            STRUCTURE_NOTE,
-            STRUCTURE_HEADER,
-            structure_rows,
-        ),
-        ("How alike the backbones are", SIMILARITY_NOTE, SIMILARITY_HEADER, similarity_rows),
-        ("Backbones side by side", ENSEMBLE_NOTE, ENSEMBLE_HEADER, ensemble_rows),
-    ):
-        per_task = [(t, rows_of(rep, t)) for t in rep.tasks]
-        per_task = [(t, rows) for t, rows in per_task if rows]
-        if not per_task:
-            continue
-        md += ["", f"## {title}", "", note]
-        for task, rows in per_task:
+    for sec in sections(rep):
+        md += ["", f"## {sec.title}", "", sec.note]
+        for task, header, rows in sec.tables:
             md += ["", f"{task}:", "", _md_table(header, rows)]
     return md
 

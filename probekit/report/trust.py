@@ -6,8 +6,11 @@ are (CKA, mutual kNN). Each gives a note (one line a number) and table rows."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from probekit.records import Record
 from probekit.report.compute import Report
 
 __all__ = [
@@ -20,10 +23,13 @@ __all__ = [
     "SIMILARITY_NOTE",
     "STRUCTURE_HEADER",
     "STRUCTURE_NOTE",
+    "Section",
     "calibration_rows",
+    "ensemble_row",
     "ensemble_rows",
     "fewshot_table",
     "leaderboard_feature",
+    "sections",
     "similarity_rows",
     "structure_rows",
 ]
@@ -168,22 +174,68 @@ ENSEMBLE_NOTE = (
 )
 
 
+def ensemble_row(r: Record) -> list[str]:
+    """One `concat_gain` record as a row of ENSEMBLE_HEADER."""
+    e = r.extra
+    lo, hi = e.get("ci95") or (math.nan, math.nan)
+    return [
+        f"{r.model} ({r.feature})",
+        f"{e.get('model_b')} ({e.get('feature_b')})",
+        _pct(float(e.get("top1_a", math.nan))),
+        _pct(float(e.get("top1_b", math.nan))),
+        _pct(float(e.get("top1_both", math.nan))),
+        f"{100 * r.value:+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+        f"{float(e.get('mcnemar_p', math.nan)):.2g}",
+    ]
+
+
 def ensemble_rows(rep: Report, task: str) -> list[list[str]]:
-    rows = []
-    for r in rep.records:
-        if r.kind != "compare" or r.metric != "concat_gain" or r.dataset != task:
-            continue
-        e = r.extra
-        lo, hi = e.get("ci95") or (math.nan, math.nan)
-        rows.append(
-            [
-                f"{r.model} ({r.feature})",
-                f"{e.get('model_b')} ({e.get('feature_b')})",
-                _pct(float(e.get("top1_a", math.nan))),
-                _pct(float(e.get("top1_b", math.nan))),
-                _pct(float(e.get("top1_both", math.nan))),
-                f"{100 * r.value:+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
-                f"{float(e.get('mcnemar_p', math.nan)):.2g}",
-            ]
-        )
-    return rows
+    return [
+        ensemble_row(r)
+        for r in rep.records
+        if r.kind == "compare" and r.metric == "concat_gain" and r.dataset == task
+    ]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One of the report's trust sections: a title, its note, and a table per task."""
+
+    title: str
+    note: str
+    tables: list[tuple[str, list[str], list[list[str]]]]  # (task, header, rows)
+
+
+def sections(rep: Report) -> list[Section]:
+    """Few-shot, calibration, structure, similarity and side by side, each where the records
+    have it (what the Markdown report and the terminal both show)."""
+    kinds: list[tuple[str, str, Callable[[str], tuple[list[str], list[list[str]]]]]] = [
+        ("Few-shot", FEWSHOT_NOTE, lambda t: fewshot_table(rep, t)),
+        (
+            "Calibration of the probes",
+            CALIBRATION_NOTE,
+            lambda t: (CALIBRATION_HEADER, calibration_rows(rep, t)),
+        ),
+        (
+            "Without labels: effective rank and clusters",
+            STRUCTURE_NOTE,
+            lambda t: (STRUCTURE_HEADER, structure_rows(rep, t)),
+        ),
+        (
+            "How alike the backbones are",
+            SIMILARITY_NOTE,
+            lambda t: (SIMILARITY_HEADER, similarity_rows(rep, t)),
+        ),
+        (
+            "Backbones side by side",
+            ENSEMBLE_NOTE,
+            lambda t: (ENSEMBLE_HEADER, ensemble_rows(rep, t)),
+        ),
+    ]
+    out = []
+    for title, note, table_of in kinds:
+        tables = [(t, *table_of(t)) for t in rep.tasks]
+        tables = [(t, header, rows) for t, header, rows in tables if rows]
+        if tables:
+            out.append(Section(title, note, tables))
+    return out

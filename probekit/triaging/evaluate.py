@@ -15,6 +15,7 @@ from probekit.data import Dataset
 from probekit.errors import ProbekitError
 from probekit.evaluation import with_extra
 from probekit.extraction import ExtractOptions, extract
+from probekit.fewshot import FEWSHOT_METHODS
 from probekit.methods import PROBE_METHODS
 from probekit.metrics import encode_outcomes
 from probekit.neighbors import DEFAULT_TEMPERATURE, knn
@@ -117,7 +118,7 @@ def evaluate(
                 note("error", b.label, spec, stage="structure", message=failure_message(e))
             )
     shots, episodes = fewshot
-    few_methods = [m for m in methods if m in ("knn", "linear", "logreg")]
+    few_methods = [m for m in methods if m in FEWSHOT_METHODS]
     if shots and few_methods and distributed.current().is_main:
         try:
             said.append(_fewshot(store, shots, episodes, few_methods, b.label, records))
@@ -172,16 +173,13 @@ def similarity_records(
     """CKA and mutual kNN between the backbones evaluated on one dataset, each by the feature
     its entry of the first method uses (what the leaderboard shows); with `concat`, a logistic
     regression on each pair's features side by side against each alone."""
-    from probekit.report import build_report
+    from probekit.report.compute import leaderboard_cells
     from probekit.similarity import compare
 
     if len(stores) < 2:
         return []
     spec = stores[0][1].meta["dataset"]["spec"]
-    try:
-        cells = build_report(records).cells
-    except ProbekitError:
-        return []
+    cells = leaderboard_cells(records)
     chosen = []
     for label, store in stores:
         mine = {c.method: c.feature for c in cells if c.task == spec and c.model == label}
