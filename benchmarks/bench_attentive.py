@@ -9,9 +9,8 @@
 2. Memory: `probekit.probe(method="attentive")` on a token store 4x larger than --memory-mb
    (the whole mnist5k token store, memory_mb a quarter of it, then half of it), each in a
    fresh process: the peak RSS (VmHWM, reset when the probe starts) above the RSS then
-   (imports, store open); and at a quarter again with glibc's MALLOC_ARENA_MAX=1. Against it,
-   the model: the peak of the same probe's training steps and scoring blocks on random tokens
-   held in memory (one batch), less those tokens.
+   (imports, store open). Against it, the model: the peak of the same probe's training steps
+   and scoring blocks on random tokens held in memory (one batch), less those tokens.
 
     python benchmarks/bench_attentive.py [--images 512 --batch-size 64 --device cpu]
 """
@@ -191,17 +190,11 @@ def main() -> None:
         )
         for m in (mb, 2 * mb)
     }
-    # glibc gives each of Zarr's decoding threads an arena that keeps what it freed: the same
-    # run with one arena shows how much of the peak that is
-    runs[f"memory_mb={mb}, MALLOC_ARENA_MAX=1"] = child(
-        PROBE_CHILD.format(path=res.store_path, mb=mb, device=args.device, threads=threads),
-        MALLOC_ARENA_MAX="1",
-    )
     t, d = shape
     batch = runs[f"memory_mb={mb}"]["batch_size"]
     model = child(MODEL_CHILD.format(t=t, d=d, batch=batch, threads=threads))["model_mib"]
     mem = {"store_token_mib": round(token_mib, 1), "model_mib": round(model, 1), "runs": runs}
-    for m, run in zip((mb, 2 * mb, mb), runs.values(), strict=True):
+    for m, run in zip((mb, 2 * mb), runs.values(), strict=True):
         run["above_start_mib"] = round(run["above_start_mib"], 1)
         run["beyond_budget_and_model_mib"] = round(run["above_start_mib"] - m - model, 1)
     print(json.dumps(mem))

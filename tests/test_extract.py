@@ -326,33 +326,3 @@ def test_compiled_extraction_pads_the_last_batch_and_never_recompiles(image_fold
             np.testing.assert_allclose(
                 a.features(split, name), b.features(split, name), rtol=2e-3, atol=2e-3
             )
-
-
-_FAULTS = """
-import resource, sys
-import torch
-from probekit.extraction import keep_freed_memory
-if sys.argv[1] == "tuned":
-    keep_freed_memory()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):  # a 200 MiB activation, written, freed, made again: batch after batch
-    a = torch.ones(200 << 18)
-    del a
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_cpu_extraction_keeps_freed_memory_mapped() -> None:
-    """After `keep_freed_memory` (which `extract` calls on a CPU) a large block freed and made
-    again reuses its pages; by default each one is faulted in anew."""
-
-    def faults(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True
-        )
-        return int(out.stdout.split()[-1])
-
-    pages = (200 << 20) // 4096
-    default, tuned = faults("default"), faults("tuned")
-    assert default > 4 * pages and tuned < 3 * pages, (default, tuned)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from probekit import distributed
+from probekit._malloc import keep_freed_memory
 from probekit.backbones import Backbone
 from probekit.cache.child import pooled
 from probekit.cache.location import writable
@@ -43,7 +44,6 @@ from probekit.extraction.model import (
     POOLS,
     DevicePolicy,
     FeatureExtractor,
-    keep_freed_memory,
     parse_pools,
     parse_tokens,
     pool_features,

@@ -4,8 +4,6 @@ extractor (uint8 batches in, pooled features of every layer out, from one forwar
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +22,6 @@ __all__ = [
     "PRECISIONS",
     "DevicePolicy",
     "FeatureExtractor",
-    "keep_freed_memory",
     "parse_pools",
     "parse_tokens",
     "pool_features",
@@ -297,28 +294,3 @@ class FeatureExtractor:
     def dims(self, size: tuple[int, int]) -> dict[str, int]:
         out = self.features(torch.zeros(1, 3, *size, device=self.policy.device))
         return {k: int(v.shape[1]) for k, v in out.items()}
-
-
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed blocks in the process (this process, once; Linux).
-
-    By default glibc maps every block over a few MiB on its own and unmaps it on free, and
-    trims the heap's free top: a forward on the CPU then faults each activation's pages in
-    (zeroed by the kernel) batch after batch. Measured on a 2-core Xeon, EfficientNet-Lite0 at
-    batch 64: 44 img/s with 9 of 12 s in the kernel, 102 img/s with blocks up to 1 GiB taken
-    from the heap and no trimming below 1 GiB of free memory. The process keeps its peak heap.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (OSError, AttributeError):
-        return  # no glibc-style mallopt: nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    mallopt(m_mmap_threshold, 1 << 30)
-    mallopt(m_trim_threshold, 1 << 30)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from probekit._malloc import return_freed_memory
 from probekit.cache.store import FeatureStore
 from probekit.errors import ProbekitError
 
@@ -155,6 +156,7 @@ class Rows:
         # streamed: a read's own temporaries (a piece, the store's span) come out of a budget
         # that has room for them
         held = budget - READ_RESERVE if budget > 2 * READ_RESERVE else budget
+        return_freed_memory()  # or glibc keeps what Zarr's decoding threads freed
         block = max(1, held // row_bytes)
         return cls(len(rows), n_feat, d, dtype=dtype, device=device, read=read, block=block)
 
