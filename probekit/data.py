@@ -89,6 +89,21 @@ class Dataset:
             return Image.fromarray(self.arrays[split][index]).convert("RGB")
         return read_image(self.splits[split].ids[index])
 
+    def image_size(self, split: str, index: int) -> tuple[int, int]:
+        """(width, height) of the image as `load_image` gives it, from its header alone (EXIF
+        rotations by a quarter turn swap the sides); InvalidImageError when unreadable."""
+        if self.arrays is not None:
+            h, w = self.arrays[split][index].shape[:2]
+            return int(w), int(h)
+        path = self.splits[split].ids[index]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise InvalidImageError(f"{type(e).__name__}: {e}") from None
+        return (h, w) if turned else (w, h)
+
     def summary(self) -> str:
         sizes = ", ".join(f"{s.name} {len(s)}" for s in self.splits.values())
         return f"{self.spec}: {len(self.class_names)} classes; {sizes}"

@@ -129,6 +129,9 @@ def expected_arrays(meta: StoreMeta, split: str) -> list[ArraySpec]:
     for name, (t, d) in meta.token_shapes.items():
         dtype = "float32" if name in f32 else store_dtype
         out.append(ArraySpec(name, (n, t, d), dtype, (rows, t, d)))
+    if meta.mask_shape is not None:
+        h, w = meta.mask_shape
+        out.append(ArraySpec("masks", (n, h, w), "uint8", (rows, h, w)))
     return out
 
 

@@ -58,6 +58,8 @@ class StoreMeta:
     precision: str
     raw: Mapping[str, Any]
     token_shapes: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # a segmentation store's masks (N, H, W) uint8 at the model's input size (255: ignore)
+    mask_shape: tuple[int, int] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "store") -> StoreMeta:
@@ -107,6 +109,11 @@ class StoreMeta:
                 token_shapes={
                     str(k): (int(v[0]), int(v[1])) for k, v in d.get("token_shapes", {}).items()
                 },
+                mask_shape=(
+                    None
+                    if d.get("mask_shape") is None
+                    else (int(d["mask_shape"][0]), int(d["mask_shape"][1]))
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(

@@ -245,6 +245,35 @@ class FeatureStore(ChunkedStore):
         t, d = shapes[name]
         return int(t), int(d)
 
+    def token_grid(self, name: str) -> tuple[int, int]:
+        """(rows, columns) of token array `name`'s grid: its T tokens in row-major order."""
+        t, _ = self.token_shape(name)
+        layer = self.meta.get("tokens", {}).get("layers", {}).get(name, {})
+        grid = tuple(int(v) for v in layer.get("grid", ()))
+        if len(grid) != 2 or grid[0] * grid[1] != t:
+            raise StoreError(
+                f"store does not record the grid of its {t} tokens of {name!r}; re-extract it "
+                "with --tokens (probekit extract ... --overwrite)."
+            )
+        return grid[0], grid[1]
+
+    # ---- masks (segmentation datasets)
+    @property
+    def mask_shape(self) -> tuple[int, int] | None:
+        """(H, W) of the stored masks (the model's input size), or None: no masks."""
+        shape = self.meta.get("mask_shape")
+        return None if shape is None else (int(shape[0]), int(shape[1]))
+
+    def masks(self, split: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n, H, W) uint8 masks of `rows` (sorted indices; default all): one class index a
+        pixel, 255 where no label counts."""
+        if self.mask_shape is None:
+            raise StoreError(
+                f"store {self.path.name} has no masks: extract a segmentation dataset "
+                "(digit-scenes, seg:PATH) to use dense probes."
+            )
+        return self._read(split, "masks") if rows is None else self._read_rows(split, "masks", rows)
+
     def tokens(self, split: str, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, T, D) tokens of `rows` (sorted indices; default all) of one layer."""
         self.token_shape(name)
@@ -437,9 +466,11 @@ class FeatureStore(ChunkedStore):
         chunk_rows: int,
         float32_features: set[str],
         token_shapes: Mapping[str, tuple[int, int]] | None = None,
+        mask_shape: tuple[int, int] | None = None,
     ) -> FeatureStore:
         """A new store: every array made empty (features (N, D); tokens (N, T, D) with
-        `token_shapes` {name: (T, D)}), metadata written last (status partial)."""
+        `token_shapes` {name: (T, D)}; masks (N, H, W) uint8 with `mask_shape` (H, W)),
+        metadata written last (status partial)."""
         shapes = {k: (int(v[0]), int(v[1])) for k, v in (token_shapes or {}).items()}
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         store = cls(path, group)
@@ -464,6 +495,8 @@ class FeatureStore(ChunkedStore):
             for name, shape in shapes.items():
                 dtype = "float32" if name in float32_features else config.dtype
                 store._create_feature(split, name, n, shape, chunk_rows, dtype)
+            if mask_shape is not None:
+                store._create_feature(split, "masks", n, tuple(mask_shape), chunk_rows, "uint8")
         group.attrs[META_KEY] = {
             **meta,
             "format_version": FORMAT_VERSION,
@@ -475,6 +508,7 @@ class FeatureStore(ChunkedStore):
             "feature_dims": dict(dims),
             "float32_features": sorted(float32_features),
             "token_shapes": {k: list(v) for k, v in shapes.items()},
+            "mask_shape": None if mask_shape is None else list(mask_shape),
             "status": "partial",
             # every chunk of every array is written, fill values too: a missing file is damage
             "chunk_files": "all",
@@ -504,9 +538,15 @@ class FeatureStore(ChunkedStore):
         )
 
     def write_chunk(
-        self, split: str, chunk: int, chunk_rows: int, columns: Mapping[str, np.ndarray]
+        self,
+        split: str,
+        chunk: int,
+        chunk_rows: int,
+        columns: Mapping[str, np.ndarray],
+        mark_done: bool = True,
     ) -> None:
-        """Write every array's rows of one chunk, then (only then) mark the chunk done."""
+        """Write every array's rows of one chunk, then (only then) mark the chunk done (a part
+        written ahead of the chunk's features, e.g. its masks: `mark_done=False`)."""
         start = chunk * chunk_rows
         arrays = [self._node(f"{split}/{name}") for name in columns]
 
@@ -529,7 +569,8 @@ class FeatureStore(ChunkedStore):
             )
 
         sync(write_all())
-        self._node(f"{split}/done")[chunk] = True
+        if mark_done:
+            self._node(f"{split}/done")[chunk] = True
 
     def _node(self, path: str) -> Any:
         node = self._writing.get(path)

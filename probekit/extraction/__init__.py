@@ -306,6 +306,7 @@ def _prepare_store(
             chunk_rows,
             set(),
             fx.token_shapes,
+            mask_shape=plan.size if plan.dataset.dense else None,
         )
     elif store is not None:
         store.remove_partial_files()

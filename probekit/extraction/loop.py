@@ -144,8 +144,10 @@ class Sink:
         chunk_rows: int,
         strict: bool,
         waits: Waits,
+        bad_masks: dict[int, str] | None = None,
     ):
         self.writer, self.split, self.chunk_rows = writer, split, chunk_rows
+        self.bad_masks = bad_masks or {}  # why a row's mask cannot be used, by row
         self.ids, self.labels = ids, labels
         self.n = len(self.ids)
         self.strict, self.waits = strict, waits
@@ -161,6 +163,12 @@ class Sink:
     ) -> None:
         """One batch: rows `rows`, features (B, sum of dims) float32 in the store's order."""
         valid = valid_t.numpy()
+        if self.bad_masks:  # a row whose mask cannot be used is invalid, for its reason
+            bad = [(k, self.bad_masks[r]) for k, r in enumerate(rows) if r in self.bad_masks]
+            if bad:
+                valid, reasons_t = valid.copy(), list(reasons_t)
+                for k, why in bad:
+                    valid[k], reasons_t[k] = False, reasons_t[k] or why
         if self.strict and not valid.all():
             first = int(np.flatnonzero(~valid)[0])
             raise InvalidImageError(
@@ -305,7 +313,9 @@ class Runner:
             with progress_bar(title, todo, self.plan.options.quiet) as advance:
                 for split, chunks in pending.items():
                     if chunks and len(splits[split]):
-                        self._split(split, chunks, chunk_rows, names, stats, t_start, advance)
+                        self._split(
+                            store, split, chunks, chunk_rows, names, stats, t_start, advance
+                        )
             with stats.waits.on("storage"):
                 self.writer.wait()
         finally:
@@ -315,6 +325,7 @@ class Runner:
 
     def _split(
         self,
+        store: FeatureStore,
         split: str,
         chunks: list[int],
         chunk_rows: int,
@@ -326,7 +337,22 @@ class Runner:
         opts, fx = self.plan.options, self.fx
         s = self.plan.dataset.splits[split]
         batches = list(batches_of(chunks, len(s), chunk_rows, opts.batch_size))
-        sink = Sink(self.writer, split, s.ids, s.labels, chunk_rows, opts.strict, stats.waits)
+        bad_masks = None
+        if store.mask_shape is not None:  # each chunk's masks are written ahead of its features
+            from probekit.extraction.masks import write_masks
+
+            with stats.waits.on("input"):
+                bad_masks = write_masks(
+                    store,
+                    self.plan.dataset,
+                    split,
+                    chunks,
+                    self.plan.geometry.mask,
+                    max(2, self.workers),
+                )
+        sink = Sink(
+            self.writer, split, s.ids, s.labels, chunk_rows, opts.strict, stats.waits, bad_masks
+        )
 
         def ready(rows: list[int], feats: np.ndarray, valid: torch.Tensor, why: list[str]) -> None:
             sink.consume(rows, feats, valid, why)
