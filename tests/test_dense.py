@@ -130,3 +130,91 @@ def test_killed_mask_extraction_resumes_to_the_same_store(tmp_path: Path) -> Non
     path = str(next((tmp_path / "killed").glob("*/*.zarr")))
     assert_same_store(path, clean)
     assert probekit.open_store(path).masks("test").shape == (3, 160, 160)
+
+
+# --------------------------------------------------------------------------- linear segmentation
+
+
+def _reference_head(heads, d: int, n_classes: int):  # type: ignore[no-untyped-def]
+    """`torch.nn` modules holding head (0, 0): BatchNorm2d + a 1x1 Conv2d."""
+    import torch
+
+    p = {k: v[0, 0].detach() for k, v in heads.params.items()}
+    bn, conv = torch.nn.BatchNorm2d(d), torch.nn.Conv2d(d, n_classes, 1)
+    with torch.no_grad():
+        bn.weight.copy_(p["gamma"])
+        bn.bias.copy_(p["beta"])
+        bn.running_mean.copy_(heads.running_mean[0, 0])
+        bn.running_var.copy_(heads.running_var[0, 0])
+        conv.weight.copy_(p["weight"][:, :, None, None])
+        conv.bias.copy_(p["bias"])
+    return bn, conv
+
+
+def test_seg_logits_and_gradients_equal_batchnorm_conv_and_interpolate() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from probekit.dense.linseg import SegHeads, _batch_stats, _init
+
+    torch.manual_seed(0)
+    d, c, grid, size = 6, 4, (3, 5), (17, 23)
+    params = _init(1, 1, d, c, seed=3, device=torch.device("cpu"))
+    with torch.no_grad():
+        for v in params.values():
+            v.add_(torch.randn_like(v) * 0.3)
+    heads = SegHeads(
+        params,
+        torch.randn(1, 1, d),
+        torch.rand(1, 1, d) + 0.5,
+        grid,
+        np.zeros((1, 1)),
+        np.zeros((1, 1)),
+        np.zeros((1, 1)),
+    )
+    x = torch.randn(1, 3, grid[0] * grid[1], d)  # (L, B, T, D)
+    nchw = x[0].transpose(1, 2).reshape(3, d, *grid)
+    bn, conv = _reference_head(heads, d, c)
+    # evaluation: running statistics
+    bn.eval()
+    want = F.interpolate(conv(bn(nchw)), size=size, mode="bilinear", align_corners=False)
+    got = heads.logits(x, size)[0, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # training: the batch's statistics, and the gradients of the loss ignoring 255
+    bn.train()
+    target = torch.randint(0, c, (3, *size))
+    target[:, :2] = 255
+    ref = F.interpolate(conv(bn(nchw)), size=size, mode="bilinear", align_corners=False)
+    F.cross_entropy(ref, target, ignore_index=255).backward()
+    mean, var, unbiased = _batch_stats(x)
+    out = heads.logits(x, size, mean, var)[0, 0]
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    loss = F.cross_entropy(out, target, ignore_index=255)
+    grads = torch.autograd.grad(loss, [params[k] for k in ("gamma", "beta", "weight", "bias")])
+    for g, w in zip(grads, (bn.weight, bn.bias, conv.weight, conv.bias), strict=True):
+        torch.testing.assert_close(g[0, 0], w.grad.reshape(g[0, 0].shape), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(unbiased[0, 0], nchw.var((0, 2, 3)))  # what BN's running var takes
+
+
+def test_batched_seg_heads_equal_heads_trained_one_by_one() -> None:
+    import torch
+
+    from probekit.dense.linseg import train_seg_heads
+
+    rng = np.random.default_rng(0)
+    n, grid, d, c = 24, (2, 2), 5, 3
+    x = torch.from_numpy(rng.normal(size=(2, n, 4 * d)).astype(np.float32))  # two features
+    masks = torch.from_numpy(rng.integers(0, c, (n, 6, 6)).astype(np.uint8))
+    masks[:, 0] = 255
+    lrs, wds = [1e-2, 3e-2], [1e-4, 0.1]
+    # (no validation: a pixel's argmax flips with the last float bit, and so may an epoch's
+    # mIoU; selection is tested on a real probe below)
+    kw = {"epochs": 3, "batch_size": 8, "seed": 1}
+    both = train_seg_heads(x, masks, c, grid, d, lrs, wds, **kw)
+    for li in range(2):
+        for gi, (lr, wd) in enumerate((a, b) for a in lrs for b in wds):
+            alone = train_seg_heads(x[li : li + 1], masks, c, grid, d, [lr], [wd], **kw)
+            one = both.one(li, gi)
+            for k, v in alone.params.items():
+                torch.testing.assert_close(one.params[k], v, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(one.running_var, alone.running_var)

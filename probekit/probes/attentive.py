@@ -36,6 +36,7 @@ from probekit.cache.store import FeatureStore
 from probekit.defaults import ATTN_MIN_STEPS
 from probekit.probes.base import Feature, ProbeData, ProbeOptions, Selection
 from probekit.probes.linear import minibatches
+from probekit.probes.optim import GridAdamW, warmup_cosine
 from probekit.probes.rows import Rows
 
 __all__ = ["AttentiveHeads", "default_heads", "select", "token_rows", "train_attentive_heads"]
@@ -253,10 +254,7 @@ def train_attentive_heads(
         np.full((n_layers, n_cfg), -1.0),
         np.full((n_layers, n_cfg), np.inf),
     )
-    lr0 = torch.tensor([lr for lr, _ in grid], dtype=dtype, device=device)
-    wd0 = torch.tensor([wd for _, wd in grid], dtype=dtype, device=device)
-    m1 = {k: torch.zeros_like(v) for k, v in params.items()}
-    m2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    opt = GridAdamW(params, [lr for lr, _ in grid], [wd for _, wd in grid], DECAYED)
     steps = max(1, math.ceil(n / batch_size))
     total = epochs * steps
     warmup = max(1, min(steps, total // 10))
@@ -275,22 +273,7 @@ def train_attentive_heads(
             ) / len(yb)
             grads = torch.autograd.grad(loss, list(params.values()))
             step += 1
-            if step <= warmup:
-                scale = step / warmup
-            else:
-                scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            with torch.no_grad():
-                for (name, p), g in zip(params.items(), grads, strict=True):
-                    g = g.to(p.dtype)
-                    view = (n_layers, n_cfg) + (1,) * (p.ndim - 2)
-                    lr = (lr0 * scale).view(1, n_cfg, *view[2:])
-                    if name in DECAYED:
-                        p.mul_(1 - lr * wd0.view(1, n_cfg, *view[2:]))
-                    m1[name].mul_(0.9).add_(g, alpha=0.1)
-                    m2[name].mul_(0.999).addcmul_(g, g, value=0.001)
-                    m_hat = m1[name] / (1 - 0.9**step)
-                    v_hat = m2[name] / (1 - 0.999**step)
-                    p.sub_(lr * m_hat / (v_hat.sqrt() + 1e-8))
+            opt.step(grads, warmup_cosine(step, warmup, total))
         if val is not None and y_val is not None:
             acc, vloss = _scores(state, val, y_val, t, d, dtype)
             better = (acc > best.val_acc) | ((acc == best.val_acc) & (vloss < best.val_loss))

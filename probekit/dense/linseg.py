@@ -1,0 +1,292 @@
+"""Linear segmentation on stored patch tokens: DINOv2's linear protocol (a batch-norm and a 1x1
+linear layer on one layer's tokens, or on the last four layers' concatenated, its low-resolution
+logit map bilinearly upsampled to the mask, cross-entropy ignoring 255), every (feature, lr,
+wd) head of the grid trained on the same minibatches in one batched pass.
+
+One head, for tokens x (B, gh*gw, D) of an image batch and masks (B, H, W):
+
+    x' = BatchNorm(x)             per channel over the batch's tokens (running stats in eval)
+    z  = x' W^T + b               (B, gh, gw, C): one logit vector a patch
+    logits = bilinear(z, (H, W))  align_corners=False, as `F.interpolate`
+
+Batch statistics depend on the frozen tokens alone, never on a head's parameters: a batch's
+loss can be taken in parts (bounded memory) with the same gradients. Selection: each head
+keeps its best epoch by validation mIoU (then pixel accuracy); the best head is tested once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probekit.probes.linear import minibatches
+from probekit.probes.optim import GridAdamW, warmup_cosine
+from probekit.probes.rows import Rows
+from probekit.segmentation import IGNORE, mean_iou, pixel_accuracy
+
+__all__ = ["SegHeads", "train_seg_heads"]
+
+# logits upsampled at once: at most this many float32 values (the loss's activations are a
+# few times this), whatever the batch
+LOGIT_VALUES = 8 * 2**20
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1
+DECAYED = ("weight", "gamma")  # AdamW's decoupled decay: the weights, not biases or shifts
+
+
+@dataclass
+class SegHeads:
+    """L x G heads (L features of one token shape, G (lr, wd) configurations): each a
+    batch-norm (affine gamma, beta (D,); running mean and variance (D,)) and a 1x1 layer
+    (weight (C, D), bias (C,))."""
+
+    params: dict[str, torch.Tensor]  # gamma, beta (L, G, D); weight (L, G, C, D); bias (L, G, C)
+    running_mean: torch.Tensor  # (L, G, D): the same for every head of a feature while training
+    running_var: torch.Tensor  # (L, G, D); each head keeps those of its best epoch
+    grid: tuple[int, int]  # (gh, gw): the tokens' rows and columns
+    epoch: np.ndarray  # (L, G) the epoch each head's weights are from
+    val_miou: np.ndarray  # (L, G)
+    val_acc: np.ndarray  # (L, G) pixel accuracy
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.params["weight"].shape[0], self.params["weight"].shape[1]
+
+    def low_res(
+        self, x: torch.Tensor, mean: torch.Tensor | None = None, var: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(L, G, B, C, gh, gw) logits of tokens x (L, B, T, D), normalized by `mean` and `var`
+        ((L, 1, D): a training batch's) or by the running statistics (evaluation). The
+        normalization and the affine are folded into the 1x1 layer: x is never copied."""
+        p = self.params
+        mean = self.running_mean if mean is None else mean
+        var = self.running_var if var is None else var
+        scale = p["gamma"] * torch.rsqrt(var + BN_EPS)  # (L, G, D)
+        w = p["weight"] * scale[:, :, None, :]
+        b = p["bias"] + torch.einsum("lgcd,lgd->lgc", p["weight"], p["beta"] - scale * mean)
+        z = torch.einsum("lbtd,lgcd->lgbct", x, w) + b[:, :, None, :, None]
+        return z.reshape(*z.shape[:4], *self.grid)
+
+    def logits(
+        self,
+        x: torch.Tensor,
+        size: tuple[int, int],
+        mean: torch.Tensor | None = None,
+        var: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(L, G, B, C, H, W) logits of tokens x (L, B, T, D), bilinearly upsampled to `size`."""
+        z = self.low_res(x, mean, var)
+        n_feat, n_cfg, b, c = z.shape[:4]
+        up = F.interpolate(z.reshape(-1, c, *self.grid), size=size, mode="bilinear")
+        return up.reshape(n_feat, n_cfg, b, c, *size)
+
+    def one(self, feature: int, cfg: int) -> SegHeads:
+        """Head (feature, cfg) alone, as a 1 x 1 grid."""
+        return SegHeads(
+            {k: v[feature : feature + 1, cfg : cfg + 1] for k, v in self.params.items()},
+            self.running_mean[feature : feature + 1, cfg : cfg + 1],
+            self.running_var[feature : feature + 1, cfg : cfg + 1],
+            self.grid,
+            self.epoch[feature : feature + 1, cfg : cfg + 1],
+            self.val_miou[feature : feature + 1, cfg : cfg + 1],
+            self.val_acc[feature : feature + 1, cfg : cfg + 1],
+        )
+
+    def confusions(
+        self, rows: Rows, masks: torch.Tensor, n_classes: int, d: int, per_image: bool = False
+    ) -> torch.Tensor:
+        """(L, G, C, C) int64 confusions (truth, prediction) over the scored pixels of every
+        row, or with `per_image` (L, G, N, C, C)."""
+        n_feat, n_cfg = self.shape
+        n, (h, w) = rows.n, masks.shape[1:]
+        shape = (n_feat, n_cfg, n) if per_image else (n_feat, n_cfg)
+        out = torch.zeros(*shape, n_classes * n_classes, dtype=torch.int64, device=rows.device)
+        step = parts(n_feat * n_cfg * n_classes * h * w)
+        start = 0
+        with torch.no_grad():
+            for xb in rows.blocks():
+                for s in range(0, xb.shape[1], step):
+                    x = _tokens(xb[:, s : s + step], d)
+                    m = masks[start + s : start + s + x.shape[1]].to(rows.device).long()
+                    pred = self.logits(x, (h, w)).argmax(3)  # (L, G, b, H, W)
+                    keep = (m != IGNORE).expand_as(pred)
+                    code = m.clamp_max(n_classes - 1) * n_classes + pred
+                    if per_image:
+                        img = torch.arange(x.shape[1], device=pred.device)[:, None, None]
+                        at = (start + s + img) * n_classes * n_classes + code
+                        flat = out.view(n_feat, n_cfg, -1)
+                        for li in range(n_feat):
+                            for gi in range(n_cfg):
+                                k = keep[li, gi]
+                                flat[li, gi] += torch.bincount(
+                                    at[li, gi][k], minlength=flat.shape[-1]
+                                )
+                    else:
+                        for li in range(n_feat):
+                            for gi in range(n_cfg):
+                                k = keep[li, gi]
+                                out[li, gi] += torch.bincount(
+                                    code[li, gi][k], minlength=n_classes * n_classes
+                                )
+                start += xb.shape[1]
+        return out.view(*shape, n_classes, n_classes)
+
+
+def parts(values_per_image: int) -> int:
+    """Images whose upsampled logits are taken at once (at least 1)."""
+    return max(1, LOGIT_VALUES // max(1, values_per_image))
+
+
+def _tokens(xb: torch.Tensor, d: int) -> torch.Tensor:
+    """(L, b, T*D) stored rows as (L, b, T, D) float32."""
+    return xb.float().reshape(*xb.shape[:2], -1, d)
+
+
+def _init(
+    n_feat: int, n_cfg: int, d: int, n_classes: int, seed: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Batch-norm affine at identity; the 1x1 layer as `nn.Conv2d(d, C, 1)` initializes it
+    (uniform in +-1/sqrt(d)), the same for every head (seeded): a head starts where it would
+    alone."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(d)
+    weight = (torch.rand(1, 1, n_classes, d, generator=gen) * 2 - 1) * bound
+    bias = (torch.rand(1, 1, n_classes, generator=gen) * 2 - 1) * bound
+    params = {
+        "gamma": torch.ones(n_feat, n_cfg, d),
+        "beta": torch.zeros(n_feat, n_cfg, d),
+        "weight": weight.expand(n_feat, n_cfg, -1, -1).clone(),
+        "bias": bias.expand(n_feat, n_cfg, -1).clone(),
+    }
+    return {k: v.to(device).requires_grad_() for k, v in params.items()}
+
+
+def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, unbiased variance), each (L, 1, D), over a batch's tokens."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+    count = flat.shape[1]
+    return mean, var, var * (count / max(1, count - 1))
+
+
+def _scores(
+    heads: SegHeads, rows: Rows, masks: torch.Tensor, n_classes: int, d: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mIoU, pixel accuracy), each (L, G), of every head on `rows`."""
+    cms = heads.confusions(rows, masks, n_classes, d).cpu().numpy()
+    n_feat, n_cfg = heads.shape
+    miou = np.array([[mean_iou(cms[i, j]) for j in range(n_cfg)] for i in range(n_feat)])
+    acc = np.array([[pixel_accuracy(cms[i, j]) for j in range(n_cfg)] for i in range(n_feat)])
+    return np.nan_to_num(miou, nan=0.0), np.nan_to_num(acc, nan=0.0)
+
+
+def train_seg_heads(
+    x: torch.Tensor | Rows,
+    masks: torch.Tensor,
+    n_classes: int,
+    grid: tuple[int, int],
+    width: int,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    *,
+    epochs: int = 10,
+    batch_size: int = 16,
+    seed: int = 0,
+    x_val: torch.Tensor | Rows | None = None,
+    masks_val: torch.Tensor | None = None,
+    window: int | None = None,
+) -> SegHeads:
+    """Train every (feature, lr, wd) linear segmentation head on the same minibatches.
+
+    x: (L, N, T*D) token rows of L features of one shape (T = gh*gw tokens of width D), or
+    streamed `Rows`; masks: (N, H, W) uint8 (255: ignore). AdamW (decoupled decay on gamma and
+    the weights), a linear warmup over the first epoch (at most a tenth of the steps), then a
+    cosine schedule; the loss of each head is its mean cross-entropy over the batch's scored
+    pixels, summed over heads (each gets its own gradient: a batched head equals the same head
+    trained alone). With validation rows each head keeps its best epoch (mIoU, then pixel
+    accuracy); without, its last.
+    """
+    rows = x if isinstance(x, Rows) else Rows.of(x)
+    val = None if x_val is None else (x_val if isinstance(x_val, Rows) else Rows.of(x_val))
+    grid_list = [(lr, wd) for lr in lrs for wd in wds]
+    n_feat, n, d = rows.layers, rows.n, width
+    n_cfg = len(grid_list)
+    device = rows.device
+    h, w = masks.shape[1:]
+    params = _init(n_feat, n_cfg, d, n_classes, seed, device)
+    zeros = np.zeros((n_feat, n_cfg))
+    state = SegHeads(
+        params,
+        torch.zeros(n_feat, n_cfg, d, device=device),
+        torch.ones(n_feat, n_cfg, d, device=device),
+        grid,
+        np.full((n_feat, n_cfg), epochs),
+        zeros.copy(),
+        zeros.copy(),
+    )
+    best = SegHeads(
+        {k: v.detach().clone() for k, v in params.items()},
+        state.running_mean.clone(),
+        state.running_var.clone(),
+        grid,
+        np.zeros((n_feat, n_cfg), int),
+        np.full((n_feat, n_cfg), -1.0),
+        np.full((n_feat, n_cfg), -1.0),
+    )
+    opt = GridAdamW(params, [lr for lr, _ in grid_list], [wd for _, wd in grid_list], DECAYED)
+    steps = max(1, math.ceil(n / batch_size))
+    total = epochs * steps
+    warmup = max(1, min(steps, total // 10))
+    window = (n if rows.resident else rows.block) if window is None else window
+    gen = torch.Generator().manual_seed(seed)
+    step_images = parts(n_feat * n_cfg * n_classes * h * w)
+    step = 0
+    masks_dev = masks.to(device)
+    for epoch in range(epochs):
+        for xb, mb in minibatches(rows, masks_dev, batch_size, window, gen):
+            x_b = _tokens(xb, d)
+            mean, var, unbiased = _batch_stats(x_b)
+            with torch.no_grad():
+                state.running_mean.lerp_(mean, BN_MOMENTUM)
+                state.running_var.lerp_(unbiased, BN_MOMENTUM)
+            target = mb.long()
+            scored = (target != IGNORE).sum().clamp_min(1)
+            grads = [torch.zeros_like(p) for p in params.values()]
+            for s in range(0, len(target), step_images):
+                logits = state.logits(x_b[:, s : s + step_images], (h, w), mean, var)
+                t = target[s : s + step_images]
+                loss = (
+                    F.cross_entropy(
+                        logits.reshape(-1, n_classes, h, w),
+                        t.repeat(n_feat * n_cfg, 1, 1),
+                        ignore_index=IGNORE,
+                        reduction="sum",
+                    )
+                    / scored
+                )
+                for total_g, g in zip(
+                    grads, torch.autograd.grad(loss, list(params.values())), strict=True
+                ):
+                    total_g += g
+            step += 1
+            opt.step(grads, warmup_cosine(step, warmup, total))
+        if val is not None and masks_val is not None:
+            miou, pix = _scores(state, val, masks_val, n_classes, d)
+            better = (miou > best.val_miou) | ((miou == best.val_miou) & (pix > best.val_acc))
+            if better.any():
+                keep = torch.from_numpy(better).to(device)
+                for k, v in params.items():
+                    best.params[k][keep] = v.detach()[keep]
+                best.running_mean[keep] = state.running_mean[keep]
+                best.running_var[keep] = state.running_var[keep]
+                best.epoch[better], best.val_miou[better] = epoch + 1, miou[better]
+                best.val_acc[better] = pix[better]
+    if val is not None:
+        return best
+    state.params = {k: v.detach() for k, v in params.items()}
+    return state
+
