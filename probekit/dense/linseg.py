@@ -289,4 +289,3 @@ def train_seg_heads(
         return best
     state.params = {k: v.detach() for k, v in params.items()}
     return state
-
