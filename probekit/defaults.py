@@ -11,6 +11,7 @@ __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "DEFAULT_CROP_PCT",
     "DEFAULT_CS",
+    "DEFAULT_DENSE_KS",
     "DEFAULT_EPOCHS",
     "DEFAULT_HOLDOUT",
     "DEFAULT_IMG_SIZE",
@@ -21,6 +22,10 @@ __all__ = [
     "DEFAULT_POOLS",
     "DEFAULT_PROBE_BATCH_SIZE",
     "DEFAULT_QUERIES",
+    "DEFAULT_SEG_BATCH_SIZE",
+    "DEFAULT_SEG_EPOCHS",
+    "DEFAULT_SEG_LRS",
+    "DEFAULT_SEG_WDS",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOL",
     "DEFAULT_WDS",
@@ -53,4 +58,11 @@ ATTN_MIN_STEPS = 10
 DEFAULT_ATTN_LRS = (3e-4, 1e-3, 3e-3)
 DEFAULT_ATTN_WDS = (0.01, 0.1)
 DEFAULT_QUERIES = 1
+# linear segmentation (`linseg`): AdamW lr x wd grid, epochs, images a minibatch
+DEFAULT_SEG_LRS = (1e-3, 1e-2)
+DEFAULT_SEG_WDS = (1e-4, 1e-2)
+DEFAULT_SEG_EPOCHS = 10
+DEFAULT_SEG_BATCH_SIZE = 16
+# dense kNN: neighbours a test patch takes (one search at the largest serves them all)
+DEFAULT_DENSE_KS = (10, 30)
 DEFAULT_TOL = 1e-4  # L-BFGS: stop when no gradient entry exceeds it (scikit-learn's default)

@@ -33,6 +33,9 @@ class ProbeMethod:
     shown: tuple[str, ...] = ()  # the chosen hyperparameters a leaderboard entry shows
     default: bool = True  # run by "both" and by a triage's default methods
     tokens: bool = False  # reads the token arrays (`extract --tokens`), not pooled features
+    # segments (tokens and masks of a segmentation dataset): `select(DenseData, options) ->
+    # DenseSelection`, metrics miou and pixel_acc
+    dense: bool = False
 
     def select(self) -> Callable[..., Any]:
         fn: Callable[..., Any] = importlib.import_module(self.module).select
@@ -65,6 +68,29 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             ("lr", "wd", "queries", "epoch"),
             default=False,
             tokens=True,
+        ),
+        ProbeMethod(
+            "linseg",
+            "linear segmentation on stored tokens and masks (DINOv2's linear protocol: "
+            "batch-norm + 1x1 layer, bilinear upsampling; lr x wd x layer grid, best epoch on "
+            "validation mIoU)",
+            "linear segmentation, val mIoU",
+            "probekit.dense.linseg",
+            ("lr", "wd", "epoch"),
+            default=False,
+            tokens=True,
+            dense=True,
+        ),
+        ProbeMethod(
+            "dense-knn",
+            "dense kNN on stored tokens and masks (Hummingbird: each test patch takes its "
+            "nearest train patches' label distributions; k and layer chosen on validation mIoU)",
+            "dense kNN, val mIoU",
+            "probekit.dense.knn",
+            ("k",),
+            default=False,
+            tokens=True,
+            dense=True,
         ),
     )
 }

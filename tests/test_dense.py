@@ -218,3 +218,166 @@ def test_batched_seg_heads_equal_heads_trained_one_by_one() -> None:
             for k, v in alone.params.items():
                 torch.testing.assert_close(one.params[k], v, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(one.running_var, alone.running_var)
+
+
+def test_seg_confusions_equal_numpy_on_reference_predictions() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from probekit.dense.linseg import SegHeads, _init
+    from probekit.probes.rows import Rows
+    from probekit.segmentation import image_confusions
+
+    torch.manual_seed(1)
+    d, c, grid, size, n = 4, 5, (2, 3), (9, 7), 6
+    params = _init(1, 2, d, c, seed=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        for v in params.values():
+            v.add_(torch.randn_like(v))
+    heads = SegHeads(
+        params,
+        torch.randn(1, 2, d),
+        torch.rand(1, 2, d) + 0.5,
+        grid,
+        np.zeros((1, 2)),
+        np.zeros((1, 2)),
+        np.zeros((1, 2)),
+    )
+    x = torch.randn(1, n, 6 * d)
+    masks = torch.randint(0, c, (n, *size), dtype=torch.uint8)
+    masks[:, :, 0] = 255
+    got = heads.confusions(Rows.of(x), masks, c, d, per_image=True)
+    for g in range(2):
+        bn, conv = _reference_head(heads.one(0, g), d, c)
+        bn.eval()
+        nchw = x[0].reshape(n, 6, d).transpose(1, 2).reshape(n, d, *grid)
+        with torch.no_grad():
+            pred = F.interpolate(conv(bn(nchw)), size=size, mode="bilinear").argmax(1)
+        want = image_confusions(pred.numpy(), masks.numpy(), c)
+        np.testing.assert_array_equal(got[0, g].numpy(), want)
+        assert want.sum() == (masks != 255).sum().item()  # ignored pixels are not counted
+    whole = heads.confusions(Rows.of(x), masks, c, d)
+    np.testing.assert_array_equal(whole.numpy(), got.sum(2).numpy())
+
+
+# --------------------------------------------------------------------------- dense kNN
+
+
+def test_patch_labels_equal_a_cell_by_cell_count() -> None:
+    import torch
+
+    from probekit.dense.knn import patch_labels
+
+    rng = np.random.default_rng(4)
+    masks = rng.integers(0, 3, (2, 12, 10)).astype(np.uint8)
+    masks[0, :4, :5] = 255  # the whole first cell of image 0 is ignored
+    masks[1, 5:7] = 255
+    got = patch_labels(torch.from_numpy(masks), (3, 2), 3).numpy()
+    for i in range(2):
+        for r in range(3):
+            for col in range(2):
+                cell = masks[i, 4 * r : 4 * r + 4, 5 * col : 5 * col + 5]
+                scored = cell[cell != 255]
+                want = (
+                    np.bincount(scored, minlength=3) / len(scored) if len(scored) else np.zeros(3)
+                )
+                np.testing.assert_allclose(got[i, r * 2 + col], want, atol=1e-6)
+
+
+def test_dense_knn_equals_brute_force_numpy() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from probekit.dense.knn import TEMPERATURE, knn_distributions, predict_masks
+    from probekit.neighbors.search import l2_normalize, search
+
+    rng = np.random.default_rng(5)
+    bank = l2_normalize(rng.normal(size=(40, 8)))
+    labels = rng.dirichlet(np.ones(4), 40).astype(np.float32)
+    queries = l2_normalize(rng.normal(size=(2 * 6, 8)))
+    sims, idx = search(queries, bank, 7)
+    dists = knn_distributions(sims, idx, torch.from_numpy(labels), [3, 7])
+    full = queries @ bank.T
+    for k in (3, 7):
+        want = np.zeros((len(queries), 4))
+        for q in range(len(queries)):
+            top = np.argsort(-full[q])[:k]
+            w = np.exp((full[q, top] - full[q, top].max()) / TEMPERATURE)
+            want[q] = (w / w.sum()) @ labels[top]
+        np.testing.assert_allclose(dists[k].numpy(), want, rtol=1e-4, atol=1e-5)
+    pred = predict_masks(dists[3].reshape(2, 6, 4), (2, 3), (8, 9))
+    maps = torch.from_numpy(
+        dists[3].numpy().reshape(2, 6, 4).transpose(0, 2, 1).reshape(2, 4, 2, 3)
+    )
+    want_pred = F.interpolate(maps, size=(8, 9), mode="bilinear", align_corners=False).argmax(1)
+    np.testing.assert_array_equal(pred.numpy(), want_pred.numpy())
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_dense_probes_from_a_store(tmp_path: Path) -> None:
+    from probekit.segmentation import class_counts, mean_iou, pixel_accuracy
+
+    res = probekit.extract(
+        "test_vit", "digit-scenes:24", random_init=True, layers="last", tokens="all", **SMALL
+    )
+    out = probekit.probe(
+        res.store_path, method="linseg,dense-knn", seg_epochs=2, device="cpu", out=tmp_path
+    )
+    store = probekit.open_store(res.store_path)
+    n_test = len(np.flatnonzero(store.usable("test")))
+    for m in ("linseg", "dense-knn"):
+        recs = {r.metric: r for r in out.records if r.method == m}
+        assert set(recs) == {"val_miou", "miou", "pixel_acc"}
+        miou, acc = recs["miou"], recs["pixel_acc"]
+        assert miou.split == "test" and miou.n == n_test and miou.feature == "layer5/tokens"
+        for r in (miou, acc):
+            lo, hi = r.extra["ci95"]
+            assert lo <= r.value <= hi
+        counts = np.array(miou.extra["class_counts"])  # (images, classes, 3)
+        assert counts.shape == (n_test, 11, 3)
+        total = counts.sum(0)
+        tp, fp, fn = total[:, 0], total[:, 1], total[:, 2]
+        present = tp + fp + fn > 0
+        assert miou.value == pytest.approx((tp[present] / (tp + fp + fn)[present]).mean())
+        assert acc.value == pytest.approx(tp.sum() / (tp + fn).sum())
+        assert out.selected[m]["val_miou"] == pytest.approx(recs["val_miou"].value)
+    assert out.path is not None and Path(out.path).is_file()
+    assert class_counts(np.ones((2, 3, 3))).shape == (2, 3, 3)
+    assert mean_iou(np.eye(3)) == 1.0 and pixel_accuracy(np.eye(3)) == 1.0
+    rows = out.dense_table()
+    assert [r[0] for r in rows[1:]] == ["linseg", "dense-knn"]
+
+
+def test_dense_probe_errors_are_one_line() -> None:
+    from typer.testing import CliRunner
+
+    from probekit.cli import app
+
+    plain = probekit.extract("test_vit", "synthetic:2", random_init=True, tokens="all", **SMALL)
+    with pytest.raises(probekit.ProbekitError, match="no masks"):
+        probekit.probe(plain.store_path, method="linseg")
+    run = CliRunner().invoke(app, ["probe", plain.store_path, "--method", "dense-knn"])
+    assert run.exit_code == 1 and "no masks" in run.output and "Traceback" not in run.output
+    seg = probekit.extract("test_vit", "digit-scenes:12", random_init=True, **SMALL)
+    with pytest.raises(probekit.ProbekitError, match="no token arrays"):
+        probekit.probe(seg.store_path, method="linseg")
+    with pytest.raises(probekit.ProbekitError, match="dense_ks"):
+        probekit.probe(seg.store_path, method="dense-knn", dense_ks=[0])
+
+
+def test_paired_dense_delta_matches_direct_computation() -> None:
+    from probekit.segmentation import class_counts, image_confusions, mean_iou, paired_dense_delta
+
+    rng = np.random.default_rng(6)
+    truth = rng.integers(0, 4, (30, 8, 8))
+    good = np.where(rng.random(truth.shape) < 0.8, truth, rng.integers(0, 4, truth.shape))
+    bad = np.where(rng.random(truth.shape) < 0.4, truth, rng.integers(0, 4, truth.shape))
+    a, b = image_confusions(good, truth, 4), image_confusions(bad, truth, 4)
+    out = paired_dense_delta(class_counts(a), class_counts(b), n_boot=300)
+    delta, lo, hi = out["miou"]
+    assert delta == pytest.approx(mean_iou(a.sum(0)) - mean_iou(b.sum(0)))
+    assert 0 < lo <= delta <= hi
+    same = paired_dense_delta(class_counts(a), class_counts(a), n_boot=50)
+    assert same["miou"] == (0.0, 0.0, 0.0)

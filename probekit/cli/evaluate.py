@@ -30,6 +30,7 @@ from probekit.cli._common import out as stdout  # `out` is the commands' --out
 from probekit.defaults import (
     DEFAULT_ATTN_LRS,
     DEFAULT_ATTN_WDS,
+    DEFAULT_DENSE_KS,
     DEFAULT_EPOCHS,
     DEFAULT_HOLDOUT,
     DEFAULT_KS,
@@ -38,6 +39,10 @@ from probekit.defaults import (
     DEFAULT_POOLS,
     DEFAULT_PROBE_BATCH_SIZE,
     DEFAULT_QUERIES,
+    DEFAULT_SEG_BATCH_SIZE,
+    DEFAULT_SEG_EPOCHS,
+    DEFAULT_SEG_LRS,
+    DEFAULT_SEG_WDS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOL,
 )
@@ -176,6 +181,21 @@ def probe_cmd(
         str,
         typer.Option(help="Attentive: learned (a learned position term on the keys) or none."),
     ] = "learned",
+    seg_lrs: Annotated[
+        str, typer.Option(help="Linear segmentation: AdamW learning rates (comma list).")
+    ] = ",".join(map(str, DEFAULT_SEG_LRS)),
+    seg_wds: Annotated[
+        str, typer.Option(help="Linear segmentation: weight decays (comma list).")
+    ] = ",".join(map(str, DEFAULT_SEG_WDS)),
+    seg_epochs: Annotated[
+        int, typer.Option(help="Linear segmentation: passes over the train images.")
+    ] = DEFAULT_SEG_EPOCHS,
+    seg_batch_size: Annotated[
+        int, typer.Option(help="Linear segmentation: images a minibatch.")
+    ] = DEFAULT_SEG_BATCH_SIZE,
+    dense_ks: Annotated[
+        str, typer.Option(help="Dense kNN: neighbours a test patch takes (comma list).")
+    ] = ",".join(map(str, DEFAULT_DENSE_KS)),
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     memory_mb: Annotated[
@@ -202,10 +222,15 @@ def probe_cmd(
         locals(),
         attn_lrs=parse_numbers(attn_lrs, "--attn-lrs"),
         attn_wds=parse_numbers(attn_wds, "--attn-wds"),
+        seg_lrs=parse_numbers(seg_lrs, "--seg-lrs"),
+        seg_wds=parse_numbers(seg_wds, "--seg-wds"),
+        dense_ks=parse_list(dense_ks, "--dense-ks"),
     )
     # the extraction a store named by --backbone and --data gets: these options alone (the
     # probe's own batch_size, dtype and device are the probe's); attentive needs tokens
-    wants_tokens = "attentive" in parse_list(method, "--method")
+    wants_tokens = any(
+        m in PROBE_METHODS and PROBE_METHODS[m].tokens for m in parse_list(method, "--method")
+    )
     extract_options = ExtractOptions(
         layers=layers,
         pool=pool,
@@ -224,11 +249,15 @@ def probe_cmd(
         else:
             raise OptionError(f"--eval-on {spec!r}: give store paths, or --backbone to extract.")
     result = probe(path, eval_on=others, options=options_from(ProbeOptions, given))
-    rows = result.table()
-    table = Table(*rows[0], title="probes (selection on validation only)")
-    for row in rows[1:]:
-        table.add_row(*row)
-    stdout.print(table)
+    for title, rows in (
+        ("probes (selection on validation only)", result.table()),
+        ("dense probes (selection on validation only)", result.dense_table()),
+    ):
+        if len(rows) > 1:
+            table = Table(*rows[0], title=title)
+            for row in rows[1:]:
+                table.add_row(*row)
+            stdout.print(table)
     stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +30,12 @@ from probekit.probes.optim import GridAdamW, warmup_cosine
 from probekit.probes.rows import Rows
 from probekit.segmentation import IGNORE, mean_iou, pixel_accuracy
 
-__all__ = ["SegHeads", "train_seg_heads"]
+if TYPE_CHECKING:
+    from probekit.cache.store import FeatureStore
+    from probekit.dense import DenseData, DenseSelection
+    from probekit.probes.base import ProbeOptions
+
+__all__ = ["SegHeads", "select", "train_seg_heads"]
 
 # logits upsampled at once: at most this many float32 values (the loss's activations are a
 # few times this), whatever the batch
@@ -51,6 +57,7 @@ class SegHeads:
     epoch: np.ndarray  # (L, G) the epoch each head's weights are from
     val_miou: np.ndarray  # (L, G)
     val_acc: np.ndarray  # (L, G) pixel accuracy
+    concat: bool = False  # the rows' L layers are one feature: their tokens side by side
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,13 +101,14 @@ class SegHeads:
             self.epoch[feature : feature + 1, cfg : cfg + 1],
             self.val_miou[feature : feature + 1, cfg : cfg + 1],
             self.val_acc[feature : feature + 1, cfg : cfg + 1],
+            self.concat,
         )
 
     def confusions(
         self, rows: Rows, masks: torch.Tensor, n_classes: int, d: int, per_image: bool = False
     ) -> torch.Tensor:
         """(L, G, C, C) int64 confusions (truth, prediction) over the scored pixels of every
-        row, or with `per_image` (L, G, N, C, C)."""
+        row (token rows of width `d` a layer), or with `per_image` (L, G, N, C, C)."""
         n_feat, n_cfg = self.shape
         n, (h, w) = rows.n, masks.shape[1:]
         shape = (n_feat, n_cfg, n) if per_image else (n_feat, n_cfg)
@@ -110,7 +118,7 @@ class SegHeads:
         with torch.no_grad():
             for xb in rows.blocks():
                 for s in range(0, xb.shape[1], step):
-                    x = _tokens(xb[:, s : s + step], d)
+                    x = _tokens(xb[:, s : s + step], d, self.concat)
                     m = masks[start + s : start + s + x.shape[1]].to(rows.device).long()
                     pred = self.logits(x, (h, w)).argmax(3)  # (L, G, b, H, W)
                     keep = (m != IGNORE).expand_as(pred)
@@ -141,9 +149,14 @@ def parts(values_per_image: int) -> int:
     return max(1, LOGIT_VALUES // max(1, values_per_image))
 
 
-def _tokens(xb: torch.Tensor, d: int) -> torch.Tensor:
-    """(L, b, T*D) stored rows as (L, b, T, D) float32."""
-    return xb.float().reshape(*xb.shape[:2], -1, d)
+def _tokens(xb: torch.Tensor, d: int, concat: bool = False) -> torch.Tensor:
+    """(L, b, T*D) stored rows as (L, b, T, D) float32; with `concat`, the L layers' tokens
+    side by side as one feature (1, b, T, L*D)."""
+    x = xb.float().reshape(*xb.shape[:2], -1, d)
+    if concat:
+        n_feat, b, t, _ = x.shape
+        x = x.permute(1, 2, 0, 3).reshape(1, b, t, n_feat * d)
+    return x
 
 
 def _init(
@@ -199,11 +212,13 @@ def train_seg_heads(
     x_val: torch.Tensor | Rows | None = None,
     masks_val: torch.Tensor | None = None,
     window: int | None = None,
+    concat: bool = False,
 ) -> SegHeads:
     """Train every (feature, lr, wd) linear segmentation head on the same minibatches.
 
     x: (L, N, T*D) token rows of L features of one shape (T = gh*gw tokens of width D), or
-    streamed `Rows`; masks: (N, H, W) uint8 (255: ignore). AdamW (decoupled decay on gamma and
+    streamed `Rows` (with `concat`, the L layers side by side as one feature of width L*D);
+    masks: (N, H, W) uint8 (255: ignore). AdamW (decoupled decay on gamma and
     the weights), a linear warmup over the first epoch (at most a tenth of the steps), then a
     cosine schedule; the loss of each head is its mean cross-entropy over the batch's scored
     pixels, summed over heads (each gets its own gradient: a batched head equals the same head
@@ -214,6 +229,8 @@ def train_seg_heads(
     val = None if x_val is None else (x_val if isinstance(x_val, Rows) else Rows.of(x_val))
     grid_list = [(lr, wd) for lr in lrs for wd in wds]
     n_feat, n, d = rows.layers, rows.n, width
+    if concat:
+        n_feat, d = 1, width * rows.layers
     n_cfg = len(grid_list)
     device = rows.device
     h, w = masks.shape[1:]
@@ -227,6 +244,7 @@ def train_seg_heads(
         np.full((n_feat, n_cfg), epochs),
         zeros.copy(),
         zeros.copy(),
+        concat,
     )
     best = SegHeads(
         {k: v.detach().clone() for k, v in params.items()},
@@ -236,6 +254,7 @@ def train_seg_heads(
         np.zeros((n_feat, n_cfg), int),
         np.full((n_feat, n_cfg), -1.0),
         np.full((n_feat, n_cfg), -1.0),
+        concat,
     )
     opt = GridAdamW(params, [lr for lr, _ in grid_list], [wd for _, wd in grid_list], DECAYED)
     steps = max(1, math.ceil(n / batch_size))
@@ -248,7 +267,7 @@ def train_seg_heads(
     masks_dev = masks.to(device)
     for epoch in range(epochs):
         for xb, mb in minibatches(rows, masks_dev, batch_size, window, gen):
-            x_b = _tokens(xb, d)
+            x_b = _tokens(xb, width, concat)
             mean, var, unbiased = _batch_stats(x_b)
             with torch.no_grad():
                 state.running_mean.lerp_(mean, BN_MOMENTUM)
@@ -275,7 +294,7 @@ def train_seg_heads(
             step += 1
             opt.step(grads, warmup_cosine(step, warmup, total))
         if val is not None and masks_val is not None:
-            miou, pix = _scores(state, val, masks_val, n_classes, d)
+            miou, pix = _scores(state, val, masks_val, n_classes, width)
             better = (miou > best.val_miou) | ((miou == best.val_miou) & (pix > best.val_acc))
             if better.any():
                 keep = torch.from_numpy(better).to(device)
@@ -289,3 +308,78 @@ def train_seg_heads(
         return best
     state.params = {k: v.detach() for k, v in params.items()}
     return state
+
+
+def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
+    """Every (layer, lr, wd) head trained together (layers of one token shape as one batched
+    pass), plus the last four layers concatenated where four layers of one shape are stored;
+    the head of the best validation mIoU (then pixel accuracy) is chosen."""
+    from probekit.dense import DenseSelection
+
+    grid_list = [(lr, wd) for lr in options.seg_lrs for wd in options.seg_wds]
+    n_classes = data.n_classes
+    candidates: list[tuple[str, list[str], bool]] = []
+    for group in data.groups():
+        candidates += [(name, [name], False) for name in group]
+    last = data.groups()[-1]
+    if len(last) >= 4:
+        four = last[-4:]
+        candidates.append((f"last4/tokens({','.join(n.split('/')[0] for n in four)})", four, True))
+    curve: list[tuple[str, dict[str, Any], float]] = []
+    trained: list[tuple[str, list[str], bool, SegHeads]] = []
+    # layers of one shape in one pass; the concatenation in its own
+    passes: list[tuple[list[str], bool]] = [(g, False) for g in data.groups()]
+    passes += [(names, True) for _, names, concat in candidates if concat]
+    for names, concat in passes:
+        _, d = data.store.token_shape(names[0])
+        grid = data.store.token_grid(names[0])
+        x = data.token_rows("train", names, data.fit_rows, 0.5)
+        xv = data.token_rows(data.val_split, names, data.val_rows, 0.25)
+        heads = train_seg_heads(
+            x,
+            data.fit_masks,
+            n_classes,
+            grid,
+            d,
+            options.seg_lrs,
+            options.seg_wds,
+            epochs=options.seg_epochs,
+            batch_size=min(options.seg_batch_size, max(1, x.n)),
+            seed=options.seed,
+            x_val=xv,
+            masks_val=data.val_masks,
+            concat=concat,
+        )
+        labels = [next(c[0] for c in candidates if c[1] == names)] if concat else names
+        for li, label in enumerate(labels):
+            g = int(np.lexsort((-heads.val_acc[li], -heads.val_miou[li]))[0])
+            lr, wd = grid_list[g]
+            cfg = {"lr": lr, "wd": wd, "epoch": int(heads.epoch[li, g])}
+            curve.append((label, cfg, float(heads.val_miou[li, g])))
+            trained.append((label, names, concat, heads.one(li, g)))
+    best = max(
+        range(len(trained)),
+        key=lambda i: (trained[i][3].val_miou[0, 0], trained[i][3].val_acc[0, 0], -i),
+    )
+    label, names, concat, head = trained[best]
+    lr, wd = curve[best][1]["lr"], curve[best][1]["wd"]
+    _, d = data.store.token_shape(names[0])
+    config = {
+        "lr": lr,
+        "wd": wd,
+        "epoch": int(head.epoch[0, 0]),
+        "layers": [n.split("/")[0] for n in names],
+        "batch_size": min(options.seg_batch_size, len(data.fit_rows)),
+        "optimizer": "adamw",
+        "val_miou": float(head.val_miou[0, 0]),
+        "val_pixel_acc": float(head.val_acc[0, 0]),
+    }
+
+    def confusions(store: FeatureStore, split: str, rows: np.ndarray) -> np.ndarray:
+        x = data.token_rows(split, names, rows, 0.5) if store is data.store else None
+        assert x is not None, "dense probes are tested on their own store"
+        m = torch.from_numpy(store.masks(split, rows))
+        out = head.confusions(x, m, n_classes, d, per_image=True)
+        return out[0, 0].cpu().numpy()
+
+    return DenseSelection("linseg", label, config, curve, confusions)

@@ -105,6 +105,8 @@ class ProbeResult:
             ]
         ]
         for m, cfg in self.selected.items():
+            if PROBE_METHODS[m].dense:
+                continue  # `dense_table`
             hyper = ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in cfg.items()
@@ -131,6 +133,37 @@ class ProbeResult:
                         _ece_text(rec.get(("ece", dataset)), rec.get(("ece_ts", dataset))),
                     ]
                 )
+        return out
+
+    def dense_table(self) -> list[list[str]]:
+        """Header and rows: each dense method's chosen probe (test mIoU and pixel accuracy
+        with their intervals over images) beside what validation chose."""
+        out = [
+            [
+                "method",
+                "feature",
+                "chosen on validation",
+                "val mIoU",
+                "test mIoU [95% CI]",
+                "pixel acc [95% CI]",
+            ]
+        ]
+        for m, cfg in self.selected.items():
+            if not PROBE_METHODS[m].dense:
+                continue
+            shown = PROBE_METHODS[m].shown
+            hyper = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in cfg.items()
+                if k in shown
+            )
+            rec = {r.metric: r for r in self.records if r.method == m and r.split != "val"}
+            cells = []
+            for metric in ("miou", "pixel_acc"):
+                r = rec[metric]
+                lo, hi = r.extra["ci95"]
+                cells.append(f"{100 * r.value:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            out.append([m, str(cfg["feature"]), hyper, f"{100 * cfg['val_miou']:.2f}", *cells])
         return out
 
 
@@ -161,9 +194,13 @@ def probe(
     """
     opts = ProbeOptions.of(options, **changes)
     store = open_for_reading(source, allow_partial=opts.allow_partial)
-    data = ProbeData.prepare(store, opts)
+    dense = [m for m in opts.methods if PROBE_METHODS[m].dense]
+    flat = [m for m in opts.methods if not PROBE_METHODS[m].dense]
+    if dense and eval_on:
+        raise ProbekitError("dense probes (linseg, dense-knn) have no transfer evaluation yet.")
+    data = ProbeData.prepare(store, replace(opts, method=flat)) if flat else None
     targets = [o if isinstance(o, FeatureStore) else open_store(o) for o in eval_on]
-    selections = [PROBE_METHODS[m].select()(data, opts) for m in opts.methods]
+    selections = [PROBE_METHODS[m].select()(data, opts) for m in flat]
     info = store.info
     base = Record(
         "probe",
@@ -173,7 +210,7 @@ def probe(
         backbone=info.backbone.name,
         weights=info.weights_source,
     )
-    base = warned(base, data.warnings, info.dataset.spec)
+    base = warned(base, data.warnings if data else info.dataset.warnings, info.dataset.spec)
     # validation accuracy of every feature's best probe (what selection saw): layer curves
     records = [
         replace(
@@ -183,19 +220,27 @@ def probe(
             method=sel.method,
             metric="val_top1",
             value=float(acc),
-            n=len(data.val_y),
+            n=len(data.val_y) if data else 0,
             hyper=cfg,
         )
         for sel in selections
         for name, cfg, acc in sel.curve
     ]
     for sel in selections:
+        assert data is not None
         records += _evaluate(sel, data, targets, base)
+    selected = {s.method: s.config for s in selections}
+    if dense:
+        from probekit.dense import dense_records
+
+        dense_recs, dense_selected = dense_records(store, opts, dense, base)
+        records += dense_recs
+        selected.update(dense_selected)
     path = None
     if opts.write:
         config = [
             opts.method,
-            data.names,
+            data.names if data else list(opts.features or store.token_names),
             opts.holdout,
             opts.seed,
             opts.lrs,
@@ -210,12 +255,18 @@ def probe(
                 if "attentive" in opts.methods
                 else []
             ),
+            *(
+                [opts.seg_lrs, opts.seg_wds, opts.seg_epochs, opts.seg_batch_size]
+                if "linseg" in opts.methods
+                else []
+            ),
+            *([opts.dense_ks] if "dense-knn" in opts.methods else []),
             opts.dtype,
             opts.test_split,
             [str(getattr(o, "path", o)) for o in eval_on],
         ]
         path = write_records(store.path, "probe", config, records, opts.out)
-    return ProbeResult(records, {s.method: s.config for s in selections}, path)
+    return ProbeResult(records, selected, path)
 
 
 def _evaluate(

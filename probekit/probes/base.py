@@ -18,11 +18,16 @@ from probekit.defaults import (
     DEFAULT_ATTN_LRS,
     DEFAULT_ATTN_WDS,
     DEFAULT_CS,
+    DEFAULT_DENSE_KS,
     DEFAULT_EPOCHS,
     DEFAULT_HOLDOUT,
     DEFAULT_LRS,
     DEFAULT_PROBE_BATCH_SIZE,
     DEFAULT_QUERIES,
+    DEFAULT_SEG_BATCH_SIZE,
+    DEFAULT_SEG_EPOCHS,
+    DEFAULT_SEG_LRS,
+    DEFAULT_SEG_WDS,
     DEFAULT_TOL,
     DEFAULT_WDS,
 )
@@ -84,6 +89,11 @@ class ProbeOptions:
     queries: int = DEFAULT_QUERIES
     attn_heads: int | None = None
     position: Literal["learned", "none"] = "learned"
+    seg_lrs: Sequence[float] = DEFAULT_SEG_LRS
+    seg_wds: Sequence[float] = DEFAULT_SEG_WDS
+    seg_epochs: int = DEFAULT_SEG_EPOCHS
+    seg_batch_size: int = DEFAULT_SEG_BATCH_SIZE
+    dense_ks: Sequence[int] = DEFAULT_DENSE_KS
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
     memory_mb: int | None = None
@@ -108,7 +118,7 @@ class ProbeOptions:
             object.__setattr__(self, "features", tuple(names))
         if not 0 < float(self.holdout) < 1:
             raise OptionError(f"holdout must be a fraction in (0, 1), not {self.holdout!r}.")
-        for name in ("epochs", "batch_size", "queries"):
+        for name in ("epochs", "batch_size", "queries", "seg_epochs", "seg_batch_size"):
             value = getattr(self, name)
             if not is_count(value):
                 raise OptionError(f"{name} must be a positive integer, not {value!r}.")
@@ -128,6 +138,17 @@ class ProbeOptions:
         object.__setattr__(self, "cs", _positive_numbers("cs", self.cs))
         object.__setattr__(self, "attn_lrs", _positive_numbers("attn_lrs", self.attn_lrs))
         object.__setattr__(self, "attn_wds", _positive_numbers("attn_wds", self.attn_wds, True))
+        object.__setattr__(self, "seg_lrs", _positive_numbers("seg_lrs", self.seg_lrs))
+        object.__setattr__(self, "seg_wds", _positive_numbers("seg_wds", self.seg_wds, True))
+        ks = parse_list(self.dense_ks, "dense_ks") if isinstance(self.dense_ks, str) else None
+        values = ks if ks is not None else list(self.dense_ks)
+        if not values or not all(
+            is_count(v) or (isinstance(v, str) and v.isdigit()) for v in values
+        ):
+            raise OptionError(
+                f"dense_ks must be positive integers such as 10,30, not {self.dense_ks!r}."
+            )
+        object.__setattr__(self, "dense_ks", tuple(sorted({int(v) for v in values})))
 
     @classmethod
     def of(cls, options: ProbeOptions | None = None, **changes: Any) -> ProbeOptions:
