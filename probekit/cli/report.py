@@ -54,6 +54,7 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
         BOB_CAVEAT,
         DELTA_COLUMNS,
         DELTA_NOTE,
+        delta_method,
         delta_texts,
         leaderboard_rows,
     )
@@ -63,7 +64,7 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
         name = "top-1" if metric == "top1" else metric
         table = Table(
             "model",
-            *[f"{m} {name} [95% CI] feature" for m in rep.methods],
+            *[f"{m} {name} [95% CI] feature" for m in rep.methods_of(task, metric)],
             title=f"{task}: test {name} (%), chosen without the test split",
         )
         for row in leaderboard_rows(rep, task, metric=metric):
@@ -108,7 +109,7 @@ def print_report(rep: Report, files: dict[str, str]) -> None:
             "task", "method", "model", *DELTA_COLUMNS, title=f"difference to {rep.reference}"
         )
         for d in rep.deltas:
-            table.add_row(d["task"], d["method"], d["model"], *delta_texts(d))
+            table.add_row(d["task"], delta_method(d), d["model"], *delta_texts(d))
         out.print(table)
         out.print(DELTA_NOTE)
     for e in rep.errors:

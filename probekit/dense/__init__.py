@@ -58,12 +58,13 @@ class DenseData:
                 f"{store.path.name} has no masks: dense probes (linseg, dense-knn) need a "
                 "segmentation dataset (digit-scenes, seg:PATH) extracted with --tokens."
             )
-        names = [f for f in (options.features or store.token_names) if f in store.token_names]
+        # the token arrays asked for; all of them where none was (a triage asks pooled ones)
+        asked = [f for f in (options.features or ()) if f in store.token_names]
+        names = asked or list(store.token_names)
         if not names:
             raise ProbekitError(
-                f"{store.path.name} has no token arrays"
-                + (" among the features asked" if options.features else "")
-                + ": dense probes read patch tokens; extract with --tokens all (or --tokens 8)."
+                f"{store.path.name} has no token arrays: dense probes read patch tokens; "
+                "extract with --tokens all (or --tokens 8)."
             )
         if options.test_split not in store.splits or "train" not in store.splits:
             raise ProbekitError(

@@ -19,6 +19,7 @@ from probekit.report.compute import (
     Cell,
     Report,
     build_report,
+    delta_method,
     delta_texts,
     load_records,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Cell",
     "Report",
     "build_report",
+    "delta_method",
     "delta_texts",
     "leaderboard_rows",
     "load_records",

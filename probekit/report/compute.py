@@ -25,6 +25,7 @@ from probekit.methods import PROBE_METHODS, all_methods
 from probekit.metrics import decode_outcomes, mcnemar_p, paired_bootstrap_ci
 from probekit.records import SELECTION_SPLITS, Record, select_knn
 from probekit.report.agreement import Agreement, Flag, agreement, gap_flags
+from probekit.segmentation import paired_dense_delta
 
 __all__ = [
     "BEST_NOTE",
@@ -195,6 +196,12 @@ class Report:
                 return c
         return None
 
+    def methods_of(self, task: str, metric: str) -> list[str]:
+        """The methods with entries of `metric` on `task` (a leaderboard's columns)."""
+        return [
+            m for m in self.methods if any(self.cell(task, m, mod, metric) for mod in self.models)
+        ]
+
     def shows(self, task: str, metric: str) -> bool:
         """Whether `task` has entries of `metric` (a leaderboard to show)."""
         return any(c.task == task and c.metric == metric for c in self.cells)
@@ -263,11 +270,32 @@ def _knn_cells(recs: list[Record]) -> list[Cell]:
     return cells
 
 
+# dense probes' leaderboards (linseg, dense-knn); their paired statistics read per-image class
+# counts (`segmentation.class_counts`), kept on the miou record
+DENSE_METRICS = ("miou", "pixel_acc")
+DENSE_NOTE = (
+    "Dense tasks (`: miou`, `: pixel_acc`): mean IoU over the classes present in the test "
+    "masks or the predictions (255 ignored), and pixel accuracy, of a linear segmentation "
+    "probe (`linseg`, DINOv2's linear protocol) or dense kNN (`dense-knn`, Hummingbird) on "
+    "frozen patch tokens at the model's input size; intervals resample test images. Layer, "
+    "learning rate, weight decay, epoch and k were chosen on validation images."
+)
+
+
 def _probe_cells(recs: list[Record]) -> list[Cell]:
+    counts = {
+        (r.model, r.task, r.method, r.split): r.extra["class_counts"]
+        for r in recs
+        if r.kind == "probe" and r.metric == "miou" and "class_counts" in r.extra
+    }
     cells = []
     for r in recs:
-        if r.kind != "probe" or r.metric != "top1":
+        if r.kind != "probe" or r.metric not in ("top1", *DENSE_METRICS):
             continue
+        outcomes = r.extra.get("outcomes")
+        if r.metric in DENSE_METRICS:
+            found = counts.get((r.model, r.task, r.method, r.split))
+            outcomes = None if found is None else {"class_counts": found, "dataset": r.dataset}
         ci = r.extra.get("ci95")
         entry = PROBE_METHODS.get(r.method)
         shown = entry.shown if entry is not None else _SHOWN
@@ -283,11 +311,24 @@ def _probe_cells(recs: list[Record]) -> list[Cell]:
                 hyper,
                 int(r.n),
                 "validation",
-                r.extra.get("outcomes"),
+                outcomes,
                 r.metric,
             )
         )
     return cells
+
+
+def _dense_delta(
+    a: dict[str, Any] | None, b: dict[str, Any] | None, metric: str
+) -> tuple[float, float, float] | None:
+    """(A - B, 95% paired interval) of a dense metric over the test images both scored, from
+    their per-image class counts; None unless both have counts of the same images."""
+    if not a or not b or "class_counts" not in a or "class_counts" not in b:
+        return None
+    ca, cb = np.asarray(a["class_counts"]), np.asarray(b["class_counts"])
+    if a.get("dataset") != b.get("dataset") or ca.shape != cb.shape:
+        return None
+    return paired_dense_delta(ca, cb)[metric]
 
 
 def _depth(layer: str, num_layers: int) -> float:
@@ -314,7 +355,7 @@ def _curves(
                 continue
             method, value = "knn", float(r.value)
             prefer = r.pool == c.feature.split("/")[1]
-        elif r.kind == "probe" and r.metric == "val_top1":
+        elif r.kind == "probe" and r.metric in ("val_top1", "val_miou"):
             method, value, prefer = r.method, float(r.value), True
         else:
             continue
@@ -364,9 +405,27 @@ def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
     ref = {(c.task, c.method, c.metric): c for c in cells if c.model == reference}
     for c in sorted(cells, key=lambda c: (c.task, _column(c.method))):
         r = ref.get((c.task, c.method, c.metric))
-        if c.metric != "top1":  # the paired statistics count images right
-            continue
-        if c.model == reference or r is None:
+        if c.metric not in ("top1", *DENSE_METRICS) or c.model == reference or r is None:
+            continue  # top-1's paired statistics count images right; dense ones class counts
+        if c.metric in DENSE_METRICS:
+            paired = _dense_delta(c.outcomes, r.outcomes, c.metric)
+            overlap = None
+            if c.ci95 and r.ci95:
+                overlap = c.ci95[0] <= r.ci95[1] and r.ci95[0] <= c.ci95[1]
+            out.append(
+                {
+                    "task": c.task,
+                    "method": c.method,
+                    "model": c.model,
+                    "metric": c.metric,
+                    "value": c.value,
+                    "reference_value": r.value,
+                    "delta": c.value - r.value,
+                    "delta_ci95": None if paired is None else [paired[1], paired[2]],
+                    "mcnemar_p": None,
+                    "ci_overlap": overlap,
+                }
+            )
             continue
         overlap = None
         if c.ci95 and r.ci95:
@@ -409,6 +468,11 @@ def _paired_ci(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[float
     return None if ci is None else list(ci)
 
 
+def delta_method(d: dict[str, Any]) -> str:
+    """A delta row's method, with its metric where it is not top-1 ("linseg (miou)")."""
+    return str(d["method"]) + (f" ({d['metric']})" if d.get("metric", "top1") != "top1" else "")
+
+
 def delta_texts(d: dict[str, Any]) -> list[str]:
     """A delta row's difference, paired interval and interval overlap, as the tables show them."""
     ci = d.get("delta_ci95")
@@ -429,7 +493,8 @@ DELTA_NOTE = (
     "Test top-1 minus the reference's, in points. The paired interval resamples the test images "
     "of both models together; McNemar's exact test asks whether the images only one of them "
     "got right split as evenly as chance would (p < 0.05: unlikely to be noise). Two "
-    "leaderboard intervals that overlap say much less."
+    "leaderboard intervals that overlap say much less. Dense probes' rows compare mIoU and "
+    "pixel accuracy; their paired interval resamples test images with all their pixels."
 )
 
 
@@ -604,7 +669,14 @@ def _best(cells: list[Cell]) -> set[tuple[str, str, str, str]]:
             continue
         out.add((task, method, top.model, metric))
         for c in column:
-            p = _paired(c.outcomes, top.outcomes, mcnemar_p) if c is not top else None
+            if c is top:
+                continue
+            if metric in DENSE_METRICS:  # the paired interval of the difference holds 0
+                d = _dense_delta(c.outcomes, top.outcomes, metric)
+                if d is not None and d[1] <= 0 <= d[2]:
+                    out.add((task, method, c.model, metric))
+                continue
+            p = _paired(c.outcomes, top.outcomes, mcnemar_p)
             if p is not None and p >= 0.05:
                 out.add((task, method, c.model, metric))
     return out

@@ -17,8 +17,11 @@ from probekit.report.compute import (
     BOB_CAVEAT,
     DELTA_COLUMNS,
     DELTA_NOTE,
+    DENSE_METRICS,
+    DENSE_NOTE,
     Report,
     build_report,
+    delta_method,
     delta_texts,
 )
 from probekit.report.trust import sections
@@ -50,7 +53,7 @@ def leaderboard_rows(
     for model in rep.models:
         note = rep.size_note(model)
         row = [f"{model} ({note})" if "pretrained" in note else model]
-        for m in rep.methods:
+        for m in rep.methods_of(task, metric):
             c = rep.cell(task, m, model, metric)
             mark = star if (task, m, model, metric) in rep.best else ""
             text = "-" if c is None else f"{_pct(c.value)}{mark} {c.ci_text()} {c.feature}"
@@ -75,15 +78,19 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
         "leave-one-out kNN over the train split (or a val split). `a->b`: trained on a, "
         "tested on b." + (" " + BEST_NOTE.replace("*", "\\*") if rep.best else "")
     )
+    if any(c.metric in DENSE_METRICS for c in rep.cells):
+        md += ["", DENSE_NOTE]
     for metric, task in ((m, t) for m in rep.metrics for t in rep.tasks if rep.shows(t, m)):
         md += ["", f"## {task}" if metric == "top1" else f"## {task}: {metric}", ""]
-        md += [f"> warning: {w}" for w in rep.warnings.get(task, [])]
-        md += [""] if rep.warnings.get(task) else []
-        md.append(_md_table(["model", *rep.methods], leaderboard_rows(rep, task, "\\*", metric)))
+        said = rep.warnings.get(task, []) if metric == "top1" else []  # of image labels
+        md += [f"> warning: {w}" for w in said]
+        md += [""] if said else []
+        columns = rep.methods_of(task, metric)
+        md.append(_md_table(["model", *columns], leaderboard_rows(rep, task, "\\*", metric)))
         md += ["", "Chosen configuration (best layer and winning hyperparameters):", ""]
         rows = []
         for model in rep.models:
-            for m in rep.methods:
+            for m in columns:
                 c = rep.cell(task, m, model, metric)
                 if c is not None:
                     rows.append([model, m, c.feature, c.hyper_text(), c.selected_on, str(c.n)])
@@ -111,7 +118,7 @@ def render_markdown(rep: Report, plots: Sequence[str] = ()) -> str:
     if rep.reference:
         md += ["", f"## Difference to {rep.reference}", ""]
         md += [DELTA_NOTE, ""]
-        rows = [[d["task"], d["method"], d["model"], *delta_texts(d)] for d in rep.deltas]
+        rows = [[d["task"], delta_method(d), d["model"], *delta_texts(d)] for d in rep.deltas]
         md.append(_md_table(["task", "method", "model", *DELTA_COLUMNS], rows))
     if rep.costs and cost_rows(rep):
         md += ["", "## Cost and resolution", "", COST_NOTE, ""]

@@ -93,6 +93,14 @@ def evaluate(
     structure; few-shot episodes where `fewshot` = (shots, episodes) names shots."""
     spec = store.meta["dataset"]["spec"]
     said = []
+    # dense probes where the store has masks; image-label methods where its labels say
+    # something (a segmentation dataset's image labels may be all one class)
+    dense = store.mask_shape is not None
+    labelled = len(np.unique(store.labels("train"))) >= 2
+    if dense and not labelled:
+        methods = [m for m in methods if m in PROBE_METHODS and PROBE_METHODS[m].dense]
+    elif not dense:
+        methods = [m for m in methods if not (m in PROBE_METHODS and PROBE_METHODS[m].dense)]
     if "knn" in methods:
         try:
             said.append(_knn_all(store, targets, ks, features, b.label, records))
@@ -100,13 +108,19 @@ def evaluate(
             records.append(note("error", b.label, spec, stage="knn", message=failure_message(e)))
             said.append(f"kNN FAILED: {failure_message(e)}")
     probe_methods = [m for m in methods if m in PROBE_METHODS]
-    if probe_methods and distributed.current().is_main:
+    # image-label probes, then dense ones: one failing leaves the other
+    for group, stage in (
+        ([m for m in probe_methods if not PROBE_METHODS[m].dense], "probe"),
+        ([m for m in probe_methods if PROBE_METHODS[m].dense], "dense probe"),
+    ):
+        if not group or not distributed.current().is_main:
+            continue
         try:
-            said.append(_probe_all(store, targets, probe_methods, features, b.label, records))
+            said.append(_probe_all(store, targets, group, features, b.label, records))
         except Exception as e:
-            records.append(note("error", b.label, spec, stage="probe", message=failure_message(e)))
-            said.append(f"probes FAILED: {failure_message(e)}")
-    if "test" in store.splits and distributed.current().is_main:
+            records.append(note("error", b.label, spec, stage=stage, message=failure_message(e)))
+            said.append(f"{stage}s FAILED: {failure_message(e)}")
+    if "test" in store.splits and labelled and distributed.current().is_main:
         try:  # label-free and cluster metrics of every evaluated feature: cheap on the cache
             from probekit.structure import structure
 
@@ -252,21 +266,21 @@ def _probe_all(
     from probekit.probes import probe
 
     spec = store.meta["dataset"]["spec"]
+    dense = PROBE_METHODS[methods[0]].dense  # a group of dense probes or of image-label ones
+    # dense probes are tested on the store's own test split (no transfer targets)
     res = probe(
-        store,
-        method=",".join(methods),
-        features=features,
-        eval_on=targets,
+        store, method=",".join(methods), features=features, eval_on=[] if dense else targets
     )
     records += [replace(r, model=label) for r in res.records]
     said = []
     for m in methods:
+        metric = "miou" if dense else "top1"
         v = next(
             r.value
             for r in res.records
-            if r.method == m and r.metric == "top1" and r.dataset == spec
+            if r.method == m and r.metric == metric and r.dataset == spec
         )
-        said.append(f"{m} {100 * v:.1f} ({res.selected[m]['feature']})")
+        said.append(f"{m} {'mIoU ' if dense else ''}{100 * v:.1f} ({res.selected[m]['feature']})")
     return ", ".join(said)
 
 
