@@ -320,7 +320,7 @@ def test_dense_probes_from_a_store(tmp_path: Path) -> None:
     from probekit.segmentation import class_counts, mean_iou, pixel_accuracy
 
     res = probekit.extract(
-        "test_vit", "digit-scenes:24", random_init=True, layers="last", tokens="all", **SMALL
+        "test_vit", "digit-scenes:48", random_init=True, layers="last", tokens="all", **SMALL
     )
     out = probekit.probe(
         res.store_path, method="linseg,dense-knn", seg_epochs=2, device="cpu", out=tmp_path
@@ -381,3 +381,53 @@ def test_paired_dense_delta_matches_direct_computation() -> None:
     assert 0 < lo <= delta <= hi
     same = paired_dense_delta(class_counts(a), class_counts(a), n_boot=50)
     assert same["miou"] == (0.0, 0.0, 0.0)
+
+
+def test_triage_ranks_backbones_on_a_dense_task(tmp_path: Path) -> None:
+    import csv
+
+    from probekit.segmentation import paired_dense_delta
+    from probekit.triaging import triage
+
+    result = triage(
+        "test_vit@random,test_resnet@random",
+        "digit-scenes:48,digits",
+        methods="knn,linseg,dense-knn",
+        layers="last",
+        img_size=64,
+        reference="test_vit@random",
+        out=tmp_path / "r",
+        log=None,
+        quiet=True,
+    )
+    rep = result.report
+    assert not rep.errors, [e.extra for e in rep.errors]
+    # dense methods on the dense task only, kNN on both (digit-scenes' image labels vary)
+    assert {(c.task, c.method, c.metric) for c in rep.cells} == {
+        ("digits", "knn", "top1"),
+        ("digit-scenes:48", "knn", "top1"),
+        *(
+            ("digit-scenes:48", m, k)
+            for m in ("linseg", "dense-knn")
+            for k in ("miou", "pixel_acc")
+        ),
+    }
+    assert rep.methods_of("digit-scenes:48", "miou") == ["linseg", "dense-knn"]
+    # the reference delta's paired interval comes from the two entries' per-image counts
+    d = next(x for x in rep.deltas if x["method"] == "linseg" and x["metric"] == "miou")
+    a = rep.cell("digit-scenes:48", "linseg", "test_resnet@random", "miou")
+    b = rep.cell("digit-scenes:48", "linseg", "test_vit@random", "miou")
+    assert a is not None and b is not None and a.outcomes and b.outcomes
+    want = paired_dense_delta(
+        np.array(a.outcomes["class_counts"]), np.array(b.outcomes["class_counts"])
+    )
+    assert d["delta"] == pytest.approx(a.value - b.value) == pytest.approx(want["miou"][0])
+    assert d["delta_ci95"] == pytest.approx(list(want["miou"][1:]))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## digit-scenes:48: miou" in md and "linseg (miou)" in md
+    with open(tmp_path / "r" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    dense = {(r["method"], r["metric"]) for r in rows if r["task"] == "digit-scenes:48"}
+    assert {("linseg", "miou"), ("dense-knn", "pixel_acc")} <= dense
+    curves = {k for k in rep.curves if k[1] == "linseg"}
+    assert curves  # validation mIoU by layer
