@@ -431,3 +431,7 @@ def test_triage_ranks_backbones_on_a_dense_task(tmp_path: Path) -> None:
     assert {("linseg", "miou"), ("dense-knn", "pixel_acc")} <= dense
     curves = {k for k in rep.curves if k[1] == "linseg"}
     assert curves  # validation mIoU by layer
+    # tokens were asked for by dense probes alone: stored for the dataset with masks only
+    stores = {r.dataset: r.extra["store"] for r in result.records if r.kind == "extract"}
+    assert probekit.open_store(stores["digit-scenes:48"]).token_names
+    assert not probekit.open_store(stores["digits"]).token_names

@@ -179,7 +179,7 @@ def _extract_all(
     stores: dict[str, FeatureStore] = {}
     for spec, ds in plan.datasets.items():
         try:
-            stores[spec] = extraction_record(b, ds, options, records, say)
+            stores[spec] = extraction_record(b, ds, plan.for_dataset(options, ds), records, say)
         except Exception as e:  # one backbone's failure is a row, not the end of the run
             records.append(
                 note("error", b.label, ds.spec, stage="extract", message=failure_message(e))

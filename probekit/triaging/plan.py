@@ -46,6 +46,8 @@ class TriagePlan:
     # few-shot episodes (`probekit.fewshot`): shots per class (none: no few-shot) and episodes
     shots: tuple[int, ...] = ()
     episodes: int = 5
+    # tokens were asked for by dense probes alone: stored only for datasets with masks
+    dense_tokens_only: bool = False
 
     @property
     def sweep(self) -> bool:
@@ -54,6 +56,13 @@ class TriagePlan:
 
     def at(self, size: int | None) -> ExtractOptions:
         return replace(self.extract, img_size=size)
+
+    def for_dataset(self, options: ExtractOptions, ds: Dataset) -> ExtractOptions:
+        """`options` for one dataset: no tokens for a dataset without masks where only dense
+        probes asked for them."""
+        if self.dense_tokens_only and not ds.dense:
+            return replace(options, tokens=None)
+        return options
 
     @classmethod
     def resolve(
@@ -116,9 +125,12 @@ class TriagePlan:
         side = _pixel_size(pixel_size, models, largest)
         if side is not None and not use_pixels:
             raise OptionError("pixel_size needs the pixel cache: drop --no-pixel-cache.")
-        # attentive probes read tokens: all of them unless a grid is asked
+        # attentive and dense probes read tokens: all of them unless a grid is asked
         tokens = extract.tokens
-        if tokens is None and any(PROBE_METHODS[m].tokens for m in wanted if m in PROBE_METHODS):
+        token_methods = [m for m in wanted if m in PROBE_METHODS and PROBE_METHODS[m].tokens]
+        dense_only = tokens is None and bool(token_methods)
+        dense_only = dense_only and all(PROBE_METHODS[m].dense for m in token_methods)
+        if tokens is None and token_methods:
             tokens = "all"
         options = ExtractOptions.of(
             extract, pixel_cache=use_pixels, pixel_size=side, img_size=sizes[0], tokens=tokens
@@ -137,6 +149,7 @@ class TriagePlan:
             sizes,
             shot_list,
             int(episodes),
+            dense_only,
         )
 
     def announce(self, say: Callable[[str], None]) -> None:
