@@ -11,6 +11,7 @@ from probekit.triaging import TriageResult, triage
 __all__ = [
     "DEMO_BACKBONES",
     "DEMO_DATASETS",
+    "DEMO_DENSE",
     "DEMO_IMG_SIZE",
     "DEMO_SHOTS",
     "DEMO_TRANSFERS",
@@ -27,6 +28,9 @@ DEMO_TRANSFERS = ("mnist5k->digits",)
 DEMO_IMG_SIZE = 128
 # few-shot episodes on the cache: a few seconds a backbone and dataset
 DEMO_SHOTS = (1, 5, 10)
+# dense probes (linear segmentation, dense kNN) on the built-in dense dataset: the packaged
+# weights against their random init, on the last two stages' tokens, in a report of its own
+DEMO_DENSE = ("digit-scenes:200", ("effnet_lite0", "effnet_lite0@random"), "last2")
 
 
 def run_demo(
@@ -59,5 +63,24 @@ def run_demo(
         quiet=quiet,
         log=log,
     )
+    if DEMO_DENSE:
+        data, backbones, layers = DEMO_DENSE
+        log(
+            f"probekit demo, dense probes: {', '.join(backbones)} on {data} (MNIST digits on "
+            f"real photos, a label a pixel), linear segmentation and dense kNN on the tokens of "
+            f"the {layers} layers"
+        )
+        triage(
+            backbones,
+            data,
+            methods="linseg,dense-knn",
+            layers=layers,
+            img_size=DEMO_IMG_SIZE,
+            reference=backbones[-1],
+            out=os.path.join(out, "dense"),
+            cache_dir=cache_dir,
+            quiet=quiet,
+            log=log,
+        )
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return result

@@ -82,6 +82,9 @@ def test_readme_quickstart_and_triage_commands(
     monkeypatch.setattr("probekit.demo.DEMO_DATASETS", ("lfw-faces",))
     monkeypatch.setattr("probekit.demo.DEMO_TRANSFERS", ())
     monkeypatch.setattr("probekit.demo.DEMO_IMG_SIZE", 64)
+    monkeypatch.setattr(
+        "probekit.demo.DEMO_DENSE", ("digit-scenes:48", ("test_resnet@random",), "last")
+    )
     res = runner.invoke(app, ["demo", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "report: probekit-demo/report.md" in res.output.replace(str(tmp_path) + "/", "")
@@ -97,6 +100,9 @@ def test_readme_quickstart_and_triage_commands(
     # few-shot episodes at the demo's shots, on the real photos and packaged weights
     assert "## Few-shot" in demo_md and "| effnet_lite0 | logreg |" in demo_md
     assert (tmp_path / "probekit-demo" / "fewshot.png").is_file()
+    # dense probes on the built-in dense dataset, in a report of their own
+    dense_md = (tmp_path / "probekit-demo" / "dense" / "report.md").read_text()
+    assert "## digit-scenes:48: miou" in dense_md and "| test_resnet@random |" in dense_md
 
     # the online flow, with tiny models and generated folders for PATH and OTHER
     path = _folder(tmp_path / "pets", 10, 6, seed=0)
