@@ -486,7 +486,8 @@ def delta_texts(d: dict[str, Any]) -> list[str]:
 
 BEST_NOTE = (
     "*: the best of its column, and every entry not significantly different from it on the "
-    "same test images (exact McNemar test, p >= 0.05)."
+    "same test images (exact McNemar test, p >= 0.05; mIoU and pixel accuracy: the paired "
+    "interval of the difference holds 0)."
 )
 DELTA_COLUMNS = ["delta (points)", "paired 95% CI", "McNemar p", "CIs overlap"]
 DELTA_NOTE = (
