@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -65,6 +66,9 @@ class Dataset:
     masks: Mapping[str, np.ndarray] | None = field(default=None, repr=False)
     mask_paths: Mapping[str, tuple[str, ...]] | None = field(default=None, repr=False)
     mask_rule: str = "index"  # "index": values are class indices; "ade": 0 ignored, v -> v - 1
+    # where images are not files or arrays (`hf:`, `wds:`, `torchvision:`): a picklable object
+    # whose `load(split, index)` gives the image (raising InvalidImageError), in any process
+    reader: Any = field(default=None, repr=False)
 
     @property
     def dense(self) -> bool:
@@ -87,6 +91,8 @@ class Dataset:
         """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
         if self.arrays is not None:
             return Image.fromarray(self.arrays[split][index]).convert("RGB")
+        if self.reader is not None:
+            return to_rgb(self.reader.load(split, index))
         return read_image(self.splits[split].ids[index])
 
     def image_size(self, split: str, index: int) -> tuple[int, int]:
@@ -95,6 +101,8 @@ class Dataset:
         if self.arrays is not None:
             h, w = self.arrays[split][index].shape[:2]
             return int(w), int(h)
+        if self.reader is not None:
+            return tuple(self.load_image(split, index).size)  # type: ignore[return-value]
         path = self.splits[split].ids[index]
         try:
             with Image.open(path) as im:
@@ -132,7 +140,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
+    """An encoded image (a file's bytes) as RGB, decoded as `read_image` decodes files."""
+    import io
+
+    return read_image(io.BytesIO(data))
+
+
+def read_image(path: Any) -> Image.Image:
+    """A file (a path or a binary file object) as RGB; InvalidImageError with the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -527,6 +543,32 @@ def _digit_scenes(arg: str) -> Dataset:
     )
 
 
+def _external(fn: str, arg: str) -> Dataset:
+    from probekit import external
+
+    load: Callable[[str], Dataset] = getattr(external, fn)
+    return load(arg)
+
+
+def _timm(arg: str) -> Dataset:
+    """timm's dataset names (`timm.data.create_dataset`) on our readers: hfds/NAME -> hf:,
+    wds/PATTERN -> wds:, torch/NAME:ROOT -> torchvision:."""
+    kind, _, rest = arg.partition("/")
+    target = {"hfds": "hf", "hf-ds": "hf", "wds": "wds", "torch": "torchvision"}.get(kind)
+    if target is None or not rest:
+        raise DatasetError(
+            f"timm:{arg}: use timm's names hfds/NAME, wds/PATTERN or torch/NAME:ROOT "
+            "(tfds/ is not read: export it as WebDataset shards)."
+        )
+    if target == "torchvision":
+        name, _, root = rest.partition(":")
+        import torchvision
+
+        found = {n.lower(): n for n in vars(torchvision.datasets)}
+        rest = f"{found.get(name.lower(), name)}:{root}"
+    return load_dataset(f"{target}:{rest}")
+
+
 # every kind of dataset spec: a new kind is a reader function and one entry here
 DATASET_KINDS: dict[str, DatasetKind] = {
     k.kind: k
@@ -541,6 +583,15 @@ DATASET_KINDS: dict[str, DatasetKind] = {
             "digit-scenes", _digit_scenes, "digit-scenes[:N]", "digits on photos, with masks"
         ),
         DatasetKind("seg", lambda a: _seg(a), "seg:PATH", "VOC, ADE20k or images/ + masks/"),
+        DatasetKind("hf", lambda a: _external("hf_dataset", a), "hf:NAME_OR_PATH", "Hugging Face"),
+        DatasetKind("wds", lambda a: _external("wds_dataset", a), "wds:PATTERN", "WebDataset"),
+        DatasetKind(
+            "torchvision",
+            lambda a: _external("torchvision_dataset", a),
+            "torchvision:NAME:ROOT",
+            "a torchvision dataset",
+        ),
+        DatasetKind("timm", lambda a: _timm(a), "timm:NAME", "timm's dataset names"),
     )
 }
 BUILTIN_DATASETS = tuple(

@@ -88,7 +88,7 @@ class EncodedSource(torch.utils.data.Dataset[Any]):
 
     def _one(self, index: int) -> tuple[torch.Tensor, bool, str]:
         try:
-            if self.dataset.arrays is None:
+            if self.dataset.arrays is None and self.dataset.reader is None:
                 path = self.dataset.splits[self.split].ids[index]
                 with open(path, "rb") as f:
                     data = f.read()

@@ -1,0 +1,147 @@
+"""Datasets where users keep them (`hf:`, `wds:`, `torchvision:`): each extracted equal, row for
+row, to the same images as an image folder; missing pieces are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import hide_modules
+
+import probekit
+from probekit.data import load_dataset
+from probekit.errors import DatasetError
+
+SMALL = {"chunk_rows": 4, "batch_size": 4, "num_workers": 0, "quiet": True}
+
+
+def _same_as_folder(ds_spec: str, folder: str, splits: tuple[str, ...] = ("train", "test")) -> None:
+    """`ds_spec` and the image folder list the same images in the same order (labels, class
+    names) and extract the same features."""
+    a, b = load_dataset(ds_spec), load_dataset(folder)
+    assert a.class_names == b.class_names
+    for s in splits:
+        np.testing.assert_array_equal(a.splits[s].labels, b.splits[s].labels)
+        for i in range(len(b.splits[s])):
+            assert np.array_equal(np.asarray(a.load_image(s, i)), np.asarray(b.load_image(s, i)))
+    ra = probekit.extract("test_resnet", ds_spec, random_init=True, layers="last", **SMALL)
+    rb = probekit.extract("test_resnet", folder, random_init=True, layers="last", **SMALL)
+    sa, sb = probekit.open_store(ra.store_path), probekit.open_store(rb.store_path)
+    assert sa.class_names == sb.class_names
+    for s in splits:
+        np.testing.assert_array_equal(sa.labels(s), sb.labels(s))
+        for name in sb.feature_names:
+            np.testing.assert_array_equal(sa.features(s, name), sb.features(s, name))
+
+
+def _rows(folder: Path, split: str) -> list[tuple[Path, int]]:
+    """The folder's images of a split in the order `imagefolder:` lists them, with labels."""
+    ds = load_dataset(f"imagefolder:{folder}")
+    return [
+        (Path(p), int(y))
+        for p, y in zip(ds.splits[split].ids, ds.splits[split].labels, strict=True)
+    ]
+
+
+def test_hf_saved_dataset_equals_the_image_folder(image_folder: Path, tmp_path: Path) -> None:
+    import datasets
+
+    feats = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine": datasets.ClassLabel(names=["cat", "dog"]),
+            "note": datasets.Value("string"),
+        }
+    )
+    parts = {}
+    for split, hf_split in (("train", "train"), ("test", "test")):
+        rows = _rows(image_folder, split)
+        parts[hf_split] = datasets.Dataset.from_dict(
+            {
+                "img": [str(p) for p, _ in rows],
+                "fine": [y for _, y in rows],
+                "note": ["x"] * len(rows),
+            },
+            features=feats,
+        )
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
+    spec = f"hf:{tmp_path / 'hf'}"
+    _same_as_folder(spec, f"imagefolder:{image_folder}")
+    # columns named explicitly; a missing one names what exists
+    assert load_dataset(f"{spec}?image=img&label=fine").class_names == ("cat", "dog")
+    with pytest.raises(DatasetError, match=r"no label column 'lbl'; columns: img, fine, note"):
+        load_dataset(f"{spec}?label=lbl")
+    # a changed dataset is a new fingerprint
+    before = load_dataset(spec).fingerprint
+    parts["test"] = parts["test"].select(range(2))
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf2"))
+    assert load_dataset(f"hf:{tmp_path / 'hf2'}").fingerprint != before
+
+
+def test_webdataset_shards_equal_the_image_folder(image_folder: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    for split in ("train", "test"):
+        rows = _rows(image_folder, split)
+        half = (len(rows) + 1) // 2
+        for n, chunk in enumerate((rows[:half], rows[half:])):  # two shards a split
+            with wds.TarWriter(str(out / f"{split}-{n:03d}.tar")) as sink:
+                for i, (p, y) in enumerate(chunk):
+                    ext = "jpg" if p.suffix == ".jpg" else "png"
+                    sink.write({"__key__": f"{split}{n}_{i:04d}", ext: p.read_bytes(), "cls": y})
+    (out / "classes.txt").write_text("cat\ndog\n")
+    _same_as_folder(f"wds:{out}", f"imagefolder:{image_folder}")
+    pattern = f"wds:{out}/{{train,test}}-{{000..001}}.tar"
+    assert load_dataset(pattern).splits["test"].ids == load_dataset(f"wds:{out}").splits["test"].ids
+    with pytest.raises(DatasetError, match=r"1 of 3 shards are missing"):
+        load_dataset(f"wds:{out}/train-{{000..002}}.tar")
+    # a damaged image is an invalid row with its reason, as in an image folder
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with wds.TarWriter(str(broken / "train-000.tar")) as sink:
+        for i in range(4):
+            sink.write(
+                {
+                    "__key__": f"k{i}",
+                    "jpg": b"not a jpeg"
+                    if i == 1
+                    else (image_folder / "train/cat/0.jpg").read_bytes(),
+                    "cls": i % 2,
+                }
+            )
+    with wds.TarWriter(str(broken / "test-000.tar")) as sink:
+        for i in range(2):
+            sink.write(
+                {
+                    "__key__": f"t{i}",
+                    "jpg": (image_folder / "test/dog/0.jpg").read_bytes(),
+                    "cls": i,
+                }
+            )
+    res = probekit.extract("test_resnet", f"wds:{broken}", random_init=True, layers="last", **SMALL)
+    invalid = probekit.open_store(res.store_path).invalid("train")
+    assert [i for i, _ in invalid] == [f"{broken / 'train-000.tar'}#k1"]
+
+
+def test_torchvision_dataset_equals_the_image_folder(image_folder: Path) -> None:
+    _same_as_folder(
+        f"torchvision:ImageFolder:{image_folder / 'train'}",
+        f"imagefolder:{image_folder}",
+        splits=("train",),
+    )
+    with pytest.raises(DatasetError, match="Did you mean Flowers102"):
+        load_dataset("torchvision:Flowers10:/nowhere")
+    with pytest.raises(DatasetError, match=r"no split could be read.*download=1"):
+        load_dataset(f"torchvision:Flowers102:{image_folder / 'none'}")
+
+
+def test_missing_libraries_say_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_modules(monkeypatch, "datasets")
+    with pytest.raises(DatasetError, match=r"pip install 'probekit\[datasets\]'"):
+        load_dataset("hf:somebody/something")
+    hide_modules(monkeypatch, "webdataset")
+    with pytest.raises(DatasetError, match=r"pip install 'probekit\[datasets\]'"):
+        load_dataset("wds:/nowhere/train-{000..001}.tar")
