@@ -94,6 +94,23 @@ def test_webdataset_shards_equal_the_image_folder(image_folder: Path, tmp_path: 
                     sink.write({"__key__": f"{split}{n}_{i:04d}", ext: p.read_bytes(), "cls": y})
     (out / "classes.txt").write_text("cat\ndog\n")
     _same_as_folder(f"wds:{out}", f"imagefolder:{image_folder}")
+    # through the pixel cache and worker processes: the same features
+    plain = probekit.extract("test_resnet", f"wds:{out}", random_init=True, layers="last", **SMALL)
+    store = probekit.open_store(plain.store_path)
+    want = {name: store.features("test", name) for name in store.feature_names}
+    cached = probekit.extract(
+        "test_resnet",
+        f"wds:{out}",
+        random_init=True,
+        layers="last",
+        pixel_cache=True,
+        overwrite=True,
+        **{**SMALL, "num_workers": 2},
+    )
+    assert cached.pixels != "decoded" and not cached.cache_hit  # made anew, from pixels
+    got = probekit.open_store(cached.store_path)
+    for name, values in want.items():
+        np.testing.assert_array_equal(got.features("test", name), values)
     pattern = f"wds:{out}/{{train,test}}-{{000..001}}.tar"
     assert load_dataset(pattern).splits["test"].ids == load_dataset(f"wds:{out}").splits["test"].ids
     with pytest.raises(DatasetError, match=r"1 of 3 shards are missing"):
