@@ -27,7 +27,15 @@ from probekit.data import (
 )
 from probekit.errors import DatasetError, InvalidImageError
 
-__all__ = ["HFReader", "TarReader", "hf_dataset", "torchvision_dataset", "wds_dataset"]
+__all__ = [
+    "HFReader",
+    "TarReader",
+    "TorchvisionReader",
+    "hf_dataset",
+    "torchvision_dataset",
+    "wds_dataset",
+    "with_download",
+]
 
 # a source's split names as probekit's (train, val, test)
 SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
@@ -472,3 +480,14 @@ def torchvision_dataset(arg: str) -> Dataset:
         _digest(spec, *stamp, *names),
         reader=None if on_files else TorchvisionReader(name, root, mapping, download),
     )
+
+
+def with_download(specs: str) -> str:
+    """A comma list of dataset specs with every `torchvision:` one allowed to download
+    (`--download`); the other kinds as they are."""
+    out = []
+    for spec in specs.split(","):
+        if spec.strip().startswith("torchvision:") and "download=" not in spec:
+            spec += ("&" if "?" in spec else "?") + "download=1"
+        out.append(spec)
+    return ",".join(out)

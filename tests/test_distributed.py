@@ -171,3 +171,37 @@ def test_torchrun_triage_reports_what_one_process_reports(tmp_path: Path) -> Non
     at = tables[0][0].index("images_per_s")
     same = [[row[:at] + row[at + 1 :] for row in table] for table in tables]
     assert same[0] == same[1] and len(same[0]) == 5
+
+
+@pytest.mark.slow
+def test_torchrun_on_webdataset_shards_equals_one_process(tmp_path: Path) -> None:
+    """Ranks read their chunks' images from tar shards by byte range (`wds:`): the store equals
+    one process's byte for byte."""
+    import io
+
+    import webdataset as wds
+
+    from probekit.data import load_dataset
+
+    ds = load_dataset("synthetic:5")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for split in ("train", "test"):
+        with wds.TarWriter(str(shards / f"{split}-000.tar")) as sink:
+            for i, y in enumerate(ds.splits[split].labels):
+                buf = io.BytesIO()
+                ds.load_image(split, i).save(buf, format="PNG")
+                sink.write({"__key__": f"{split}{i:03d}", "png": buf.getvalue(), "cls": int(y)})
+    script = tmp_path / "probekit_cli.py"
+    script.write_text(CLI)
+    args = [a if a != "synthetic:20" else f"wds:{shards}" for a in ARGS]
+    for procs, cache in ((1, "one"), (2, "two")):
+        cmd = [sys.executable, str(script), *args]
+        if procs > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={procs}", str(script), *args]  # fmt: skip
+        run = subprocess.run(cmd, env=_env(tmp_path / cache), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    meta = zarr.open_group(str(next((tmp_path / "two").glob("*/*.zarr")))).attrs["probekit"]
+    assert meta["processes"] == 2  # type: ignore[index]

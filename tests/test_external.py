@@ -111,6 +111,17 @@ def test_webdataset_shards_equal_the_image_folder(image_folder: Path, tmp_path: 
     got = probekit.open_store(cached.store_path)
     for name, values in want.items():
         np.testing.assert_array_equal(got.features("test", name), values)
+    # a changed shard is a new fingerprint
+    before = load_dataset(f"wds:{out}").fingerprint
+    (out / "classes.txt").write_text("kitten\ndog\n")
+    assert load_dataset(f"wds:{out}").fingerprint != before
+    (out / "classes.txt").write_text("cat\ndog\n")
+    assert load_dataset(f"wds:{out}").fingerprint == before
+    with wds.TarWriter(str(out / "test-001.tar")) as sink:  # one sample fewer
+        for i, (p, y) in enumerate(_rows(image_folder, "test")[2:3]):
+            ext = "jpg" if p.suffix == ".jpg" else "png"
+            sink.write({"__key__": f"test1_{i:04d}", ext: p.read_bytes(), "cls": y})
+    assert load_dataset(f"wds:{out}").fingerprint != before
     pattern = f"wds:{out}/{{train,test}}-{{000..001}}.tar"
     assert load_dataset(pattern).splits["test"].ids == load_dataset(f"wds:{out}").splits["test"].ids
     with pytest.raises(DatasetError, match=r"1 of 3 shards are missing"):
@@ -144,6 +155,11 @@ def test_webdataset_shards_equal_the_image_folder(image_folder: Path, tmp_path: 
 
 
 def test_torchvision_dataset_equals_the_image_folder(image_folder: Path) -> None:
+    from typer.testing import CliRunner
+
+    from probekit.cli import app
+    from probekit.external import with_download
+
     _same_as_folder(
         f"torchvision:ImageFolder:{image_folder / 'train'}",
         f"imagefolder:{image_folder}",
@@ -153,6 +169,15 @@ def test_torchvision_dataset_equals_the_image_folder(image_folder: Path) -> None
         load_dataset("torchvision:Flowers10:/nowhere")
     with pytest.raises(DatasetError, match=r"no split could be read.*download=1"):
         load_dataset(f"torchvision:Flowers102:{image_folder / 'none'}")
+    # --download allows torchvision specs to download; the others are left as they are
+    assert with_download("torchvision:Flowers102:/d,mnist5k,torchvision:DTD:/e?download=0") == (
+        "torchvision:Flowers102:/d?download=1,mnist5k,torchvision:DTD:/e?download=0"
+    )
+    spec = f"torchvision:ImageFolder:{image_folder / 'train'}"
+    args = ["extract", "-b", "test_resnet", "--random-init", "--layers", "last", "--quiet"]
+    run = CliRunner().invoke(app, [*args, "-d", spec, "--download", "--num-workers", "0"])
+    # (the store extracted above: downloading or not, the dataset and its key are the same)
+    assert run.exit_code == 0 and "cache hit: test_resnet@random on torchvision:" in run.output
 
 
 def test_missing_libraries_say_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "BackboneOpt",
     "CacheDir",
     "DataOpt",
+    "DownloadOpt",
     "ImgSizeOpt",
     "LayersOpt",
     "PoolOpt",
@@ -120,6 +121,14 @@ BackboneOpt = Annotated[
 DataOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--data", "-d", help="Dataset spec, as for extract (with --backbone)."),
+]
+DownloadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--download",
+        help="torchvision:NAME:ROOT datasets may download their files (online); without it "
+        "they read what is under ROOT.",
+    ),
 ]
 ReferenceOpt = Annotated[
     Optional[str],  # noqa: UP045

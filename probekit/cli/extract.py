@@ -8,6 +8,7 @@ import typer
 
 from probekit.cli._common import (
     CacheDir,
+    DownloadOpt,
     ImgSizeOpt,
     LayersOpt,
     PoolOpt,
@@ -42,6 +43,7 @@ def extract(
     ],
     layers: LayersOpt = DEFAULT_LAYERS,
     pool: PoolOpt = DEFAULT_POOLS,
+    download: DownloadOpt = False,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     img_size: ImgSizeOpt = None,
@@ -94,6 +96,10 @@ def extract(
     from probekit.specs import options_from
 
     options = options_from(ExtractOptions, locals())  # every option, by its own name
+    if download:
+        from probekit.external import with_download
+
+        data = with_download(data)
     result = extract(backbone, data, weights=weights, random_init=random_init, options=options)
     if not distributed.current().is_main:
         return  # under torchrun, rank 0 reports

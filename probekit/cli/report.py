@@ -10,6 +10,7 @@ from rich.table import Table
 
 from probekit.cli._common import (
     CacheDir,
+    DownloadOpt,
     LayersOpt,
     PoolOpt,
     QuietOpt,
@@ -135,6 +136,7 @@ def triage_cmd(
         ),
     ],
     data: Annotated[str, typer.Option("--data", "-d", help="Comma list of dataset specs.")],
+    download: DownloadOpt = False,
     transfer: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -204,6 +206,10 @@ def triage_cmd(
     from probekit import distributed
     from probekit.triaging import triage
 
+    if download:
+        from probekit.external import with_download
+
+        data = with_download(data)
     result = triage(
         backbones,
         data,
