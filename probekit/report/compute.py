@@ -407,39 +407,27 @@ def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
         r = ref.get((c.task, c.method, c.metric))
         if c.metric not in ("top1", *DENSE_METRICS) or c.model == reference or r is None:
             continue  # top-1's paired statistics count images right; dense ones class counts
-        if c.metric in DENSE_METRICS:
-            paired = _dense_delta(c.outcomes, r.outcomes, c.metric)
-            overlap = None
-            if c.ci95 and r.ci95:
-                overlap = c.ci95[0] <= r.ci95[1] and r.ci95[0] <= c.ci95[1]
-            out.append(
-                {
-                    "task": c.task,
-                    "method": c.method,
-                    "model": c.model,
-                    "metric": c.metric,
-                    "value": c.value,
-                    "reference_value": r.value,
-                    "delta": c.value - r.value,
-                    "delta_ci95": None if paired is None else [paired[1], paired[2]],
-                    "mcnemar_p": None,
-                    "ci_overlap": overlap,
-                }
-            )
-            continue
         overlap = None
         if c.ci95 and r.ci95:
             overlap = c.ci95[0] <= r.ci95[1] and r.ci95[0] <= c.ci95[1]
+        if c.metric in DENSE_METRICS:  # no McNemar: a pixel is not an image
+            paired = _dense_delta(c.outcomes, r.outcomes, c.metric)
+            delta_ci = None if paired is None else [paired[1], paired[2]]
+            p_value = None
+        else:
+            delta_ci = _paired_ci(c.outcomes, r.outcomes)
+            p_value = _paired(c.outcomes, r.outcomes, mcnemar_p)
         out.append(
             {
                 "task": c.task,
                 "method": c.method,
                 "model": c.model,
+                "metric": c.metric,
                 "value": c.value,
                 "reference_value": r.value,
                 "delta": c.value - r.value,
-                "delta_ci95": _paired_ci(c.outcomes, r.outcomes),
-                "mcnemar_p": _paired(c.outcomes, r.outcomes, mcnemar_p),
+                "delta_ci95": delta_ci,
+                "mcnemar_p": p_value,
                 "ci_overlap": overlap,
             }
         )
