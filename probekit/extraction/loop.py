@@ -18,7 +18,13 @@ from probekit.cache.store import FeatureStore, Location
 from probekit.cache.writer import ChunkBuffer, ChunkWriter
 from probekit.errors import InvalidImageError
 from probekit.extraction.model import FeatureExtractor
-from probekit.extraction.sources import EncodedSource, ImageSource, decode_on_device, pass_batch
+from probekit.extraction.sources import (
+    EncodedSource,
+    ImageSource,
+    decode_on_device,
+    decode_worker_init,
+    pass_batch,
+)
 
 if TYPE_CHECKING:
     from probekit.cache.pixels import PixelSource
@@ -427,4 +433,5 @@ class Runner:
             num_workers=self.workers,
             pin_memory=cuda,
             persistent_workers=False,
+            worker_init_fn=decode_worker_init,
         )

@@ -15,7 +15,7 @@ import torch
 from probekit.cache.pixels import PIXEL_CHUNK_ROWS, PixelStore, pixel_store_path
 from probekit.cache.store import StoreLock
 from probekit.data import Dataset
-from probekit.extraction.sources import ImageSource, pass_batch
+from probekit.extraction.sources import ImageSource, decode_worker_init, pass_batch
 
 __all__ = ["build_pixel_store"]
 
@@ -58,6 +58,7 @@ def build_pixel_store(
                 batch_sampler=batches,
                 collate_fn=pass_batch,
                 num_workers=num_workers,
+                worker_init_fn=decode_worker_init,
             )
             arrays = tuple(store.array(split, k) for k in ("pixels", "valid", "errors", "done"))
             # chunks are written by threads (file writes release the GIL) while the next ones
