@@ -68,7 +68,7 @@ else
     MODELS=vit_small_patch16_224,resnet50; IMAGES=32768; BATCH=256; JPEGS=2048; BENCH_LIMIT=200
 fi
 
-STEPS=${STEPS:-tests bench attentive diag jpeg}
+STEPS=${STEPS:-tests bench attentive diag jpeg decode}
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # the whole log goes to the file (failures in full, no captured debug logging), its end here
@@ -97,4 +97,7 @@ has_step jpeg && for dec in $DECODES; do
         --source jpeg --decode "$dec" --repeats 1 --out "$OUT/jpeg_$dec" 2>&1 \
         | tee -a "$OUT/gpu_bench.txt"
 done
+has_step decode && [ "$(limit 60)" -ge 40 ] && step "decode: JPEG decode workers vs a bare loop, PIL draft" &&
+timeout "$(limit 60)" $PY benchmarks/bench_decode.py --small "$((JPEGS / 2))" --large 24 --out "$OUT" \
+    2>&1 | tee "$OUT/gpu_decode.txt"
 step "done"
