@@ -24,6 +24,7 @@ from probekit.data import (
     _sorted_splits,
     _user_path,
     decode_image,
+    read_image,
 )
 from probekit.errors import DatasetError, InvalidImageError
 
@@ -87,15 +88,15 @@ class HFReader:
             import datasets
 
             whole = _open_hf(self.source, self.config, self.on_disk)[self.splits[split]]
-            ds = _UNDECODED[key] = whole.cast_column(self.image, datasets.Image(decode=False))
+            column = whole.select_columns([self.image])  # a row read is its image alone
+            ds = _UNDECODED[key] = column.cast_column(self.image, datasets.Image(decode=False))
         value = ds[int(index)][self.image]
         data, path = value.get("bytes"), value.get("path")
-        if data is None and not path:
+        if data is not None:
+            return decode_image(data)
+        if not path:
             raise InvalidImageError(f"row {index} of {self.splits[split]} has no image")
-        if data is None:
-            with open(path, "rb") as f:
-                data = f.read()
-        return decode_image(data)
+        return read_image(path)
 
 
 def hf_dataset(arg: str) -> Dataset:
@@ -114,9 +115,7 @@ def hf_dataset(arg: str) -> Dataset:
     config = config or None
     try:
         dd = _open_hf(source, config, on_disk)
-    except DatasetError:
-        raise
-    except Exception as e:
+    except Exception as e:  # whatever `datasets` raises for a folder or hub name it cannot load
         said = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         where = "the folder" if on_disk else "the hub (offline? it must be in the cache)"
         raise DatasetError(f"hf:{base}: cannot load it from {where}: {said}") from None
@@ -225,14 +224,16 @@ def _shard_split(url: str) -> str:
 
 def _index_shard(url: str) -> list[tuple[str, int, int, str | None]]:
     """(key, image offset, image size, cls text) of each sample of a shard, in order."""
+    from webdataset.tariterators import base_plus_ext
+
     samples: dict[str, dict[str, Any]] = {}
     with _open_shard(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for m in tar:
             if not m.isfile():
                 continue
-            base = m.name.rsplit("/", 1)[-1]
-            stem, _, ext = base.partition(".")
-            key = (m.name.rsplit("/", 1)[0] + "/" if "/" in m.name else "") + stem
+            key, ext = base_plus_ext(m.name)  # webdataset's own rule: key up to the first dot
+            if key is None:
+                continue
             entry = samples.setdefault(key, {})
             ext = ext.lower()
             if ext in IMAGE_KEYS and "image" not in entry:
@@ -288,7 +289,7 @@ def wds_dataset(arg: str) -> Dataset:
     names: list[str] = []
     if listed is not None and listed.is_file():
         names = [ln.strip() for ln in listed.read_text().splitlines() if ln.strip()]
-    rows: dict[str, list[tuple[str, int, int, int, str, str]]] = {}
+    rows: dict[str, list[tuple[int, int, int, str, str]]] = {}  # shard, offset, size, key, cls
     stamp = []
     for i, shard in enumerate(shards):
         try:
@@ -302,7 +303,7 @@ def wds_dataset(arg: str) -> Dataset:
                     f"wds:{arg}: sample {key!r} of {shard} has no cls label; write one per "
                     "sample (key.cls)."
                 )
-            rows.setdefault(split, []).append((shard, i, offset, size, key, cls))
+            rows.setdefault(split, []).append((i, offset, size, key, cls))
         stamp.append(
             f"{shard}:{len(samples)}:" + _digest(*(f"{k}:{s}:{c}" for k, _, s, c in samples))
         )
@@ -324,9 +325,9 @@ def wds_dataset(arg: str) -> Dataset:
     members: dict[str, tuple[tuple[int, int, int], ...]] = {}
     for split in _sorted_splits(list(rows)):
         r = rows[split]
-        ids = tuple(f"{shard}#{key}" for shard, _, _, _, key, _ in r)
+        ids = tuple(f"{shards[i]}#{key}" for i, _, _, key, _ in r)
         splits[split] = Split(split, ids, np.array([index[c] for *_, c in r], dtype=np.int64))
-        members[split] = tuple((i, off, size) for _, i, off, size, _, _ in r)
+        members[split] = tuple((i, off, size) for i, off, size, _, _ in r)
     spec = f"wds:{where}" if "://" not in arg and local.is_dir() else f"wds:{arg}"
     return Dataset(
         spec,
@@ -439,7 +440,7 @@ def torchvision_dataset(arg: str) -> Dataset:
     for split in tries:
         try:
             ds = _tv(name, root, split, download)
-        except (RuntimeError, ValueError, OSError, FileNotFoundError) as e:
+        except (RuntimeError, ValueError, OSError) as e:
             errors.append(f"{split}: {str(e).splitlines()[0][:150]}")
             continue
         labels = _tv_labels(ds)

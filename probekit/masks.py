@@ -30,6 +30,7 @@ from probekit.data import (
     overlap_warnings,
 )
 from probekit.errors import DatasetError, InvalidImageError
+from probekit.segmentation import IGNORE
 
 __all__ = ["VOC_CLASSES", "read_mask", "seg_dataset"]
 
@@ -56,7 +57,6 @@ VOC_CLASSES = (
     "train",
     "tvmonitor",
 )
-IGNORE = 255
 
 
 def read_mask(

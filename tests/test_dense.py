@@ -199,7 +199,8 @@ def test_seg_logits_and_gradients_equal_batchnorm_conv_and_interpolate() -> None
 def test_batched_seg_heads_equal_heads_trained_one_by_one() -> None:
     import torch
 
-    from probekit.dense.linseg import train_seg_heads
+    from probekit.dense.linseg import _scores, train_seg_heads
+    from probekit.probes.rows import Rows
 
     rng = np.random.default_rng(0)
     n, grid, d, c = 24, (2, 2), 5, 3
@@ -218,6 +219,14 @@ def test_batched_seg_heads_equal_heads_trained_one_by_one() -> None:
             for k, v in alone.params.items():
                 torch.testing.assert_close(one.params[k], v, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(one.running_var, alone.running_var)
+    # with validation rows each head keeps the weights and batch-norm statistics of its best
+    # epoch: scoring what came back gives exactly the mIoU and accuracy it was chosen by
+    xv, mv = torch.from_numpy(rng.normal(size=(2, 10, 4 * d)).astype(np.float32)), masks[:10]
+    kept = train_seg_heads(x, masks, c, grid, d, lrs, wds, **kw, x_val=xv, masks_val=mv)
+    assert (kept.epoch >= 1).all() and (kept.epoch <= 3).all()
+    miou, acc = _scores(kept, Rows.of(xv), mv, c, d)
+    np.testing.assert_array_equal(miou, kept.val_miou)
+    np.testing.assert_array_equal(acc, kept.val_acc)
 
 
 def test_seg_confusions_equal_numpy_on_reference_predictions() -> None:

@@ -82,13 +82,9 @@ class DenseData:
                 )
             labels = store.labels("train")[train_rows]
             # stratified by the image labels where they allow it, else a plain seeded holdout
-            counts = np.bincount(labels)
-            if (counts[counts > 0] >= 2).all() and len(counts[counts > 0]) >= 2:
-                try:
-                    fit, val = holdout_split(labels, options.holdout, options.seed)
-                except ProbekitError:
-                    fit, val = _plain_holdout(len(train_rows), options.holdout, options.seed)
-            else:
+            try:
+                fit, val = holdout_split(labels, options.holdout, options.seed)
+            except ProbekitError:
                 fit, val = _plain_holdout(len(train_rows), options.holdout, options.seed)
             val_split, fit_rows, val_rows = "train", train_rows[fit], train_rows[val]
         device = options.torch_device()
@@ -108,23 +104,11 @@ class DenseData:
         )
 
     def token_rows(self, split: str, names: Sequence[str], rows: np.ndarray, share: float) -> Any:
-        """Token rows (L, n, T*D) of `names`, held in their stored dtype when they fit `share`
-        of the budget, else streamed from the store."""
-        from probekit.probes.rows import Rows
+        """Token rows (L, n, T*D) of `names` within `share` of the budget (`token_rows`)."""
+        from probekit.probes.rows import token_rows
 
-        t, d = self.store.token_shape(names[0])
-        f32 = set(self.store.meta.get("float32_features", []))
-        stored = torch.float32 if any(n in f32 for n in names) else torch.float16
-        return Rows.from_store(
-            self.store,
-            split,
-            list(names),
-            rows,
-            None,
-            None,
-            budget=int(self.budget * share),
-            raw=(t * d, stored, self.device),
-        )
+        budget = int(self.budget * share)
+        return token_rows(self.store, split, names, rows, budget, self.device)
 
     def groups(self) -> list[list[str]]:
         """Token arrays of one shape and grid together (trained in one batched pass)."""
@@ -148,14 +132,15 @@ class DenseSelection:
 
     config: the chosen feature and hyperparameters with `val_miou` and `val_pixel_acc`;
     curve: (feature, its best configuration, its validation mIoU) of every feature;
-    confusions(store, split, rows): (n, C, C) per-image confusions of its predictions.
+    confusions(split, rows): (n, C, C) per-image confusions of its predictions on those rows of
+    the store's split (dense probes are tested on their own store).
     """
 
     method: str
     feature: str
     config: dict[str, Any]
     curve: list[tuple[str, dict[str, Any], float]]
-    confusions: Callable[[FeatureStore, str, np.ndarray], np.ndarray]
+    confusions: Callable[[str, np.ndarray], np.ndarray]
 
 
 def row_blocks(rows: np.ndarray, row_bytes: int) -> Iterator[np.ndarray]:
@@ -196,7 +181,7 @@ def dense_records(
             )
             for name, cfg, miou in sel.curve
         ]
-        per = sel.confusions(store, split, test_rows)  # (n, C, C)
+        per = sel.confusions(split, test_rows)  # (n, C, C)
         cm = per.sum(0)
         ci = bootstrap_dense(per, seed=options.seed)
         at = replace(base, split=split, feature=sel.feature, method=m, n=truth_n, hyper=sel.config)

@@ -22,7 +22,6 @@ from probekit.errors import ProbekitError
 from probekit.segmentation import IGNORE
 
 if TYPE_CHECKING:
-    from probekit.cache.store import FeatureStore
     from probekit.dense import DenseData, DenseSelection
     from probekit.probes.base import ProbeOptions
 
@@ -93,22 +92,23 @@ def _bank(data: DenseData, name: str, grid: tuple[int, int]) -> tuple[np.ndarray
 
 def _confusions(
     data: DenseData,
-    store: FeatureStore,
     split: str,
     rows: np.ndarray,
     name: str,
     bank: tuple[np.ndarray, torch.Tensor],
     ks: Sequence[int],
 ) -> dict[int, np.ndarray]:
-    """{k: (n, C, C) per-image confusions} of dense kNN with each k on `rows` of `split`."""
+    """{k: (n, C, C) per-image confusions} of dense kNN with each k (at most the bank's
+    size) on `rows` of `split`."""
     from probekit.dense import row_blocks
     from probekit.neighbors.search import l2_normalize, search
     from probekit.segmentation import image_confusions
 
+    store = data.store
     t, d = store.token_shape(name)
     grid = store.token_grid(name)
     feats, labels = bank
-    kmax = min(max(ks), len(feats))
+    kmax = max(ks)
     out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
     memory_mb = max(16, data.budget // 2**21)
     # a block of query images: its patches' neighbours and upsampled maps stay small
@@ -117,12 +117,10 @@ def _confusions(
         q = l2_normalize(store.read_rows(split, name, block).reshape(-1, d))
         sims, idx = search(q, feats, kmax, memory_mb=memory_mb)
         truth = store.masks(split, block)
-        for k, dist in knn_distributions(sims, idx, labels, [min(k, kmax) for k in ks]).items():
+        for k, dist in knn_distributions(sims, idx, labels, ks).items():
             pred = predict_masks(dist.reshape(len(block), t, -1), grid, data.size).numpy()
-            out[next(kk for kk in ks if min(kk, kmax) == k)].append(
-                image_confusions(pred, truth, data.n_classes)
-            )
-    return {k: np.concatenate(v) for k, v in out.items() if v}
+            out[k].append(image_confusions(pred, truth, data.n_classes))
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
@@ -131,26 +129,23 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
     from probekit.dense import DenseSelection
     from probekit.segmentation import mean_iou, pixel_accuracy
 
-    ks = list(options.dense_ks)
     curve: list[tuple[str, dict[str, Any], float]] = []
-    scores: list[tuple[float, float, int, str, int]] = []
-    banks: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+    best: tuple[float, float, int, str, int] | None = None
+    best_bank: tuple[np.ndarray, torch.Tensor] | None = None
     for i, name in enumerate(data.names):
-        banks[name] = bank = _bank(data, name, data.store.token_grid(name))
+        bank = _bank(data, name, data.store.token_grid(name))
         if not len(bank[0]):
             raise ProbekitError("no train patch covers a labelled pixel: the masks are empty.")
-        per_k = _confusions(data, data.store, data.val_split, data.val_rows, name, bank, ks)
-        best_k = max(
-            per_k,
-            key=lambda k: (mean_iou(per_k[k].sum(0)), pixel_accuracy(per_k[k].sum(0)), -k),
-        )
-        cm = per_k[best_k].sum(0)
-        curve.append((name, {"k": best_k, "temperature": TEMPERATURE}, mean_iou(cm)))
-        scores.append((mean_iou(cm), pixel_accuracy(cm), -i, name, best_k))
-        if len(data.names) > 1:  # the banks of layers not chosen are let go
-            banks = {n: b for n, b in banks.items() if n == max(scores)[3]}
-    miou, acc, _, name, k = max(scores)
-    bank = banks[name]
+        ks = sorted({min(k, len(bank[0])) for k in options.dense_ks})  # a small bank: fewer
+        per_k = _confusions(data, data.val_split, data.val_rows, name, bank, ks)
+        scored = [(mean_iou(per_k[k].sum(0)), pixel_accuracy(per_k[k].sum(0)), -k, k) for k in ks]
+        miou, acc, _, k = max(scored)
+        curve.append((name, {"k": k, "temperature": TEMPERATURE}, miou))
+        if best is None or (miou, acc, -i) > best[:3]:
+            best, best_bank = (miou, acc, -i, name, k), bank  # only the best layer's bank kept
+    assert best is not None and best_bank is not None
+    miou, acc, _, name, k = best
+    bank = best_bank
     config = {
         "k": k,
         "temperature": TEMPERATURE,
@@ -159,7 +154,7 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
         "val_pixel_acc": float(acc),
     }
 
-    def confusions(store: FeatureStore, split: str, rows: np.ndarray) -> np.ndarray:
-        return _confusions(data, store, split, rows, name, bank, [k])[k]
+    def confusions(split: str, rows: np.ndarray) -> np.ndarray:
+        return _confusions(data, split, rows, name, bank, [k])[k]
 
     return DenseSelection("dense-knn", name, config, curve, confusions)

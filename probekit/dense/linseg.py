@@ -31,7 +31,6 @@ from probekit.probes.rows import Rows
 from probekit.segmentation import IGNORE, mean_iou, pixel_accuracy
 
 if TYPE_CHECKING:
-    from probekit.cache.store import FeatureStore
     from probekit.dense import DenseData, DenseSelection
     from probekit.probes.base import ProbeOptions
 
@@ -123,23 +122,19 @@ class SegHeads:
                     pred = self.logits(x, (h, w)).argmax(3)  # (L, G, b, H, W)
                     keep = (m != IGNORE).expand_as(pred)
                     code = m.clamp_max(n_classes - 1) * n_classes + pred
-                    if per_image:
-                        img = torch.arange(x.shape[1], device=pred.device)[:, None, None]
-                        at = (start + s + img) * n_classes * n_classes + code
-                        flat = out.view(n_feat, n_cfg, -1)
-                        for li in range(n_feat):
-                            for gi in range(n_cfg):
-                                k = keep[li, gi]
-                                flat[li, gi] += torch.bincount(
-                                    at[li, gi][k], minlength=flat.shape[-1]
-                                )
-                    else:
-                        for li in range(n_feat):
-                            for gi in range(n_cfg):
-                                k = keep[li, gi]
-                                out[li, gi] += torch.bincount(
-                                    code[li, gi][k], minlength=n_classes * n_classes
-                                )
+                    b, cc = x.shape[1], n_classes * n_classes
+                    images = b if per_image else 1
+                    if per_image:  # each image's codes apart: (image, truth, prediction)
+                        code = torch.arange(b, device=pred.device)[:, None, None] * cc + code
+                    for li in range(n_feat):
+                        for gi in range(n_cfg):
+                            counts = torch.bincount(
+                                code[li, gi][keep[li, gi]], minlength=images * cc
+                            )
+                            if per_image:
+                                out[li, gi, start + s : start + s + b] += counts.view(b, cc)
+                            else:
+                                out[li, gi] += counts
                 start += xb.shape[1]
         return out.view(*shape, n_classes, n_classes)
 
@@ -318,18 +313,13 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
 
     grid_list = [(lr, wd) for lr in options.seg_lrs for wd in options.seg_wds]
     n_classes = data.n_classes
-    candidates: list[tuple[str, list[str], bool]] = []
-    for group in data.groups():
-        candidates += [(name, [name], False) for name in group]
-    last = data.groups()[-1]
-    if len(last) >= 4:
-        four = last[-4:]
-        candidates.append((f"last4/tokens({','.join(n.split('/')[0] for n in four)})", four, True))
+    # layers of one shape in one pass; the last four of the last shape, concatenated, in its own
+    groups = data.groups()
+    passes: list[tuple[list[str], bool]] = [(g, False) for g in groups]
+    if len(groups[-1]) >= 4:
+        passes.append((groups[-1][-4:], True))
     curve: list[tuple[str, dict[str, Any], float]] = []
-    trained: list[tuple[str, list[str], bool, SegHeads]] = []
-    # layers of one shape in one pass; the concatenation in its own
-    passes: list[tuple[list[str], bool]] = [(g, False) for g in data.groups()]
-    passes += [(names, True) for _, names, concat in candidates if concat]
+    trained: list[tuple[str, list[str], SegHeads]] = []
     for names, concat in passes:
         _, d = data.store.token_shape(names[0])
         grid = data.store.token_grid(names[0])
@@ -350,18 +340,19 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
             masks_val=data.val_masks,
             concat=concat,
         )
-        labels = [next(c[0] for c in candidates if c[1] == names)] if concat else names
+        layers = ",".join(n.split("/")[0] for n in names)
+        labels = [f"last4/tokens({layers})"] if concat else names
         for li, label in enumerate(labels):
             g = int(np.lexsort((-heads.val_acc[li], -heads.val_miou[li]))[0])
             lr, wd = grid_list[g]
             cfg = {"lr": lr, "wd": wd, "epoch": int(heads.epoch[li, g])}
             curve.append((label, cfg, float(heads.val_miou[li, g])))
-            trained.append((label, names, concat, heads.one(li, g)))
+            trained.append((label, names, heads.one(li, g)))
     best = max(
         range(len(trained)),
-        key=lambda i: (trained[i][3].val_miou[0, 0], trained[i][3].val_acc[0, 0], -i),
+        key=lambda i: (trained[i][2].val_miou[0, 0], trained[i][2].val_acc[0, 0], -i),
     )
-    label, names, concat, head = trained[best]
+    label, names, head = trained[best]
     lr, wd = curve[best][1]["lr"], curve[best][1]["wd"]
     _, d = data.store.token_shape(names[0])
     config = {
@@ -375,11 +366,9 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
         "val_pixel_acc": float(head.val_acc[0, 0]),
     }
 
-    def confusions(store: FeatureStore, split: str, rows: np.ndarray) -> np.ndarray:
-        x = data.token_rows(split, names, rows, 0.5) if store is data.store else None
-        assert x is not None, "dense probes are tested on their own store"
-        m = torch.from_numpy(store.masks(split, rows))
-        out = head.confusions(x, m, n_classes, d, per_image=True)
-        return out[0, 0].cpu().numpy()
+    def confusions(split: str, rows: np.ndarray) -> np.ndarray:
+        x = data.token_rows(split, names, rows, 0.5)
+        m = torch.from_numpy(data.store.masks(split, rows))
+        return head.confusions(x, m, n_classes, d, per_image=True)[0, 0].cpu().numpy()
 
     return DenseSelection("linseg", label, config, curve, confusions)

@@ -13,7 +13,7 @@ import numpy as np
 from probekit.cache.store import FeatureStore
 from probekit.data import Dataset
 from probekit.errors import InvalidImageError
-from probekit.masks import IGNORE
+from probekit.segmentation import IGNORE
 
 __all__ = ["mask_rows", "write_masks"]
 

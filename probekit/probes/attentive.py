@@ -37,9 +37,9 @@ from probekit.defaults import ATTN_MIN_STEPS
 from probekit.probes.base import Feature, ProbeData, ProbeOptions, Selection
 from probekit.probes.linear import minibatches
 from probekit.probes.optim import GridAdamW, warmup_cosine
-from probekit.probes.rows import Rows
+from probekit.probes.rows import Rows, token_rows
 
-__all__ = ["AttentiveHeads", "default_heads", "select", "token_rows", "train_attentive_heads"]
+__all__ = ["AttentiveHeads", "default_heads", "select", "train_attentive_heads"]
 
 # rows scored at once: at most this many bytes of float32 tokens per layer (the activations of
 # a block are a few times this)
@@ -289,26 +289,6 @@ def train_attentive_heads(
     return state
 
 
-def token_rows(
-    data: ProbeData,
-    store: FeatureStore,
-    split: str,
-    names: Sequence[str],
-    rows: np.ndarray,
-    budget: int,
-) -> Rows:
-    """Token rows (L, n, T*D) of `names` (one token shape), held in their stored dtype on the
-    probe's device when they fit `budget`, else streamed from the store."""
-    t, d = store.token_shape(names[0])
-    f32 = set(store.meta.get("float32_features", []))
-    stored = torch.float32 if any(n in f32 for n in names) else torch.float16
-    if data.device.type == "cpu" and stored == torch.float16:
-        stored = torch.float16  # held as stored: half the memory; cast per minibatch
-    return Rows.from_store(
-        store, split, list(names), rows, None, None, budget=budget, raw=(t * d, stored, data.device)
-    )
-
-
 def select(data: ProbeData, options: ProbeOptions) -> Selection:
     """Every (layer, lr, wd) attentive probe trained together (layers of one token shape as one
     stack), epoch and probe chosen on validation accuracy, then the lower validation loss."""
@@ -325,10 +305,11 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
     batch = min(options.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
     for shape, group in by_shape.items():
         share = data.fit_share
-        fit_x = token_rows(data, store, "train", group, data.fit_rows, int(data.budget * share))
-        val_x = token_rows(
-            data, store, data.val_split, group, data.val_rows, int(data.budget * (1 - share))
+        fit_x = token_rows(
+            store, "train", group, data.fit_rows, int(data.budget * share), data.device
         )
+        val_budget = int(data.budget * (1 - share))
+        val_x = token_rows(store, data.val_split, group, data.val_rows, val_budget, data.device)
         streamed |= not fit_x.resident
         heads = train_attentive_heads(
             fit_x,
@@ -382,7 +363,7 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
             return logits.float()
 
     def reader(st: FeatureStore, split: str, rows: np.ndarray, budget: int) -> Rows:
-        return _Bounded(token_rows(data, st, split, [name], rows, budget), _score_rows(t, d))
+        return _Bounded(token_rows(st, split, [name], rows, budget, data.device), _score_rows(t, d))
 
     feature = Feature(name, torch.zeros(0), torch.ones(0))
     return Selection(

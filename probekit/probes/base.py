@@ -35,7 +35,7 @@ from probekit.errors import OptionError, ProbekitError, choice
 from probekit.evaluation import check_labels
 from probekit.methods import PROBE_METHODS, default_probes
 from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
-from probekit.specs import is_count, options_of, parse_list
+from probekit.specs import as_ints, is_count, options_of, parse_list
 
 __all__ = [
     "Feature",
@@ -140,15 +140,12 @@ class ProbeOptions:
         object.__setattr__(self, "attn_wds", _positive_numbers("attn_wds", self.attn_wds, True))
         object.__setattr__(self, "seg_lrs", _positive_numbers("seg_lrs", self.seg_lrs))
         object.__setattr__(self, "seg_wds", _positive_numbers("seg_wds", self.seg_wds, True))
-        ks = parse_list(self.dense_ks, "dense_ks") if isinstance(self.dense_ks, str) else None
-        values = ks if ks is not None else list(self.dense_ks)
-        if not values or not all(
-            is_count(v) or (isinstance(v, str) and v.isdigit()) for v in values
-        ):
+        ks = as_ints(self.dense_ks, "dense_ks")
+        if not ks or min(ks) < 1:
             raise OptionError(
                 f"dense_ks must be positive integers such as 10,30, not {self.dense_ks!r}."
             )
-        object.__setattr__(self, "dense_ks", tuple(sorted({int(v) for v in values})))
+        object.__setattr__(self, "dense_ks", tuple(sorted(set(ks))))
 
     @classmethod
     def of(cls, options: ProbeOptions | None = None, **changes: Any) -> ProbeOptions:

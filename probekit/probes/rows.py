@@ -22,6 +22,7 @@ __all__ = [
     "linear_scores",
     "log_softmax_",
     "memory_budget",
+    "token_rows",
 ]
 
 
@@ -174,6 +175,25 @@ class Rows:
             return
         for start in range(0, self.n, self.block):
             yield self.take(np.arange(start, min(start + self.block, self.n)))
+
+
+def token_rows(
+    store: FeatureStore,
+    split: str,
+    names: Sequence[str],
+    rows: np.ndarray,
+    budget: int,
+    device: torch.device,
+) -> Rows:
+    """Token rows (L, n, T*D) of token arrays `names` (one token shape), held in their stored
+    dtype on `device` when they fit `budget` (half the memory of float32; the probes cast per
+    minibatch), else streamed from the store."""
+    t, d = store.token_shape(names[0])
+    f32 = set(store.meta.get("float32_features", []))
+    stored = torch.float32 if any(n in f32 for n in names) else torch.float16
+    return Rows.from_store(
+        store, split, list(names), rows, None, None, budget=budget, raw=(t * d, stored, device)
+    )
 
 
 def feature_stats(
