@@ -18,7 +18,12 @@ from probekit.errors import ProbekitError
 from probekit.extraction import DeviceCrop, default_workers, geometry_transform, pixels, square
 from probekit.extraction.loop import Runner
 from probekit.extraction.pixels import build_pixel_store
-from probekit.extraction.sources import EncodedSource, ImageSource, decode_on_device
+from probekit.extraction.sources import (
+    EncodedSource,
+    ImageSource,
+    decode_on_device,
+    pass_batch,
+)
 from probekit.specs import ModelSpec
 from probekit.triaging.plan import _pixel_size
 
@@ -250,22 +255,46 @@ def test_pixel_store_holds_what_the_loader_gives_and_resumes(
     assert not src.__getitems__([4, 5, 6, 7])[0].any()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision")  # its decoders work
 def test_device_decode_matches_the_cpu_reader(jpeg_folder: Path) -> None:
     """The GPU decode path, run on the CPU device: nvJPEG's job done by libjpeg here."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     ds = load_dataset(f"imagefolder:{jpeg_folder}")
     bb = probekit.create_backbone("test_vit", random_init=True)
     geo = geometry_transform(dict(bb.data_config))
     idx = list(range(len(ds.splits["test"])))
     Path(ds.splits["test"].ids[1]).write_bytes(b"\xff\xd8\xff" + b"\0" * 64)
-    items, valid, reasons = EncodedSource(ds, "test").__getitems__(idx)
+    source = EncodedSource(ds, "test")
+    encoded, valid, reasons = source.__getitems__(idx)
+    items = encoded.items()
     assert items[0].ndim == 3  # the PNG: decoded on the host, resized on the device
-    assert items[2].ndim == 1  # a JPEG travels as bytes
-    got, ok, why = decode_on_device(items, valid, reasons, geo, (160, 160), "cpu")
+    assert items[2].ndim == 1  # a JPEG travels as bytes, all of a batch's in one tensor
+    assert bytes(items[2].numpy()) == Path(ds.splits["test"].ids[2]).read_bytes()
+    assert items[1].numel() == 0 and not valid[1] and reasons[1]
+    # through a worker process: one tensor of bytes, the same batch
+    loader = torch.utils.data.DataLoader(
+        source, batch_sampler=[idx], collate_fn=pass_batch, num_workers=1
+    )
+    moved, valid2, reasons2 = next(iter(loader))
+    assert torch.equal(moved.data, encoded.data) and list(moved.offsets) == encoded.offsets
+    assert valid2.tolist() == valid.tolist() and reasons2 == reasons
+    got, ok, why = decode_on_device(encoded, valid, reasons, geo, (160, 160), "cpu")
     want, ok_cpu, _ = ImageSource(ds, "test", geo, (160, 160)).__getitems__(idx)
     assert ok.tolist() == ok_cpu.tolist() and not ok[1] and why[1]
     diff = (got.float() - want.float()).abs()[ok]
     # tensor and PIL resizes round differently: close, not equal
     assert diff.mean() < 1.5 and torch.quantile(diff.flatten(), 0.99) <= 8
+    # images of one size share one geometry call: exactly what the geometry gives each alone
+    alone = {
+        i: decode_jpeg(t, mode=ImageReadMode.RGB) if t.ndim == 1 else t
+        for i, t in enumerate(items)
+        if ok[i]
+    }
+    assert len({tuple(img.shape) for img in alone.values()}) < len(alone)  # sizes shared
+    for i, img in alone.items():
+        assert torch.equal(got[i], geo(img)), i
+    assert not got[1].any()
 
 
 def test_decode_gpu_needs_cuda(jpeg_folder: Path) -> None:
