@@ -122,11 +122,11 @@ def timed(fn: Callable[[], object], steps: int, device: str, warmup: int = 2) ->
     return (time.perf_counter() - t) / steps
 
 
-def flops_per_image(model_name: str) -> float:
+def flops_per_image(model_name: str, img_size: int | None = None) -> float:
     """Forward FLOPs of one image (2 x MACs), counted by torch on the CPU in fp32."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    bb = create_backbone(model_name, random_init=True)
+    bb = create_backbone(model_name, random_init=True, img_size=img_size)
     size = tuple(bb.data_config["input_size"][1:])
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
@@ -134,9 +134,9 @@ def flops_per_image(model_name: str) -> float:
     return float(counter.get_total_flops())
 
 
-def decode_rate(ds: Dataset, model_name: str, workers: int) -> float:
+def decode_rate(ds: Dataset, model_name: str, workers: int, img_size: int | None = None) -> float:
     """Images/s of decoding + the model's resize/crop alone, with the extractor's workers."""
-    bb = create_backbone(model_name, random_init=True, load=False)
+    bb = create_backbone(model_name, random_init=True, load=False, img_size=img_size)
     geo = geometry_transform(dict(bb.data_config))
     size = tuple(bb.data_config["input_size"][1:])
     src = ImageSource(ds, "train", geo, size)  # type: ignore[arg-type]
@@ -167,6 +167,7 @@ def bench(
     flops: float,
     root: Path,
     chunk_rows: int = 1024,
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """One row: bare forward and the whole `extract` from `source`; `root` holds the caches
     (a pixel store built by an earlier row of the same model is reused, untimed)."""
@@ -175,7 +176,7 @@ def bench(
     loop_workers = (
         default_workers("cuda" if policy.is_cuda else "cpu") if workers is None else workers
     )
-    bb = create_backbone(model_name, random_init=True)
+    bb = create_backbone(model_name, random_init=True, img_size=img_size)
     size = int(bb.data_config["input_size"][-1])
     layers = list(parse_layers("last4", bb.num_layers))
     pools = ["cls", "mean"] if bb.has_class_token else ["mean"]
@@ -200,12 +201,13 @@ def bench(
         compile=compile,
         decode=decode,
         chunk_rows=chunk_rows,
+        img_size=img_size,
     )
     try:
         if source == "jpeg":
             assert jpegs is not None
             ds: Dataset = load_dataset(f"imagefolder:{jpegs}")
-            dec = decode_rate(ds, model_name, loop_workers)
+            dec = decode_rate(ds, model_name, loop_workers, img_size)
             n = len(ds.splits["train"])
         else:
             ds, dec = predecoded(n, size), float("nan")
@@ -248,6 +250,7 @@ def bench(
     bare_med, pipe_med = float(np.median(arr[:, 0])), float(np.median(arr[:, 1]))
     return {
         "model": model_name,
+        "img_size": size,
         "source": source,
         "decode": decode if source == "jpeg" else "-",
         "compile": compile,
@@ -354,10 +357,12 @@ def main() -> None:
     ap.add_argument("--decode", default="cpu", help="jpeg source: cpu workers or gpu")
     ap.add_argument("--workers", type=int, default=None, help="[default: extract's own]")
     ap.add_argument("--chunk-rows", type=int, default=1024, help="rows per feature store chunk")
+    ap.add_argument("--img-size", type=int, default=None, help="input size [default: the model's]")
     ap.add_argument("--pixel-pair", default=None, help="A,B: the pixel-cache comparison")
     ap.add_argument("--pixel-reader", default="process", help="process or threads")
     ap.add_argument("--pixel-size", type=int, default=None, help="--pixel-pair from squares")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default="", help="added to the result file's name")
     args = ap.parse_args()
     global PIXEL_READER
     PIXEL_READER = args.pixel_reader  # who reads the pixel cache
@@ -391,9 +396,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="probekit-jpegs-"))
     jpegs = jpeg_folder(tmp, args.images) if "jpeg" in sources else None
     out_name = "bench_extract" if not device.startswith("cuda") else "bench_extract_gpu"
+    out_name += f"-{args.tag}" if args.tag else ""
     try:
         for m in args.models.split(","):
-            flops = flops_per_image(m)
+            flops = flops_per_image(m, args.img_size)
             root = Path(tempfile.mkdtemp(prefix="probekit-bench-"))
             for c in compiles:
                 for src in sources:
@@ -414,6 +420,7 @@ def main() -> None:
                             flops,
                             root,
                             args.chunk_rows,
+                            args.img_size,
                         )
                     )
                     r = rows[-1]

@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--only", default="", help="runs whose name has one of these (comma list)")
     ap.add_argument("--eager", action="store_true", help="no torch.compile (a CPU's host side)")
+    ap.add_argument("--show", action="store_true", help="print the sampled probekit frames")
     args = ap.parse_args()
     only = [s for s in args.only.split(",") if s]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,6 +164,9 @@ def main() -> None:
                 (k, round(v / sampler.n, 4)) for k, v in sampler.ours.most_common(30)
             ]
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("main")}), flush=True)
+        if sampler and args.show:
+            for k, v in row["main_thread_probekit_frame"][:12]:
+                print(f"    {v:7.4f}  {k}")
         rows.append(row)
         name_dev = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
         save_result(
@@ -197,6 +201,7 @@ def main() -> None:
             "reader threads, no device, no chunk writes",
         )
         run("pixels, sampled", True, sample=True)
+        run("pixels, no device work (sampled)", True, "no device", sample=True)
         run("synthetic, sampled", False, sample=True)
         run("pixels, switch interval 0.5 ms", True, swi=0.0005)
         run("pixels, 2 reader threads", True, num_workers=2)
