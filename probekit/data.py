@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import math
 import re
 import warnings
 from collections import Counter
@@ -88,13 +89,15 @@ class Dataset:
 
         return read_mask(self.mask_paths[split][index], len(self.class_names), self.mask_rule, size)
 
-    def load_image(self, split: str, index: int) -> Image.Image:
-        """The image as RGB; raises InvalidImageError with the reason when it cannot be read."""
+    def load_image(self, split: str, index: int, draft: int | None = None) -> Image.Image:
+        """The image as RGB; raises InvalidImageError with the reason when it cannot be read.
+        `draft`: a JPEG file may be decoded at a reduced scale that keeps its short side at
+        least `draft` px (see `read_image`); images from memory or a reader come exact."""
         if self.arrays is not None:
             return Image.fromarray(self.arrays[split][index]).convert("RGB")
         if self.reader is not None:
             return to_rgb(self.reader.load(split, index))
-        return read_image(self.splits[split].ids[index])
+        return read_image(self.splits[split].ids[index], draft=draft)
 
     def image_size(self, split: str, index: int) -> tuple[int, int]:
         """(width, height) of the image as `load_image` gives it, from its header alone (EXIF
@@ -148,12 +151,21 @@ def decode_image(data: bytes) -> Image.Image:
     return read_image(io.BytesIO(data))
 
 
-def read_image(path: Any) -> Image.Image:
-    """A file (a path or a binary file object) as RGB; InvalidImageError with the reason."""
+def read_image(path: Any, draft: int | None = None) -> Image.Image:
+    """A file (a path or a binary file object) as RGB; InvalidImageError with the reason.
+
+    `draft`: a JPEG whose short side is at least twice `draft` is decoded by libjpeg at 1/2,
+    1/4 or 1/8 scale (PIL's `draft`), the largest reduction that keeps the short side at least
+    `draft` px: several times faster for camera-size photos, close to the exact pixels.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+                    w, h = im.size
+                    k = draft / min(w, h)
+                    im.draft(None, (math.ceil(w * k), math.ceil(h * k)))  # type: ignore[arg-type]
                 im.load()
                 return to_rgb(im)
     except (

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import probekit
+from probekit.cache.meta import StoreMeta
 from probekit.cache.pixels import PixelSource, PixelStore
 from probekit.cache.store import open_store
 from probekit.data import load_dataset
@@ -312,3 +313,75 @@ def test_decode_gpu_and_the_pixel_cache_exclude_each_other(jpeg_folder: Path, ca
         probekit.extract(
             "test_vit", f"imagefolder:{jpeg_folder}", random_init=True, decode="gpu", **cache
         )
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    """Real photos as big JPEGs (4 of 1200x900: drafts apply) and small ones (4 of 300x220)."""
+    from skimage import data as skdata
+
+    photos = [skdata.coffee(), skdata.chelsea(), skdata.astronaut(), skdata.rocket()]
+    root = tmp_path / "photos"
+    for i, p in enumerate(photos):
+        for split, size in (("big", (1200, 900)), ("small", (300, 220))):
+            d = root / split / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(p).resize(size, Image.Resampling.BICUBIC).save(
+                d / f"{i}.jpg", quality=92
+            )
+    return root
+
+
+def test_read_image_drafts_only_jpegs_at_least_twice_the_target(photo_folder: Path) -> None:
+    from probekit.data import read_image
+
+    big = next((photo_folder / "big").rglob("*.jpg"))
+    assert read_image(big).size == (1200, 900)
+    assert read_image(big, draft=200).size == (300, 225)  # 1/4: the short side stays >= 200
+    assert read_image(big, draft=300).size == (600, 450)  # 1/2 (1/4 would be 225 < 300)
+    assert read_image(big, draft=451).size == (1200, 900)  # under twice the target: exact
+    small = next((photo_folder / "small").rglob("*.jpg"))
+    assert read_image(small, draft=110).size == (150, 110)
+    assert np.array_equal(np.asarray(read_image(small, draft=111)), np.asarray(read_image(small)))
+    png = photo_folder / "x.png"
+    Image.open(big).save(png)
+    assert read_image(png, draft=100).size == (1200, 900)  # only JPEGs are drafted
+    # a geometry's drafts keep its resize target and key a pixel cache of their own
+    sq = square(256).drafted()
+    assert sq.draft == 256 and sq.describe() != square(256).describe() and square(256).draft is None
+    squash = geometry_transform({"input_size": (3, 64, 64), "crop_pct": 1.0, "crop_mode": "squash"})
+    assert squash.drafted() is squash  # not a short-side resize: decoded exactly
+
+
+def test_draft_decoding_is_close_to_exact_and_stored_apart(
+    photo_folder: Path, tmp_path: Path
+) -> None:
+    """decode='draft': features close to the exact decoding's (cosine), another store and
+    another pixel cache; where no JPEG is twice the target, the same features as exact."""
+    kw = dict(random_init=True, quiet=True, layers="last", pool="mean", cache_dir=tmp_path / "c")
+    feats = {}
+    for split in ("big", "small"):
+        spec = f"imagefolder:{photo_folder / split}"
+        exact = probekit.extract("test_vit", spec, **kw)
+        draft = probekit.extract("test_vit", spec, decode="draft", **kw)
+        assert draft.store_path != exact.store_path
+        assert "draft-decoded" in StoreMeta.read(Path(draft.store_path)).input_text()
+        feats[split] = (_features(exact.store_path), _features(draft.store_path))
+        # through the pixel cache: the same stores, the same features; the drafts' pixel cache
+        # is not the exact decoding's
+        for decode, res in (("draft", draft), ("cpu", exact)):
+            again = probekit.extract(
+                "test_vit", spec, decode=decode, pixel_cache=True, overwrite=True, **kw
+            )
+            assert "(built now" in again.pixels and again.store_path == res.store_path
+            for k, v in _features(again.store_path).items():
+                np.testing.assert_array_equal(v, feats[split][0 if decode == "cpu" else 1][k])
+    for k, a in feats["small"][0].items():  # 220 px short sides: never twice test_vit's resize
+        np.testing.assert_array_equal(feats["small"][1][k], a)
+    for k, a in feats["big"][0].items():
+        b = feats["big"][1][k].astype(np.float64)
+        a = a.astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert not np.array_equal(a, b) and cos.min() > 0.99, (k, cos)
+    with pytest.raises(ProbekitError, match="draft"):
+        probekit.extract("test_vit", f"imagefolder:{photo_folder}", decode="fast", **kw)

@@ -157,7 +157,8 @@ class StoreMeta:
         return dict(self.config.get("preprocessing", {}))
 
     def input_text(self) -> str:
-        """ "224px", "224px from 256px squares", "224px gpu-decoded": what tells stores apart."""
+        """ "224px", "224px from 256px squares", "224px gpu-decoded" (or draft-decoded): what
+        tells stores apart."""
         pre = self.preprocessing
         h, w = (list(pre.get("input_size", [])) or [0, 0, 0])[-2:]
         text = f"{h}px" if h == w else f"{h}x{w}px"
@@ -165,6 +166,8 @@ class StoreMeta:
             text += f" from {pre['pixel_size']}px squares"
         if pre.get("decode") == "gpu":
             text += " gpu-decoded"
+        elif pre.get("decode") == "draft":
+            text += " draft-decoded"
         return text
 
     def same_model(self, other: StoreMeta) -> bool:

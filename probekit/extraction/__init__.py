@@ -316,7 +316,9 @@ def _prepare_store(
 
 def _pixel_input(plan: ExtractPlan, store: FeatureStore, dist: Dist) -> tuple[Location | None, str]:
     """The pixel store the loop reads (built by rank 0 where needed), and how to say so."""
-    said = "decoded" if plan.options.decode == "cpu" else "decoded on the GPU"
+    said = {"gpu": "decoded on the GPU", "draft": "decoded (JPEG drafts)"}.get(
+        plan.options.decode, "decoded"
+    )
     px = plan.pixels
     if px is None or not any(store.pending_chunks(s) for s in plan.dataset.splits):
         return None, said

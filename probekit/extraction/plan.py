@@ -54,6 +54,10 @@ class ExtractOptions:
     short side resized to `pixel_size` (at least the backbone's own resize) and its centre
     square kept; each backbone's crop is cut and resized from it on the device. decode="gpu":
     JPEGs decoded and resized on the CUDA device (nvJPEG) instead of by CPU workers.
+    decode="draft": CPU workers let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale wherever
+    the short side stays at least the resize target (`Geometry.drafted`): several times faster
+    for camera-size photos, features close to the default's, stored apart (as is the pixel
+    cache). The default, "cpu", decodes exactly.
     num_workers: decoding processes (default: every core builds the pixel cache; beside the
     model all cores but two decode on CUDA, half of them on the CPU).
     tokens: "all" or a grid side g: each chosen layer's patch tokens stored too, as
@@ -74,7 +78,7 @@ class ExtractOptions:
     compile: bool | None = None  # default: on for CUDA
     pixel_cache: bool = False
     pixel_size: int | None = None
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Literal["cpu", "gpu", "draft"] = "cpu"
     cache_dir: str | os.PathLike[str] | None = None
     strict: bool = False
     overwrite: bool = False
@@ -97,7 +101,7 @@ class ExtractOptions:
             raise OptionError(f"num_workers must be 0 or more, not {self.num_workers}.")
         object.__setattr__(self, "tokens", parse_tokens(self.tokens))
         choice("dtype", self.dtype, ("float16", "float32"))
-        choice("decode", self.decode, ("cpu", "gpu"))
+        choice("decode", self.decode, ("cpu", "gpu", "draft"))
         choice("pixel_reader", self.pixel_reader, ("process", "threads"))
         if self.decode == "gpu" and (self.pixel_cache or self.pixel_size is not None):
             raise OptionError(
@@ -164,9 +168,11 @@ class ExtractPlan:
         pools, notes = parse_pools(opts.pool, skeleton.has_class_token)
         keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
         preprocessing = {k: skeleton.data_config[k] for k in keys}
-        if opts.decode == "gpu":  # nvJPEG and a tensor resize: close to the CPU's pixels
-            preprocessing["decode"] = "gpu"
+        if opts.decode != "cpu":  # nvJPEG and a tensor resize, or drafts: close, not equal
+            preprocessing["decode"] = opts.decode
         geometry = geometry_transform(dict(skeleton.data_config))
+        if opts.decode == "draft":
+            geometry = geometry.drafted()
         height, width = (int(v) for v in skeleton.data_config["input_size"][1:])
         pixels = _pixel_plan(model.name, geometry, (height, width), opts)
         if pixels is not None and pixels.crop is not None:  # other pixels: another store
@@ -335,7 +341,8 @@ def _pixel_plan(
         )
     if crop is None:  # not a centre-crop geometry: its own pixels
         return PixelPlan(geometry, size, None, None)
-    return PixelPlan(square(side), (side, side), crop, side)
+    squares = square(side).drafted() if opts.decode == "draft" else square(side)
+    return PixelPlan(squares, (side, side), crop, side)
 
 
 def store_path(root: Location, dataset: Dataset, backbone: str, key: str) -> Location:

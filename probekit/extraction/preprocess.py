@@ -3,6 +3,7 @@ shared pixel squares (`square`), and crops cut from them on the device, batched 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,21 @@ class Geometry:
             scale = scale[0] if isinstance(scale, (list, tuple)) and len(scale) == 1 else scale
             if isinstance(scale, int) and crop == (h, w) and h == w and h <= scale:
                 self.center = (scale, h, steps[0].interpolation.value)
+        # JPEGs decoded at a reduced scale (see `drafted`): the short side they keep, or None
+        self.draft: int | None = None
+
+    def drafted(self) -> Geometry:
+        """This geometry over reduced-size JPEG decoding: libjpeg scales a JPEG by 1/2, 1/4 or
+        1/8 in its DCT (PIL's `draft`) wherever the short side stays at least this geometry's
+        resize target, and the resize then runs on the smaller image. Close to the exact
+        pixels, not equal (measured: feature cosine 0.9988 at 4000x3000); other files, and
+        JPEGs under twice the target, decode exactly. Itself where the first step is not a
+        short-side resize to a centre crop."""
+        if self.center is None:
+            return self
+        drafted = copy.copy(self)
+        drafted.draft = self.center[0]
+        return drafted
 
     def mask(self, mask: Any) -> Any:
         """A mask (a PIL image of one label a pixel) through the same resizes and crops as the
@@ -69,7 +85,8 @@ class Geometry:
 
     def describe(self) -> str:
         """The geometry as text (the steps and their parameters): the pixel cache's key."""
-        return " | ".join(repr(s) for s in self.transform.transforms)
+        steps = " | ".join(repr(s) for s in self.transform.transforms)
+        return steps + (f" | JPEG draft, short side >= {self.draft}" if self.draft else "")
 
     def cut_from(self, side: int) -> DeviceCrop | None:
         """How this geometry's input comes out of a `square(side)` image: the square holds the

@@ -59,7 +59,9 @@ class ImageSource(torch.utils.data.Dataset[Batch]):
 
     def _one(self, index: int) -> tuple[np.ndarray, bool, str]:
         try:
-            img = self.dataset.load_image(self.split, index)
+            img = self.dataset.load_image(
+                self.split, index, draft=getattr(self.geometry, "draft", None)
+            )
             if min(img.size) < 1:
                 raise InvalidImageError("empty image")
             return np.asarray(self.geometry(img), dtype=np.uint8), True, ""
