@@ -124,9 +124,15 @@ class Dataset:
 # --------------------------------------------------------------------------- images
 
 
+_TURNS = frozenset(range(2, 9))  # EXIF orientations other than upright (1)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: 16-bit and float scaled, alpha composited on white."""
-    img = ImageOps.exif_transpose(img) or img
+    """Convert any PIL mode to 8-bit RGB: 16-bit and float scaled, alpha composited on white.
+    Always a new image (never `img` itself, which its file's closing may destroy)."""
+    if img.getexif().get(0x0112, 1) in _TURNS:  # EXIF orientation: turned or mirrored
+        # (exif_transpose would copy an upright image too: a 4000x3000 photo's 36 MB)
+        img = ImageOps.exif_transpose(img) or img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

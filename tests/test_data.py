@@ -111,6 +111,27 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     assert read_image(str(path)).size == (10, 30)
 
 
+def test_every_exif_orientation_reads_as_pillow_transposes_it(tmp_path: Path) -> None:
+    """All eight orientations against Pillow's own exif_transpose (an upright image skips its
+    copy; the pixels must not change)."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
+    sizes = set()
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.png"  # lossless: the pixels are known
+        Image.fromarray(pixels).save(path, exif=exif)
+        with Image.open(path) as im:
+            want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        got = read_image(path)
+        assert np.array_equal(np.asarray(got), want), orientation
+        sizes.add(got.size)
+    assert sizes == {(20, 12), (12, 20)}  # some were turned
+
+
 @pytest.mark.parametrize(
     "content", [b"", b"this is not an image", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00"]
 )
