@@ -5,6 +5,12 @@
 #   SMALL=1 bash benchmarks/gpu_check.sh    # a dry run of every step, tiny sizes (CPU is fine)
 #   STEPS="bench" bash benchmarks/gpu_check.sh   # some of the steps (see STEPS below)
 #
+# On a lent GPU machine (`device` tool), after `bash benchmarks/gpu_wheels.sh` here: one call,
+# carry [".whl"], timeout_s 600, command
+#   BUNDLE=$OUT/gpu_check.tgz OUT=/tmp/gc bash benchmarks/gpu_check.sh
+# (a call brings back 8 files at most: BUNDLE, when set, is every file of OUT in one archive,
+# written however the script ends)
+#
 # 1. installs the wheels in .whl/ (zarr, numcodecs, faiss-cpu, ... that the machine lacks),
 # 2. bench: each model (random init) at batch 256, bf16, compiled: the bare forward, `extract`
 #    from the pixel cache (and ViT-S from memory), their ratio, the extractor's device work
@@ -21,6 +27,10 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+if [ -n "${BUNDLE:-}" ]; then
+    trap 'tar czf "$BUNDLE" -C "$OUT" . && echo "bundled $OUT in $BUNDLE"' EXIT
+    trap 'exit 143' TERM INT
+fi
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 BUDGET=${BUDGET:-570}
