@@ -225,7 +225,7 @@ def bench(
                 identity=geo.identity_ok,
             )
             dec = float(pstore.meta["images_per_s"])
-        rounds, waits = [], {}
+        rounds, waits, loop_s = [], {}, 0.0
         for _ in range(repeats):
             with torch.inference_mode(), policy.autocast():
                 bare = batch_size / timed(lambda: fwd(xn), steps, policy.device, warmup=3)
@@ -243,6 +243,7 @@ def bench(
             whole = res.images / max(res.seconds - res.compile_seconds, 1e-9)
             rounds.append((bare, res.images_per_s, res.compile_seconds, whole, device_only))
             waits = res.waits
+            loop_s = res.images / res.images_per_s if res.images_per_s > 0 else 0.0
     finally:
         for store in root.glob("*/*.zarr"):  # feature stores; pixel stores stay for the model
             shutil.rmtree(store, ignore_errors=True)
@@ -271,6 +272,11 @@ def bench(
         "pipeline_over_device_only": round(float(np.median(arr[:, 1] / arr[:, 4])), 3),
         # seconds the loop's host thread waited (last round): input, device queue, storage
         "waits_seconds": waits,
+        # the loop's seconds (last round, the compiling batch apart) and how many of them its
+        # thread was busy, not waiting; on a GPU (the device's work asynchronous), busy near
+        # the loop's seconds means the host thread itself is the limit
+        "loop_seconds": round(loop_s, 3),
+        "loop_busy_seconds": round(loop_s - sum(waits.values()), 3),
         # the whole call (model and store set-up included, compile time apart) per image
         "call_images_per_s": round(float(np.median(arr[:, 3])), 1),
         "call_ratio": round(float(np.median(arr[:, 3] / arr[:, 0])), 3),
@@ -429,7 +435,8 @@ def main() -> None:
                         f"pipeline {r['pipeline_images_per_s']:9.1f} ratio {r['ratio']:.3f} "
                         f"(whole call {r['call_ratio']:.3f}) "
                         f"device-only {r['device_only_images_per_s']:.1f} "
-                        f"waits {r['waits_seconds']} "
+                        f"waits {r['waits_seconds']} busy {r['loop_busy_seconds']} of "
+                        f"{r['loop_seconds']} s "
                         f"decode {r['decode_images_per_s']} MFU {r['mfu']} "
                         f"(compile {r['compile_seconds']} s)",
                         flush=True,
