@@ -280,6 +280,16 @@ def test_device_decode_matches_the_cpu_reader(jpeg_folder: Path) -> None:
     moved, valid2, reasons2 = next(iter(loader))
     assert torch.equal(moved.data, encoded.data) and list(moved.offsets) == encoded.offsets
     assert valid2.tolist() == valid.tolist() and reasons2 == reasons
+    # what a CUDA loader's page-locking does to the batch's structure (pinning itself stubbed:
+    # no CUDA here): still an Encoded with plain offsets, the same items
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+        pinned, valid3, reasons3 = pin_memory((encoded, valid, reasons))
+    assert type(pinned) is type(encoded) and pinned.offsets == encoded.offsets
+    assert all(torch.equal(a, b) for a, b in zip(pinned.items(), items, strict=True))
+    assert valid3.tolist() == valid.tolist() and reasons3 == reasons
     got, ok, why = decode_on_device(encoded, valid, reasons, geo, (160, 160), "cpu")
     want, ok_cpu, _ = ImageSource(ds, "test", geo, (160, 160)).__getitems__(idx)
     assert ok.tolist() == ok_cpu.tolist() and not ok[1] and why[1]
