@@ -164,10 +164,8 @@ class StoreMeta:
         text = f"{h}px" if h == w else f"{h}x{w}px"
         if "pixel_size" in pre:
             text += f" from {pre['pixel_size']}px squares"
-        if pre.get("decode") == "gpu":
-            text += " gpu-decoded"
-        elif pre.get("decode") == "draft":
-            text += " draft-decoded"
+        if "decode" in pre:  # gpu or draft: pixels close to the default decoding's, not equal
+            text += f" {pre['decode']}-decoded"
         return text
 
     def same_model(self, other: StoreMeta) -> bool:
