@@ -1,8 +1,11 @@
 """The registry of evaluation methods: kNN and the probe methods, by name. The CLI, triage,
 report and plots read it (it imports nothing heavy: each probe's code loads when it runs).
 
-A probe method is a module with `select(data: ProbeData, options: ProbeOptions) -> Selection`
-(fit on the fit part, choose on validation) and one entry here; evaluation on test is shared.
+A probe method is one module and one entry here. The module holds `Options` (a frozen
+`probekit.probes.options.MethodOptions`: its own fields, defaults, help and checks) and
+`select(data, options) -> Selection` (fit on the fit part, choose on validation; `data.options`
+holds the shared options: seed, epochs, batch size, device). Its module imports no torch at the
+top, so that the CLI can read its options fast. Evaluation on test is shared.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from probekit.probes.options import Flag, MethodOptions
 
 __all__ = [
     "METHODS",
@@ -18,6 +24,7 @@ __all__ = [
     "ProbeMethod",
     "all_methods",
     "default_probes",
+    "method_flags",
     "method_title",
 ]
 
@@ -30,7 +37,6 @@ class ProbeMethod:
     summary: str
     title: str  # the layer curve's panel title
     module: str  # holds `select(data, options) -> Selection`
-    shown: tuple[str, ...] = ()  # the chosen hyperparameters a leaderboard entry shows
     default: bool = True  # run by "both" and by a triage's default methods
     tokens: bool = False  # reads the token arrays (`extract --tokens`), not pooled features
     # segments (tokens and masks of a segmentation dataset): `select(DenseData, options) ->
@@ -41,6 +47,20 @@ class ProbeMethod:
         fn: Callable[..., Any] = importlib.import_module(self.module).select
         return fn
 
+    @property
+    def options(self) -> type[MethodOptions]:
+        """The method's own options dataclass (its module's `Options`; none: no options)."""
+        from probekit.probes.options import MethodOptions
+
+        cls: type[MethodOptions] = getattr(
+            importlib.import_module(self.module), "Options", MethodOptions
+        )
+        return cls
+
+    @property
+    def shown(self) -> tuple[str, ...]:
+        return self.options.shown
+
 
 PROBE_METHODS: dict[str, ProbeMethod] = {
     m.name: m
@@ -50,14 +70,12 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             "batched linear heads (DINOv2's protocol: lr x wd grid, best epoch on validation)",
             "linear heads, val top-1",
             "probekit.probes.linear",
-            ("lr", "wd", "epoch", "optimizer"),
         ),
         ProbeMethod(
             "logreg",
             "multinomial logistic regression (L-BFGS along a C path, refit on train + val)",
             "logistic regression, val top-1",
             "probekit.probes.logreg",
-            ("C",),
         ),
         ProbeMethod(
             "attentive",
@@ -65,7 +83,6 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             "pooling, linear classifier; lr x wd x layer grid, best epoch on validation)",
             "attentive probe, val top-1",
             "probekit.probes.attentive",
-            ("lr", "wd", "queries", "epoch"),
             default=False,
             tokens=True,
         ),
@@ -76,7 +93,6 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             "validation mIoU)",
             "linear segmentation, val mIoU",
             "probekit.dense.linseg",
-            ("lr", "wd", "epoch"),
             default=False,
             tokens=True,
             dense=True,
@@ -87,7 +103,6 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             "nearest train patches' label distributions; k and layer chosen on validation mIoU)",
             "dense kNN, val mIoU",
             "probekit.dense.knn",
-            ("k",),
             default=False,
             tokens=True,
             dense=True,
@@ -114,3 +129,15 @@ def method_title(method: str) -> str:
         return "kNN test top-1"
     entry = PROBE_METHODS.get(method)
     return entry.title if entry is not None else method
+
+
+def method_flags() -> dict[str, Flag]:
+    """Every method's options by the flat name each goes by (`attn_lrs`), in registry order;
+    two methods may share a flat name only for one option of one meaning (the same default)."""
+    out: dict[str, Flag] = {}
+    for m in PROBE_METHODS.values():
+        for flag in m.options.flags(m.name):
+            seen = out.get(flag.flat)
+            assert seen is None, f"{m.name} and {seen and seen.method} both name {flag.flat}"
+            out[flag.flat] = flag
+    return out

@@ -3,13 +3,21 @@ standardized features (a linear classifier: W = class means, b = -|mean|^2 / 2).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from probekit.probes import ProbeData, ProbeOptions, Selection
+from probekit.probes import ProbeData, Selection
+from probekit.probes.options import MethodOptions
 from probekit.probes.rows import linear_scores
 
 
-def select(data: ProbeData, options: ProbeOptions) -> Selection:
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Nearest class mean has no options."""
+
+
+def select(data: ProbeData, options: Options) -> Selection:
     best = None
     curve = []
     for name in data.names:

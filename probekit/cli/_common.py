@@ -3,8 +3,10 @@ Python API's parameters), and the translations from command-line text to API val
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Optional
 
 import typer
@@ -32,6 +34,7 @@ __all__ = [
     "out",
     "parse_ks",
     "store_path",
+    "with_method_flags",
 ]
 
 # markup off: messages hold user paths and specs, where [brackets] must print as they are
@@ -165,3 +168,41 @@ def parse_ks(k: str) -> list[int]:
         return [int(x) for x in k.split(",") if x.strip()]
     except ValueError:
         raise OptionError(f"--k takes integers such as 10,20,100,200, not {k!r}.") from None
+
+
+def with_method_flags(fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn(..., **method_options)` as a command with one option per probe method option of the
+    registry (`probekit.methods.method_flags`: `--attn-lrs`, `--dense-ks`, ...), each with the
+    help and default its method's `Options` gives: a new method's options need no edit here."""
+    from probekit.methods import method_flags
+
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = []
+    for flag in method_flags().values():
+        kind: Any = str
+        default = flag.default
+        if flag.is_list:
+            default = ",".join(map(str, flag.default))
+        elif flag.check == "count":
+            kind = int
+        elif flag.check == "count?":
+            kind = Optional[int]  # noqa: UP045 - typer needs Optional at runtime
+        elif flag.check == "number>0":
+            kind = float
+        option = typer.Option(help=flag.help.replace("[", "\\["))
+        added.append(
+            inspect.Parameter(
+                flag.flat, keyword, default=default, annotation=Annotated[kind, option]
+            )
+        )
+    params = [p.replace(kind=keyword) for p in own] + added
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        fn(**kwargs)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

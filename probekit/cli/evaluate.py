@@ -4,7 +4,7 @@ backbone and data)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -25,12 +25,10 @@ from probekit.cli._common import (
     WeightsOpt,
     parse_ks,
     store_path,
+    with_method_flags,
 )
 from probekit.cli._common import out as stdout  # `out` is the commands' --out
 from probekit.defaults import (
-    DEFAULT_ATTN_LRS,
-    DEFAULT_ATTN_WDS,
-    DEFAULT_DENSE_KS,
     DEFAULT_EPOCHS,
     DEFAULT_HOLDOUT,
     DEFAULT_KS,
@@ -38,13 +36,7 @@ from probekit.defaults import (
     DEFAULT_MEMORY_MB,
     DEFAULT_POOLS,
     DEFAULT_PROBE_BATCH_SIZE,
-    DEFAULT_QUERIES,
-    DEFAULT_SEG_BATCH_SIZE,
-    DEFAULT_SEG_EPOCHS,
-    DEFAULT_SEG_LRS,
-    DEFAULT_SEG_WDS,
     DEFAULT_TEMPERATURE,
-    DEFAULT_TOL,
 )
 from probekit.errors import OptionError
 from probekit.methods import PROBE_METHODS
@@ -118,14 +110,6 @@ def knn_cmd(
     stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")
 
 
-def parse_numbers(text: str, flag: str) -> list[float]:
-    """`--attn-lrs 3e-4,1e-3`."""
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise OptionError(f"{flag} takes numbers such as 3e-4,1e-3, not {text!r}.") from None
-
-
 def probe_cmd(
     store: StoreArg = None,
     backbone: BackboneOpt = None,
@@ -156,46 +140,12 @@ def probe_cmd(
         typer.Option(help="Transfer: dataset specs (extracted like --data) or store paths."),
     ] = None,
     holdout: Annotated[float, typer.Option(help="Validation fraction of train.")] = DEFAULT_HOLDOUT,
-    epochs: Annotated[int, typer.Option(help="Linear heads: passes over the features.")] = (
-        DEFAULT_EPOCHS
-    ),
-    batch_size: Annotated[int, typer.Option(help="Linear heads: minibatch size.")] = (
-        DEFAULT_PROBE_BATCH_SIZE
-    ),
-    optimizer: Annotated[str, typer.Option(help="Linear heads: sgd or adamw.")] = "sgd",
-    tol: Annotated[
-        float, typer.Option(help="Logistic regression: stop when no gradient entry exceeds it.")
-    ] = DEFAULT_TOL,
-    attn_lrs: Annotated[
-        str, typer.Option(help="Attentive: AdamW learning rates (comma list).")
-    ] = ",".join(map(str, DEFAULT_ATTN_LRS)),
-    attn_wds: Annotated[
-        str, typer.Option(help="Attentive: weight decays (comma list).")
-    ] = ",".join(map(str, DEFAULT_ATTN_WDS)),
-    queries: Annotated[int, typer.Option(help="Attentive: learned queries.")] = DEFAULT_QUERIES,
-    attn_heads: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(help="Attentive: attention heads \\[default: token width / 64]."),
-    ] = None,
-    position: Annotated[
-        str,
-        typer.Option(help="Attentive: learned (a learned position term on the keys) or none."),
-    ] = "learned",
-    seg_lrs: Annotated[
-        str, typer.Option(help="Linear segmentation: AdamW learning rates (comma list).")
-    ] = ",".join(map(str, DEFAULT_SEG_LRS)),
-    seg_wds: Annotated[
-        str, typer.Option(help="Linear segmentation: weight decays (comma list).")
-    ] = ",".join(map(str, DEFAULT_SEG_WDS)),
-    seg_epochs: Annotated[
-        int, typer.Option(help="Linear segmentation: passes over the train images.")
-    ] = DEFAULT_SEG_EPOCHS,
-    seg_batch_size: Annotated[
-        int, typer.Option(help="Linear segmentation: images a minibatch.")
-    ] = DEFAULT_SEG_BATCH_SIZE,
-    dense_ks: Annotated[
-        str, typer.Option(help="Dense kNN: neighbours a test patch takes (comma list).")
-    ] = ",".join(map(str, DEFAULT_DENSE_KS)),
+    epochs: Annotated[
+        int, typer.Option(help="Linear heads, attentive and MLP probes: passes over the rows.")
+    ] = DEFAULT_EPOCHS,
+    batch_size: Annotated[
+        int, typer.Option(help="Linear heads, attentive and MLP probes: minibatch size.")
+    ] = DEFAULT_PROBE_BATCH_SIZE,
     dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     memory_mb: Annotated[
@@ -210,22 +160,15 @@ def probe_cmd(
     cache_dir: CacheDir = None,
     out: RecordsOut = None,
     quiet: QuietOpt = False,
+    **method_options: Any,
 ) -> None:
     """Probes on cached features (every method of the registry), chosen on validation data,
     tested once."""
     from probekit.cache.store import is_remote
     from probekit.extraction import ExtractOptions
     from probekit.probes import ProbeOptions, probe
-    from probekit.specs import options_from
 
-    given = dict(
-        locals(),
-        attn_lrs=parse_numbers(attn_lrs, "--attn-lrs"),
-        attn_wds=parse_numbers(attn_wds, "--attn-wds"),
-        seg_lrs=parse_numbers(seg_lrs, "--seg-lrs"),
-        seg_wds=parse_numbers(seg_wds, "--seg-wds"),
-        dense_ks=parse_list(dense_ks, "--dense-ks"),
-    )
+    given = {**locals(), **method_options}
     # the extraction a store named by --backbone and --data gets: these options alone (the
     # probe's own batch_size, dtype and device are the probe's); attentive needs tokens
     wants_tokens = any(
@@ -248,7 +191,7 @@ def probe_cmd(
             others.append(store_path(None, backbone, spec, given, extract_options))
         else:
             raise OptionError(f"--eval-on {spec!r}: give store paths, or --backbone to extract.")
-    result = probe(path, eval_on=others, options=options_from(ProbeOptions, given))
+    result = probe(path, eval_on=others, options=ProbeOptions.from_values(given))
     for title, rows in (
         ("probes (selection on validation only)", result.table()),
         ("dense probes (selection on validation only)", result.dense_table()),
@@ -259,6 +202,9 @@ def probe_cmd(
                 table.add_row(*row)
             stdout.print(table)
     stdout.print(f"records: {result.path or 'not written (read-only store; see --out)'}")
+
+
+probe_cmd = with_method_flags(probe_cmd)
 
 
 def compare_cmd(

@@ -9,195 +9,25 @@ over test images.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from probekit.cache.store import FeatureStore
-from probekit.errors import ProbekitError
-from probekit.records import Record
-from probekit.segmentation import bootstrap_dense, class_counts, mean_iou, pixel_accuracy
+from probekit._lazy import lazy_names
 
 if TYPE_CHECKING:
-    from probekit.probes.base import ProbeOptions
+    from probekit.dense.data import (
+        DENSE_BANK_PATCHES,
+        DenseData,
+        DenseSelection,
+        dense_records,
+        row_blocks,
+    )
 
-__all__ = ["DENSE_BANK_PATCHES", "DenseData", "DenseSelection", "dense_records"]
+__all__ = [
+    "DENSE_BANK_PATCHES",
+    "DenseData",
+    "DenseSelection",
+    "dense_records",
+    "row_blocks",
+]
 
-# the dense kNN memory bank holds at most this many train patches (a seeded sample beyond it)
-DENSE_BANK_PATCHES = 2**18
-# rows of tokens read from the store at once, at most this many bytes (float32)
-READ_BYTES = 16 * 2**20
-
-
-@dataclass
-class DenseData:
-    """One store's tokens and masks split into fit and validation images, for dense probes."""
-
-    store: FeatureStore
-    options: ProbeOptions
-    names: list[str]  # token arrays
-    n_classes: int
-    size: tuple[int, int]  # the masks' (H, W)
-    device: torch.device
-    budget: int
-    fit_rows: np.ndarray
-    val_split: str
-    val_rows: np.ndarray
-    fit_masks: torch.Tensor  # (n_fit, H, W) uint8
-    val_masks: torch.Tensor
-
-    @classmethod
-    def prepare(cls, store: FeatureStore, options: ProbeOptions) -> DenseData:
-        from probekit.probes.rows import holdout_split, memory_budget
-
-        if store.mask_shape is None:
-            raise ProbekitError(
-                f"{store.path.name} has no masks: dense probes (linseg, dense-knn) need a "
-                "segmentation dataset (digit-scenes, seg:PATH) extracted with --tokens."
-            )
-        # the token arrays asked for; all of them where none was (a triage asks pooled ones)
-        asked = [f for f in (options.features or ()) if f in store.token_names]
-        names = asked or list(store.token_names)
-        if not names:
-            raise ProbekitError(
-                f"{store.path.name} has no token arrays: dense probes read patch tokens; "
-                "extract with --tokens all (or --tokens 8)."
-            )
-        if options.test_split not in store.splits or "train" not in store.splits:
-            raise ProbekitError(
-                f"dense probes need a train and a {options.test_split!r} split; the store has "
-                f"{', '.join(store.splits)}."
-            )
-        train_rows = np.flatnonzero(store.usable("train"))
-        if "val" in store.splits:
-            val_split, fit_rows, val_rows = "val", train_rows, np.flatnonzero(store.usable("val"))
-        else:
-            if len(train_rows) < 4:
-                raise ProbekitError(
-                    f"the train split has {len(train_rows)} usable images: too few to hold some "
-                    "out for validation; give a `val` split or more images."
-                )
-            labels = store.labels("train")[train_rows]
-            # stratified by the image labels where they allow it, else a plain seeded holdout
-            try:
-                fit, val = holdout_split(labels, options.holdout, options.seed)
-            except ProbekitError:
-                fit, val = _plain_holdout(len(train_rows), options.holdout, options.seed)
-            val_split, fit_rows, val_rows = "train", train_rows[fit], train_rows[val]
-        device = options.torch_device()
-        return cls(
-            store,
-            options,
-            names,
-            len(store.class_names),
-            store.mask_shape,
-            device,
-            memory_budget(device, options.memory_mb),
-            fit_rows,
-            val_split,
-            val_rows,
-            torch.from_numpy(store.masks("train", fit_rows)),
-            torch.from_numpy(store.masks(val_split, val_rows)),
-        )
-
-    def token_rows(self, split: str, names: Sequence[str], rows: np.ndarray, share: float) -> Any:
-        """Token rows (L, n, T*D) of `names` within `share` of the budget (`token_rows`)."""
-        from probekit.probes.rows import token_rows
-
-        budget = int(self.budget * share)
-        return token_rows(self.store, split, names, rows, budget, self.device)
-
-    def groups(self) -> list[list[str]]:
-        """Token arrays of one shape and grid together (trained in one batched pass)."""
-        out: dict[tuple[Any, ...], list[str]] = {}
-        for name in self.names:
-            key = (self.store.token_shape(name), self.store.token_grid(name))
-            out.setdefault(key, []).append(name)
-        return list(out.values())
-
-
-def _plain_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_val = max(1, round(fraction * n))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-@dataclass
-class DenseSelection:
-    """What one dense method chose on validation, and how to segment any rows with it.
-
-    config: the chosen feature and hyperparameters with `val_miou` and `val_pixel_acc`;
-    curve: (feature, its best configuration, its validation mIoU) of every feature;
-    confusions(split, rows): (n, C, C) per-image confusions of its predictions on those rows of
-    the store's split (dense probes are tested on their own store).
-    """
-
-    method: str
-    feature: str
-    config: dict[str, Any]
-    curve: list[tuple[str, dict[str, Any], float]]
-    confusions: Callable[[str, np.ndarray], np.ndarray]
-
-
-def row_blocks(rows: np.ndarray, row_bytes: int) -> Iterator[np.ndarray]:
-    """`rows` in consecutive pieces of at most READ_BYTES."""
-    step = max(1, READ_BYTES // max(1, row_bytes))
-    for s in range(0, len(rows), step):
-        yield rows[s : s + step]
-
-
-def dense_records(
-    store: FeatureStore, options: ProbeOptions, methods: Sequence[str], base: Record
-) -> tuple[list[Record], dict[str, dict[str, Any]]]:
-    """Every dense method's validation curve and its chosen probe's test mIoU and pixel
-    accuracy (intervals over images; per-image class counts kept for paired comparisons)."""
-    from probekit.methods import PROBE_METHODS
-
-    data = DenseData.prepare(store, options)
-    records: list[Record] = []
-    selected: dict[str, dict[str, Any]] = {}
-    split = options.test_split
-    test_rows = np.flatnonzero(store.usable(split))
-    if not len(test_rows):
-        raise ProbekitError(f"split {split!r} has no usable images to test on.")
-    truth_n = len(test_rows)
-    for m in methods:
-        sel: DenseSelection = PROBE_METHODS[m].select()(data, options)
-        selected[m] = {"feature": sel.feature, **sel.config}
-        records += [
-            replace(
-                base,
-                split="val",
-                feature=name,
-                method=m,
-                metric="val_miou",
-                value=float(miou),
-                n=len(data.val_rows),
-                hyper=cfg,
-            )
-            for name, cfg, miou in sel.curve
-        ]
-        per = sel.confusions(split, test_rows)  # (n, C, C)
-        cm = per.sum(0)
-        ci = bootstrap_dense(per, seed=options.seed)
-        at = replace(base, split=split, feature=sel.feature, method=m, n=truth_n, hyper=sel.config)
-        counts = class_counts(per)
-        records += [
-            replace(
-                at,
-                metric="miou",
-                value=mean_iou(cm),
-                extra={**at.extra, "ci95": list(ci["miou"]), "class_counts": counts.tolist()},
-            ),
-            replace(
-                at,
-                metric="pixel_acc",
-                value=pixel_accuracy(cm),
-                extra={**at.extra, "ci95": list(ci["pixel_acc"])},
-            ),
-        ]
-    return records, selected
+__getattr__ = lazy_names(globals(), {name: "probekit.dense.data" for name in __all__})

@@ -12,20 +12,49 @@ prediction. One search at the largest k serves every k of the grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from probekit.defaults import DEFAULT_DENSE_KS
 from probekit.errors import ProbekitError
+from probekit.probes.options import MethodOptions, option
 from probekit.segmentation import IGNORE
 
 if TYPE_CHECKING:
-    from probekit.dense import DenseData, DenseSelection
-    from probekit.probes.base import ProbeOptions
+    import torch
+    import torch.nn.functional as F
 
-__all__ = ["TEMPERATURE", "knn_distributions", "patch_labels", "predict_masks", "select"]
+    from probekit.dense import DenseData, DenseSelection
+else:
+    from probekit._lazy import LazyAttributes, lazy_module
+
+    torch = lazy_module("torch")
+    F = LazyAttributes("torch.nn.functional")
+
+__all__ = [
+    "TEMPERATURE",
+    "Options",
+    "knn_distributions",
+    "patch_labels",
+    "predict_masks",
+    "select",
+]
+
+
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Dense kNN: the neighbours a test patch takes (one search at the largest)."""
+
+    shown = ("k",)
+    ks: tuple[int, ...] = option(
+        DEFAULT_DENSE_KS,
+        "Dense kNN: neighbours a test patch takes (comma list).",
+        "ints>0",
+        flat="dense_ks",
+    )
+
 
 TEMPERATURE = 0.02  # Hummingbird's softmax temperature over cosine similarities
 
@@ -123,7 +152,7 @@ def _confusions(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
+def select(data: DenseData, options: Options) -> DenseSelection:
     """Every (layer, k) scored on validation images against a bank of fit patches; the best
     mIoU (then pixel accuracy) is chosen."""
     from probekit.dense import DenseSelection
@@ -136,7 +165,7 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
         bank = _bank(data, name, data.store.token_grid(name))
         if not len(bank[0]):
             raise ProbekitError("no train patch covers a labelled pixel: the masks are empty.")
-        ks = sorted({min(k, len(bank[0])) for k in options.dense_ks})  # a small bank: fewer
+        ks = sorted({min(k, len(bank[0])) for k in options.ks})  # a small bank: fewer
         per_k = _confusions(data, data.val_split, data.val_rows, name, bank, ks)
         scored = [(mean_iou(per_k[k].sum(0)), pixel_accuracy(per_k[k].sum(0)), -k, k) for k in ks]
         miou, acc, _, k = max(scored)

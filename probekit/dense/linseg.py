@@ -22,19 +22,62 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from probekit.probes.linear import minibatches
-from probekit.probes.optim import GridAdamW, warmup_cosine
-from probekit.probes.rows import Rows
+from probekit.defaults import (
+    DEFAULT_SEG_BATCH_SIZE,
+    DEFAULT_SEG_EPOCHS,
+    DEFAULT_SEG_LRS,
+    DEFAULT_SEG_WDS,
+)
+from probekit.probes.options import MethodOptions, option
 from probekit.segmentation import IGNORE, mean_iou, pixel_accuracy
 
 if TYPE_CHECKING:
-    from probekit.dense import DenseData, DenseSelection
-    from probekit.probes.base import ProbeOptions
+    import torch
+    import torch.nn.functional as F
 
-__all__ = ["SegHeads", "select", "train_seg_heads"]
+    from probekit.dense import DenseData, DenseSelection
+    from probekit.probes.optim import GridAdamW
+    from probekit.probes.rows import Rows
+else:
+    from probekit._lazy import LazyAttributes, lazy_module
+
+    torch = lazy_module("torch")
+    F = LazyAttributes("torch.nn.functional")
+
+__all__ = ["Options", "SegHeads", "select", "train_seg_heads"]
+
+
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Linear segmentation: its AdamW lr x wd grid, epochs and images a minibatch."""
+
+    shown = ("lr", "wd", "epoch")
+    lrs: tuple[float, ...] = option(
+        DEFAULT_SEG_LRS,
+        "Linear segmentation: AdamW learning rates (comma list).",
+        "numbers>0",
+        flat="seg_lrs",
+    )
+    wds: tuple[float, ...] = option(
+        DEFAULT_SEG_WDS,
+        "Linear segmentation: weight decays (comma list).",
+        "numbers>=0",
+        flat="seg_wds",
+    )
+    epochs: int = option(
+        DEFAULT_SEG_EPOCHS,
+        "Linear segmentation: passes over the train images.",
+        "count",
+        flat="seg_epochs",
+    )
+    batch_size: int = option(
+        DEFAULT_SEG_BATCH_SIZE,
+        "Linear segmentation: images a minibatch.",
+        "count",
+        flat="seg_batch_size",
+    )
+
 
 # logits upsampled at once: at most this many float32 values (the loss's activations are a
 # few times this), whatever the batch
@@ -192,6 +235,63 @@ def _scores(
     return np.nan_to_num(miou, nan=0.0), np.nan_to_num(acc, nan=0.0)
 
 
+class _Grid:
+    """Linear segmentation heads as a `GridModel`: each batch updates the batch-norm's running
+    statistics, then AdamW steps on the heads' summed losses, taken in parts of at most
+    LOGIT_VALUES upsampled logits (batch statistics do not depend on the heads, so the parts'
+    gradients add up to the whole batch's)."""
+
+    def __init__(
+        self, heads: SegHeads, opt: GridAdamW, width: int, n_classes: int, size: tuple[int, int]
+    ):
+        self.heads, self.opt, self.width, self.n_classes, self.size = (
+            heads,
+            opt,
+            width,
+            n_classes,
+            size,
+        )
+        n_feat, n_cfg = heads.shape
+        self.step_images = parts(n_feat * n_cfg * n_classes * size[0] * size[1])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        h = self.heads
+        return {**h.params, "running_mean": h.running_mean, "running_var": h.running_var}
+
+    def update(self, xb: torch.Tensor, yb: torch.Tensor, scale: float, step: int) -> None:
+        heads, params = self.heads, self.heads.params
+        n_feat, n_cfg = heads.shape
+        x_b = _tokens(xb, self.width, heads.concat)
+        mean, var, unbiased = _batch_stats(x_b)
+        with torch.no_grad():
+            heads.running_mean.lerp_(mean, BN_MOMENTUM)
+            heads.running_var.lerp_(unbiased, BN_MOMENTUM)
+        target = yb.long()
+        scored = (target != IGNORE).sum().clamp_min(1)
+        grads = [torch.zeros_like(p) for p in params.values()]
+        every = self.step_images
+        for s in range(0, len(target), every):
+            logits = heads.logits(x_b[:, s : s + every], self.size, mean, var)
+            t = target[s : s + every]
+            loss = (
+                F.cross_entropy(
+                    logits.reshape(-1, self.n_classes, *self.size),
+                    t.repeat(n_feat * n_cfg, 1, 1),
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                )
+                / scored
+            )
+            for total_g, g in zip(
+                grads, torch.autograd.grad(loss, list(params.values())), strict=True
+            ):
+                total_g += g
+        self.opt.step(grads, scale)
+
+    def scores(self, rows: Rows, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return _scores(self.heads, rows, y, self.n_classes, self.width)
+
+
 def train_seg_heads(
     x: torch.Tensor | Rows,
     masks: torch.Tensor,
@@ -209,7 +309,8 @@ def train_seg_heads(
     window: int | None = None,
     concat: bool = False,
 ) -> SegHeads:
-    """Train every (feature, lr, wd) linear segmentation head on the same minibatches.
+    """Train every (feature, lr, wd) linear segmentation head on the same minibatches (the
+    grid trainer).
 
     x: (L, N, T*D) token rows of L features of one shape (T = gh*gw tokens of width D), or
     streamed `Rows` (with `concat`, the L layers side by side as one feature of width L*D);
@@ -220,6 +321,10 @@ def train_seg_heads(
     trained alone). With validation rows each head keeps its best epoch (mIoU, then pixel
     accuracy); without, its last.
     """
+    from probekit.probes.grid import train_grid, warmup_cosine_schedule
+    from probekit.probes.optim import GridAdamW
+    from probekit.probes.rows import Rows
+
     rows = x if isinstance(x, Rows) else Rows.of(x)
     val = None if x_val is None else (x_val if isinstance(x_val, Rows) else Rows.of(x_val))
     grid_list = [(lr, wd) for lr in lrs for wd in wds]
@@ -228,7 +333,6 @@ def train_seg_heads(
         n_feat, d = 1, width * rows.layers
     n_cfg = len(grid_list)
     device = rows.device
-    h, w = masks.shape[1:]
     params = _init(n_feat, n_cfg, d, n_classes, seed, device)
     zeros = np.zeros((n_feat, n_cfg))
     state = SegHeads(
@@ -241,77 +345,34 @@ def train_seg_heads(
         zeros.copy(),
         concat,
     )
-    best = SegHeads(
-        {k: v.detach().clone() for k, v in params.items()},
-        state.running_mean.clone(),
-        state.running_var.clone(),
-        grid,
-        np.zeros((n_feat, n_cfg), int),
-        np.full((n_feat, n_cfg), -1.0),
-        np.full((n_feat, n_cfg), -1.0),
-        concat,
-    )
     opt = GridAdamW(params, [lr for lr, _ in grid_list], [wd for _, wd in grid_list], DECAYED)
-    steps = max(1, math.ceil(n / batch_size))
-    total = epochs * steps
-    warmup = max(1, min(steps, total // 10))
-    window = (n if rows.resident else rows.block) if window is None else window
-    gen = torch.Generator().manual_seed(seed)
-    step_images = parts(n_feat * n_cfg * n_classes * h * w)
-    step = 0
-    masks_dev = masks.to(device)
-    for epoch in range(epochs):
-        for xb, mb in minibatches(rows, masks_dev, batch_size, window, gen):
-            x_b = _tokens(xb, width, concat)
-            mean, var, unbiased = _batch_stats(x_b)
-            with torch.no_grad():
-                state.running_mean.lerp_(mean, BN_MOMENTUM)
-                state.running_var.lerp_(unbiased, BN_MOMENTUM)
-            target = mb.long()
-            scored = (target != IGNORE).sum().clamp_min(1)
-            grads = [torch.zeros_like(p) for p in params.values()]
-            for s in range(0, len(target), step_images):
-                logits = state.logits(x_b[:, s : s + step_images], (h, w), mean, var)
-                t = target[s : s + step_images]
-                loss = (
-                    F.cross_entropy(
-                        logits.reshape(-1, n_classes, h, w),
-                        t.repeat(n_feat * n_cfg, 1, 1),
-                        ignore_index=IGNORE,
-                        reduction="sum",
-                    )
-                    / scored
-                )
-                for total_g, g in zip(
-                    grads, torch.autograd.grad(loss, list(params.values())), strict=True
-                ):
-                    total_g += g
-            step += 1
-            opt.step(grads, warmup_cosine(step, warmup, total))
-        if val is not None and masks_val is not None:
-            miou, pix = _scores(state, val, masks_val, n_classes, width)
-            better = (miou > best.val_miou) | ((miou == best.val_miou) & (pix > best.val_acc))
-            if better.any():
-                keep = torch.from_numpy(better).to(device)
-                for k, v in params.items():
-                    best.params[k][keep] = v.detach()[keep]
-                best.running_mean[keep] = state.running_mean[keep]
-                best.running_var[keep] = state.running_var[keep]
-                best.epoch[better], best.val_miou[better] = epoch + 1, miou[better]
-                best.val_acc[better] = pix[better]
-    if val is not None:
-        return best
+    h, w = masks.shape[1:]
+    model = _Grid(state, opt, width, n_classes, (int(h), int(w)))
+    fit = train_grid(
+        model,
+        rows,
+        masks.to(device),
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        schedule=warmup_cosine_schedule(max(1, math.ceil(n / batch_size))),
+        val=val,
+        y_val=masks_val,
+        window=window,
+    )
     state.params = {k: v.detach() for k, v in params.items()}
+    if val is not None:
+        state.epoch, state.val_miou, state.val_acc = fit.epoch, fit.main, fit.tie
     return state
 
 
-def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
+def select(data: DenseData, options: Options) -> DenseSelection:
     """Every (layer, lr, wd) head trained together (layers of one token shape as one batched
     pass), plus the last four layers concatenated where four layers of one shape are stored;
     the head of the best validation mIoU (then pixel accuracy) is chosen."""
     from probekit.dense import DenseSelection
 
-    grid_list = [(lr, wd) for lr in options.seg_lrs for wd in options.seg_wds]
+    grid_list = [(lr, wd) for lr in options.lrs for wd in options.wds]
     n_classes = data.n_classes
     # layers of one shape in one pass; the last four of the last shape, concatenated, in its own
     groups = data.groups()
@@ -331,11 +392,11 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
             n_classes,
             grid,
             d,
-            options.seg_lrs,
-            options.seg_wds,
-            epochs=options.seg_epochs,
-            batch_size=min(options.seg_batch_size, max(1, x.n)),
-            seed=options.seed,
+            options.lrs,
+            options.wds,
+            epochs=options.epochs,
+            batch_size=min(options.batch_size, max(1, x.n)),
+            seed=data.options.seed,
             x_val=xv,
             masks_val=data.val_masks,
             concat=concat,
@@ -360,7 +421,7 @@ def select(data: DenseData, options: ProbeOptions) -> DenseSelection:
         "wd": wd,
         "epoch": int(head.epoch[0, 0]),
         "layers": [n.split("/")[0] for n in names],
-        "batch_size": min(options.seg_batch_size, len(data.fit_rows)),
+        "batch_size": min(options.batch_size, len(data.fit_rows)),
         "optimizer": "adamw",
         "val_miou": float(head.val_miou[0, 0]),
         "val_pixel_acc": float(head.val_acc[0, 0]),

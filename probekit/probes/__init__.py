@@ -5,43 +5,29 @@ heads, logistic regression), and one evaluation on test (and transfer targets) f
 Every hyperparameter (feature, lr, wd, epoch, C) is chosen on a validation holdout carved from
 the train split (or a real `val` split); the chosen probe is evaluated once on the test split.
 
-    rows.py    Rows (standardized features, held or streamed), statistics, the holdout
-    base.py    ProbeOptions, ProbeData, Selection
-    linear.py  batched linear heads        logreg.py  logistic regression (L-BFGS)
+    run.py      `probe`: the data, every method's selection, one evaluation on test
+    rows.py     Rows (standardized features, held or streamed), statistics, the holdout
+    base.py     ProbeOptions, ProbeData, Selection        options.py  a method's own options
+    grid.py     the grid trainer (every head trained over cached rows, best epoch and head)
+    linear.py, logreg.py, attentive.py, mlp.py: the methods (`probekit.methods` names them)
+
+Names load on first use: the CLI reads the methods' options without loading torch.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from probekit._lazy import lazy_names
 
-from probekit.cache.store import FeatureStore, open_for_reading, open_store
-from probekit.defaults import DEFAULT_CS, DEFAULT_LRS, DEFAULT_WDS
-from probekit.errors import ProbekitError
-from probekit.evaluation import check_labels, classification_records, warned
-from probekit.methods import PROBE_METHODS
-from probekit.metrics import (
-    bootstrap_ci,
-    expected_calibration_error,
-    fit_temperature,
-    reliability_bins,
-)
-from probekit.probes.base import (
-    Feature,
-    ProbeData,
-    ProbeOptions,
-    Selection,
-    ranked_classes,
-)
-from probekit.probes.linear import LinearHeads, train_linear_heads
-from probekit.probes.logreg import fit_logreg, logreg_objective
-from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
-from probekit.records import Record, write_records
+if TYPE_CHECKING:
+    from probekit.defaults import DEFAULT_CS, DEFAULT_LRS, DEFAULT_WDS
+    from probekit.metrics import bootstrap_ci
+    from probekit.probes.base import Feature, ProbeData, ProbeOptions, Selection
+    from probekit.probes.linear import LinearHeads, train_linear_heads
+    from probekit.probes.logreg import fit_logreg, logreg_objective
+    from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
+    from probekit.probes.run import ProbeRecord, ProbeResult, probe
 
 __all__ = [
     "DEFAULT_CS",
@@ -65,309 +51,27 @@ __all__ = [
     "train_linear_heads",
 ]
 
-# a probe's result line is a `Record` (kind "probe", hyper: the configuration chosen)
-ProbeRecord = Record
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Every record of one `probe` call; `selected[method]` is the winning configuration."""
-
-    records: list[Record]
-    selected: dict[str, dict[str, Any]]
-    path: str | None = None
-
-    def value(self, metric: str, *, method: str, split: str | None = None) -> float:
-        hits = [
-            r
-            for r in self.records
-            if r.metric == metric and r.method == method and (split is None or r.split == split)
-        ]
-        if len(hits) != 1:
-            raise ProbekitError(f"{len(hits)} records match {metric} {method} {split}.")
-        return hits[0].value
-
-    def table(self) -> list[list[str]]:
-        """Header and rows: each method's chosen probe on each evaluated dataset (test top-1
-        with its interval, top-5, balanced accuracy) beside what validation chose."""
-        out = [
-            [
-                "method",
-                "feature",
-                "chosen on validation",
-                "val top-1",
-                "dataset",
-                "test top-1 [95% CI]",
-                "top-5",
-                "balanced",
-                "train top-1",
-                "ECE (scaled)",
-            ]
-        ]
-        for m, cfg in self.selected.items():
-            if PROBE_METHODS[m].dense:
-                continue  # `dense_table`
-            hyper = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in cfg.items()
-                if k not in ("feature", "val_top1")
-            )
-            rec = {(r.metric, r.dataset): r for r in self.records if r.method == m}
-            train = next(r for r in self.records if r.method == m and r.metric == "train_top1")
-            for (metric, dataset), r in rec.items():
-                if metric != "top1":
-                    continue
-                lo, hi = r.extra["ci95"]
-                out.append(
-                    [
-                        m,
-                        str(cfg["feature"]),
-                        hyper,
-                        f"{100 * cfg['val_top1']:.2f}",
-                        dataset,
-                        f"{100 * r.value:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]",
-                        f"{100 * rec[('top5', dataset)].value:.2f}",
-                        f"{100 * rec[('balanced_accuracy', dataset)].value:.2f}",
-                        f"{100 * train.value:.2f}"
-                        + (" (underfit)" if train.extra["underfit"] else ""),
-                        _ece_text(rec.get(("ece", dataset)), rec.get(("ece_ts", dataset))),
-                    ]
-                )
-        return out
-
-    def dense_table(self) -> list[list[str]]:
-        """Header and rows: each dense method's chosen probe (test mIoU and pixel accuracy
-        with their intervals over images) beside what validation chose."""
-        out = [
-            [
-                "method",
-                "feature",
-                "chosen on validation",
-                "val mIoU",
-                "test mIoU [95% CI]",
-                "pixel acc [95% CI]",
-            ]
-        ]
-        for m, cfg in self.selected.items():
-            if not PROBE_METHODS[m].dense:
-                continue
-            shown = PROBE_METHODS[m].shown
-            hyper = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in cfg.items()
-                if k in shown
-            )
-            rec = {r.metric: r for r in self.records if r.method == m and r.split != "val"}
-            cells = []
-            for metric in ("miou", "pixel_acc"):
-                r = rec[metric]
-                lo, hi = r.extra["ci95"]
-                cells.append(f"{100 * r.value:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]")
-            out.append([m, str(cfg["feature"]), hyper, f"{100 * cfg['val_miou']:.2f}", *cells])
-        return out
-
-
-def _ece_text(ece: Record | None, scaled: Record | None) -> str:
-    if ece is None or scaled is None:
-        return "-"
-    return f"{100 * ece.value:.1f} ({100 * scaled.value:.1f})"
-
-
-def probe(
-    source: FeatureStore | str | os.PathLike[str],
-    *,
-    eval_on: Sequence[FeatureStore | str | os.PathLike[str]] = (),
-    options: ProbeOptions | None = None,
-    **changes: Any,
-) -> ProbeResult:
-    """Train probes on every stored feature and report the one chosen on validation data.
-
-    linear: G = features x lrs x wds heads trained together on each minibatch (one batched
-    matmul), epoch and head chosen on validation accuracy. logreg: multinomial L2 logistic
-    regression by L-BFGS along the C path (warm starts), C and feature chosen on validation,
-    then refit on train + validation. The chosen probe is evaluated once on `test_split`, and
-    on the test splits of the `eval_on` stores (transfer; same class names needed).
-    `options` and keyword `changes`: the fields of `ProbeOptions` (method, features, holdout,
-    seed, lrs, wds, epochs, batch_size, optimizer, cs, tol, dtype, device, memory_mb,
-    allow_partial, test_split, write), each checked before any work. Features are held on the
-    device when they fit `memory_mb` (default: half the free memory), else streamed.
-    """
-    opts = ProbeOptions.of(options, **changes)
-    store = open_for_reading(source, allow_partial=opts.allow_partial)
-    dense = [m for m in opts.methods if PROBE_METHODS[m].dense]
-    flat = [m for m in opts.methods if not PROBE_METHODS[m].dense]
-    if dense and eval_on:
-        raise ProbekitError("dense probes (linseg, dense-knn) have no transfer evaluation yet.")
-    data = ProbeData.prepare(store, replace(opts, method=flat)) if flat else None
-    targets = [o if isinstance(o, FeatureStore) else open_store(o) for o in eval_on]
-    selections = [PROBE_METHODS[m].select()(data, opts) for m in flat]
-    info = store.info
-    base = Record(
-        "probe",
-        info.label,
-        info.dataset.spec,
-        train_dataset=info.dataset.spec,  # kept when `dataset` is a transfer target
-        backbone=info.backbone.name,
-        weights=info.weights_source,
-    )
-    base = warned(base, data.warnings if data else info.dataset.warnings, info.dataset.spec)
-    # validation accuracy of every feature's best probe (what selection saw): layer curves
-    records = [
-        replace(
-            base,
-            split="val",
-            feature=name,
-            method=sel.method,
-            metric="val_top1",
-            value=float(acc),
-            n=len(data.val_y) if data else 0,
-            hyper=cfg,
-        )
-        for sel in selections
-        for name, cfg, acc in sel.curve
-    ]
-    for sel in selections:
-        assert data is not None
-        records += _evaluate(sel, data, targets, base)
-    selected = {s.method: s.config for s in selections}
-    if dense:
-        from probekit.dense import dense_records
-
-        dense_recs, dense_selected = dense_records(store, opts, dense, base)
-        records += dense_recs
-        selected.update(dense_selected)
-    path = None
-    if opts.write:
-        config = [
-            opts.method,
-            data.names if data else list(opts.features or store.token_names),
-            opts.holdout,
-            opts.seed,
-            opts.lrs,
-            opts.wds,
-            opts.epochs,
-            opts.batch_size,
-            opts.optimizer,
-            opts.cs,
-            opts.tol,
-            *(
-                [opts.attn_lrs, opts.attn_wds, opts.queries, opts.attn_heads, opts.position]
-                if "attentive" in opts.methods
-                else []
-            ),
-            *(
-                [opts.seg_lrs, opts.seg_wds, opts.seg_epochs, opts.seg_batch_size]
-                if "linseg" in opts.methods
-                else []
-            ),
-            *([opts.dense_ks] if "dense-knn" in opts.methods else []),
-            opts.dtype,
-            opts.test_split,
-            [str(getattr(o, "path", o)) for o in eval_on],
-        ]
-        path = write_records(store.path, "probe", config, records, opts.out)
-    return ProbeResult(records, selected, path)
-
-
-def _evaluate(
-    sel: Selection, data: ProbeData, targets: Sequence[FeatureStore], base: Record
-) -> list[Record]:
-    """The only place the test split is read: the chosen probe's train top-1 (and whether it
-    underfits), then its metrics on test and on every transfer target."""
-    store, f, cfg = data.store, sel.feature, sel.config
-    split = data.options.test_split
-    evals = [(store, base.dataset)]
-    for other in targets:
-        _check_transfer(store, other, f.name)
-        evals.append((other, other.info.dataset.spec))
-    at = replace(base, feature=f.name, method=sel.method, hyper=cfg)
-    with torch.no_grad():
-        train_top1 = sel.train_top1()
-        # temperature scaling, fitted on validation logits of a classifier that never saw
-        # those rows (logreg: its solution before the refit on train + validation)
-        val_logits = sel.val_logits
-        if val_logits is None:
-            val_rows = sel.rows(store, data.val_split, data.val_rows, data.budget)
-            val_logits = sel.all_logits(val_rows)
-        temperature = fit_temperature(val_logits, data.val_y.cpu().numpy())
-        # underfitting: the probe fits its own training data hardly better than held-out data
-        underfit = train_top1 < 0.95 and train_top1 - cfg["val_top1"] < 0.02
-        records = [
-            replace(
-                at,
-                split="train",
-                metric="train_top1",
-                n=len(sel.train_y),
-                value=train_top1,
-                extra={"underfit": underfit},
-            )
-        ]
-        for st, spec in evals:
-            usable = st.usable(split)
-            rows = np.flatnonzero(usable)
-            x = sel.rows(st, split, rows, data.budget)
-            y = st.labels(split)[rows]
-            if st is not store:  # map the other store's class ids onto ours by name
-                ids = {c: i for i, c in enumerate(store.class_names)}
-                y = np.array([ids[st.class_names[t]] for t in y], dtype=np.int64)
-            # test classes the probe never saw in training cap the score: said, with counts
-            seen = np.concatenate([data.fit_y.cpu().numpy(), data.val_y.cpu().numpy()])
-            absent = check_labels(seen, y, store.class_names, who="a probe")
-            logits = sel.all_logits(x)
-            ranked = ranked_classes(logits)
-            split_at = warned(replace(at, dataset=spec, split=split), absent, spec)
-            recs, _ = classification_records(
-                ranked,
-                y,
-                data.n_classes,
-                split_at,
-                seed=data.options.seed,
-                scored=usable,
-                fingerprint=st.fingerprint,
-            )
-            records += recs + calibration_records(
-                logits, y, temperature, replace(split_at, n=len(y)), sel.config.get("refit")
-            )
-    return records
-
-
-def calibration_records(
-    logits: np.ndarray, y: np.ndarray, temperature: float, at: Record, refit: str | None
-) -> list[Record]:
-    """ECE (15 bins) of the probe's softmax on these rows, before (`ece`) and after (`ece_ts`)
-    temperature scaling by `temperature`, each with its reliability diagram's bins."""
-    out = []
-    for metric, t in (("ece", 1.0), ("ece_ts", temperature)):
-        conf, acc, count = reliability_bins(logits / t, y)
-        bins = {
-            "confidence": [None if np.isnan(v) else float(v) for v in conf],
-            "accuracy": [None if np.isnan(v) else float(v) for v in acc],
-            "count": [int(v) for v in count],
-        }
-        extra: dict[str, Any] = {**at.extra, "temperature": t, "bins": bins}
-        if metric == "ece_ts" and refit:
-            extra["temperature_fit_on"] = f"validation, by the solution before the {refit} refit"
-        out.append(
-            replace(
-                at,
-                metric=metric,
-                value=expected_calibration_error(logits / t, y),
-                extra=extra,
-            )
-        )
-    return out
-
-
-def _check_transfer(src: FeatureStore, dst: FeatureStore, name: str) -> None:
-    missing = sorted(set(dst.class_names) - set(src.class_names))
-    if missing:
-        raise ProbekitError(
-            f"cannot evaluate on {dst.info.dataset.spec}: classes {missing[:5]} are not "
-            "among the probe's training classes."
-        )
-    held = name in dst.token_names or dst.has_feature(name)
-    if not held or not src.info.same_model(dst.info):
-        raise ProbekitError(
-            f"cannot evaluate on {dst.path.name}: it does not hold feature {name!r} of the same "
-            "backbone and weights; extract it with the same options."
-        )
+__getattr__ = lazy_names(
+    globals(),
+    {
+        "DEFAULT_CS": "probekit.defaults",
+        "DEFAULT_LRS": "probekit.defaults",
+        "DEFAULT_WDS": "probekit.defaults",
+        "Feature": "probekit.probes.base",
+        "LinearHeads": "probekit.probes.linear",
+        "ProbeData": "probekit.probes.base",
+        "ProbeOptions": "probekit.probes.base",
+        "ProbeRecord": "probekit.probes.run",
+        "ProbeResult": "probekit.probes.run",
+        "Rows": "probekit.probes.rows",
+        "Selection": "probekit.probes.base",
+        "bootstrap_ci": "probekit.probes.run",
+        "feature_stats": "probekit.probes.rows",
+        "fit_logreg": "probekit.probes.logreg",
+        "holdout_split": "probekit.probes.rows",
+        "logreg_objective": "probekit.probes.logreg",
+        "memory_budget": "probekit.probes.rows",
+        "probe": "probekit.probes.run",
+        "train_linear_heads": "probekit.probes.linear",
+    },
+)

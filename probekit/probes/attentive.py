@@ -26,20 +26,60 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from probekit.cache.store import FeatureStore
-from probekit.defaults import ATTN_MIN_STEPS
-from probekit.probes.base import Feature, ProbeData, ProbeOptions, Selection
-from probekit.probes.linear import minibatches
-from probekit.probes.optim import GridAdamW, warmup_cosine
-from probekit.probes.rows import Rows, token_rows
+from probekit.defaults import ATTN_MIN_STEPS, DEFAULT_ATTN_LRS, DEFAULT_ATTN_WDS, DEFAULT_QUERIES
+from probekit.probes.options import MethodOptions, option
 
-__all__ = ["AttentiveHeads", "default_heads", "select", "train_attentive_heads"]
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    from probekit.cache.store import FeatureStore
+    from probekit.probes.base import ProbeData, Selection
+    from probekit.probes.optim import GridAdamW
+    from probekit.probes.rows import Rows
+else:
+    from probekit._lazy import LazyAttributes, lazy_module
+
+    torch = lazy_module("torch")
+    F = LazyAttributes("torch.nn.functional")
+
+__all__ = ["AttentiveHeads", "Options", "default_heads", "select", "train_attentive_heads"]
+
+
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Attentive probes (on token arrays, `extract --tokens`): the AdamW lr x wd grid, learned
+    queries, attention heads (default: width / 64) and the position term; epochs and batch
+    size are the probe's shared ones."""
+
+    shown = ("lr", "wd", "queries", "epoch")
+    lrs: tuple[float, ...] = option(
+        DEFAULT_ATTN_LRS,
+        "Attentive: AdamW learning rates (comma list).",
+        "numbers>0",
+        flat="attn_lrs",
+    )
+    wds: tuple[float, ...] = option(
+        DEFAULT_ATTN_WDS, "Attentive: weight decays (comma list).", "numbers>=0", flat="attn_wds"
+    )
+    queries: int = option(DEFAULT_QUERIES, "Attentive: learned queries.", "count")
+    heads: int | None = option(
+        None,
+        "Attentive: attention heads \\[default: token width / 64].",
+        "count?",
+        flat="attn_heads",
+    )
+    position: Literal["learned", "none"] = option(
+        "learned",
+        "Attentive: learned (a learned position term on the keys) or none.",
+        "choice",
+        choices=("learned", "none"),
+    )
+
 
 # rows scored at once: at most this many bytes of float32 tokens per layer (the activations of
 # a block are a few times this)
@@ -193,10 +233,44 @@ def _score_rows(t: int, d: int) -> int:
 
 
 def _blocks(rows: Rows, size: int) -> Any:
-    """Every row once, in order, at most `size` rows at a time (bounded activations)."""
-    for block in rows.blocks():
-        for s in range(0, block.shape[1], size):
-            yield block[:, s : s + size]
+    from probekit.probes.rows import Bounded
+
+    return Bounded(rows, size).blocks()
+
+
+class _Grid:
+    """Attentive probes as a `GridModel`: autograd on the sum of every probe's mean
+    cross-entropy (each gets its own gradient), AdamW by probe."""
+
+    def __init__(
+        self,
+        heads: AttentiveHeads,
+        opt: GridAdamW,
+        token_shape: tuple[int, int],
+        n_classes: int,
+        dtype: torch.dtype,
+    ):
+        self.heads, self.opt, self.n_classes, self.dtype = heads, opt, n_classes, dtype
+        self.t, self.d = token_shape
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.heads.params
+
+    def update(self, xb: torch.Tensor, yb: torch.Tensor, scale: float, step: int) -> None:
+        params = self.heads.params
+        with _autocast(xb.device):
+            logits = self.heads.logits(_tokens(xb, self.t, self.d, self.dtype))
+        n_layers, n_cfg = self.heads.shape
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, self.n_classes),
+            yb.repeat(n_layers * n_cfg),
+            reduction="sum",
+        ) / len(yb)
+        self.opt.step(torch.autograd.grad(loss, list(params.values())), scale)
+
+    def scores(self, rows: Rows, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        acc, loss = _scores(self.heads, rows, y, self.t, self.d, self.dtype)
+        return acc, -loss
 
 
 def train_attentive_heads(
@@ -215,10 +289,10 @@ def train_attentive_heads(
     seed: int = 0,
     x_val: torch.Tensor | Rows | None = None,
     y_val: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     window: int | None = None,
 ) -> AttentiveHeads:
-    """Train every (layer, lr, wd) attentive probe on the same minibatches.
+    """Train every (layer, lr, wd) attentive probe on the same minibatches (the grid trainer).
 
     x: (L, N, T*D) token rows of L layers of one token shape (T, D), or streamed `Rows`.
     AdamW (betas 0.9, 0.999, eps 1e-8, decoupled weight decay on the weights), a linear warmup
@@ -227,6 +301,12 @@ def train_attentive_heads(
     the same probe trained alone (same seed). With a validation set, each probe keeps its
     weights of its best epoch (accuracy, then lower loss); without, its last.
     """
+    from probekit.errors import OptionError
+    from probekit.probes.grid import train_grid, warmup_cosine_schedule
+    from probekit.probes.optim import GridAdamW
+    from probekit.probes.rows import Rows
+
+    dtype = torch.float32 if dtype is None else dtype
     rows = x if isinstance(x, Rows) else Rows.of(x)
     val = None if x_val is None else (x_val if isinstance(x_val, Rows) else Rows.of(x_val))
     t, d = token_shape
@@ -235,11 +315,8 @@ def train_attentive_heads(
     n_cfg = len(grid)
     nh = heads or default_heads(d)
     if d % nh:
-        from probekit.errors import OptionError
-
         raise OptionError(f"attn_heads {nh} does not divide the token width {d}.")
-    device = rows.device
-    params = _init(n_layers, n_cfg, t, d, n_classes, queries, position, seed, dtype, device)
+    params = _init(n_layers, n_cfg, t, d, n_classes, queries, position, seed, dtype, rows.device)
     state = AttentiveHeads(
         params,
         nh,
@@ -247,62 +324,43 @@ def train_attentive_heads(
         np.zeros((n_layers, n_cfg)),
         np.zeros((n_layers, n_cfg)),
     )
-    best = AttentiveHeads(
-        {k: v.detach().clone() for k, v in params.items()},
-        nh,
-        np.zeros((n_layers, n_cfg), int),
-        np.full((n_layers, n_cfg), -1.0),
-        np.full((n_layers, n_cfg), np.inf),
-    )
     opt = GridAdamW(params, [lr for lr, _ in grid], [wd for _, wd in grid], DECAYED)
-    steps = max(1, math.ceil(n / batch_size))
-    total = epochs * steps
-    warmup = max(1, min(steps, total // 10))
-    window = (n if rows.resident else rows.block) if window is None else window
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    for epoch in range(epochs):
-        for xb, yb in minibatches(rows, y, batch_size, window, gen):
-            with _autocast(device):
-                logits = state.logits(_tokens(xb, t, d, dtype))
-            # every probe's mean cross-entropy, summed: each gets its own gradient
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, n_classes),
-                yb.repeat(n_layers * n_cfg),
-                reduction="sum",
-            ) / len(yb)
-            grads = torch.autograd.grad(loss, list(params.values()))
-            step += 1
-            opt.step(grads, warmup_cosine(step, warmup, total))
-        if val is not None and y_val is not None:
-            acc, vloss = _scores(state, val, y_val, t, d, dtype)
-            better = (acc > best.val_acc) | ((acc == best.val_acc) & (vloss < best.val_loss))
-            if better.any():
-                mask = torch.from_numpy(better).to(device)
-                for k, v in params.items():
-                    best.params[k][mask] = v.detach()[mask]
-                best.epoch[better], best.val_acc[better] = epoch + 1, acc[better]
-                best.val_loss[better] = vloss[better]
-    if val is not None:
-        return best
+    fit = train_grid(
+        _Grid(state, opt, token_shape, n_classes, dtype),
+        rows,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        schedule=warmup_cosine_schedule(max(1, math.ceil(n / batch_size))),
+        val=val,
+        y_val=y_val,
+        window=window,
+    )
     state.params = {k: v.detach() for k, v in params.items()}
+    if val is not None:
+        state.epoch, state.val_acc, state.val_loss = fit.epoch, fit.main, -fit.tie
     return state
 
 
-def select(data: ProbeData, options: ProbeOptions) -> Selection:
+def select(data: ProbeData, options: Options) -> Selection:
     """Every (layer, lr, wd) attentive probe trained together (layers of one token shape as one
     stack), epoch and probe chosen on validation accuracy, then the lower validation loss."""
-    store = data.store
-    grid = [(lr, wd) for lr in options.attn_lrs for wd in options.attn_wds]
+    from probekit.probes.base import Feature, Selection
+    from probekit.probes.grid import best_head
+    from probekit.probes.rows import Bounded, token_rows
+
+    store, shared = data.store, data.options
+    grid = [(lr, wd) for lr in options.lrs for wd in options.wds]
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name in data.token_names:
         by_shape.setdefault(store.token_shape(name), []).append(name)
     best: tuple[tuple[float, float], Any] = ((-1.0, 0.0), None)
     curve: list[tuple[str, dict[str, Any], float]] = []
     streamed = False
-    dtype = options.torch_dtype
+    dtype = shared.torch_dtype
     # a small train split still gets ATTN_MIN_STEPS AdamW steps an epoch
-    batch = min(options.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
+    batch = min(shared.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
     for shape, group in by_shape.items():
         share = data.fit_share
         fit_x = token_rows(
@@ -316,24 +374,23 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
             data.fit_y,
             data.n_classes,
             shape,
-            options.attn_lrs,
-            options.attn_wds,
+            options.lrs,
+            options.wds,
             queries=options.queries,
-            heads=options.attn_heads,
+            heads=options.heads,
             position=options.position == "learned",
-            epochs=options.epochs,
+            epochs=shared.epochs,
             batch_size=batch,
-            seed=options.seed,
+            seed=shared.seed,
             x_val=val_x,
             y_val=data.val_y,
             dtype=dtype,
         )
         del fit_x, val_x
         for li, name in enumerate(group):
-            hd = int(np.lexsort((heads.val_loss[li], -heads.val_acc[li]))[0])
+            _, hd = best_head(heads.val_acc[li : li + 1], -heads.val_loss[li : li + 1])
             curve.append((name, {"lr": grid[hd][0], "wd": grid[hd][1]}, heads.val_acc[li, hd]))
-        flat = np.lexsort((heads.val_loss.ravel(), -heads.val_acc.ravel()))[0]
-        li, hd = (int(v) for v in np.unravel_index(int(flat), heads.val_acc.shape))
+        li, hd = best_head(heads.val_acc, -heads.val_loss)
         score = (float(heads.val_acc[li, hd]), float(-heads.val_loss[li, hd]))
         if score > best[0]:
             best = (score, (group[li], heads.one(li, hd), hd, shape))
@@ -344,7 +401,7 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
         "lr": grid[hd][0],
         "wd": grid[hd][1],
         "epoch": int(chosen.epoch[0, 0]),
-        "epochs": options.epochs,
+        "epochs": shared.epochs,
         "batch_size": batch,
         "queries": options.queries,
         "attn_heads": chosen.heads,
@@ -363,7 +420,7 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
             return logits.float()
 
     def reader(st: FeatureStore, split: str, rows: np.ndarray, budget: int) -> Rows:
-        return _Bounded(token_rows(st, split, [name], rows, budget, data.device), _score_rows(t, d))
+        return Bounded(token_rows(st, split, [name], rows, budget, data.device), _score_rows(t, d))
 
     feature = Feature(name, torch.zeros(0), torch.ones(0))
     return Selection(
@@ -378,18 +435,3 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
         scorer,
         reader,
     )
-
-
-class _Bounded(Rows):
-    """Rows given in blocks of at most `size` rows (an attentive probe's activations grow with
-    the block; a resident split is still read once)."""
-
-    def __init__(self, rows: Rows, size: int):
-        super().__init__(rows.n, rows.layers, rows.width, dtype=rows.dtype, device=rows.device)
-        self.inner, self.size = rows, size
-
-    def take(self, positions: np.ndarray) -> torch.Tensor:
-        return self.inner.take(positions)
-
-    def blocks(self) -> Any:
-        yield from _blocks(self.inner, self.size)

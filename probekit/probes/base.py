@@ -4,38 +4,22 @@ feature rows and labels of the fit and validation parts, read once for every met
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from probekit.cache.store import FeatureStore
-from probekit.defaults import (
-    DEFAULT_ATTN_LRS,
-    DEFAULT_ATTN_WDS,
-    DEFAULT_CS,
-    DEFAULT_DENSE_KS,
-    DEFAULT_EPOCHS,
-    DEFAULT_HOLDOUT,
-    DEFAULT_LRS,
-    DEFAULT_PROBE_BATCH_SIZE,
-    DEFAULT_QUERIES,
-    DEFAULT_SEG_BATCH_SIZE,
-    DEFAULT_SEG_EPOCHS,
-    DEFAULT_SEG_LRS,
-    DEFAULT_SEG_WDS,
-    DEFAULT_TOL,
-    DEFAULT_WDS,
-)
-from probekit.errors import OptionError, ProbekitError, choice
+from probekit.defaults import DEFAULT_EPOCHS, DEFAULT_HOLDOUT, DEFAULT_PROBE_BATCH_SIZE
+from probekit.errors import OptionError, ProbekitError, choice, close_matches
 from probekit.evaluation import check_labels
-from probekit.methods import PROBE_METHODS, default_probes
+from probekit.methods import PROBE_METHODS, default_probes, method_flags
+from probekit.probes.options import MethodOptions
 from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
-from probekit.specs import as_ints, is_count, options_of, parse_list
+from probekit.specs import is_count, parse_list
 
 __all__ = [
     "Feature",
@@ -47,53 +31,27 @@ __all__ = [
 ]
 
 
-def _positive_numbers(name: str, values: Sequence[float], zero: bool = False) -> tuple[float, ...]:
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} takes a list of numbers, not {values!r}.") from None
-    if not out or any(not math.isfinite(v) or v < 0 or (v == 0 and not zero) for v in out):
-        least = "0 or more" if zero else "above 0"
-        raise OptionError(f"{name} must be a non-empty list of numbers {least}, got {values!r}.")
-    return out
-
-
 @dataclass(frozen=True)
 class ProbeOptions:
-    """Every option of `probe` with its default, checked when made.
+    """The options every probe method shares, and each method's own (`settings`), checked
+    when made.
 
-    method: a probe method of the registry (`probekit.methods`: linear, logreg), a comma list
-    of them, or "both" (every method). features: the stored features to probe (default: all).
-    holdout: the validation share of train when the store has no `val` split. linear heads:
-    lrs (scaled by batch_size / 256), wds, epochs, batch_size, optimizer (sgd or adamw).
-    logreg: cs (the C path), tol (L-BFGS gradient tolerance), refit on train + validation.
-    attentive (on token arrays, `extract --tokens`): attn_lrs x attn_wds (AdamW), queries
-    (learned queries), attn_heads (default: width / 64), position ("learned": a learned
-    position term in the attention logits; "none": order-blind), epochs and batch_size shared.
-    dtype: float32 or float64; memory_mb: features held at once, beyond it streamed.
+    method: a probe method of the registry (`probekit.methods`), a comma list of them, or
+    "both" (the default methods). features: the stored features to probe (default: all).
+    holdout: the validation share of train when the store has no `val` split. epochs and
+    batch_size: the grid trainer's passes and minibatch (linear heads, attentive and MLP
+    probes). dtype: float32 or float64; memory_mb: features held at once, beyond it streamed.
+    settings: each method's `Options` (`probekit.methods.PROBE_METHODS[m].options`); a method
+    not named there has its defaults. `ProbeOptions.of` also takes a method's options by their
+    flat names (`lrs`, `cs`, `attn_lrs`, `seg_epochs`, `dense_ks`, `mlp_widths`, ...).
     """
 
     method: str | Sequence[str] = "both"
     features: str | Sequence[str] | None = None
     holdout: float = DEFAULT_HOLDOUT
     seed: int = 0
-    lrs: Sequence[float] = DEFAULT_LRS
-    wds: Sequence[float] = DEFAULT_WDS
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = DEFAULT_PROBE_BATCH_SIZE
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    cs: Sequence[float] = DEFAULT_CS
-    tol: float = DEFAULT_TOL
-    attn_lrs: Sequence[float] = DEFAULT_ATTN_LRS
-    attn_wds: Sequence[float] = DEFAULT_ATTN_WDS
-    queries: int = DEFAULT_QUERIES
-    attn_heads: int | None = None
-    position: Literal["learned", "none"] = "learned"
-    seg_lrs: Sequence[float] = DEFAULT_SEG_LRS
-    seg_wds: Sequence[float] = DEFAULT_SEG_WDS
-    seg_epochs: int = DEFAULT_SEG_EPOCHS
-    seg_batch_size: int = DEFAULT_SEG_BATCH_SIZE
-    dense_ks: Sequence[int] = DEFAULT_DENSE_KS
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
     memory_mb: int | None = None
@@ -101,6 +59,7 @@ class ProbeOptions:
     test_split: str = "test"
     write: bool = True
     out: str | os.PathLike[str] | None = None  # where records go (default: beside the store)
+    settings: Mapping[str, MethodOptions] = field(default_factory=dict)
     methods: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -118,39 +77,75 @@ class ProbeOptions:
             object.__setattr__(self, "features", tuple(names))
         if not 0 < float(self.holdout) < 1:
             raise OptionError(f"holdout must be a fraction in (0, 1), not {self.holdout!r}.")
-        for name in ("epochs", "batch_size", "queries", "seg_epochs", "seg_batch_size"):
+        for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not is_count(value):
                 raise OptionError(f"{name} must be a positive integer, not {value!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
-            raise OptionError(f"tol must be a positive number, not {self.tol!r}.")
         mb = self.memory_mb
         if mb is not None and not is_count(mb):
             raise OptionError(f"memory_mb must be a positive number of MiB, not {mb!r}.")
-        heads = self.attn_heads
-        if heads is not None and not is_count(heads):
-            raise OptionError(f"attn_heads must be a positive integer, not {heads!r}.")
-        choice("position", self.position, ("learned", "none"))
-        choice("optimizer", self.optimizer, ("sgd", "adamw"))
         choice("dtype", self.dtype, ("float32", "float64"))
-        object.__setattr__(self, "lrs", _positive_numbers("lrs", self.lrs))
-        object.__setattr__(self, "wds", _positive_numbers("wds", self.wds, zero=True))
-        object.__setattr__(self, "cs", _positive_numbers("cs", self.cs))
-        object.__setattr__(self, "attn_lrs", _positive_numbers("attn_lrs", self.attn_lrs))
-        object.__setattr__(self, "attn_wds", _positive_numbers("attn_wds", self.attn_wds, True))
-        object.__setattr__(self, "seg_lrs", _positive_numbers("seg_lrs", self.seg_lrs))
-        object.__setattr__(self, "seg_wds", _positive_numbers("seg_wds", self.seg_wds, True))
-        ks = as_ints(self.dense_ks, "dense_ks")
-        if not ks or min(ks) < 1:
-            raise OptionError(
-                f"dense_ks must be positive integers such as 10,30, not {self.dense_ks!r}."
-            )
-        object.__setattr__(self, "dense_ks", tuple(sorted(set(ks))))
+        for m, given in self.settings.items():
+            choice("settings", m, list(PROBE_METHODS))
+            if type(given) is not PROBE_METHODS[m].options:
+                raise OptionError(
+                    f"settings[{m!r}] must be {m}'s options "
+                    f"(probekit.methods.PROBE_METHODS[{m!r}].options), not {type(given).__name__}."
+                )
+        object.__setattr__(self, "settings", dict(self.settings))
+
+    def of_method(self, method: str) -> MethodOptions:
+        """`method`'s own options: as given, else its defaults."""
+        given = self.settings.get(method)
+        return given if given is not None else PROBE_METHODS[method].options()
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every name `of` takes: the shared options, then every method's flat names."""
+        shared = [f.name for f in fields(cls) if f.init and f.name != "settings"]
+        return [*shared, "settings", *method_flags()]
 
     @classmethod
     def of(cls, options: ProbeOptions | None = None, **changes: Any) -> ProbeOptions:
-        """`options` (default: the defaults) with `changes`; an unknown name is an error."""
-        return options_of(cls, "probe", options, changes)
+        """`options` (default: the defaults) with `changes`: shared options by name, a
+        method's own by its flat name (`attn_lrs=...`); an unknown name is an error."""
+        known, flags = cls.names(), method_flags()
+        for name in changes:
+            if name not in known:
+                raise OptionError(f"probe has no option {name!r}." + close_matches(name, known))
+        shared = [f.name for f in fields(cls) if f.init]
+        current = {} if options is None else {k: getattr(options, k) for k in shared}
+        current.update((k, v) for k, v in changes.items() if k not in flags)
+        settings = dict(current.get("settings") or {})
+        per: dict[str, dict[str, Any]] = {}
+        for flat, value in changes.items():
+            if flat in flags:
+                per.setdefault(flags[flat].method, {})[flags[flat].name] = value
+        for m, values in per.items():
+            settings[m] = replace(settings.get(m) or PROBE_METHODS[m].options(), **values)
+        return cls(**{**current, "settings": settings})
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> ProbeOptions:
+        """Options of the entries of `values` that are options (a command's arguments, each
+        by its option's name), the others left out."""
+        known = set(cls.names())
+        return cls.of(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """What decides the result of `probe` (the record file's hash): the shared options
+        and the options of each method run."""
+        return {
+            "methods": list(self.methods),
+            "features": list(self.features or ()),
+            "holdout": self.holdout,
+            "seed": self.seed,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "dtype": self.dtype,
+            "test_split": self.test_split,
+            "settings": {m: self.of_method(m).to_dict() for m in self.methods},
+        }
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

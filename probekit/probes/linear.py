@@ -3,18 +3,46 @@ same minibatches in one batched matmul, each keeping its best epoch on validatio
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
-import torch
 
-from probekit.probes.base import ProbeData, ProbeOptions, Selection
-from probekit.probes.rows import Rows, gather, log_softmax_
+from probekit.defaults import DEFAULT_LRS, DEFAULT_WDS
+from probekit.probes.options import MethodOptions, option
 
-__all__ = ["LinearHeads", "minibatches", "select", "train_linear_heads"]
+if TYPE_CHECKING:
+    import torch
+
+    from probekit.probes.base import ProbeData, Selection
+    from probekit.probes.rows import Rows
+else:
+    from probekit._lazy import lazy_module
+
+    torch = lazy_module("torch")
+
+__all__ = ["LinearHeads", "Options", "minibatches", "select", "train_linear_heads"]
+
+
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Linear heads: the lr x wd grid (lrs scaled by batch_size / 256) and the optimizer;
+    epochs and batch size are the probe's shared ones."""
+
+    shown = ("lr", "wd", "epoch", "optimizer")
+    lrs: tuple[float, ...] = option(DEFAULT_LRS, "Linear heads: learning rates.", "numbers>0")
+    wds: tuple[float, ...] = option(DEFAULT_WDS, "Linear heads: weight decays.", "numbers>=0")
+    optimizer: Literal["sgd", "adamw"] = option(
+        "sgd", "Linear heads: sgd or adamw.", "choice", choices=("sgd", "adamw")
+    )
+
+
+def minibatches(*args: Any, **kwargs: Any) -> Any:
+    """`probekit.probes.grid.minibatches`."""
+    from probekit.probes.grid import minibatches as batches
+
+    return batches(*args, **kwargs)
 
 
 @dataclass
@@ -52,57 +80,10 @@ def _softmax_minus_onehot(heads: LinearHeads, xb: torch.Tensor, yb: torch.Tensor
     return p
 
 
-def minibatches(
-    rows: Rows, y: torch.Tensor, batch_size: int, window: int, gen: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of minibatches. With every row in memory, a plain shuffle; otherwise a
-    windowed one: blocks of consecutive rows (a 64th of a window, at least 16 rows) in random
-    order, `window` rows loaded at a time and shuffled, a batch that straddles two windows
-    completed from the next."""
-    n = rows.n
-    if window >= n:
-        windows = [(np.arange(n), torch.randperm(n, generator=gen))]
-    else:
-        # many small blocks a window: rows stored sorted by class still mix in every batch
-        block = max(1, window // 64, min(window, 16))
-        starts = torch.randperm(math.ceil(n / block), generator=gen).numpy() * block
-        per = max(1, window // block)
-        windows = []
-        for i in range(0, len(starts), per):
-            pos = np.sort(
-                np.concatenate([np.arange(s, min(s + block, n)) for s in starts[i : i + per]])
-            )
-            windows.append((pos, torch.randperm(len(pos), generator=gen)))
-    carry: tuple[torch.Tensor, torch.Tensor] | None = None
-    for pos, perm in windows:
-        data = rows.data if rows.data is not None and len(pos) == n else rows.take(pos)
-        y_win = y[torch.from_numpy(pos).to(y.device)]
-        perm = perm.to(rows.device)
-        start = 0
-        if carry is not None:
-            idx = perm[: batch_size - len(carry[1])]
-            carry = (
-                torch.cat([carry[0], gather(data, idx)], 1),
-                torch.cat([carry[1], y_win[idx]]),
-            )
-            start = len(idx)
-            if len(carry[1]) < batch_size:
-                continue
-            yield carry
-            carry = None
-        for s in range(start, len(perm), batch_size):
-            idx = perm[s : s + batch_size]
-            if len(idx) < batch_size:
-                carry = (gather(data, idx), y_win[idx])
-                break
-            yield gather(data, idx), y_win[idx]
-        del data  # one window held at a time: the next is read after this one is let go
-    if carry is not None:
-        yield carry
-
-
 def _head_scores(heads: LinearHeads, rows: Rows, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(accuracy, mean cross-entropy), each (L, H), of every head on `rows`."""
+    from probekit.probes.rows import log_softmax_
+
     correct = torch.zeros(heads.val_acc.shape, dtype=torch.int64, device=rows.device)
     loss = torch.zeros(heads.val_acc.shape, dtype=torch.float64, device=rows.device)
     start = 0
@@ -159,6 +140,38 @@ def _adamw_step(
         param.sub_(lr * m_hat / (v_hat.sqrt() + 1e-8))
 
 
+class _Grid:
+    """Linear heads as a `GridModel`: SGD (momentum 0.9) or AdamW on the closed-form
+    gradient of every head's mean cross-entropy (one batched matmul a batch)."""
+
+    def __init__(
+        self, heads: LinearHeads, grid: list[tuple[float, float]], optimizer: str, batch_size: int
+    ):
+        opts: dict[str, Any] = {"dtype": heads.weight.dtype, "device": heads.weight.device}
+        self.heads, self.h = heads, len(grid)
+        self.lr0 = torch.tensor([lr * batch_size / 256 for lr, _ in grid], **opts)
+        self.wd0 = torch.tensor([wd for _, wd in grid], **opts)
+        self.decay = bool((self.wd0 != 0).any())
+        params = [heads.weight, heads.bias]
+        self.m1 = [torch.zeros_like(p) for p in params]  # momentum (SGD), first moments (AdamW)
+        self.m2 = [torch.zeros_like(p) for p in params]  # second moments (AdamW)
+        self.rule = _sgd_step if optimizer == "sgd" else _adamw_step
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.heads.weight.transpose(1, 2), "bias": self.heads.bias}
+
+    def update(self, xb: torch.Tensor, yb: torch.Tensor, scale: float, step: int) -> None:
+        h = self.h
+        p = _softmax_minus_onehot(self.heads, xb, yb)
+        lr_w, lr_b = (self.lr0 * scale).view(1, 1, h, 1), (self.lr0 * scale).view(1, h, 1)
+        wd = self.wd0 if self.decay else None
+        self.rule(self.heads, self.m1, self.m2, _Step(xb, p, 1.0 / len(yb), (lr_w, lr_b), wd, step))
+
+    def scores(self, rows: Rows, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        acc, loss = _head_scores(self.heads, rows, y)
+        return acc, -loss
+
+
 def train_linear_heads(
     x: torch.Tensor | Rows,
     y: torch.Tensor,
@@ -174,7 +187,7 @@ def train_linear_heads(
     y_val: torch.Tensor | None = None,
     window: int | None = None,
 ) -> LinearHeads:
-    """Train every (lr, wd) head of every feature on the same minibatches.
+    """Train every (lr, wd) head of every feature on the same minibatches (the grid trainer).
 
     x: (N, D) or (L, N, D), L features of one width for the same rows, or streamed `Rows`.
     SGD with momentum 0.9 or AdamW, cosine schedule, lr scaled by batch_size / 256 (DINOv2).
@@ -184,13 +197,14 @@ def train_linear_heads(
     at once (default: all when in memory, else the budget's block); a smaller window shuffles
     within windows of blocks and gives the same heads in memory and streamed.
     """
+    from probekit.probes.grid import train_grid
+    from probekit.probes.rows import Rows
+
     rows = x if isinstance(x, Rows) else Rows.of(x)
     val = None if x_val is None else (x_val if isinstance(x_val, Rows) else Rows.of(x_val))
-    n_feat, n, d = rows.layers, rows.n, rows.width
-    window = (n if rows.resident else rows.block) if window is None else window
+    n_feat, d = rows.layers, rows.width
     grid = [(lr, wd) for lr in lrs for wd in wds]
     h = len(grid)
-    gen = torch.Generator().manual_seed(seed)
     opts: dict[str, Any] = {"dtype": rows.dtype, "device": rows.device}
     # zero init: the problem is convex and a head's start does not depend on its neighbours
     heads = LinearHeads(
@@ -200,45 +214,30 @@ def train_linear_heads(
         np.zeros((n_feat, h)),
         np.zeros((n_feat, h)),
     )
-    best = LinearHeads(
-        heads.weight.clone(),
-        heads.bias.clone(),
-        np.zeros((n_feat, h), int),
-        np.full((n_feat, h), -1.0),
-        np.full((n_feat, h), np.inf),
+    model = _Grid(heads, grid, optimizer, batch_size)
+    fit = train_grid(
+        model,
+        rows,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        val=val,
+        y_val=y_val,
+        window=window,
     )
-    lr0 = torch.tensor([lr * batch_size / 256 for lr, _ in grid], **opts)
-    wd0 = torch.tensor([wd for _, wd in grid], **opts)
-    params = [heads.weight, heads.bias]
-    m1 = [torch.zeros_like(p) for p in params]  # momentum (SGD), first moments (AdamW)
-    m2 = [torch.zeros_like(p) for p in params]  # second moments (AdamW)
-    steps = max(1, math.ceil(n / batch_size))
-    total, step = epochs * steps, 0
-    decay = bool((wd0 != 0).any())
-    for epoch in range(epochs):
-        for xb, yb in minibatches(rows, y, batch_size, window, gen):
-            p = _softmax_minus_onehot(heads, xb, yb)
-            inv_b = 1.0 / len(yb)  # mean over the batch
-            scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule
-            step += 1
-            lr_w, lr_b = (lr0 * scale).view(1, 1, h, 1), (lr0 * scale).view(1, h, 1)
-            update = _sgd_step if optimizer == "sgd" else _adamw_step
-            update(heads, m1, m2, _Step(xb, p, inv_b, (lr_w, lr_b), wd0 if decay else None, step))
-        if val is not None and y_val is not None:
-            acc, loss = _head_scores(heads, val, y_val)
-            better = (acc > best.val_acc) | ((acc == best.val_acc) & (loss < best.val_loss))
-            if better.any():
-                mask = torch.from_numpy(better).to(rows.device)
-                best.weight.transpose(1, 2)[mask] = heads.weight.transpose(1, 2)[mask]
-                best.bias[mask] = heads.bias[mask]
-                best.epoch[better], best.val_acc[better] = epoch + 1, acc[better]
-                best.val_loss[better] = loss[better]
-    return best if val is not None else heads
+    if val is not None:
+        heads.epoch, heads.val_acc, heads.val_loss = fit.epoch, fit.main, -fit.tie
+    return heads
 
 
-def select(data: ProbeData, options: ProbeOptions) -> Selection:
+def select(data: ProbeData, options: Options) -> Selection:
     """Every (feature, lr, wd) head trained together (features of one width as one stack),
     epoch and head chosen on validation accuracy, then the lower validation loss."""
+    from probekit.probes.base import Selection
+    from probekit.probes.grid import best_head
+
+    shared = data.options
     grid = [(lr, wd) for lr in options.lrs for wd in options.wds]
     by_width: dict[int, list[str]] = {}
     for name in data.names:  # features of one width train as one stack: one matmul per batch
@@ -255,20 +254,18 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
             data.n_classes,
             options.lrs,
             options.wds,
-            epochs=options.epochs,
-            batch_size=options.batch_size,
+            epochs=shared.epochs,
+            batch_size=shared.batch_size,
             optimizer=options.optimizer,
-            seed=options.seed,
+            seed=shared.seed,
             x_val=val_x,
             y_val=data.val_y,
         )
         del fit_x, val_x
         for li, name in enumerate(group):  # each feature's best head: the layer-wise curve
-            hd = int(np.lexsort((heads.val_loss[li], -heads.val_acc[li]))[0])
+            _, hd = best_head(heads.val_acc[li : li + 1], -heads.val_loss[li : li + 1])
             curve.append((name, {"lr": grid[hd][0], "wd": grid[hd][1]}, heads.val_acc[li, hd]))
-        # best accuracy; among equals, the lowest validation loss
-        flat = np.lexsort((heads.val_loss.ravel(), -heads.val_acc.ravel()))[0]
-        li, hd = (int(v) for v in np.unravel_index(int(flat), heads.val_acc.shape))
+        li, hd = best_head(heads.val_acc, -heads.val_loss)
         score = (float(heads.val_acc[li, hd]), float(-heads.val_loss[li, hd]))
         if score > best[0]:
             w, b = heads.weight[li, :, hd].T.clone(), heads.bias[li, hd].clone()
@@ -280,8 +277,8 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
         "lr": grid[hd][0],
         "wd": grid[hd][1],
         "epoch": epoch,
-        "epochs": options.epochs,
-        "batch_size": options.batch_size,
+        "epochs": shared.epochs,
+        "batch_size": shared.batch_size,
         "optimizer": options.optimizer,
         "heads": len(grid) * len(data.names),
         "val_top1": best[0][0],

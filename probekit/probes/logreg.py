@@ -4,16 +4,41 @@ warm starts), chosen on validation and refit on train + validation."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from probekit.defaults import DEFAULT_CS, DEFAULT_TOL
 from probekit.errors import ProbekitError
-from probekit.probes.base import ProbeData, ProbeOptions, Selection
-from probekit.probes.rows import Concat, Rows, linear_scores, log_softmax_
+from probekit.probes.options import MethodOptions, option
 
-__all__ = ["fit_logreg", "logreg_objective", "select"]
+if TYPE_CHECKING:
+    import torch
+
+    from probekit.probes.base import ProbeData, Selection
+    from probekit.probes.rows import Rows
+else:
+    from probekit._lazy import lazy_module
+
+    torch = lazy_module("torch")
+
+__all__ = ["Options", "fit_logreg", "logreg_objective", "select"]
+
+
+@dataclass(frozen=True)
+class Options(MethodOptions):
+    """Logistic regression: the C path (small C first, warm starts) and L-BFGS's tolerance."""
+
+    shown = ("C",)
+    cs: tuple[float, ...] = option(
+        DEFAULT_CS, "Logistic regression: the C path (comma list).", "numbers>0"
+    )
+    tol: float = option(
+        DEFAULT_TOL,
+        "Logistic regression: stop when no gradient entry exceeds it.",
+        "number>0",
+    )
 
 
 def logreg_objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, c: float) -> float:
@@ -54,6 +79,8 @@ def fit_logreg(
     when `x` is streamed. `info` receives the iteration count and whether it converged.
     """
     from scipy.optimize import minimize
+
+    from probekit.probes.rows import Rows, log_softmax_
 
     rows = x if isinstance(x, Rows) else Rows.of(x)
     if rows.layers != 1:
@@ -111,10 +138,13 @@ def fit_logreg(
     return theta[:, :d].contiguous(), theta[:, d].contiguous()
 
 
-def select(data: ProbeData, options: ProbeOptions) -> Selection:
+def select(data: ProbeData, options: Options) -> Selection:
     """The C path of every feature (small C first, warm starts), C and feature chosen on
     validation accuracy (then the lower loss), refit on train + validation from the chosen
     solution."""
+    from probekit.probes.base import Selection
+    from probekit.probes.rows import Concat, linear_scores
+
     best: tuple[tuple[float, float], Any] = ((-1.0, 0.0), None)
     best_rows: tuple[Rows, Rows] | None = None  # the leading feature's rows, kept
     curve: list[tuple[str, dict[str, Any], float]] = []
@@ -156,7 +186,7 @@ def select(data: ProbeData, options: ProbeOptions) -> Selection:
         "n_C": len(options.cs),
         "val_top1": best[0][0],
         "refit": "train+val",
-        "dtype": options.dtype,
+        "dtype": data.options.dtype,
         "tol": tol,
         "converged": info["converged"],
     }

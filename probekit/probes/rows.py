@@ -14,6 +14,7 @@ from probekit.cache.store import FeatureStore
 from probekit.errors import ProbekitError
 
 __all__ = [
+    "Bounded",
     "Concat",
     "Rows",
     "feature_stats",
@@ -263,3 +264,20 @@ def linear_scores(
             correct += int((log_p.argmax(1) == yb).sum())
             loss -= float(log_p.gather(1, yb[:, None]).sum(dtype=torch.float64))
     return correct / rows.n, loss / rows.n
+
+
+class Bounded(Rows):
+    """Rows given in blocks of at most `size` rows (an attentive probe's activations grow with
+    the block; a resident split is still read once)."""
+
+    def __init__(self, rows: Rows, size: int):
+        super().__init__(rows.n, rows.layers, rows.width, dtype=rows.dtype, device=rows.device)
+        self.inner, self.size = rows, size
+
+    def take(self, positions: np.ndarray) -> torch.Tensor:
+        return self.inner.take(positions)
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        for block in self.inner.blocks():
+            for s in range(0, block.shape[1], self.size):
+                yield block[:, s : s + self.size]
