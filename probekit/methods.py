@@ -87,6 +87,14 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             tokens=True,
         ),
         ProbeMethod(
+            "mlp",
+            "MLP probe (one hidden GELU layer on a pooled feature; lr x wd x width grid, best "
+            "epoch on validation)",
+            "MLP probe, val top-1",
+            "probekit.probes.mlp",
+            default=False,
+        ),
+        ProbeMethod(
             "linseg",
             "linear segmentation on stored tokens and masks (DINOv2's linear protocol: "
             "batch-norm + 1x1 layer, bilinear upsampling; lr x wd x layer grid, best epoch on "
