@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch comes first and pinned here (not in the package metadata, which asks torch>=2.4).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test check lint bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# for iteration: lint, then the suite without the tests marked slow (CI runs `make test`)
+check: lint
+	$(BIN)/python -m pytest -q -m 'not slow and not network'
 
 bench: install
 	$(BIN)/python benchmarks/bench_extract.py

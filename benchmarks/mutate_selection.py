@@ -78,6 +78,16 @@ MUTATIONS: dict[str, tuple[str, str, str]] = {
         'return max(recs, key=lambda r: (r.value, -int(r.hyper["k"])))',
         'return min(recs, key=lambda r: (r.value, -int(r.hyper["k"])))',
     ),
+    "few-shot kNN: the larger k among equals": (
+        "probekit/fewshot.py",
+        "pick = [int(np.flatnonzero(row == row.max())[0]) for row in val_acc.cpu().numpy()]",
+        "pick = [int(np.flatnonzero(row == row.max())[-1]) for row in val_acc.cpu().numpy()]",
+    ),
+    "few-shot kNN: chosen on test": (
+        "probekit/fewshot.py",
+        "pick = [int(np.flatnonzero(row == row.max())[0]) for row in val_acc.cpu().numpy()]",
+        "pick = [int(np.flatnonzero(row == row.max())[0]) for row in test_acc.cpu().numpy()]",
+    ),
     "transfer: no same-backbone check": (
         "probekit/probes/run.py",
         "if not held or not src.info.same_model(dst.info):",

@@ -1,14 +1,15 @@
 """Few-shot episodes on cached features: `shots` train images per class sampled from the fit
-part of the train split (never from validation, never from test), kNN, linear heads and
-logistic regression fitted on each episode, each one's hyperparameters chosen on the
-validation part, then scored once on test; the mean over episodes with a t interval.
+part of the train split (never from validation, never from test), kNN and the probe methods
+fitted on each episode, each one's hyperparameters chosen on the validation part, then scored
+once on test; the mean over episodes with a t interval.
 
-Episodes are nested and seeded: episode e draws one seeded order of each class's fit rows and
-takes its first `shots`, so the 1-shot support is part of the 5-shot support and a rerun with
-the same seed draws the same images (the sampled ids' hash is in every record). kNN (cosine,
-DINO's weighted vote) and the linear heads run every episode in one batched pass (episodes
-stacked as the heads' feature axis); logistic regression fits each episode along a short C
-path with warm starts.
+Few-shot is a subset of the data, not methods of its own (dinov2's `n_per_class_list`): each
+episode's support set is handed to a probe method of the registry as its fit part (linear
+heads, logistic regression without its refit on validation, the MLP probe, ...), with
+few-shot's grids. Episodes are nested and seeded: episode e draws one seeded order of each
+class's fit rows and takes its first `shots`, so the 1-shot support is part of the 5-shot
+support and a rerun with the same seed draws the same images (the sampled ids' hash is in
+every record). kNN (cosine, DINO's weighted vote) runs every episode in one batched pass.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 
 from probekit.cache.store import FeatureStore, open_for_reading
 from probekit.errors import OptionError, ProbekitError
+from probekit.probes.base import ProbeData, ProbeOptions
+from probekit.probes.rows import Rows
 from probekit.records import Record, write_records
 from probekit.specs import as_ints, is_count, parse_list
 
@@ -34,6 +37,7 @@ __all__ = [
     "FEWSHOT_METHODS",
     "FewShotResult",
     "fewshot",
+    "fewshot_methods",
     "sample_episodes",
     "support_digest",
     "t_interval",
@@ -47,8 +51,14 @@ KNN_TEMPERATURE = 0.07
 LOGREG_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 LINEAR_LRS = (1e-3, 1e-2, 0.1, 1.0)
 LINEAR_WDS = (0.0, 1e-3)
-LINEAR_STEPS = 100  # full-batch steps on a support set of a few images per class
+FULL_BATCH_STEPS = 100  # full-batch steps on a support set of a few images per class
 VAL_ROWS = 2000  # at most this many validation rows choose each episode's hyperparameters
+# few-shot's grids (by flat option name), where a method's defaults suit a full train split:
+# no refit on validation rows (the support set is all an episode trains on)
+FEWSHOT_SETTINGS: dict[str, dict[str, Any]] = {
+    "linear": {"lrs": LINEAR_LRS, "wds": LINEAR_WDS},
+    "logreg": {"cs": LOGREG_CS, "refit": False},
+}
 
 
 def sample_episodes(
@@ -139,6 +149,109 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def fewshot_methods() -> tuple[str, ...]:
+    """The methods few-shot runs: kNN and every probe method of pooled features."""
+    from probekit.methods import PROBE_METHODS
+
+    pooled = [m.name for m in PROBE_METHODS.values() if not (m.tokens or m.dense)]
+    return ("knn", *pooled)
+
+
+def _check(shots: Any, episodes: Any, methods: Any) -> tuple[list[int], list[str]]:
+    shot_list = sorted(set(as_ints(shots, "shots")))
+    if not shot_list or any(s < 1 for s in shot_list):
+        raise OptionError(f"shots must be positive integers (e.g. 1,5,10), not {shots!r}.")
+    if not is_count(episodes):
+        raise OptionError(f"episodes must be a positive integer, not {episodes!r}.")
+    wanted = parse_list(methods, "methods")
+    known = fewshot_methods()
+    for m in wanted:
+        if m not in known:
+            raise OptionError(f"few-shot method {m!r} is unknown; use {', '.join(known)}.")
+    return shot_list, wanted
+
+
+@dataclass
+class _Episodes:
+    """What every episode of one number of shots is scored with: the probe data (its
+    validation part: at most VAL_ROWS rows), the test rows standardized and L2-normalized."""
+
+    data: ProbeData
+    feature: str
+    test: Rows
+    test_y: torch.Tensor
+    unit_val: torch.Tensor  # (V, D) L2-normalized raw features (kNN)
+    unit_test: torch.Tensor
+
+
+def _knn_episodes(ep: _Episodes, supports: list[np.ndarray]) -> tuple[list[float], list[Any]]:
+    """Every episode's weighted kNN at each k in one batched pass, k chosen on validation."""
+    data, store = ep.data, ep.data.store
+    y_s = torch.from_numpy(store.labels("train")[supports[0]]).to(data.device)
+    x_s = torch.stack([_read(store, "train", ep.feature, rows, data.device) for rows in supports])
+    ks = [k for k in KNN_KS if k <= x_s.shape[1]] or [1]
+    sup = _normalize(x_s)
+    val_acc = _knn_top1(sup, y_s, ep.unit_val, data.val_y, ks)  # (E, K)
+    test_acc = _knn_top1(sup, y_s, ep.unit_test, ep.test_y, ks)
+    pick = [int(np.flatnonzero(row == row.max())[0]) for row in val_acc.cpu().numpy()]
+    return [float(test_acc[e, k]) for e, k in enumerate(pick)], [{"k": ks[k]} for k in pick]
+
+
+def _probe_episodes(
+    method: str, ep: _Episodes, supports: list[np.ndarray]
+) -> tuple[list[float], list[Any]]:
+    """The probe method of the registry on each episode's support set (its fit part), its
+    hyperparameters chosen on the validation part, then tested: the method as `probe` runs
+    it, with few-shot's grid (`FEWSHOT_SETTINGS`) and full-batch steps."""
+    from probekit.methods import PROBE_METHODS
+
+    entry = PROBE_METHODS[method]
+    store, data = ep.data.store, ep.data
+    accs, chosen = [], []
+    for rows in supports:
+        rows = np.sort(rows)
+        n = len(rows)
+        opts = ProbeOptions.of(
+            data.options, epochs=FULL_BATCH_STEPS, batch_size=n, **FEWSHOT_SETTINGS.get(method, {})
+        )
+        fit_y = torch.from_numpy(store.labels("train")[rows]).to(data.device)
+        episode = replace(data, options=opts, fit_rows=rows, fit_y=fit_y)
+        sel = entry.select()(episode, opts.of_method(method))
+        test = ep.test if sel.reader is None else sel.rows(store, *_test_of(ep), data.budget)
+        pred = torch.from_numpy(sel.all_logits(test).argmax(1)).to(ep.test_y.device)
+        accs.append(float((pred == ep.test_y).double().mean()))
+        chosen.append({k: sel.config[k] for k in entry.shown if k in sel.config})
+    return accs, chosen
+
+
+def _test_of(ep: _Episodes) -> tuple[str, np.ndarray]:
+    split = ep.data.options.test_split
+    return split, np.flatnonzero(ep.data.store.usable(split))
+
+
+def _read(store: FeatureStore, split: str, feature: str, rows: np.ndarray, dev: Any) -> Any:
+    """(n, D) float32 raw features of `rows` (any order) on `dev`."""
+    order = np.argsort(rows, kind="stable")
+    x = np.empty((len(rows), store.feature_dim(feature)), np.float32)
+    x[order] = store.read_rows(split, feature, rows[order])
+    return torch.from_numpy(x).to(dev)
+
+
+def _prepare(store: FeatureStore, feature: str, opts: ProbeOptions) -> _Episodes:
+    data = ProbeData.prepare(store, opts)
+    rng = np.random.default_rng(opts.seed)
+    pick = np.sort(rng.permutation(len(data.val_rows))[:VAL_ROWS])
+    data = replace(data, val_rows=data.val_rows[pick], val_y=data.val_y[pick])
+    split = opts.test_split
+    test_rows = np.flatnonzero(store.usable(split))
+    dev = data.device
+    test_y = torch.from_numpy(store.labels(split)[test_rows]).to(dev)
+    test = data.rows_of([feature], split, test_rows)
+    unit_val = _normalize(_read(store, data.val_split, feature, data.val_rows, dev))
+    unit_test = _normalize(_read(store, split, feature, test_rows, dev))
+    return _Episodes(data, feature, test, test_y, unit_val, unit_test)
+
+
 def fewshot(
     source: FeatureStore | str | os.PathLike[str],
     *,
@@ -158,30 +271,18 @@ def fewshot(
 
     Support images come only from the fit part of train (a real `val` split, else a seeded
     stratified `holdout`, is never sampled); every hyperparameter is chosen on validation;
-    test is scored once per episode. Features are standardized by the fit part's statistics
-    (no labels) for the linear heads and logistic regression; kNN uses them L2-normalized.
+    test is scored once per episode. kNN (features L2-normalized) runs every episode in one
+    batched pass; every other method (`fewshot_methods()`: the probe methods of pooled
+    features) is the registry's own, handed the episode's support set as its fit part.
     """
-    from probekit.probes import ProbeData, ProbeOptions
-    from probekit.probes.linear import train_linear_heads
-    from probekit.probes.logreg import fit_logreg
-
-    shot_list = sorted(set(as_ints(shots, "shots")))
-    if not shot_list or any(s < 1 for s in shot_list):
-        raise OptionError(f"shots must be positive integers (e.g. 1,5,10), not {shots!r}.")
-    if not is_count(episodes):
-        raise OptionError(f"episodes must be a positive integer, not {episodes!r}.")
-    wanted = parse_list(methods, "methods")
-    for m in wanted:
-        if m not in FEWSHOT_METHODS:
-            raise OptionError(
-                f"few-shot method {m!r} is unknown; use {', '.join(FEWSHOT_METHODS)}."
-            )
+    shot_list, wanted = _check(shots, episodes, methods)
     store = open_for_reading(source)
     if feature is None:
         feature = "head/embed" if store.has_feature("head/embed") else store.feature_names[-1]
     (feature,) = store.check_features([feature])
+    probes = [m for m in wanted if m != "knn"]
     opts = ProbeOptions.of(
-        method="logreg",
+        method=probes or "logreg",
         features=[feature],
         seed=seed,
         holdout=holdout,
@@ -189,29 +290,7 @@ def fewshot(
         test_split=test_split,
         write=False,
     )
-    data = ProbeData.prepare(store, opts)
-    dev = data.device
-    fit_y = data.fit_y.cpu().numpy()
-    rng = np.random.default_rng(seed)
-    val_pick = np.sort(rng.permutation(len(data.val_rows))[:VAL_ROWS])
-    val_rows, val_y = data.val_rows[val_pick], data.val_y.cpu().numpy()[val_pick]
-    test_rows = np.flatnonzero(store.usable(test_split))
-    test_y = store.labels(test_split)[test_rows]
-    n_classes = data.n_classes
-    stats = data.feats[feature]
-
-    def read(split: str, rows: np.ndarray) -> torch.Tensor:
-        order = np.argsort(rows, kind="stable")
-        x = np.empty((len(rows), store.feature_dim(feature)), np.float32)
-        x[order] = store.read_rows(split, feature, rows[order])
-        return torch.from_numpy(x).to(dev)
-
-    def standard(x: torch.Tensor) -> torch.Tensor:
-        return (x - stats.mean) / stats.std
-
-    x_val, x_test = read(data.val_split, val_rows), read(test_split, test_rows)
-    yv = torch.from_numpy(val_y).to(dev)
-    yt = torch.from_numpy(test_y).to(dev)
+    ep = _prepare(store, feature, opts)
     info = store.info
     base = Record(
         "fewshot",
@@ -220,87 +299,27 @@ def fewshot(
         metric="top1",
         split=test_split,
         feature=feature,
-        n=len(test_rows),
+        n=len(ep.test_y),
         backbone=info.backbone.name,
         weights=info.weights_source,
     )
-    ids = store.ids("train")
+    ids, fit_y = store.ids("train"), ep.data.fit_y.cpu().numpy()
     records = []
     for s in shot_list:
-        supports = sample_episodes(fit_y, data.fit_rows, s, episodes, seed)
+        supports = sample_episodes(fit_y, ep.data.fit_rows, s, episodes, seed)
         digest = _ids_digest(ids, supports)
-        y_s = torch.from_numpy(store.labels("train")[supports[0]]).to(dev)
-        x_s = torch.stack([read("train", rows) for rows in supports])  # (E, S, D)
-        per: dict[str, tuple[list[float], list[dict[str, Any]]]] = {}
-        if "knn" in wanted:
-            ks = [k for k in KNN_KS if k <= x_s.shape[1]] or [1]
-            sup = _normalize(x_s)
-            val_acc = _knn_top1(sup, y_s, _normalize(x_val), yv, ks)  # (E, K)
-            test_acc = _knn_top1(sup, y_s, _normalize(x_test), yt, ks)
-            pick = [int(np.flatnonzero(row == row.max())[0]) for row in val_acc.cpu().numpy()]
-            per["knn"] = (
-                [float(test_acc[e, k]) for e, k in enumerate(pick)],
-                [{"k": ks[k]} for k in pick],
-            )
-        if "linear" in wanted:
-            n_s = x_s.shape[1]
-            heads = train_linear_heads(
-                standard(x_s),
-                y_s,
-                n_classes,
-                LINEAR_LRS,
-                LINEAR_WDS,
-                epochs=LINEAR_STEPS,
-                batch_size=n_s,
-                seed=seed,
-                x_val=standard(x_val).expand(episodes, -1, -1),
-                y_val=yv,
-            )
-            grid = [(lr, wd) for lr in LINEAR_LRS for wd in LINEAR_WDS]
-            accs, chosen = [], []
-            with torch.no_grad():
-                logits = heads.logits(standard(x_test).expand(episodes, -1, -1))  # (E, Q, H, C)
-            for e in range(episodes):
-                h = int(np.lexsort((heads.val_loss[e], -heads.val_acc[e]))[0])
-                accs.append(float((logits[e, :, h].argmax(-1) == yt).double().mean()))
-                chosen.append({"lr": grid[h][0], "wd": grid[h][1], "epoch": int(heads.epoch[e, h])})
-            per["linear"] = (accs, chosen)
-        if "logreg" in wanted:
-            accs, chosen = [], []
-            xv, xt = standard(x_val), standard(x_test)
-            for e in range(episodes):
-                xe = standard(x_s[e])
-                best: tuple[float, float, Any] = (-1.0, 0.0, None)
-                init = None
-                for c in LOGREG_CS:
-                    w, b = fit_logreg(xe, y_s, n_classes, c, init=init)
-                    init = (w, b)
-                    acc = float(((xv @ w.T + b).argmax(1) == yv).double().mean())
-                    if acc > best[0]:
-                        best = (acc, c, (w, b))
-                w, b = best[2]
-                accs.append(float(((xt @ w.T + b).argmax(1) == yt).double().mean()))
-                chosen.append({"C": best[1]})
-            per["logreg"] = (accs, chosen)
         for m in wanted:
-            accs, chosen = per[m]
-            lo, hi = (min(max(v, 0.0), 1.0) for v in t_interval(accs))  # an accuracy
-            records.append(
-                replace(
-                    base,
-                    method=m,
-                    value=float(np.mean(accs)),
-                    hyper={"shots": s, "episodes": episodes, "seed": seed},
-                    extra={
-                        "ci95": [lo, hi],
-                        "episodes_top1": accs,
-                        "chosen": chosen,
-                        "support_ids_sha256": digest,
-                        "support_per_class": s,
-                        "val_rows": len(val_rows),
-                    },
-                )
+            accs, chosen = (
+                _knn_episodes(ep, supports) if m == "knn" else _probe_episodes(m, ep, supports)
             )
+            lo, hi = (min(max(v, 0.0), 1.0) for v in t_interval(accs))  # an accuracy
+            extra = {"ci95": [lo, hi], "episodes_top1": accs, "chosen": chosen}
+            extra.update(
+                support_ids_sha256=digest, support_per_class=s, val_rows=len(ep.data.val_rows)
+            )
+            hyper = {"shots": s, "episodes": episodes, "seed": seed}
+            records.append(replace(base, method=m, value=float(np.mean(accs)), hyper=hyper,
+                                   extra=extra))  # fmt: skip
     path = None
     if write:
         config = ["fewshot", shot_list, episodes, seed, wanted, feature, holdout, test_split]

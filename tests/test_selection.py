@@ -287,3 +287,31 @@ def test_method_options_by_flat_name_reach_their_method() -> None:
     with pytest.raises(ProbekitError, match="Did you mean attn_lrs"):
         ProbeOptions.of(attn_lr=[1.0])
     assert ProbeData  # the stage every method shares
+
+
+def test_fewshot_episodes_choose_on_validation_and_run_any_pooled_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each episode's k is its validation winner (planted: k = 3 in episode 0, k = 1 in
+    episode 1, ties to the smaller k); the MLP probe runs as a few-shot method unedited."""
+    import importlib
+
+    fs = importlib.import_module("probekit.fewshot")
+    path = _planted(tmp_path)
+    real = fs._knn_top1
+    planted = torch.tensor([[0.2, 0.9, 0.9, 0.1], [0.8, 0.5, 0.8, 0.8]], dtype=torch.float64)
+    seen: list[int] = []
+
+    def knn_top1(support: Any, y: Any, queries: Any, q_y: Any, ks: list[int]) -> torch.Tensor:
+        out = real(support, y, queries, q_y, ks)
+        seen.append(len(q_y))
+        return planted[:, : len(ks)] if len(seen) % 2 == 1 else out  # the validation pass
+
+    monkeypatch.setattr(fs, "_knn_top1", knn_top1)
+    res = fs.fewshot(path, shots=[5], episodes=2, methods="knn,mlp", feature="layer2/mean",
+                     write=False)  # fmt: skip
+    knn = next(r for r in res.records if r.method == "knn")
+    assert [c["k"] for c in knn.extra["chosen"]] == [3, 1]
+    mlp = next(r for r in res.records if r.method == "mlp")
+    assert len(mlp.extra["chosen"]) == 2 and {"lr", "wd", "width"} <= set(mlp.extra["chosen"][0])
+    assert mlp.value < 0.2  # layer2/mean's test rows are planted in the wrong clusters

@@ -191,6 +191,8 @@ def with_method_flags(fn: Callable[..., None]) -> Callable[..., None]:
             kind = Optional[int]  # noqa: UP045 - typer needs Optional at runtime
         elif flag.check == "number>0":
             kind = float
+        elif flag.check == "bool":
+            kind = bool
         option = typer.Option(help=flag.help.replace("[", "\\["))
         added.append(
             inspect.Parameter(

@@ -307,7 +307,10 @@ def fewshot_cmd(
     shots: Annotated[str, typer.Option(help="Train images per class, a comma list.")] = "1,2,5,10",
     episodes: Annotated[int, typer.Option(help="Seeded episodes per number of shots.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the episodes and the holdout.")] = 0,
-    methods: Annotated[str, typer.Option(help="Any of knn, linear, logreg.")] = "knn,linear,logreg",
+    methods: Annotated[
+        str,
+        typer.Option(help="knn and any probe method of pooled features (linear, logreg, mlp)."),
+    ] = "knn,linear,logreg",
     feature: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="The stored feature [default: head/embed]."),
@@ -316,8 +319,8 @@ def fewshot_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
 ) -> None:
     """Few-shot episodes: SHOTS train images per class (never validation or test images),
-    kNN, linear heads and logistic regression per episode, mean test top-1 with a 95%
-    interval across episodes."""
+    kNN and the probe methods per episode, mean test top-1 with a 95% interval across
+    episodes."""
     import json
 
     from probekit.fewshot import fewshot

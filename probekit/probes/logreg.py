@@ -39,6 +39,11 @@ class Options(MethodOptions):
         "Logistic regression: stop when no gradient entry exceeds it.",
         "number>0",
     )
+    refit: bool = option(
+        True,
+        "Logistic regression: refit on train + validation with the chosen C (few-shot: no).",
+        "bool",
+    )
 
 
 def logreg_objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, c: float) -> float:
@@ -157,17 +162,34 @@ def select(data: ProbeData, options: Options) -> Selection:
         init = None
         best_f: tuple[tuple[float, float], float] = ((-1.0, 0.0), 0.0)
         for c in sorted(options.cs):  # small C first: warm starts follow the path
-            w, b = fit_logreg(fit_x, data.fit_y, n_classes, c, init=init, tol=tol)
+            info: dict[str, Any] = {}
+            w, b = fit_logreg(fit_x, data.fit_y, n_classes, c, init=init, tol=tol, info=info)
             init = (w, b)
             acc, loss = linear_scores(val_x, data.val_y, w, b)
             if (acc, -loss) > best[0]:  # best accuracy; among equals, the lowest loss
-                best = ((acc, -loss), (name, c, w, b))
+                best = ((acc, -loss), (name, c, w, b, info))
                 best_rows = (fit_x, val_x)
             best_f = max(best_f, ((acc, -loss), c))
         curve.append((name, {"C": best_f[1]}, best_f[0][0]))
         del fit_x, val_x
     assert best[1] is not None and best_rows is not None
-    name, c, w, b = best[1]
+    name, c, w, b, info = best[1]
+    config: dict[str, Any] = {
+        "feature": name,
+        "C": c,
+        "n_C": len(options.cs),
+        "val_top1": best[0][0],
+        "dtype": data.options.dtype,
+        "tol": tol,
+        "converged": info["converged"],
+    }
+    if streamed:
+        config["features_streamed"] = True
+    if not options.refit:
+        fit_rows = best_rows[0]
+        return Selection(
+            "logreg", data.feats[name], w, b, config, curve, lambda: fit_rows, data.fit_y
+        )
     # the chosen solution's validation logits, before the refit sees those rows: what its
     # temperature is fitted on
     with torch.no_grad():
@@ -178,20 +200,9 @@ def select(data: ProbeData, options: Options) -> Selection:
     all_x = Concat(*best_rows)
     del best_rows
     all_y = torch.cat([data.fit_y, data.val_y])
-    info: dict[str, Any] = {}
+    info = {}
     w, b = fit_logreg(all_x, all_y, n_classes, c, init=(w, b), tol=tol, info=info)
-    config: dict[str, Any] = {
-        "feature": name,
-        "C": c,
-        "n_C": len(options.cs),
-        "val_top1": best[0][0],
-        "refit": "train+val",
-        "dtype": data.options.dtype,
-        "tol": tol,
-        "converged": info["converged"],
-    }
-    if streamed:
-        config["features_streamed"] = True
+    config.update(refit="train+val", converged=info["converged"])
     return Selection(
         "logreg",
         data.feats[name],

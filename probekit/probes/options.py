@@ -18,7 +18,9 @@ from probekit.errors import OptionError, choice
 __all__ = ["Flag", "MethodOptions", "option", "parse_value"]
 
 # how a field's value is checked (and typed on the command line)
-Check = Literal["numbers>0", "numbers>=0", "ints>0", "count", "count?", "number>0", "choice"]
+Check = Literal[
+    "numbers>0", "numbers>=0", "ints>0", "count", "count?", "number>0", "choice", "bool"
+]
 
 
 def option(
@@ -108,6 +110,8 @@ def parse_value(flag: Flag, value: Any) -> Any:
             raise OptionError(f"{name} must be a positive number, not {value!r}.")
     elif check == "choice":
         choice(name, value, flag.choices)
+    elif check == "bool" and not isinstance(value, bool):
+        raise OptionError(f"{name} is true or false, not {value!r}.")
     return value
 
 

@@ -15,7 +15,7 @@ from probekit.data import Dataset
 from probekit.errors import ProbekitError
 from probekit.evaluation import with_extra
 from probekit.extraction import ExtractOptions, extract
-from probekit.fewshot import FEWSHOT_METHODS
+from probekit.fewshot import fewshot_methods
 from probekit.methods import PROBE_METHODS
 from probekit.metrics import encode_outcomes
 from probekit.neighbors import DEFAULT_TEMPERATURE, knn
@@ -132,7 +132,7 @@ def evaluate(
                 note("error", b.label, spec, stage="structure", message=failure_message(e))
             )
     shots, episodes = fewshot
-    few_methods = [m for m in methods if m in FEWSHOT_METHODS]
+    few_methods = [m for m in methods if m in fewshot_methods()]
     if shots and few_methods and distributed.current().is_main:
         try:
             said.append(_fewshot(store, shots, episodes, few_methods, b.label, records))
