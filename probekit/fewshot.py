@@ -313,7 +313,7 @@ def fewshot(
                 _knn_episodes(ep, supports) if m == "knn" else _probe_episodes(m, ep, supports)
             )
             lo, hi = (min(max(v, 0.0), 1.0) for v in t_interval(accs))  # an accuracy
-            extra = {"ci95": [lo, hi], "episodes_top1": accs, "chosen": chosen}
+            extra: dict[str, Any] = {"ci95": [lo, hi], "episodes_top1": accs, "chosen": chosen}
             extra.update(
                 support_ids_sha256=digest, support_per_class=s, val_rows=len(ep.data.val_rows)
             )
