@@ -53,7 +53,7 @@ def backbone_epoch(rows, y, shape, batch, device) -> float:  # type: ignore[no-u
     """Decode + preprocess + frozen forward every batch, then the same head step."""
     from timm.data import create_transform, resolve_model_data_config
 
-    from probekit.data import load_dataset
+    from probekit.datasets import load_dataset
     from probekit.probes.attentive import AttentiveHeads, _init
 
     bb = probekit.specs.ModelSpec.parse(MODEL).create()

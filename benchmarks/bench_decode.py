@@ -37,7 +37,8 @@ from common import cpu_name, save_result
 from PIL import Image
 
 from probekit._malloc import keep_freed_memory, return_freed_memory
-from probekit.data import Dataset, Split, _digest, to_rgb
+from probekit.datasets.common import Dataset, Split, to_rgb
+from probekit.datasets.common import digest as _digest
 from probekit.extraction.preprocess import geometry_transform
 from probekit.extraction.sources import (
     EncodedSource,

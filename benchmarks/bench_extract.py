@@ -42,7 +42,7 @@ from common import RESULTS, cpu_name, save_result
 
 import probekit
 from probekit.backbones import create_backbone, parse_layers
-from probekit.data import Dataset, Split, load_dataset
+from probekit.datasets import Dataset, Split, load_dataset
 from probekit.extraction import (
     FeatureExtractor,
     default_workers,

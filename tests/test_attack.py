@@ -250,7 +250,7 @@ def test_duplicates_and_overlap_are_warned_with_counts(tmp_path: Path) -> None:
 
 
 def test_built_in_sets_are_checked_by_content() -> None:
-    from probekit.data import _split_arrays
+    from probekit.datasets.common import split_arrays as _split_arrays
 
     images = np.random.default_rng(0).integers(0, 255, (6, 4, 4, 3), dtype=np.uint8)
     images[5] = images[0]  # one test image is a train image

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probekit.data import load_dataset, read_image, to_rgb
+from probekit.datasets import load_dataset, read_image, to_rgb
 from probekit.errors import DatasetError, InvalidImageError
 
 

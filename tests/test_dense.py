@@ -16,7 +16,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
 import probekit
-from probekit.data import load_dataset
+from probekit.datasets import load_dataset
 from probekit.errors import InvalidImageError, StoreError
 
 SMALL = {"chunk_rows": 8, "batch_size": 4, "num_workers": 0, "quiet": True}

@@ -181,7 +181,7 @@ def test_torchrun_on_webdataset_shards_equals_one_process(tmp_path: Path) -> Non
 
     import webdataset as wds
 
-    from probekit.data import load_dataset
+    from probekit.datasets import load_dataset
 
     ds = load_dataset("synthetic:5")
     shards = tmp_path / "shards"

@@ -10,7 +10,7 @@ import pytest
 from conftest import hide_modules
 
 import probekit
-from probekit.data import load_dataset
+from probekit.datasets import load_dataset
 from probekit.errors import DatasetError
 
 SMALL = {"chunk_rows": 4, "batch_size": 4, "num_workers": 0, "quiet": True}
@@ -158,7 +158,7 @@ def test_torchvision_dataset_equals_the_image_folder(image_folder: Path) -> None
     from typer.testing import CliRunner
 
     from probekit.cli import app
-    from probekit.external import with_download
+    from probekit.datasets.torchvision import with_download
 
     _same_as_folder(
         f"torchvision:ImageFolder:{image_folder / 'train'}",

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
 import probekit
-from probekit.data import load_dataset
+from probekit.datasets import load_dataset
 from probekit.errors import InvalidImageError, ProbekitWarning, StoreError
 from probekit.extraction import parse_pools
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import probekit
 from probekit.cli import app
-from probekit.data import load_dataset
+from probekit.datasets import load_dataset
 from probekit.distributed import SINGLE
 from probekit.errors import OptionError, ProbekitError
 from probekit.extraction import ExtractOptions, ExtractPlan

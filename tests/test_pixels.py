@@ -14,7 +14,7 @@ import probekit
 from probekit.cache.meta import StoreMeta
 from probekit.cache.pixels import PixelSource, PixelStore
 from probekit.cache.store import open_store
-from probekit.data import load_dataset
+from probekit.datasets import load_dataset
 from probekit.errors import ProbekitError
 from probekit.extraction import DeviceCrop, default_workers, geometry_transform, pixels, square
 from probekit.extraction.loop import Runner
@@ -343,7 +343,7 @@ def photo_folder(tmp_path: Path) -> Path:
 
 
 def test_read_image_drafts_only_jpegs_at_least_twice_the_target(photo_folder: Path) -> None:
-    from probekit.data import read_image
+    from probekit.datasets import read_image
 
     big = next((photo_folder / "big").rglob("*.jpg"))
     assert read_image(big).size == (1200, 900)

@@ -18,7 +18,7 @@ import probekit
 from probekit.cache.pixels import PixelSource, PixelStore
 from probekit.cache.reader import PixelReader
 from probekit.cache.store import open_store
-from probekit.data import Dataset, Split
+from probekit.datasets import Dataset, Split
 from probekit.errors import StoreError
 from probekit.extraction.pixels import build_pixel_store
 

@@ -27,7 +27,7 @@ import probekit
 from probekit.backbones import parse_layers
 from probekit.cache.store import FeatureStore, StoreConfig, StoreLock
 from probekit.cli import app
-from probekit.data import load_dataset
+from probekit.datasets import load_dataset
 from probekit.errors import InvalidImageError, ProbekitError, ProbekitWarning, StoreError
 
 runner = CliRunner()

@@ -94,7 +94,7 @@ def test_a_mask_takes_exactly_the_image_crop_and_resize(config: dict) -> None:
 
 
 def test_digit_scenes_are_deterministic_with_masks_that_match_the_strokes() -> None:
-    from probekit.data import load_dataset
+    from probekit.datasets import load_dataset
 
     a, b = load_dataset("digit-scenes:24"), load_dataset("digit-scenes:24")
     assert a.dense and a.fingerprint == b.fingerprint
@@ -153,9 +153,9 @@ def _voc(root: Path) -> dict[str, np.ndarray]:
 
 
 def test_voc_layout_reads_palette_indices_with_ignore(tmp_path: Path) -> None:
-    from probekit.data import load_dataset
+    from probekit.datasets import load_dataset
+    from probekit.datasets.seg import VOC_CLASSES
     from probekit.errors import DatasetError, InvalidImageError
-    from probekit.masks import VOC_CLASSES
 
     truth = _voc(tmp_path / "voc")
     ds = load_dataset(f"seg:{tmp_path / 'voc'}")
@@ -181,7 +181,7 @@ def test_voc_layout_reads_palette_indices_with_ignore(tmp_path: Path) -> None:
 def test_ade_and_plain_layouts(tmp_path: Path) -> None:
     from PIL import Image
 
-    from probekit.data import load_dataset
+    from probekit.datasets import load_dataset
     from probekit.errors import DatasetError
 
     ade = tmp_path / "ade"

@@ -18,7 +18,7 @@ from probekit.cli._common import (
     WeightsOpt,
     out,
 )
-from probekit.data import DATASET_KINDS
+from probekit.datasets import DATASET_KINDS
 from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, DEFAULT_LAYERS, DEFAULT_POOLS
 
 __all__ = ["extract"]
@@ -101,7 +101,7 @@ def extract(
 
     options = options_from(ExtractOptions, locals())  # every option, by its own name
     if download:
-        from probekit.external import with_download
+        from probekit.datasets.torchvision import with_download
 
         data = with_download(data)
     result = extract(backbone, data, weights=weights, random_init=random_init, options=options)

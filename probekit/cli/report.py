@@ -207,7 +207,7 @@ def triage_cmd(
     from probekit.triaging import triage
 
     if download:
-        from probekit.external import with_download
+        from probekit.datasets.torchvision import with_download
 
         data = with_download(data)
     result = triage(

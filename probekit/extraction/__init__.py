@@ -35,7 +35,7 @@ from probekit.cache.store import (
     open_store,
 )
 from probekit.cache.writer import ChunkWriter, NeedsFloat32
-from probekit.data import Dataset, load_dataset
+from probekit.datasets import Dataset, load_dataset
 from probekit.distributed import Dist
 from probekit.errors import ProbekitWarning, StoreError
 from probekit.extraction.loop import LoopStats, Runner, Waits

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from probekit.cache.store import FeatureStore
-from probekit.data import Dataset
+from probekit.datasets import Dataset
 from probekit.errors import InvalidImageError
 from probekit.segmentation import IGNORE
 

@@ -14,7 +14,7 @@ import torch
 
 from probekit.cache.pixels import PIXEL_CHUNK_ROWS, PixelStore, pixel_store_path
 from probekit.cache.store import StoreLock
-from probekit.data import Dataset
+from probekit.datasets import Dataset
 from probekit.extraction.sources import ImageSource, decode_worker_init, pass_batch
 
 __all__ = ["build_pixel_store"]

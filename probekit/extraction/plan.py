@@ -17,7 +17,7 @@ from probekit import __version__
 from probekit.backbones import Backbone, check_patch_size, parse_layers
 from probekit.backbones.weights import is_url
 from probekit.cache.store import Location, StoreConfig, StoreDtype, cache_root
-from probekit.data import Dataset
+from probekit.datasets import Dataset
 from probekit.defaults import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_ROWS, DEFAULT_LAYERS, DEFAULT_POOLS
 from probekit.distributed import SINGLE, Dist
 from probekit.errors import OptionError, ProbekitError, choice

@@ -62,7 +62,7 @@ def verify(
 
 
 def _recompute(meta: Mapping[str, Any], path: Any, report: CheckReport, quiet: bool) -> None:
-    from probekit.data import load_dataset
+    from probekit.datasets import load_dataset
     from probekit.extraction import extract
     from probekit.extraction.plan import ExtractOptions, ExtractPlan
     from probekit.specs import ModelSpec

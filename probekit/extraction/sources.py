@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from probekit.data import Dataset, to_rgb
+from probekit.datasets import Dataset, to_rgb
 from probekit.errors import InvalidImageError
 
 __all__ = [

@@ -8,7 +8,7 @@ import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from probekit.cache.store import is_remote
 from probekit.errors import StoreError
@@ -16,7 +16,6 @@ from probekit.extraction.model import token_grid
 
 if TYPE_CHECKING:
     from probekit.extraction.model import FeatureExtractor
-    from probekit.extraction.plan import ExtractPlan
 
 __all__ = ["TOKEN_CHUNK_BYTES", "check_token_space", "gib", "token_bytes", "token_meta"]
 
@@ -51,7 +50,21 @@ def _free_bytes(path: Any) -> int | None:
         return None
 
 
-def check_token_space(plan: ExtractPlan, fx: FeatureExtractor) -> int:
+class _Planned(Protocol):
+    """What the space check reads of an `ExtractPlan` (named here, not imported: the plan
+    imports this module)."""
+
+    @property
+    def images(self) -> int: ...
+
+    @property
+    def options(self) -> Any: ...
+
+    @property
+    def path(self) -> Path: ...
+
+
+def check_token_space(plan: _Planned, fx: FeatureExtractor) -> int:
     """Say the token arrays' estimated size (stderr, unless quiet) and refuse a store that would
     not fit the free space; returns the estimate in bytes."""
     shapes = fx.token_shapes

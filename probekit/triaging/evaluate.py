@@ -11,7 +11,7 @@ import numpy as np
 
 from probekit import distributed
 from probekit.cache.store import FeatureStore, open_store
-from probekit.data import Dataset
+from probekit.datasets import Dataset
 from probekit.errors import ProbekitError
 from probekit.evaluation import with_extra
 from probekit.extraction import ExtractOptions, extract

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from probekit.data import Dataset, load_dataset
+from probekit.datasets import Dataset, load_dataset
 from probekit.defaults import DEFAULT_IMG_SIZE
 from probekit.errors import OptionError, ProbekitError
 from probekit.extraction import ExtractOptions, Geometry, geometry_transform

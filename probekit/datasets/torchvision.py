@@ -1,0 +1,178 @@
+"""torchvision's classification datasets (`torchvision:NAME:ROOT[?download=1]`): file-backed
+ones read as image folders, the others by index."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from probekit.datasets.common import (
+    SPLIT_NAMES,
+    Dataset,
+    Split,
+    digest,
+    parse_query,
+    slug,
+    user_path,
+)
+from probekit.errors import DatasetError, InvalidImageError
+
+__all__ = ["TorchvisionReader", "torchvision_dataset", "with_download"]
+
+
+_TV_OPEN: dict[tuple[str, str, str, bool], Any] = {}
+
+
+def _tv(name: str, root: str, split: str, download: bool) -> Any:
+    key = (name, root, split, download)
+    if key not in _TV_OPEN:
+        import inspect
+
+        import torchvision
+
+        cls = getattr(torchvision.datasets, name)
+        params = inspect.signature(cls).parameters
+        kw: dict[str, Any] = {"root": root}
+        if "download" in params:
+            kw["download"] = download
+        if "split" in params:
+            kw["split"] = split
+        elif "train" in params:
+            kw["train"] = split == "train"
+        _TV_OPEN[key] = cls(**kw)
+    return _TV_OPEN[key]
+
+
+@dataclass(frozen=True)
+class TorchvisionReader:
+    """Loads item `index` of a torchvision dataset's split (its own reader decodes it)."""
+
+    name: str
+    root: str
+    splits: Mapping[str, str]  # probekit's split -> the dataset's
+    download: bool = False
+
+    def load(self, split: str, index: int) -> Image.Image:
+        ds = _tv(self.name, self.root, self.splits[split], self.download)
+        try:
+            img = ds[int(index)][0]
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InvalidImageError(f"{type(e).__name__}: {e}") from None
+        if not isinstance(img, Image.Image):
+            img = Image.fromarray(np.asarray(img))
+        return img
+
+
+def _tv_labels(ds: Any) -> np.ndarray:
+    for attr in ("targets", "_labels", "labels", "_targets"):
+        got = getattr(ds, attr, None)
+        if got is not None and len(got) == len(ds):
+            return np.asarray([int(t) for t in got], dtype=np.int64)
+    if hasattr(ds, "samples"):
+        return np.asarray([int(t) for _, t in ds.samples], dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
+def _tv_files(ds: Any) -> list[str]:
+    for attr in ("samples", "imgs", "_image_files", "_samples"):
+        got = getattr(ds, attr, None)
+        if got:
+            return [str(x[0] if isinstance(x, (tuple, list)) else x) for x in got]
+    return []
+
+
+def torchvision_dataset(arg: str) -> Dataset:
+    """`torchvision:NAME:ROOT[?download=1]`: a torchvision classification dataset whose files
+    are under ROOT (downloaded only with download=1, online); its train/val/test splits, or
+    train=True/False."""
+    import inspect
+
+    import torchvision
+
+    base, query = parse_query(arg)
+    name, _, root_arg = base.partition(":")
+    known = [
+        n for n, c in vars(torchvision.datasets).items() if inspect.isclass(c) and n[:1].isupper()
+    ]
+    if not name or name not in known:
+        from probekit.errors import close_matches
+
+        raise DatasetError(
+            f"torchvision:{base}: name a torchvision dataset, e.g. torchvision:Flowers102:ROOT."
+            + close_matches(name, known)
+        )
+    if not root_arg:
+        raise DatasetError(
+            f"torchvision:{name} needs the folder of its files: torchvision:{name}:ROOT."
+        )
+    root = str(user_path(root_arg, "torchvision"))
+    download = query.get("download", "") in ("1", "true", "yes")
+    params = inspect.signature(getattr(torchvision.datasets, name)).parameters
+    tries = ["train", "val", "test"] if "split" in params else ["train", "test"]
+    if "split" not in params and "train" not in params:
+        tries = ["train"]
+    splits: dict[str, Split] = {}
+    mapping: dict[str, str] = {}
+    classes: list[str] = []
+    stamp = []
+    errors = []
+    for split in tries:
+        try:
+            ds = _tv(name, root, split, download)
+        except (RuntimeError, ValueError, OSError) as e:
+            errors.append(f"{split}: {str(e).splitlines()[0][:150]}")
+            continue
+        labels = _tv_labels(ds)
+        files = _tv_files(ds)
+        ids = (
+            tuple(files)
+            if len(files) == len(ds)
+            else tuple(f"{name}:{root}#{split}/{i}" for i in range(len(ds)))
+        )
+        ours = SPLIT_NAMES.get(split, split)
+        splits[ours] = Split(ours, ids, labels)
+        mapping[ours] = split
+        classes = classes or [str(c) for c in getattr(ds, "classes", [])]
+        sizes = []
+        for f in files:
+            try:
+                st = Path(f).stat()
+                sizes.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+            except OSError:
+                sizes.append(f)
+        stamp.append(digest(split, str(len(ds)), labels.tobytes(), *sizes))
+    if not splits:
+        raise DatasetError(
+            f"torchvision:{name}:{root}: no split could be read ({'; '.join(errors)}); put its "
+            f"files there, or add ?download=1 (online)."
+        )
+    top = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
+    names = classes if len(classes) >= top else [str(i) for i in range(top)]
+    spec = f"torchvision:{name}:{root}"
+    # a dataset of image files is read like an image folder (the same decoding, the same
+    # invalid rows); one held in memory or in archives, by its own reader
+    on_files = all(Path(i).is_file() for s in splits.values() for i in s.ids[:1])
+    return Dataset(
+        spec,
+        f"torchvision-{slug(name)}-{digest(spec)[:8]}",
+        tuple(names),
+        splits,
+        digest(spec, *stamp, *names),
+        reader=None if on_files else TorchvisionReader(name, root, mapping, download),
+    )
+
+
+def with_download(specs: str) -> str:
+    """A comma list of dataset specs with every `torchvision:` one allowed to download
+    (`--download`); the other kinds as they are."""
+    out = []
+    for spec in specs.split(","):
+        if spec.strip().startswith("torchvision:") and "download=" not in spec:
+            spec += ("&" if "?" in spec else "?") + "download=1"
+        out.append(spec)
+    return ",".join(out)
