@@ -147,8 +147,25 @@ class ModelSpec:
             return f"{self.name}@random"
         return self.name if self.weights is None else f"{self.name}@{self.weights}"
 
-    def create(self, *, img_size: int | None = None, load: bool = True) -> Backbone:
-        """The timm model with these weights (`load=False`: its skeleton on the meta device)."""
+    @property
+    def is_builder(self) -> bool:
+        """Whether a Python function builds it (`module:function`, or an alias naming one):
+        nothing is known of it before it is built (or its card read)."""
+        from probekit.backbones.aliases import ALIASES
+        from probekit.backbones.builders import PYTHON_PATH
+
+        alias = ALIASES.get(self.name)
+        return bool(PYTHON_PATH.match(self.name)) or (alias is not None and bool(alias.builder))
+
+    def create(
+        self,
+        *,
+        img_size: int | None = None,
+        load: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Backbone:
+        """The model with these weights (`load=False`: its skeleton, with nothing loaded;
+        `cache_dir`: where a builder's card is kept)."""
         from probekit.backbones import create_backbone
 
         return create_backbone(
@@ -157,6 +174,7 @@ class ModelSpec:
             random_init=self.random_init,
             img_size=img_size,
             load=load,
+            cache_dir=cache_dir,
         )
 
 

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import importlib
 import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -24,7 +21,6 @@ from probekit.backbones.weights import (
     WeightsInfo,
     WeightSource,
     WeightsRequest,
-    _load_into,
     load_packaged_weights,
     load_state_dict_file,
     sha256_file,
@@ -37,7 +33,6 @@ from probekit.errors import (
     OptionError,
     WeightsError,
     close_matches,
-    not_a_file,
 )
 
 __all__ = [
@@ -297,6 +292,7 @@ def create_backbone(
     img_size: int | None = None,
     seed: int = 0,
     load: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Backbone:
     """Build a timm model in eval mode with the asked weights; see `WeightsInfo` for the record.
 
@@ -304,15 +300,56 @@ def create_backbone(
     `weights` file (.safetensors or a tensor-only .pth), a packaged alias (`effnet_lite*`), an
     original checkpoint (converted), or timm's normal pretrained path (HF hub and cache).
     With `load=False` the model is built on the meta device and no weights are read: enough to
-    know its layers, preprocessing and which weights it would get (a cache lookup).
+    know its layers, preprocessing and which weights it would get (a cache lookup); a process
+    builds each skeleton once. A builder (`module:function`, or an alias that names one:
+    `probekit.backbones.builders`) is built at most once for a plan and its extraction, and
+    not at all for a plan whose card `cache_dir` holds.
     """
-    if _PYTHON_PATH.match(name):  # module:function, given by the user in so many words
-        return _python_backbone(name, weights=weights, random_init=random_init, img_size=img_size)
+    from probekit.backbones.builders import PYTHON_PATH, python_backbone
+
+    opts: dict[str, Any] = {"weights": weights, "random_init": random_init, "img_size": img_size}
+    if PYTHON_PATH.match(name):  # module:function, given by the user in so many words
+        return python_backbone(name, **opts, load=load, cache_dir=cache_dir)  # type: ignore[no-any-return]
     alias, timm_name = resolve_backbone_name(name)
     if alias is not None and alias.builder is not None:  # probekit's own non-timm models
-        return _python_backbone(
-            alias.builder, weights=weights, random_init=random_init, img_size=img_size, as_name=name
+        return python_backbone(  # type: ignore[no-any-return]
+            alias.builder, **opts, load=load, as_name=name, cache_dir=cache_dir
         )
+    if not load:
+        key = (name, _file_key(weights), random_init, img_size, seed)
+        if key not in _SKELETONS:
+            _SKELETONS[key] = _timm_backbone(name, alias, timm_name, **opts, seed=seed, load=False)
+        return _SKELETONS[key]
+    return _timm_backbone(name, alias, timm_name, **opts, seed=seed, load=True)
+
+
+# skeletons (meta device, no weights) a process made, by what decides them
+_SKELETONS: dict[tuple[Any, ...], Backbone] = {}
+
+
+def _file_key(weights: str | os.PathLike[str] | None) -> Any:
+    """A weights file as a skeleton's key: its path, size and time (a changed file: another)."""
+    if weights is None:
+        return None
+    try:
+        st = os.stat(weights)
+    except OSError:
+        return str(weights)
+    return (str(weights), st.st_size, st.st_mtime_ns)
+
+
+def _timm_backbone(
+    name: str,
+    alias: BackboneAlias | None,
+    timm_name: str,
+    *,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    img_size: int | None,
+    seed: int,
+    load: bool,
+) -> Backbone:
+    """A timm model (or its meta-device skeleton) with the weights `weight_source` decides."""
     if weights is not None and random_init:
         raise WeightsError("pass either --weights FILE or --random-init, not both.")
     kwargs: dict[str, Any] = {}
@@ -396,61 +433,3 @@ def resize_input(model: torch.nn.Module, name: str, img_size: int) -> None:
             f"{str(e).splitlines()[0][:120] if str(e) else ''}); use its own size "
             "(--img-size native) or another size."
         ) from None
-
-
-# `package.module:function`: the only form that imports user code, and only when a user passes it
-_PYTHON_PATH = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
-
-
-def _python_backbone(
-    name: str,
-    *,
-    weights: str | os.PathLike[str] | None,
-    random_init: bool,
-    img_size: int | None,
-    as_name: str | None = None,
-) -> Backbone:
-    """A backbone built by the user's own function: `--backbone package.module:function`.
-
-    The function takes no arguments and returns a timm model (anything with
-    `forward_intermediates` and `feature_info`) holding its weights; `weights` loads a file
-    on top. The weights are identified by a hash of the model's tensors, so a changed function
-    gets its own cache. Store metadata, reports and listings never import it: only a
-    --backbone given in so many words does.
-    """
-    match = _PYTHON_PATH.match(name)
-    assert match is not None
-    module, func = match.groups()
-    if random_init or img_size is not None:
-        raise BackboneError(
-            f"--backbone {name!r} builds its own model: --random-init and --img-size do not apply "
-            "(set them inside the function)."
-        )
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise BackboneError(
-            f"cannot import {module!r} for --backbone {name!r} ({e}); put it on PYTHONPATH."
-        ) from None
-    fn = getattr(mod, func, None)
-    if not callable(fn):
-        raise BackboneError(f"{module!r} has no function {func!r} (from --backbone {name!r}).")
-    model = fn()
-    if not isinstance(model, torch.nn.Module):
-        raise BackboneError(f"{name}() returned {type(model).__name__}, not a torch.nn.Module.")
-    num_layers(model)
-    if weights is not None:
-        path = Path(weights).expanduser().resolve()
-        if why := not_a_file(path, "weights file"):
-            raise WeightsError(why)
-        _load_into(model, load_state_dict_file(path), f"weights file {str(path)!r}")
-        info = WeightsInfo("file", str(path), sha256_file(path))
-    else:
-        digest = hashlib.sha256()
-        for key, tensor in sorted(model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        info = WeightsInfo("python", name, digest.hexdigest())
-    model.eval().requires_grad_(False)
-    label = as_name or name
-    return Backbone(label, label, model, info, dict(resolve_model_data_config(model)))

@@ -160,7 +160,7 @@ class ExtractPlan:
             policy = DevicePolicy(f"cuda:{dist.local_rank}", policy.precision)
         if opts.decode == "gpu" and not policy.is_cuda:
             raise OptionError("decode='gpu' needs a CUDA device; use decode='cpu' on this machine.")
-        skeleton = model.create(img_size=opts.img_size, load=False)
+        skeleton = model.create(img_size=opts.img_size, load=False, cache_dir=opts.cache_dir)
         check_img_size(model.name, skeleton, opts.img_size)
         layers = parse_layers(opts.layers, skeleton.num_layers)
         if opts.tokens is not None and not layers:
@@ -222,7 +222,7 @@ class ExtractPlan:
 
     def build(self) -> Backbone:
         """The backbone with its weights (the one step of the plan that loads anything)."""
-        return self.model.create(img_size=self.options.img_size)
+        return self.model.create(img_size=self.options.img_size, cache_dir=self.options.cache_dir)
 
     def cost(self) -> dict[str, Any]:
         """Parameters (M) and GMACs per image at the evaluated size (counted on the meta-device
@@ -230,12 +230,16 @@ class ExtractPlan:
         from probekit.backbones.cost import count_gmacs, count_params
 
         model = self.skeleton.model
+        card = getattr(model, "card", None)  # a builder's, counted when it was built
         try:
-            gmacs: float | None = round(count_gmacs(model, self.size), 4)
+            gmacs: float | None = (
+                card["gmacs"] if card is not None else round(count_gmacs(model, self.size), 4)
+            )
         except Exception:  # a model whose forward cannot run on the meta device: not counted
             gmacs = None
+        params = card["params"] if card is not None else count_params(model)
         return {
-            "params_m": round(count_params(model) / 1e6, 4),
+            "params_m": round(params / 1e6, 4),
             "gmacs": gmacs,
             "img_size": self.size[0],
             "native_size": self.skeleton.native_size or self.size[0],

@@ -209,6 +209,8 @@ def _geometries(specs: Sequence[ModelSpec], img_size: int | None) -> list[Geomet
     their extraction fails on its own, as a row of the report)."""
     out = []
     for b in specs:
+        if b.is_builder:  # known once built (by its extraction): not built for a plan
+            continue
         try:
             bb = b.create(img_size=img_size, load=False)
         except ProbekitError:
@@ -221,6 +223,8 @@ def _check_img_size(specs: Sequence[ModelSpec], img_size: int) -> None:
     from probekit.extraction.plan import check_img_size
 
     for b in specs:
+        if b.is_builder:  # takes a size or says so when its extraction starts
+            continue
         try:
             skeleton = b.create(img_size=img_size, load=False)
         except OptionError:  # the size itself: stops here
