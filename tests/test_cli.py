@@ -130,7 +130,10 @@ def test_probe_cli_with_transfer(cache_dir: Path) -> None:
     assert {r["method"] for r in rows} == {"linear", "logreg"}
     assert {r["dataset"] for r in rows if r["metric"] == "top1"} == {"synthetic:12", "synthetic:8"}
     bad = runner.invoke(app, ["probe", "--method", "svm", *args[1:]])
-    said = "unknown method 'svm'; use linear, logreg, attentive, linseg, dense-knn or both"
+    from probekit.methods import PROBE_METHODS
+
+    said = f"unknown method 'svm'; use {', '.join(PROBE_METHODS)} or both"
+    assert said.startswith("unknown method 'svm'; use linear, logreg, attentive, mlp, linseg")
     assert bad.exit_code == 1 and said in bad.output
 
 
