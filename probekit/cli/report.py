@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from probekit.cli._common import (
     CacheDir,
@@ -35,88 +34,12 @@ if TYPE_CHECKING:
 __all__ = ["demo", "print_report", "report_cmd", "triage_cmd"]
 
 
-def _print_trust(rep: Report) -> None:
-    """Few-shot, calibration, structure, similarity and side-by-side tables, one per task."""
-    from probekit.report.trust import sections
-
-    for sec in sections(rep):
-        for task, header, rows in sec.tables:
-            table = Table(*header, title=f"{task}: {sec.title.lower()}")
-            for row in rows:
-                table.add_row(*row)
-            out.print(table)
-        out.print(sec.note)
-
-
 def print_report(rep: Report, files: dict[str, str]) -> None:
-    """The leaderboard of every task, the ranking with BoB's caveat, the reference deltas."""
-    from probekit.report import (
-        BEST_NOTE,
-        BOB_CAVEAT,
-        DELTA_COLUMNS,
-        DELTA_NOTE,
-        delta_method,
-        delta_texts,
-        leaderboard_rows,
-    )
-    from probekit.report.render import COST_HEADER, COST_NOTE, cost_rows
+    """The report document on the terminal (`probekit.report.document`), then where the files
+    are."""
+    from probekit.report.document import document, to_terminal
 
-    for metric, task in ((m, t) for m in rep.metrics for t in rep.tasks if rep.shows(t, m)):
-        name = "top-1" if metric == "top1" else metric
-        table = Table(
-            "model",
-            *[f"{m} {name} [95% CI] feature" for m in rep.methods_of(task, metric)],
-            title=f"{task}: test {name} (%), chosen without the test split",
-        )
-        for row in leaderboard_rows(rep, task, metric=metric):
-            table.add_row(*row)
-        out.print(table)
-        for said in rep.warnings.get(task, []) if metric == "top1" else []:
-            out.print(f"warning ({task}): {said}")
-    if rep.best:
-        out.print(BEST_NOTE)
-    if cost_rows(rep):
-        table = Table(*COST_HEADER, title="cost and resolution")
-        for row in cost_rows(rep):
-            table.add_row(*row)
-        out.print(table)
-        out.print(COST_NOTE)
-    if rep.ranking:
-        table = Table("rank", *rep.ranking, title="ranking across tasks: mean z-score (BoB)")
-        for i in range(max(len(v) for v in rep.ranking.values())):
-            table.add_row(
-                str(i + 1),
-                *[
-                    f"{r[i][0]} ({r[i][1]:+.2f})" if i < len(r) else ""
-                    for r in rep.ranking.values()
-                ],
-            )
-        out.print(table)
-        out.print(BOB_CAVEAT)
-    if rep.agreements:
-        from probekit.report.agreement import AGREEMENT_NOTE
-        from probekit.report.render import AGREEMENT_HEADER, agreement_rows
-
-        table = Table(*AGREEMENT_HEADER, title="how far the methods' rankings agree")
-        for row in agreement_rows(rep):
-            table.add_row(*row)
-        out.print(table)
-        out.print(AGREEMENT_NOTE)
-    for flag in rep.flags:
-        out.print(f"note: {flag.text()}")
-    _print_trust(rep)
-    if rep.reference and rep.deltas:
-        table = Table(
-            "task", "method", "model", *DELTA_COLUMNS, title=f"difference to {rep.reference}"
-        )
-        for d in rep.deltas:
-            table.add_row(d["task"], delta_method(d), d["model"], *delta_texts(d))
-        out.print(table)
-        out.print(DELTA_NOTE)
-    for e in rep.errors:
-        out.print(
-            f"FAILED {e.model} on {e.dataset} ({e.extra.get('stage')}): {e.extra.get('message')}"
-        )
+    to_terminal(document(rep), out)
     report_md = Path(files["report.md"])
     pngs = [Path(p).name for name, p in files.items() if name.endswith(".png")]
     out.print(
