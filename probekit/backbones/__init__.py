@@ -7,8 +7,8 @@ import fnmatch
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm
@@ -16,6 +16,7 @@ import torch
 from timm.data import resolve_model_data_config  # type: ignore[attr-defined]
 
 from probekit.backbones.aliases import ALIASES, EXTRA_MODULES, GROUPS, BackboneAlias
+from probekit.backbones.base import Backbone, num_layers
 from probekit.backbones.weights import (
     WEIGHT_SOURCES,
     WeightsInfo,
@@ -57,28 +58,6 @@ __all__ = [
     "resolve_backbone_name",
     "sha256_file",
 ]
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A timm model ready for extraction, with the name it was asked by and its weights."""
-
-    name: str
-    timm_name: str
-    model: torch.nn.Module
-    weights: WeightsInfo
-    data_config: Mapping[str, Any] = field(default_factory=dict)
-    native_size: int = 0  # the input side its weights were trained at (timm's pretrained cfg)
-
-    @property
-    def num_layers(self) -> int:
-        return num_layers(self.model)
-
-    @property
-    def has_class_token(self) -> bool:
-        return int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0 and bool(
-            getattr(self.model, "cls_token", None) is not None
-        )
 
 
 @dataclass(frozen=True)
@@ -128,18 +107,6 @@ def _all_architectures() -> set[str]:
 
 def _all_pretrained() -> set[str]:
     return set(timm.list_models(pretrained=True))
-
-
-def num_layers(model: torch.nn.Module) -> int:
-    """How many intermediate outputs `forward_intermediates` can return for this model."""
-    info = getattr(model, "feature_info", None)
-    if not hasattr(model, "forward_intermediates") or not info:
-        raise BackboneError(
-            f"{type(model).__name__} has no timm forward_intermediates(); probekit extracts "
-            "intermediate layers through it. Pick a timm model family that has it (ViT, ConvNeXt, "
-            "ResNet, Swin, EfficientNet, ...)."
-        )
-    return len(info)
 
 
 _LAST_N = re.compile(r"^last(\d*)$")

@@ -149,7 +149,7 @@ def python_backbone(
     (nothing built) where an earlier build wrote one."""
     from timm.data import resolve_model_data_config  # type: ignore[attr-defined]
 
-    from probekit.backbones import Backbone, num_layers
+    from probekit.backbones.base import Backbone, num_layers
     from probekit.backbones.weights import (
         WeightsInfo,
         _load_into,

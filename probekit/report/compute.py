@@ -488,13 +488,17 @@ DELTA_NOTE = (
 
 
 def build_report(
-    records: Iterable[Record | Mapping[str, Any]], reference: str | None = None
+    records: Iterable[Record | Mapping[str, Any]],
+    reference: str | None = None,
+    *,
+    cells: list[Cell] | None = None,
 ) -> Report:
     """Compute the leaderboard, curves, ranking, timings and reference deltas from records
-    (`Record`s, or their dicts of any schema)."""
+    (`Record`s, or their dicts of any schema); `cells`: the leaderboard's, where the caller
+    computed them from these records already (`leaderboard_cells`)."""
     # agreement records are derived from the leaderboard: made anew, never read back
     recs = [r for r in _as_records(records) if r.kind != "agreement"]
-    cells = leaderboard_cells(recs)
+    cells = leaderboard_cells(recs) if cells is None else cells
     agreements = agreement(cells)
     recs += agreement_records(agreements)
     errors = [r for r in recs if r.kind == "error"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from probekit.records import Record
-from probekit.report.compute import Report, build_report
+from probekit.report.compute import Cell, Report, build_report
 from probekit.report.document import (
     COST_HEADER,
     COST_NOTE,
@@ -73,9 +73,11 @@ def write_report(
     *,
     reference: str | None = None,
     plots: bool = True,
+    cells: list[Cell] | None = None,
 ) -> tuple[Report, dict[str, str]]:
-    """Write report.md, results.csv, results.jsonl and the PNG plots; return what was written."""
-    rep = build_report(records, reference)
+    """Write report.md, results.csv, results.jsonl and the PNG plots; return what was written.
+    `cells`: the leaderboard's, computed from these records already."""
+    rep = build_report(records, reference, cells=cells)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     files = {"results.jsonl": str(out / "results.jsonl"), "results.csv": str(out / "results.csv")}

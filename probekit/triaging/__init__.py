@@ -27,6 +27,7 @@ from probekit.extraction import ExtractOptions
 from probekit.methods import METHODS
 from probekit.records import Record
 from probekit.report import Report, build_report, write_report
+from probekit.report.compute import Cell, leaderboard_cells
 from probekit.specs import ModelSpec
 from probekit.triaging.evaluate import evaluate as _evaluate
 from probekit.triaging.evaluate import (
@@ -131,36 +132,63 @@ def triage(
     journal = None if dist.is_group else Journal(Path(out).expanduser() / ".progress.jsonl")
     plan.announce(say)
     records: list[Record] = []
-    for size in plan.sizes:
-        options = plan.at(size)
-        by_data: dict[str, list[tuple[str, FeatureStore]]] = {}
-        for b in plan.models:
-            first = len(records)
-            stores = _extract_all(b, plan, options, records, say)
-            label = sized(Record("note", b.label, ""), size).model if plan.sweep else b.label
-            for spec in plan.data_specs:
-                if spec in stores:
-                    _evaluate_one(b, spec, stores, plan, journal, records, say)
-                    by_data.setdefault(spec, []).append((label, stores[spec]))
-            if plan.sweep:  # every entry of a sweep is a model at one size
-                records[first:] = [sized(r, size) for r in records[first:]]
-        if dist.is_main:  # how alike the backbones' representations are, per dataset
-            for spec, pairs in by_data.items():
-                try:
-                    records += similarity_records(pairs, records, plan.methods, concat)
-                except Exception as e:
-                    msg = failure_message(e)
-                    records.append(note("error", "-", spec, stage="compare", message=msg))
-                    say(f"  comparing the backbones on {spec}: FAILED: {msg}")
+    groups = [(spec, pairs) for size in plan.sizes for spec, pairs in _run_size(
+        plan, size, journal, records, say).items()]  # fmt: skip
     reference = plan.reference
     if reference is not None and plan.sweep:  # the reference model at the first size
         reference = sized(Record("note", reference, ""), plan.sizes[0]).model
-    if dist.is_main:
-        rep, files = write_report(records, out, reference=reference, plots=plots)
+    if dist.is_main:  # the leaderboard's cells, computed once: similarity and the report
+        cells = leaderboard_cells(records)
+        records += _compare_all(groups, cells, plan.methods, concat, say)
+        rep, files = write_report(records, out, reference=reference, plots=plots, cells=cells)
     if dist.is_group:  # every rank returns rank 0's report
         records, files = dist.broadcast((records, files) if dist.is_main else None)
         rep = build_report(records, reference)
     return TriageResult(rep, files, str(Path(out).expanduser()))
+
+
+def _run_size(
+    plan: TriagePlan,
+    size: int | None,
+    journal: Journal | None,
+    records: list[Record],
+    say: Callable[[str], None],
+) -> dict[str, list[tuple[str, FeatureStore]]]:
+    """Every backbone at one size: extracted, then evaluated on every dataset; the stores of
+    each dataset by the label its backbone goes by."""
+    options = plan.at(size)
+    by_data: dict[str, list[tuple[str, FeatureStore]]] = {}
+    for b in plan.models:
+        first = len(records)
+        stores = _extract_all(b, plan, options, records, say)
+        label = sized(Record("note", b.label, ""), size).model if plan.sweep else b.label
+        for spec in plan.data_specs:
+            if spec in stores:
+                _evaluate_one(b, spec, stores, plan, journal, records, say)
+                by_data.setdefault(spec, []).append((label, stores[spec]))
+        if plan.sweep:  # every entry of a sweep is a model at one size
+            records[first:] = [sized(r, size) for r in records[first:]]
+    return by_data
+
+
+def _compare_all(
+    groups: list[tuple[str, list[tuple[str, FeatureStore]]]],
+    cells: list[Cell],
+    methods: list[str],
+    concat: bool,
+    say: Callable[[str], None],
+) -> list[Record]:
+    """How alike the backbones' representations are, per dataset (and size): a failure is a
+    row of the report."""
+    out: list[Record] = []
+    for spec, pairs in groups:
+        try:
+            out += similarity_records(pairs, cells, methods, concat)
+        except Exception as e:
+            msg = failure_message(e)
+            out.append(note("error", "-", spec, stage="compare", message=msg))
+            say(f"  comparing the backbones on {spec}: FAILED: {msg}")
+    return out
 
 
 def sized(record: Record, size: int | None) -> Record:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from probekit.metrics import encode_outcomes
 from probekit.neighbors import DEFAULT_TEMPERATURE, knn
 from probekit.records import Record, select_knn
 from probekit.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from probekit.report.compute import Cell
 
 __all__ = ["evaluate", "extraction_record", "failure_message", "note", "similarity_records"]
 
@@ -180,20 +183,18 @@ def _fewshot(
 
 def similarity_records(
     stores: list[tuple[str, FeatureStore]],
-    records: list[Record],
+    cells: Sequence[Cell],
     methods: list[str],
     concat: bool = False,
 ) -> list[Record]:
     """CKA and mutual kNN between the backbones evaluated on one dataset, each by the feature
-    its entry of the first method uses (what the leaderboard shows); with `concat`, a logistic
+    its entry of the first method uses (the leaderboard's `cells`); with `concat`, a logistic
     regression on each pair's features side by side against each alone."""
-    from probekit.report.compute import leaderboard_cells
     from probekit.similarity import compare
 
     if len(stores) < 2:
         return []
     spec = stores[0][1].meta["dataset"]["spec"]
-    cells = leaderboard_cells(records)
     chosen = []
     for label, store in stores:
         mine = {c.method: c.feature for c in cells if c.task == spec and c.model == label}
