@@ -213,39 +213,8 @@ def compare(
         raise OptionError("a store is given twice; give each store once.")
     if features_of is not None and len(features_of) != len(stores):
         raise OptionError(f"features_of has {len(features_of)} lists for {len(stores)} stores.")
-    rows = _common_rows(stores, split)
-    items: list[tuple[str, str, np.ndarray]] = []
-    for i, (st, r, path) in enumerate(zip(stores, rows, paths, strict=True)):
-        asked = features_of[i] if features_of is not None else features
-        names = st.check_features(list(asked)) if asked else st.feature_names
-        ordered = np.sort(r)  # read in the store's order, then put in the first store's
-        back = np.searchsorted(ordered, r)
-        for name in names:
-            x = np.asarray(st.read_rows(split, name, ordered), np.float32)[back]
-            items.append((path, name, x))
-    if len(items) < 2:
-        raise ProbekitError("one feature alone: nothing to compare; give two stores or features.")
-    n = len(rows[0])
-    if k >= n:
-        raise OptionError(f"k={k} needs more than {k} images in common; there are {n}.")
-    centered = [_centered(x) for _, _, x in items]
-    self_hsic = [_hsic(c, c, True) for c in centered]
-    near = [neighbours(x, k, backend) for _, _, x in items]
-    pairs = []
-    for i, j in itertools.combinations(range(len(items)), 2):
-        denom = self_hsic[i] * self_hsic[j]
-        cka = _hsic(centered[i], centered[j], True) / math.sqrt(denom) if denom > 0 else math.nan
-        pairs.append(
-            Similarity(
-                items[i][0],
-                items[i][1],
-                items[j][0],
-                items[j][1],
-                n,
-                cka,
-                _overlap(near[i], near[j]),
-            )
-        )
+    items = _shared_items(stores, split, features, features_of)
+    pairs = _similarities(items, k, backend)
     names_of = list(labels) if labels is not None else [st.info.label for st in stores]
     by_path = dict(zip(paths, names_of, strict=True))
     ensembles = []
@@ -264,6 +233,48 @@ def compare(
                     )
                 )
     return CompareResult(pairs, by_path, stores[0].info.dataset.spec, split, k, ensembles)
+
+
+def _shared_items(
+    stores: Sequence[FeatureStore],
+    split: str,
+    features: Sequence[str] | None,
+    features_of: Sequence[Sequence[str]] | None,
+) -> list[tuple[str, str, np.ndarray]]:
+    """(store path, feature, (n, D) rows) of every feature asked of every store, on the rows
+    the stores share, in the first store's order."""
+    rows = _common_rows(stores, split)
+    items: list[tuple[str, str, np.ndarray]] = []
+    for i, (st, r) in enumerate(zip(stores, rows, strict=True)):
+        asked = features_of[i] if features_of is not None else features
+        names = st.check_features(list(asked)) if asked else st.feature_names
+        ordered = np.sort(r)  # read in the store's order, then put in the first store's
+        back = np.searchsorted(ordered, r)
+        for name in names:
+            x = np.asarray(st.read_rows(split, name, ordered), np.float32)[back]
+            items.append((str(st.path), name, x))
+    if len(items) < 2:
+        raise ProbekitError("one feature alone: nothing to compare; give two stores or features.")
+    return items
+
+
+def _similarities(
+    items: list[tuple[str, str, np.ndarray]], k: int, backend: str
+) -> list[Similarity]:
+    """Debiased linear CKA and mutual kNN of every pair of items."""
+    n = len(items[0][2])
+    if k >= n:
+        raise OptionError(f"k={k} needs more than {k} images in common; there are {n}.")
+    centered = [_centered(x) for _, _, x in items]
+    self_hsic = [_hsic(c, c, True) for c in centered]
+    near = [neighbours(x, k, backend) for _, _, x in items]
+    pairs = []
+    for i, j in itertools.combinations(range(len(items)), 2):
+        denom = self_hsic[i] * self_hsic[j]
+        cka = _hsic(centered[i], centered[j], True) / math.sqrt(denom) if denom > 0 else math.nan
+        (pa, fa, _), (pb, fb, _) = items[i], items[j]
+        pairs.append(Similarity(pa, fa, pb, fb, n, cka, _overlap(near[i], near[j])))
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -310,6 +321,36 @@ class EnsembleGain:
         )
 
 
+def _joint_arrays(
+    stores: Sequence[FeatureStore], names: Sequence[str], splits: Sequence[str]
+) -> tuple[dict[str, tuple[dict[str, np.ndarray], np.ndarray]], dict[str, list[str]]]:
+    """Per split, the two stores' features on the images they share (layer0/mean: a's,
+    layer1/mean: b's, head/embed: both side by side) with their labels, and the images' ids;
+    an image the stores label differently is an error."""
+    arrays: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+    ids: dict[str, list[str]] = {}
+    classes = stores[0].class_names
+    for split in splits:
+        rows = _common_rows(stores, split)
+        xs = []
+        for st, r, name in zip(stores, rows, names, strict=True):
+            ordered = np.sort(r)
+            x = np.asarray(st.read_rows(split, name, ordered), np.float32)
+            xs.append(x[np.searchsorted(ordered, r)])
+        ya = stores[0].labels(split)[rows[0]]
+        yb = stores[1].labels(split)[rows[1]]
+        if [classes[i] for i in ya] != [stores[1].class_names[i] for i in yb]:
+            raise ProbekitError(
+                f"the stores label the same {split} images differently; compare stores of the "
+                "same dataset."
+            )
+        both = np.concatenate(xs, axis=1)
+        arrays[split] = ({"layer0/mean": xs[0], "layer1/mean": xs[1], "head/embed": both}, ya)
+        all_ids = stores[0].ids(split)
+        ids[split] = [all_ids[int(i)] for i in rows[0]]
+    return arrays, ids
+
+
 def concat_probe(
     a: FeatureStore | str | os.PathLike[str],
     b: FeatureStore | str | os.PathLike[str],
@@ -338,30 +379,8 @@ def concat_probe(
     splits = [s for s in stores[0].splits if s in stores[1].splits]
     if "train" not in splits or test_split not in splits:
         raise ProbekitError(f"both stores need a train and a {test_split!r} split.")
-    arrays: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
-    ids: dict[str, list[str]] = {}
+    arrays, ids = _joint_arrays(stores, names, splits)
     classes = stores[0].class_names
-    for split in splits:
-        rows = _common_rows(stores, split)
-        xs = []
-        for st, r, name in zip(stores, rows, names, strict=True):
-            ordered = np.sort(r)
-            xs.append(
-                np.asarray(st.read_rows(split, name, ordered), np.float32)[
-                    np.searchsorted(ordered, r)
-                ]
-            )
-        ya = stores[0].labels(split)[rows[0]]
-        yb = stores[1].labels(split)[rows[1]]
-        if [classes[i] for i in ya] != [stores[1].class_names[i] for i in yb]:
-            raise ProbekitError(
-                f"the stores label the same {split} images differently; compare stores of the "
-                "same dataset."
-            )
-        both = np.concatenate(xs, axis=1)
-        arrays[split] = ({"layer0/mean": xs[0], "layer1/mean": xs[1], "head/embed": both}, ya)
-        all_ids = stores[0].ids(split)
-        ids[split] = [all_ids[int(i)] for i in rows[0]]
     label_of = list(labels) if labels is not None else [st.info.label for st in stores]
     outcomes = {}
     with tempfile.TemporaryDirectory(prefix="probekit-concat-") as tmp:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -94,6 +95,32 @@ def synthetic(arg: str) -> Dataset:
     )
 
 
+def _paste_digit(
+    scene: np.ndarray,
+    mask: np.ndarray,
+    digit: np.ndarray,
+    label: int,
+    rng: np.random.Generator,
+    ndimage: Any,
+) -> None:
+    """One MNIST digit (28x28 in [0, 1]) pasted into `scene` (in place) at a seeded size and
+    place in a bright colour, its stroke's pixels set to `label` in `mask`."""
+    size = scene.shape[0]
+    side = int(rng.integers(24, 49))
+    small = Image.fromarray((digit * 255).astype(np.uint8)).resize(
+        (side, side), Image.Resampling.BILINEAR
+    )
+    glyph = np.asarray(small, np.float64) / 255.0
+    # strokes thickened (a grey dilation over side/8 px): a digit's pixels form regions a
+    # patch grid of a few pixels can resolve, not hairlines
+    glyph = ndimage.grey_dilation(glyph, size=(side // 8, side // 8))
+    r, c = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+    colour = rng.uniform(180, 255, 3)
+    region = scene[r : r + side, c : c + side]
+    region[:] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
+    mask[r : r + side, c : c + side][glyph > 0.5] = label
+
+
 def digit_scenes(arg: str) -> Dataset:
     """MNIST digits composited onto crops of real photos, with per-pixel labels.
 
@@ -141,24 +168,7 @@ def digit_scenes(arg: str) -> Dataset:
         mask = np.zeros((size, size), np.uint8)
         for _ in range(int(rng.integers(1, 4))):
             k = int(pool[int(rng.integers(len(pool)))])
-            side = int(rng.integers(24, 49))
-            glyph = (
-                np.asarray(
-                    Image.fromarray((digits[k] * 255).astype(np.uint8)).resize(
-                        (side, side), Image.Resampling.BILINEAR
-                    ),
-                    np.float64,
-                )
-                / 255.0
-            )
-            # strokes thickened (a grey dilation over side/8 px): a digit's pixels form
-            # regions a patch grid of a few pixels can resolve, not hairlines
-            glyph = ndimage.grey_dilation(glyph, size=(side // 8, side // 8))
-            r, c = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
-            colour = rng.uniform(180, 255, 3)
-            region = scene[r : r + side, c : c + side]
-            region[:] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
-            mask[r : r + side, c : c + side][glyph > 0.5] = int(y[k]) + 1
+            _paste_digit(scene, mask, digits[k], int(y[k]) + 1, rng, ndimage)
         images[i], masks[i] = np.clip(np.rint(scene), 0, 255).astype(np.uint8), mask
         counts = np.bincount(mask.ravel(), minlength=11)[1:]
         labels[i] = int(counts.argmax()) + 1 if counts.any() else 0  # an index into names

@@ -343,12 +343,13 @@ def train_attentive_heads(
     return state
 
 
-def select(data: ProbeData, options: Options) -> Selection:
-    """Every (layer, lr, wd) attentive probe trained together (layers of one token shape as one
-    stack), epoch and probe chosen on validation accuracy, then the lower validation loss."""
-    from probekit.probes.base import Feature, Selection
+def _train_groups(
+    data: ProbeData, options: Options, batch: int
+) -> tuple[Any, list[tuple[str, dict[str, Any], float]], bool]:
+    """Every layer group's probes trained: (the best (score, (layer, probe, config index,
+    token shape))), the layer-wise curve, whether rows were streamed)."""
     from probekit.probes.grid import best_head
-    from probekit.probes.rows import Bounded, token_rows
+    from probekit.probes.rows import token_rows
 
     store, shared = data.store, data.options
     grid = [(lr, wd) for lr in options.lrs for wd in options.wds]
@@ -358,34 +359,18 @@ def select(data: ProbeData, options: Options) -> Selection:
     best: tuple[tuple[float, float], Any] = ((-1.0, 0.0), None)
     curve: list[tuple[str, dict[str, Any], float]] = []
     streamed = False
-    dtype = shared.torch_dtype
-    # a small train split still gets ATTN_MIN_STEPS AdamW steps an epoch
-    batch = min(shared.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
+    share = data.fit_share
+    fit_budget, val_budget = int(data.budget * share), int(data.budget * (1 - share))
     for shape, group in by_shape.items():
-        share = data.fit_share
-        fit_x = token_rows(
-            store, "train", group, data.fit_rows, int(data.budget * share), data.device
-        )
-        val_budget = int(data.budget * (1 - share))
+        fit_x = token_rows(store, "train", group, data.fit_rows, fit_budget, data.device)
         val_x = token_rows(store, data.val_split, group, data.val_rows, val_budget, data.device)
         streamed |= not fit_x.resident
         heads = train_attentive_heads(
-            fit_x,
-            data.fit_y,
-            data.n_classes,
-            shape,
-            options.lrs,
-            options.wds,
-            queries=options.queries,
-            heads=options.heads,
-            position=options.position == "learned",
-            epochs=shared.epochs,
-            batch_size=batch,
-            seed=shared.seed,
-            x_val=val_x,
-            y_val=data.val_y,
-            dtype=dtype,
-        )
+            fit_x, data.fit_y, data.n_classes, shape, options.lrs, options.wds,
+            queries=options.queries, heads=options.heads,
+            position=options.position == "learned", epochs=shared.epochs, batch_size=batch,
+            seed=shared.seed, x_val=val_x, y_val=data.val_y, dtype=shared.torch_dtype,
+        )  # fmt: skip
         del fit_x, val_x
         for li, name in enumerate(group):
             _, hd = best_head(heads.val_acc[li : li + 1], -heads.val_loss[li : li + 1])
@@ -394,6 +379,21 @@ def select(data: ProbeData, options: Options) -> Selection:
         score = (float(heads.val_acc[li, hd]), float(-heads.val_loss[li, hd]))
         if score > best[0]:
             best = (score, (group[li], heads.one(li, hd), hd, shape))
+    return best, curve, streamed
+
+
+def select(data: ProbeData, options: Options) -> Selection:
+    """Every (layer, lr, wd) attentive probe trained together (layers of one token shape as one
+    stack), epoch and probe chosen on validation accuracy, then the lower validation loss."""
+    from probekit.probes.base import Feature, Selection
+    from probekit.probes.rows import Bounded, token_rows
+
+    store, shared = data.store, data.options
+    grid = [(lr, wd) for lr in options.lrs for wd in options.wds]
+    dtype = shared.torch_dtype
+    # a small train split still gets ATTN_MIN_STEPS AdamW steps an epoch
+    batch = min(shared.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
+    best, curve, streamed = _train_groups(data, options, batch)
     assert best[1] is not None
     name, chosen, hd, (t, d) = best[1]
     config: dict[str, Any] = {

@@ -104,30 +104,15 @@ def triage(
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
     say = (log if dist.is_main else None) or (lambda _: None)
+    extract = ExtractOptions(
+        layers=layers, pool=pool, tokens=tokens, batch_size=batch_size, device=device,
+        precision=precision, cache_dir=cache_dir, quiet=quiet,
+    )  # fmt: skip
     plan = TriagePlan.resolve(
-        backbones,
-        data,
-        transfer=transfer,
-        methods=methods,
-        ks=ks,
-        features=features,
-        reference=reference,
-        pixel_cache=pixel_cache,
-        pixel_size=pixel_size,
-        img_size=img_size,
-        shots=shots,
-        episodes=episodes,
-        extract=ExtractOptions(
-            layers=layers,
-            pool=pool,
-            tokens=tokens,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            cache_dir=cache_dir,
-            quiet=quiet,
-        ),
-    )
+        backbones, data, transfer=transfer, methods=methods, ks=ks, features=features,
+        reference=reference, pixel_cache=pixel_cache, pixel_size=pixel_size, img_size=img_size,
+        shots=shots, episodes=episodes, extract=extract,
+    )  # fmt: skip
     # evaluations an interrupted run into the same `out` finished are kept, not redone
     journal = None if dist.is_group else Journal(Path(out).expanduser() / ".progress.jsonl")
     plan.announce(say)

@@ -104,17 +104,7 @@ class TriagePlan:
         if reference is not None and reference not in [b.label for b in models]:
             labels = ", ".join(b.label for b in models)
             raise OptionError(f"--reference {reference!r} is not among --backbones ({labels}).")
-        datasets: dict[str, Dataset] = {}
-        for spec in [*data_specs, *[dst for _, dst in pairs]]:
-            if spec not in datasets:
-                datasets[spec] = load_dataset(spec)
-        for src, dst in pairs:
-            if datasets[src].spec == datasets[dst].spec:
-                raise OptionError(
-                    f"transfer {src}->{dst} is from a dataset to itself ({datasets[src].spec}); "
-                    "its test split is already evaluated. Name two datasets, e.g. "
-                    "'mnist5k->digits'."
-                )
+        datasets = _load_datasets(data_specs, pairs)
         for size in sizes:  # a size some model cannot take stops before any work
             if size is not None:
                 _check_img_size(models, size)
@@ -137,20 +127,9 @@ class TriagePlan:
         )
         ks_list = [int(k) for k in as_ints(ks, "ks")]
         return cls(
-            models,
-            data_specs,
-            pairs,
-            wanted,
-            ks_list,
-            _names(features),
-            reference,
-            datasets,
-            options,
-            sizes,
-            shot_list,
-            int(episodes),
-            dense_only,
-        )
+            models, data_specs, pairs, wanted, ks_list, _names(features), reference, datasets,
+            options, sizes, shot_list, int(episodes), dense_only,
+        )  # fmt: skip
 
     def announce(self, say: Callable[[str], None]) -> None:
         """The run's header, and how to decode once where several geometries each decode."""
@@ -170,6 +149,25 @@ class TriagePlan:
                     "backbone's crop cut and resized on the device: close to, not equal to, its "
                     "own resize)"
                 )
+
+
+def _load_datasets(
+    data_specs: Sequence[str], pairs: Sequence[tuple[str, str]]
+) -> dict[str, Dataset]:
+    """Every dataset of the triage by its spec (a transfer's target too); a transfer from a
+    dataset to itself is an error."""
+    datasets: dict[str, Dataset] = {}
+    for spec in [*data_specs, *[dst for _, dst in pairs]]:
+        if spec not in datasets:
+            datasets[spec] = load_dataset(spec)
+    for src, dst in pairs:
+        if datasets[src].spec == datasets[dst].spec:
+            raise OptionError(
+                f"transfer {src}->{dst} is from a dataset to itself ({datasets[src].spec}); "
+                "its test split is already evaluated. Name two datasets, e.g. "
+                "'mnist5k->digits'."
+            )
+    return datasets
 
 
 def parse_sizes(value: int | str | Sequence[int | str] | None) -> tuple[int | None, ...]:
