@@ -90,3 +90,19 @@ def test_a_triage_at_224_runs_builders_that_take_a_size_and_says_why_not_others(
     assert "own input size" in errors[0].extra["message"]
     assert "--img-size native" in errors[0].extra["message"]
     assert builders.builds.count(f"{user_module}:build") == 1  # plan checks build nothing
+
+
+def test_a_backbones_source_is_decided_by_its_name_before_anything_loads(
+    user_module: str,
+) -> None:
+    from probekit.backbones.sources import source_of
+
+    assert source_of(f"{user_module}:build").kind == "python"
+    assert source_of("stable_diffusion_v1_5").kind == "builder"
+    assert source_of("test_vit").kind == "timm" and source_of("dino_vits16").kind == "timm"
+    src = source_of(f"{user_module}:fixed")
+    assert src.identity(f"{user_module}:fixed", None).source == "python"
+    assert not src.takes_size(f"{user_module}:fixed") and builders.builds == []
+    assert source_of("test_vit").identity("test_vit", None) == (
+        probekit.create_backbone("test_vit", load=False).weights
+    )

@@ -143,10 +143,12 @@ def python_backbone(
     load: bool = True,
     as_name: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
 ) -> Any:
     """The backbone `name` (`module:function`) builds, or with `load=False` its skeleton: the
     model built at most once a process for a plan and its extraction, described by its card
-    (nothing built) where an earlier build wrote one."""
+    (nothing built) where an earlier build wrote one. `seed`: unused (a function seeds its own
+    model)."""
     from timm.data import resolve_model_data_config  # type: ignore[attr-defined]
 
     from probekit.backbones.base import Backbone, num_layers
