@@ -16,35 +16,97 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from probekit.errors import ProbekitError, ProbekitWarning, StoreError
 from probekit.specs import model_label
 
-__all__ = ["RECORD_SCHEMA", "SELECTION_SPLITS", "Record", "select_knn", "write_records"]
+__all__ = [
+    "METRICS",
+    "RECORD_KINDS",
+    "RECORD_SCHEMA",
+    "SELECTION_SPLITS",
+    "Metric",
+    "Record",
+    "RecordKind",
+    "select_knn",
+    "write_records",
+]
 
 # 2: one flat shape for every kind (feature, hyper); 1 (or none): KnnRecord / ProbeRecord dicts
 RECORD_SCHEMA = 2
 # kNN's configuration is chosen on a val split, else by leave-one-out on train
 SELECTION_SPLITS = ("val", "train")
 
+# what a record is a result of: an evaluation (knn, probe, fewshot, structure, compare,
+# agreement) or a note of the run (extract, time, error, note)
+RecordKind = Literal[
+    "knn",
+    "probe",
+    "fewshot",
+    "structure",
+    "compare",
+    "agreement",
+    "extract",
+    "time",
+    "error",
+    "note",
+]
+# every metric a record holds ("" for notes): classification, probes' selection and
+# calibration, dense, retrieval (at RETRIEVAL_KS), label-free structure, similarity, agreement
+Metric = Literal[
+    "",
+    "top1",
+    "top5",
+    "balanced_accuracy",
+    "worst_class_accuracy",
+    "per_class",
+    "val_top1",
+    "train_top1",
+    "ece",
+    "ece_ts",
+    "miou",
+    "pixel_acc",
+    "val_miou",
+    "mAP",
+    "mAP@R",
+    "MRR",
+    "precision@1",
+    "precision@5",
+    "precision@10",
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "rankme",
+    "nmi",
+    "ari",
+    "cka",
+    "mutual_knn",
+    "concat_gain",
+    "spearman",
+    "kendall",
+]
+RECORD_KINDS: tuple[str, ...] = get_args(RecordKind)
+METRICS: tuple[str, ...] = get_args(Metric)
+
 
 @dataclass(frozen=True)
 class Record:
     """One result line.
 
-    kind: knn, probe (a fitted probe method), extract, time or error. model: the label it goes
-    by (`name`, `name@random`, `name@file`). dataset: what was evaluated; train_dataset: what
-    the probe or kNN database came from (differs for a transfer). feature: `layer<i>/<pool>`,
-    `head/embed` or `lastN/<pool>`. method: knn, linear, logreg, ... hyper: the method's
-    hyperparameters (kNN: k, vote, temperature; probes: the configuration chosen on
-    validation). extra: anything else (intervals, per-image outcomes, per-class accuracy).
+    kind (`RecordKind`, checked): knn, probe (a fitted probe method), fewshot, structure,
+    compare, agreement; extract, time, error and note. metric (`Metric`, checked). model:
+    the label it goes by (`name`, `name@random`, `name@file`). dataset: what was evaluated;
+    train_dataset: what the probe or kNN database came from (differs for a transfer).
+    feature: `layer<i>/<pool>`, `head/embed` or `lastN/<pool>`. method: knn, linear,
+    logreg, ... hyper: the method's hyperparameters (kNN: k, vote, temperature; probes: the
+    configuration chosen on validation). extra: anything else (intervals, per-image outcomes, per-class accuracy).
     """
 
-    kind: str
+    kind: RecordKind
     model: str
     dataset: str
-    metric: str = ""
+    metric: Metric = ""
     value: float = math.nan
     split: str = ""
     feature: str = ""
@@ -55,6 +117,16 @@ class Record:
     weights: str = ""
     hyper: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in RECORD_KINDS:
+            raise ProbekitError(
+                f"a record of kind {self.kind!r}: probekit writes {', '.join(RECORD_KINDS)}."
+            )
+        if self.metric not in METRICS:
+            raise ProbekitError(
+                f"a record of metric {self.metric!r}: probekit writes {', '.join(METRICS[1:])}."
+            )
 
     @property
     def layer(self) -> str:
@@ -122,7 +194,8 @@ def _from_v1(d: dict[str, Any]) -> Record:
     kind = _kind_v1(d)
     if kind not in ("knn", "probe"):  # extract, time, error: every other field is extra
         rest = {k: v for k, v in d.items() if k not in ("kind", "model", "dataset")}
-        return Record(kind, str(d.get("model", "?")), str(d.get("dataset", "")), extra=rest)
+        model, dataset = str(d.get("model", "?")), str(d.get("dataset", ""))
+        return Record(cast(RecordKind, kind), model, dataset, extra=rest)  # checked when made
     model = d.get("model") or model_label(str(d["backbone"]), str(d["weights"]))
     common = dict(
         model=str(model),

@@ -14,13 +14,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from probekit.cache.store import FeatureStore, open_store
 from probekit.errors import OptionError, ProbekitError
-from probekit.records import Record
+from probekit.records import Metric, Record
 
 __all__ = [
     "CompareResult",
@@ -141,7 +141,7 @@ class CompareResult:
                         "compare",
                         self.labels[p.store_a],
                         self.dataset,
-                        metric=metric,
+                        metric=cast(Metric, metric),
                         value=value,
                         split=self.split,
                         feature=p.feature_a,

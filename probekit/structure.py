@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from probekit.cache.store import FeatureStore, open_for_reading
 from probekit.errors import OptionError, ProbekitError
-from probekit.records import Record
+from probekit.records import Metric, Record
 
 __all__ = ["StructureResult", "kmeans_clusters", "rankme", "structure"]
 
@@ -105,6 +105,7 @@ def structure(
         out[name] = values
         hyper: dict[str, Any] = {"clusters": n_classes, "seed": seed}
         records += [
-            replace(base, feature=name, metric=m, value=v, hyper=hyper) for m, v in values.items()
+            replace(base, feature=name, metric=cast(Metric, m), value=v, hyper=hyper)
+            for m, v in values.items()
         ]
     return StructureResult(out, records)

@@ -128,3 +128,14 @@ def test_one_model_grammar_and_label_rule() -> None:
     with pytest.raises(ValueError, match="comma list"):
         parse_list(5, "ks")  # type: ignore[arg-type]
     assert math.isnan(Record("time", "m", "d").value)
+
+
+def test_kind_and_metric_are_checked() -> None:
+    from probekit.errors import ProbekitError
+    from probekit.records import METRICS, RECORD_KINDS, Record
+
+    assert "probe" in RECORD_KINDS and "precision@10" in METRICS
+    with pytest.raises(ProbekitError, match="kind 'prob'"):
+        Record("prob", "m", "d")  # type: ignore[arg-type]
+    with pytest.raises(ProbekitError, match="metric 'top-1'"):
+        Record.from_dict({**Record("probe", "m", "d", metric="top1").to_dict(), "metric": "top-1"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from probekit.neighbors.search import (
     search,
     vote,
 )
-from probekit.records import Record, write_records
+from probekit.records import Metric, Record, write_records
 from probekit.specs import as_ints, is_count, options_of, parse_list
 
 __all__ = [
@@ -472,5 +472,6 @@ def _retrieval(
             sums[key] = sums.get(key, 0.0) + val
         total += m.n
     return [
-        replace(base, metric=key, value=val / max(total, 1), n=total) for key, val in sums.items()
+        replace(base, metric=cast(Metric, key), value=val / max(total, 1), n=total)
+        for key, val in sums.items()
     ]

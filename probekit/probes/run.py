@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from probekit.probes.base import (
 from probekit.probes.linear import LinearHeads, train_linear_heads
 from probekit.probes.logreg import fit_logreg, logreg_objective
 from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
-from probekit.records import Record, write_records
+from probekit.records import Metric, Record, write_records
 
 __all__ = [
     "DEFAULT_CS",
@@ -330,7 +330,7 @@ def calibration_records(
         out.append(
             replace(
                 at,
-                metric=metric,
+                metric=cast(Metric, metric),
                 value=expected_calibration_error(logits / t, y),
                 extra=extra,
             )

@@ -16,14 +16,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from probekit.errors import ProbekitError
 from probekit.methods import PROBE_METHODS, all_methods
 from probekit.metrics import decode_outcomes, mcnemar_p, paired_bootstrap_ci
-from probekit.records import SELECTION_SPLITS, Record, select_knn
+from probekit.records import SELECTION_SPLITS, Metric, Record, select_knn
 from probekit.report.agreement import Agreement, Flag, agreement, gap_flags
 from probekit.segmentation import paired_dense_delta
 
@@ -574,7 +574,7 @@ def agreement_records(agreements: Sequence[Agreement]) -> list[Record]:
                     "agreement",
                     "-",
                     dst or src,
-                    metric=metric,
+                    metric=cast(Metric, metric),
                     value=value,
                     split="test",
                     method=f"{a.method_a} vs {a.method_b}",

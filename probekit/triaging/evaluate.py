@@ -19,7 +19,7 @@ from probekit.fewshot import fewshot_methods
 from probekit.methods import PROBE_METHODS
 from probekit.metrics import encode_outcomes
 from probekit.neighbors import DEFAULT_TEMPERATURE, knn
-from probekit.records import Record, select_knn
+from probekit.records import Record, RecordKind, select_knn
 from probekit.specs import ModelSpec
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "extraction_record", "failure_message", "note", "similarity_records"]
 
 
-def note(kind: str, model: str, dataset: str, **fields: Any) -> Record:
+def note(kind: RecordKind, model: str, dataset: str, **fields: Any) -> Record:
     """An extract, time or error line: what it says is in `extra`."""
     return Record(kind, model, dataset, extra=fields)
 
