@@ -100,7 +100,8 @@ class Record:
     train_dataset: what the probe or kNN database came from (differs for a transfer).
     feature: `layer<i>/<pool>`, `head/embed` or `lastN/<pool>`. method: knn, linear,
     logreg, ... hyper: the method's hyperparameters (kNN: k, vote, temperature; probes: the
-    configuration chosen on validation). extra: anything else (intervals, per-image outcomes, per-class accuracy).
+    configuration chosen on validation). extra: anything else (intervals, per-image
+    outcomes, per-class accuracy).
     """
 
     kind: RecordKind
