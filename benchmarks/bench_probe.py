@@ -204,7 +204,7 @@ def standard_loop_head(
     decay on the weight only), F.cross_entropy and autograd, with probekit's minibatch order,
     cosine schedule and best-epoch choice. Returns the chosen weight (D, C)."""
     from probekit.probes import Rows
-    from probekit.probes.linear import _minibatches
+    from probekit.probes.grid import minibatches
 
     lin = torch.nn.Linear(x.shape[1], classes)
     torch.nn.init.zeros_(lin.weight)
@@ -219,7 +219,7 @@ def standard_loop_head(
     total = epochs * -(-len(y) // batch_size)
     step, best, best_w = 0, (-1.0, 0.0), lin.weight.detach().clone()
     for _ in range(epochs):
-        for xb, yb in _minibatches(rows, y, batch_size, len(y), gen):
+        for xb, yb in minibatches(rows, y, batch_size, len(y), gen):
             for g in opt.param_groups:
                 g["lr"] = lr * batch_size / 256 * 0.5 * (1 + math.cos(math.pi * step / total))
             step += 1
