@@ -139,3 +139,25 @@ def test_kind_and_metric_are_checked() -> None:
         Record("prob", "m", "d")  # type: ignore[arg-type]
     with pytest.raises(ProbekitError, match="metric 'top-1'"):
         Record.from_dict({**Record("probe", "m", "d", metric="top1").to_dict(), "metric": "top-1"})
+
+
+def test_records_of_the_previous_version_read_and_report_the_same(tmp_path: Path) -> None:
+    """The previous version's triage records give the same report.md and results.csv, and its
+    probe record file reads (tests/data/previous)."""
+    from probekit.report import write_report
+
+    data = Path(__file__).parent / "data" / "previous"
+    rep, files = write_report(
+        load_records([data / "results.jsonl"]),
+        tmp_path,
+        reference="test_resnet@random",
+        plots=False,
+    )
+    assert {c.method for c in rep.cells} == {"knn", "linear", "logreg"}
+    before = (data / "report.md").read_text()
+    plots = before.index("\n\n## Plots")  # the plots are not drawn here
+    assert Path(files["report.md"]).read_text() == before[:plots] + "\n"
+    assert Path(files["results.csv"]).read_text() == (data / "results.csv").read_text()
+    probes = load_records([data / "probe.jsonl"])
+    assert {r.method for r in probes} == {"linear", "logreg"}
+    assert all(r.kind == "probe" for r in probes)
