@@ -23,6 +23,7 @@ lint: install
 	$(BIN)/ruff check probekit tests benchmarks
 	$(BIN)/ruff format --check probekit tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/python benchmarks/code_shape.py
 
 test: lint
 	$(BIN)/python -m pytest -q
