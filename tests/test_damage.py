@@ -231,3 +231,24 @@ def test_verify_without_a_way_to_recompute_says_what_to_run(
         probekit.verify(store, repair=True)
     with pytest.raises(StoreError, match="incomplete"):  # the damage is marked, never read
         probekit.knn(str(store))
+
+
+def test_repair_never_runs_code_a_store_names(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    """A store whose recipe names `module:function` (here `os:abort`) is not rebuilt from it:
+    the repair refuses in one line and says what to rerun; nothing is imported or called."""
+    for where, through_cli in ((tmp_path / "api", False), (tmp_path / "cli", True)):
+        _, store = _copy(clean, where)
+        _edit_json(
+            store / "zarr.json",
+            lambda d: d["attributes"]["probekit"]["recipe"].__setitem__("backbone", "os:abort"),
+        )
+        _delete_feature_chunk(store)
+        if not through_cli:
+            with pytest.raises(StoreError, match=r"never runs the code.*--backbone os:abort"):
+                probekit.verify(store, repair=True)
+            continue
+        got = CliRunner().invoke(app, ["verify", str(store), "--repair"])
+        assert got.exit_code == 1 and "never runs the code it names" in got.output
+        assert "Traceback" not in got.output

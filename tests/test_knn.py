@@ -311,3 +311,18 @@ def test_max_queries_samples_queries_against_the_whole_database(tmp_path: Path) 
     assert not np.array_equal(other.queried, sampled["train"])
     with pytest.raises(ProbekitError, match="max_queries must be a positive"):
         probekit.knn(store, max_queries=0, write=False)
+
+
+def test_a_huge_k_is_refused_before_anything_is_allocated() -> None:
+    """k is checked against the database before the search allocates (queries, k) results:
+    10^12 neighbours is a one-line error, not an out-of-memory kill."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8)).astype(np.float32), np.arange(40) % 4
+    tracemalloc.start()
+    with pytest.raises(ProbekitError, match=r"k=1000000000000 is larger than the database"):
+        probekit.knn((x, y, x[:5], y[:5]), ks=[10**12], write=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50 * 2**20

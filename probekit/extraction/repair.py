@@ -62,6 +62,7 @@ def verify(
 
 
 def _recompute(meta: Mapping[str, Any], path: Any, report: CheckReport, quiet: bool) -> None:
+    from probekit.backbones.sources import source_of
     from probekit.datasets import load_dataset
     from probekit.extraction import extract
     from probekit.extraction.plan import ExtractOptions, ExtractPlan
@@ -77,7 +78,17 @@ def _recompute(meta: Mapping[str, Any], path: Any, report: CheckReport, quiet: b
     backbone, spec = str(recipe["backbone"]), str(recipe["dataset"])
     cache_dir = path.parent.parent  # <root>/<dataset>/<store>
     try:
-        model, ds = ModelSpec.parse(backbone), load_dataset(spec)
+        model = ModelSpec.parse(backbone)
+    except ProbekitError as e:
+        raise StoreError(f"{path} records a backbone probekit cannot read ({e}); {redo}.") from None
+    if source_of(model.name).kind == "python":  # a store never runs the code it names
+        raise StoreError(
+            f"{path} was made by the Python function {model.name}: a store never runs the "
+            f"code it names. {redo}: rerun `probekit extract --backbone {backbone} --data "
+            f"{spec}` with the options that made it, if you trust that code."
+        )
+    try:
+        ds = load_dataset(spec)
         opts = ExtractOptions.of(cache_dir=cache_dir, quiet=quiet, **recipe["options"])
         plan = ExtractPlan.resolve(model, ds, opts)
     except ProbekitError as e:

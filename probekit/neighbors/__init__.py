@@ -217,6 +217,8 @@ def knn(
         data = KnnData.from_store(open_for_reading(source, allow_partial=o.allow_partial), o)
     backend = resolve_backend(o.backend)
     ks = list(as_ints(o.ks, "ks"))
+    if not data.retrieval:  # before any search allocates (queries, k) results
+        _check_k(max(ks), 0 if data.exclude is None else 1, len(data.db_y))
     records: list[Record] = []
     right: dict[tuple[str, int, str], np.ndarray] = {}
     # under torchrun: each rank searches its chunk-aligned rows of the database
