@@ -11,7 +11,7 @@ from conftest import hide_modules
 
 import probekit
 from probekit.datasets import load_dataset
-from probekit.errors import DatasetError
+from probekit.errors import DatasetError, ProbekitWarning
 
 SMALL = {"chunk_rows": 4, "batch_size": 4, "num_workers": 0, "quiet": True}
 
@@ -77,6 +77,51 @@ def test_hf_saved_dataset_equals_the_image_folder(image_folder: Path, tmp_path: 
     parts["test"] = parts["test"].select(range(2))
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf2"))
     assert load_dataset(f"hf:{tmp_path / 'hf2'}").fingerprint != before
+
+
+def test_hf_rows_without_a_label_or_an_image_are_invalid_rows(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """ClassLabel's -1 (no label) and a None image are invalid rows with their reason and a
+    count, never a label that indexes the last class or a crashed worker; a split whose every
+    row is -1 (a benchmark's hidden test labels) is left out and said."""
+    import datasets
+
+    feats = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
+    )
+    rows = {s: _rows(image_folder, s) for s in ("train", "test")}
+    train_labels = [y for _, y in rows["train"]]
+    train_labels[1] = -1
+    images: list[str | None] = [str(p) for p, _ in rows["train"]]
+    images[2] = None
+    parts = {
+        "train": datasets.Dataset.from_dict({"img": images, "label": train_labels}, features=feats),
+        "test": datasets.Dataset.from_dict(
+            {"img": [str(p) for p, _ in rows["test"]], "label": [y for _, y in rows["test"]]},
+            features=feats,
+        ),
+        "validation": datasets.Dataset.from_dict(
+            {"img": [str(p) for p, _ in rows["test"]], "label": [-1] * len(rows["test"])},
+            features=feats,
+        ),
+    }
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
+    ds = load_dataset(f"hf:{tmp_path / 'hf'}")
+    assert set(ds.splits) == {"train", "test"}
+    assert set(ds.warnings) == {
+        "split validation has no labels (every row -1): left out",
+        "1 images of train have no label (-1): left out as invalid rows",
+    }
+    with pytest.warns(ProbekitWarning, match="no label"):
+        res = probekit.extract("test_resnet", f"hf:{tmp_path / 'hf'}", random_init=True, **SMALL)
+    invalid = dict(probekit.open_store(res.store_path).invalid("train"))
+    assert sorted(invalid) == [f"{ds.splits['train'].ids[i]}" for i in (1, 2)]
+    assert "no label (-1)" in invalid[ds.splits["train"].ids[1]]
+    assert "no image (None)" in invalid[ds.splits["train"].ids[2]]
+    with pytest.warns(ProbekitWarning, match="no label"):  # said again beside the numbers
+        knn = probekit.knn(res.store_path, ks=[1], write=False)
+    assert knn.records and all(r.n == len(rows["test"]) for r in knn.records if r.split == "test")
 
 
 def test_webdataset_shards_equal_the_image_folder(image_folder: Path, tmp_path: Path) -> None:

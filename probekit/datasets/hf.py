@@ -4,7 +4,7 @@ or the hub cache, image bytes decoded as files are, class names from the ClassLa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class HFReader:
     on_disk: bool
     splits: Mapping[str, str]  # probekit's split -> the dataset's
     image: str
+    # rows without a label (ClassLabel's -1), by probekit's split: invalid rows
+    unlabeled: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
     def load(self, split: str, index: int) -> Image.Image:
         key = (self.source, self.config, self.splits[split], self.image)
@@ -65,7 +67,11 @@ class HFReader:
             whole = _open_hf(self.source, self.config, self.on_disk)[self.splits[split]]
             column = whole.select_columns([self.image])  # a row read is its image alone
             ds = _UNDECODED[key] = column.cast_column(self.image, datasets.Image(decode=False))
+        if int(index) in self.unlabeled.get(split, ()):
+            raise InvalidImageError(f"row {index} of {self.splits[split]} has no label (-1)")
         value = ds[int(index)][self.image]
+        if value is None:
+            raise InvalidImageError(f"row {index} of {self.splits[split]} has no image (None)")
         data, path = value.get("bytes"), value.get("path")
         if data is not None:
             return decode_image(data)
@@ -123,6 +129,8 @@ def hf_dataset(arg: str) -> Dataset:
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, Split] = {}
     mapping: dict[str, str] = {}
+    unlabeled: dict[str, frozenset[int]] = {}
+    said: list[str] = []
     for hf_split in dd:
         ours = SPLIT_NAMES.get(hf_split, hf_split)
         if ours in splits:
@@ -134,22 +142,35 @@ def hf_dataset(arg: str) -> Dataset:
             [int(v) if isinstance(feat, datasets.ClassLabel) else index[str(v)] for v in vals],
             dtype=np.int64,
         )
+        missing = np.flatnonzero(labels < 0)  # ClassLabel's -1: no label
+        if len(missing) == len(labels) and len(labels):
+            said.append(f"split {hf_split} has no labels (every row -1): left out")
+            continue
+        if len(missing):
+            said.append(
+                f"{len(missing)} images of {ours} have no label (-1): left out as invalid rows"
+            )
+            labels[missing] = 0  # a row never evaluated: its image is never read
+            unlabeled[ours] = frozenset(int(i) for i in missing)
         ids = tuple(f"{source}#{hf_split}/{i}" for i in range(len(vals)))
         splits[ours] = Split(ours, ids, labels)
         mapping[ours] = hf_split
+    if not splits:
+        raise DatasetError(f"hf:{base}: no split has labels (every row is -1).")
     ordered = {s: splits[s] for s in sorted_splits(list(splits))}
-    prints = [f"{s}:{dd[s]._fingerprint}:{dd[s].num_rows}" for s in dd]
+    prints = [f"{s}:{dd[s]._fingerprint}:{dd[s].num_rows}" for s in mapping.values()]
     spec = (
         f"hf:{source}"
         + (f":{config}" if config else "")
         + (f"?image={image}&label={label}" if query else "")
     )
-    reader = HFReader(source, config, on_disk, mapping, image)
+    reader = HFReader(source, config, on_disk, mapping, image, unlabeled)
     return Dataset(
         spec,
         f"hf-{slug(Path(source).name)}-{digest(spec)[:8]}",
         tuple(names),
         ordered,
         digest(spec, *prints, *names),
+        warnings=tuple(said),
         reader=reader,
     )
