@@ -225,6 +225,38 @@ def test_torchvision_dataset_equals_the_image_folder(image_folder: Path) -> None
     assert run.exit_code == 0 and "cache hit: test_resnet@random on torchvision:" in run.output
 
 
+class _Payload:
+    """What a crafted processed file holds: unpickled, it would call print."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("the payload ran",))
+
+
+def test_torchvision_reads_classification_datasets_and_no_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Other kinds of torchvision dataset are named in one line; a crafted processed file
+    (legacy MNIST) is refused without running it, and the message gives no advice to unpickle
+    it anyway."""
+    import torch
+
+    for name in ("DatasetFolder", "VisionDataset", "FakeData", "LSUN", "VOCSegmentation"):
+        with pytest.raises(DatasetError, match=rf"torchvision:{name} is not an image classif"):
+            load_dataset(f"torchvision:{name}:{tmp_path}")
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    for file in ("training.pt", "test.pt"):
+        torch.save(_Payload(), processed / file)
+    with pytest.raises(DatasetError) as got:
+        load_dataset(f"torchvision:MNIST:{tmp_path}")
+    said = str(got.value)
+    assert "holds more than tensors" in said and "\n" not in said
+    assert "weights_only=False" not in said and "trust" not in said
+    assert "the payload ran" not in capsys.readouterr().out
+    with pytest.raises(DatasetError, match="the download failed too"):
+        load_dataset(f"torchvision:MNIST:{tmp_path / 'empty'}?download=1")
+
+
 def test_missing_libraries_say_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     hide_modules(monkeypatch, "datasets")
     with pytest.raises(DatasetError, match=r"pip install 'probekit\[datasets\]'"):

@@ -3,6 +3,7 @@ ones read as image folders, the others by index."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,46 @@ __all__ = ["TorchvisionReader", "torchvision_dataset", "with_download"]
 
 
 _TV_OPEN: dict[tuple[str, str, str, bool], Any] = {}
+
+# torchvision's image classification datasets (an image and one class index a row); the
+# others (detection, segmentation, stereo, flow, video, captions, pairs, base classes, FakeData,
+# LSUN's lmdb) are refused by name
+CLASSIFICATION = (
+    "CIFAR10",
+    "CIFAR100",
+    "CLEVRClassification",
+    "Caltech101",
+    "Caltech256",
+    "Country211",
+    "DTD",
+    "EMNIST",
+    "EuroSAT",
+    "FER2013",
+    "FGVCAircraft",
+    "FashionMNIST",
+    "Flowers102",
+    "Food101",
+    "GTSRB",
+    "INaturalist",
+    "ImageFolder",
+    "ImageNet",
+    "Imagenette",
+    "KMNIST",
+    "LFWPeople",
+    "MNIST",
+    "Omniglot",
+    "OxfordIIITPet",
+    "PCAM",
+    "Places365",
+    "QMNIST",
+    "RenderedSST2",
+    "SEMEION",
+    "STL10",
+    "SUN397",
+    "SVHN",
+    "StanfordCars",
+    "USPS",
+)
 
 
 def _tv(name: str, root: str, split: str, download: bool) -> Any:
@@ -106,6 +147,11 @@ def torchvision_dataset(arg: str) -> Dataset:
             f"torchvision:{base}: name a torchvision dataset, e.g. torchvision:Flowers102:ROOT."
             + close_matches(name, known)
         )
+    if name not in CLASSIFICATION:
+        raise DatasetError(
+            f"torchvision:{name} is not an image classification dataset (one class a row): "
+            "probekit reads " + ", ".join(CLASSIFICATION) + "; for masks use seg:PATH."
+        )
     if not root_arg:
         raise DatasetError(
             f"torchvision:{name} needs the folder of its files: torchvision:{name}:ROOT."
@@ -124,6 +170,12 @@ def torchvision_dataset(arg: str) -> Dataset:
     for split in tries:
         try:
             ds = _tv(name, root, split, download)
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a file
+            errors.append(
+                f"{split}: a processed file holds more than tensors; probekit loads plain "
+                "tensors only and did not run it (delete the file to have it rebuilt)"
+            )
+            continue
         except (RuntimeError, ValueError, OSError) as e:
             errors.append(f"{split}: {str(e).splitlines()[0][:150]}")
             continue
@@ -147,9 +199,13 @@ def torchvision_dataset(arg: str) -> Dataset:
                 sizes.append(f)
         stamp.append(digest(split, str(len(ds)), labels.tobytes(), *sizes))
     if not splits:
+        fix = (
+            "the download failed too (offline? it needs the dataset's host)"
+            if download
+            else "put its files there, or add ?download=1 (online)"
+        )
         raise DatasetError(
-            f"torchvision:{name}:{root}: no split could be read ({'; '.join(errors)}); put its "
-            f"files there, or add ?download=1 (online)."
+            f"torchvision:{name}:{root}: no split could be read ({'; '.join(errors)}); {fix}."
         )
     top = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
     names = classes if len(classes) >= top else [str(i) for i in range(top)]
