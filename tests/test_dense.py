@@ -94,6 +94,26 @@ def test_bad_masks_mark_their_rows_invalid_with_the_reason(tmp_path: Path) -> No
         )
 
 
+def test_masks_without_classes_txt_and_with_labels_beyond_8_bits(tmp_path: Path) -> None:
+    """Without classes.txt an unreadable mask is its row's reason, never a traceback while the
+    classes are counted; labels beyond 8 bits are a one-line error, never wrapped (257 -> 1)."""
+    from probekit.datasets import load_dataset
+    from probekit.errors import DatasetError
+
+    root = _plain_seg(tmp_path / "seg")
+    (root / "classes.txt").unlink()
+    (root / "masks" / "im2.png").write_bytes(b"not a png")
+    ds = load_dataset(f"seg:{root}")
+    assert ds.class_names == ("0", "1", "2")  # counted on the readable masks
+    res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **SMALL)
+    reasons = dict(probekit.open_store(res.store_path).invalid("train"))
+    assert "im2.png cannot be read" in reasons[str(root / "images" / "im2.png")]
+    wide = np.full((40, 48), 257, np.uint16)
+    Image.fromarray(wide).save(root / "masks" / "im3.png")
+    with pytest.raises(DatasetError, match=r"258 classes: probekit stores masks as 8-bit"):
+        load_dataset(f"seg:{root}")
+
+
 @pytest.mark.slow
 def test_killed_mask_extraction_resumes_to_the_same_store(tmp_path: Path) -> None:
     args = [

@@ -116,11 +116,16 @@ def _class_names(root: Path, n_found: int) -> tuple[str, ...]:
 
 
 def _max_label(rows: dict[str, list[tuple[str, str]]], rule: str) -> int:
+    """One more than the largest label of the readable masks (an unreadable one is left to
+    its row: invalid, with its reason, when extracted)."""
     top = 0
     for pairs in rows.values():
         for _, mask in pairs:
-            with Image.open(mask) as im:
-                v = np.asarray(im).astype(np.int64)
+            try:
+                with Image.open(mask) as im:
+                    v = np.asarray(im).astype(np.int64)
+            except (OSError, ValueError, SyntaxError):
+                continue
             if rule == "ade":
                 v = np.where(v == 0, IGNORE, v - 1)
             v = v[v != IGNORE]
@@ -166,6 +171,11 @@ def seg_dataset(arg: str) -> Dataset:
     if not names:
         listed = (root / "classes.txt").is_file() or (root / "objectInfo150.csv").is_file()
         names = _class_names(root, 0 if listed else _max_label(rows, rule))
+    if len(names) > IGNORE:  # stored as 8-bit masks, 255 the ignored label
+        raise DatasetError(
+            f"seg:{root} has {len(names)} classes: probekit stores masks as 8-bit class "
+            f"indices, at most {IGNORE} classes (255 is ignored)."
+        )
     splits, mask_paths, listing = {}, {}, []
     for name in sorted_splits(list(rows)):
         pairs = sorted(rows[name])
