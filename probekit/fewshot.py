@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from probekit.cache.store import FeatureStore, open_for_reading
-from probekit.errors import OptionError, ProbekitError
+from probekit.errors import OptionError, ProbekitError, ProbekitWarning
 from probekit.probes.base import ProbeData, ProbeOptions
 from probekit.probes.rows import Rows
 from probekit.records import Record, write_records
@@ -155,6 +156,24 @@ def fewshot_methods() -> tuple[str, ...]:
 
     pooled = [m.name for m in PROBE_METHODS.values() if not (m.tokens or m.dense)]
     return ("knn", *pooled)
+
+
+def _per_class(labels: np.ndarray, shots: int, spec: str) -> dict[str, Any]:
+    """The support's real images per class (the fewest, and each class's where they differ),
+    with a warning where a class has fewer than `shots` fit images to give."""
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    out: dict[str, Any] = {"support_per_class": int(counts.min())}
+    if counts.min() < shots:
+        warnings.warn(
+            f"{spec}: {shots} shots asked, but {int((counts < shots).sum())} classes have "
+            f"fewer fit images (as few as {int(counts.min())}): those classes use all they "
+            "have; the records say how many",
+            ProbekitWarning,
+            stacklevel=3,
+        )
+        out["support_per_class_each"] = [int(c) for c in np.bincount(labels)]
+    return out
 
 
 def _check(shots: Any, episodes: Any, methods: Any) -> tuple[list[int], list[str]]:
@@ -308,15 +327,14 @@ def fewshot(
     for s in shot_list:
         supports = sample_episodes(fit_y, ep.data.fit_rows, s, episodes, seed)
         digest = _ids_digest(ids, supports)
+        per_class = _per_class(store.labels("train")[supports[0]], s, store.info.dataset.spec)
         for m in wanted:
             accs, chosen = (
                 _knn_episodes(ep, supports) if m == "knn" else _probe_episodes(m, ep, supports)
             )
             lo, hi = (min(max(v, 0.0), 1.0) for v in t_interval(accs))  # an accuracy
             extra: dict[str, Any] = {"ci95": [lo, hi], "episodes_top1": accs, "chosen": chosen}
-            extra.update(
-                support_ids_sha256=digest, support_per_class=s, val_rows=len(ep.data.val_rows)
-            )
+            extra.update(support_ids_sha256=digest, val_rows=len(ep.data.val_rows), **per_class)
             hyper = {"shots": s, "episodes": episodes, "seed": seed}
             records.append(replace(base, method=m, value=float(np.mean(accs)), hyper=hyper,
                                    extra=extra))  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_store
 
 import probekit.fewshot as fs
-from probekit.errors import OptionError
+from probekit.errors import OptionError, ProbekitWarning
 from probekit.probes.rows import holdout_split
 
 
@@ -56,7 +56,8 @@ def test_support_never_holds_a_validation_or_test_row(
         return out
 
     monkeypatch.setattr(fs, "sample_episodes", spy)
-    res = fs.fewshot(path, shots=[1, 5, 200], episodes=3, seed=3, write=False)
+    with pytest.warns(ProbekitWarning, match="200 shots asked"):  # more than a class has
+        res = fs.fewshot(path, shots=[1, 5, 200], episodes=3, seed=3, write=False)
     # the holdout the probes use (seed 3, 10%): never sampled, even asking for every row
     import probekit
 
@@ -191,3 +192,16 @@ def test_fewshot_cli_and_triage(tmp_path: Path) -> None:
     }
     assert all(r["episodes"] == "2" for r in few)
     assert all(not r["shots"] for r in rows if r not in few)
+
+
+def test_more_shots_than_a_class_has_is_warned_and_recorded_as_it_is(tmp_path: Path) -> None:
+    import probekit
+
+    path = _blob_store(tmp_path)
+    fit = holdout_split(probekit.open_store(path).labels("train"), 0.1, 0)[0]
+    have = np.bincount(probekit.open_store(path).labels("train")[fit]).min()
+    with pytest.warns(ProbekitWarning, match=rf"{have + 20} shots asked, but"):
+        res = fs.fewshot(path, shots=[have + 20], episodes=1, methods="knn", write=False)
+    (rec,) = res.records
+    assert rec.hyper["shots"] == have + 20 and rec.extra["support_per_class"] == have
+    assert min(rec.extra["support_per_class_each"]) == have
