@@ -68,6 +68,20 @@ def _edit_dtype(s: Path) -> None:
     _edit_json(s / "test/layer1/mean/zarr.json", lambda d: d.__setitem__("data_type", "float32"))
 
 
+def _flip_endian(s: Path) -> None:
+    _edit_json(
+        s / "test/layer1/mean/zarr.json",
+        lambda d: d["codecs"][0].__setitem__("configuration", {"endian": "big"}),
+    )
+
+
+def _checksum_off(s: Path) -> None:
+    _edit_json(
+        s / "train/layer2/mean/zarr.json",
+        lambda d: d["codecs"][1]["configuration"].__setitem__("checksum", False),
+    )
+
+
 def _clear_done_flag(s: Path) -> None:
     (s / "train/done/c/4").unlink()  # a cleared flag: Zarr keeps no chunk of fill values
 
@@ -90,6 +104,8 @@ CHEAP = {
     "bad json": (_bad_json, "train/valid .metadata unreadable"),
     "dtype edited": (_edit_dtype, "test/layer1/mean .dtype float32"),
     "done flag cleared": (_clear_done_flag, "chunk 4 of train/done .done flag cleared"),
+    "endian flipped": (_flip_endian, "test/layer1/mean .big-endian bytes"),
+    "checksum off": (_checksum_off, "train/layer2/mean .zstd without its checksum"),
 }
 # found when a chunk is read
 ON_READ = {
@@ -252,3 +268,23 @@ def test_repair_never_runs_code_a_store_names(
         got = CliRunner().invoke(app, ["verify", str(store), "--repair"])
         assert got.exit_code == 1 and "never runs the code it names" in got.output
         assert "Traceback" not in got.output
+
+
+def test_verify_finds_values_the_store_never_writes(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    """A chunk rewritten with a NaN feature decodes, but verify names it (the writer makes
+    non-finite rows invalid zeros), and a repair recomputes it."""
+    import zarr
+
+    _, store = _copy(clean, tmp_path)
+    arr = zarr.open_array(str(store / "train/layer4/mean"), mode="r+")
+    row = arr[3]
+    row[0] = np.nan
+    arr[3] = row
+    found = probekit.verify(store)
+    assert not found.ok and "holds values the store never writes" in found.summary()
+    assert "train/layer4/mean chunks (0,)" in found.summary()
+    fixed = probekit.verify(store, repair=True)
+    assert fixed.ok and fixed.repaired
+    assert_same_store(str(store), clean[1])

@@ -464,3 +464,18 @@ def test_triage_ranks_backbones_on_a_dense_task(tmp_path: Path) -> None:
     stores = {r.dataset: r.extra["store"] for r in result.records if r.kind == "extract"}
     assert probekit.open_store(stores["digit-scenes:48"]).token_names
     assert not probekit.open_store(stores["digits"]).token_names
+
+
+def test_verify_names_a_mask_label_beyond_the_classes(tmp_path: Path) -> None:
+    """A mask chunk rewritten with label 99 (3 classes) decodes, but verify names it."""
+    import zarr
+
+    root = _plain_seg(tmp_path / "seg")
+    res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **SMALL)
+    assert probekit.verify(res.store_path).ok
+    arr = zarr.open_array(str(Path(res.store_path) / "train/masks"), mode="r+")
+    mask = arr[0]
+    mask[0, 0] = 99
+    arr[0] = mask
+    found = probekit.verify(res.store_path)
+    assert not found.ok and "train/masks chunks (0,) (holds values" in found.summary()

@@ -165,6 +165,50 @@ def _metadata_problem(arr: Any, spec: ArraySpec) -> str | None:
     grid = md.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", ())
     if tuple(int(v) for v in grid) != spec.chunks:
         return f"chunks {list(grid)} where the store says {list(spec.chunks)}"
+    return _encoding_problem(md, spec)
+
+
+def _codecs(items: Any) -> list[Mapping[str, Any]]:
+    return [c if isinstance(c, Mapping) else {"name": c} for c in items]
+
+
+def _endian(codec: Mapping[str, Any]) -> str | None:
+    """A bytes codec's endianness where it is not little (None where it is, or says none)."""
+    endian = (codec.get("configuration") or {}).get("endian", "little")
+    return None if endian == "little" else str(endian)
+
+
+def _encoding_problem(md: Mapping[str, Any], spec: ArraySpec) -> str | None:
+    """What in an array's metadata would read its bytes as other values than the store wrote:
+    its codecs (bytes little-endian, then zstd with its checksum; strings: vlen-utf8), fill
+    value, chunk key encoding and storage transformers, against what the store writes."""
+    codecs = _codecs(md.get("codecs", []))
+    if len(spec.shape) == 3:  # tokens and masks: shards of inner chunks
+        if [c.get("name") for c in codecs] != ["sharding_indexed"]:
+            return f"codecs {[c.get('name') for c in codecs]} where the store writes shards"
+        shard = codecs[0].get("configuration") or {}
+        index = _codecs(shard.get("index_codecs", []))
+        if [c.get("name") for c in index] != ["bytes", "crc32c"] or _endian(index[0]):
+            return "a shard index the store never writes"
+        codecs = _codecs(shard.get("codecs", []))
+    names = [str(c.get("name")) for c in codecs]
+    first = "vlen-utf8" if spec.dtype == "string" else "bytes"
+    if names != [first, "zstd"]:
+        return f"codecs {names} where the store writes {[first, 'zstd']}"
+    if endian := _endian(codecs[0]):
+        return f"{endian}-endian bytes where the store writes little-endian"
+    if spec.name != "done" and not (codecs[1].get("configuration") or {}).get("checksum"):
+        return "zstd without its checksum where the store writes one"
+    expected: Any = "" if spec.dtype == "string" else (False if spec.dtype == "bool" else 0)
+    fill = md.get("fill_value")
+    if fill != expected or isinstance(fill, bool) != isinstance(expected, bool):
+        return f"fill value {fill!r} where the store writes {expected!r}"
+    key = md.get("chunk_key_encoding") or {}
+    separator = (key.get("configuration") or {}).get("separator", "/")
+    if key.get("name", "default") != "default" or separator != "/":
+        return f"chunk key encoding {dict(key)} where the store writes default with '/'"
+    if md.get("storage_transformers"):
+        return "storage transformers the store never writes"
     return None
 
 
@@ -224,10 +268,13 @@ def check_store(
                 if missing:
                     damage.append(Damage(split, spec.name, missing, "chunk file missing"))
             if full:
-                bad, n_read = _decode_all(arrays[spec.name], spec, done_chunks, num_classes)
+                bad, odd, n_read = _decode_all(arrays[spec.name], spec, done_chunks, num_classes)
                 read += n_read
                 if bad:
                     damage.append(Damage(split, spec.name, tuple(bad), "fails to decode"))
+                if odd:
+                    reason = "holds values the store never writes"
+                    damage.append(Damage(split, spec.name, tuple(odd), reason))
     return CheckReport(where, full, tuple(damage), read)
 
 
@@ -248,9 +295,11 @@ def _read_done(arr: Any, n_chunks: int) -> tuple[np.ndarray, list[int]]:
 
 def _decode_all(
     arr: Any, spec: ArraySpec, chunks: Iterable[int], num_classes: int | None
-) -> tuple[list[int], int]:
-    """The row chunks of `arr` (among `chunks`) that fail to decode or hold impossible values."""
+) -> tuple[list[int], list[int], int]:
+    """The row chunks of `arr` (among `chunks`) that fail to decode, those that hold values the
+    store never writes, and how many were read."""
     bad: list[int] = []
+    odd: list[int] = []
     n = 0
     rows = spec.row_chunk
     for c in chunks:
@@ -260,10 +309,23 @@ def _decode_all(
         except Exception:
             bad.append(c)
             continue
-        labels = spec.name == "labels" and num_classes is not None and len(values)
-        if labels and (int(values.min()) < 0 or int(values.max()) >= (num_classes or 0)):
-            bad.append(c)
-    return bad, n
+        if _impossible(spec.name, values, num_classes):
+            odd.append(c)
+    return bad, odd, n
+
+
+def _impossible(name: str, values: np.ndarray, num_classes: int | None) -> bool:
+    """Values the store never writes: labels beyond the classes, mask labels beyond them (255
+    is ignored), non-finite features or tokens (the writer makes such rows invalid zeros)."""
+    if not len(values):
+        return False
+    if name == "labels" and num_classes is not None:
+        return int(values.min()) < 0 or int(values.max()) >= num_classes
+    if name == "masks" and num_classes is not None:
+        return bool(((values != 255) & (values >= num_classes)).any())
+    if np.issubdtype(values.dtype, np.floating):
+        return not bool(np.isfinite(values).all())
+    return False
 
 
 def failing_chunk(arr: Any, rows: int, first: int, last: int) -> int | None:

@@ -130,7 +130,7 @@ def hf_dataset(arg: str) -> Dataset:
     splits: dict[str, Split] = {}
     mapping: dict[str, str] = {}
     unlabeled: dict[str, frozenset[int]] = {}
-    said: list[str] = []
+    notes: list[str] = []
     for hf_split in dd:
         ours = SPLIT_NAMES.get(hf_split, hf_split)
         if ours in splits:
@@ -144,10 +144,10 @@ def hf_dataset(arg: str) -> Dataset:
         )
         missing = np.flatnonzero(labels < 0)  # ClassLabel's -1: no label
         if len(missing) == len(labels) and len(labels):
-            said.append(f"split {hf_split} has no labels (every row -1): left out")
+            notes.append(f"split {hf_split} has no labels (every row -1): left out")
             continue
         if len(missing):
-            said.append(
+            notes.append(
                 f"{len(missing)} images of {ours} have no label (-1): left out as invalid rows"
             )
             labels[missing] = 0  # a row never evaluated: its image is never read
@@ -171,6 +171,6 @@ def hf_dataset(arg: str) -> Dataset:
         tuple(names),
         ordered,
         digest(spec, *prints, *names),
-        warnings=tuple(said),
+        warnings=tuple(notes),
         reader=reader,
     )
