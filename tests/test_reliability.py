@@ -70,6 +70,12 @@ def test_readers_of_an_incomplete_store_stop_or_read_only_finished_chunks() -> N
     assert ok.exit_code == 0, ok.output
     partial = FeatureStore(store.path, zarr.open_group(res.store_path, mode="r"))
     assert partial.valid("train").tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    # verify: sound but incomplete, said with the count and a non-zero exit (not "ok")
+    got = probekit.verify(res.store_path)
+    assert got.ok and not got.complete
+    assert got.summary().startswith("incomplete: ") and "1 of 4 chunks pending" in got.summary()
+    cli = runner.invoke(app, ["verify", res.store_path])
+    assert cli.exit_code == 2 and "incomplete" in cli.output and "ok:" not in cli.output
 
 
 # --------------------------------------------------------------------------- concurrent writers

@@ -82,6 +82,8 @@ class CheckReport:
     full: bool  # every chunk was decoded
     damage: tuple[Damage, ...] = ()
     chunks_read: int = 0
+    chunks: int = 0  # row chunks of every split
+    pending: int = 0  # of them not done yet (an incomplete store's)
 
     @property
     def ok(self) -> bool:
@@ -226,7 +228,7 @@ def check_store(
     keys = _list_keys(group.store)
     every_file = meta.raw.get("chunk_files") == "all"
     complete = meta.is_complete
-    read = 0
+    read = total = pending = 0
     for split in meta.splits:
         specs = expected_arrays(meta, split)
         n_chunks = specs[4].shape[0]
@@ -260,6 +262,8 @@ def check_store(
                     Damage(split, "done", cleared, "done flag cleared in a complete store")
                 )
         done_chunks = [int(i) for i in np.flatnonzero(done)]
+        total += n_chunks
+        pending += n_chunks - len(done_chunks)
         for spec in specs:
             if spec.name == "done" or spec.name not in arrays:
                 continue
@@ -275,7 +279,7 @@ def check_store(
                 if odd:
                     reason = "holds values the store never writes"
                     damage.append(Damage(split, spec.name, tuple(odd), reason))
-    return CheckReport(where, full, tuple(damage), read)
+    return CheckReport(where, full, tuple(damage), read, total, pending)
 
 
 def _read_done(arr: Any, n_chunks: int) -> tuple[np.ndarray, list[int]]:

@@ -155,7 +155,8 @@ def verify(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Read every chunk of a feature store (the full check); exit 1 when damage remains."""
+    """Read every chunk of a feature store (the full check); exit 1 when damage remains, 2
+    when it is sound but incomplete (chunks pending)."""
     from probekit.extraction.repair import verify as run_verify
 
     result = run_verify(store, repair=repair, quiet=as_json)
@@ -167,3 +168,5 @@ def verify(
         if not as_json:
             out.print(f"run `probekit verify --repair {result.store}` to recompute them.")
         raise typer.Exit(code=1)
+    if not result.complete:  # sound, but not finished: not a store to read yet
+        raise typer.Exit(code=2)

@@ -25,6 +25,10 @@ class VerifyResult:
     repaired: tuple[str, ...] = ()  # the damage whose chunks were recomputed
     ok: bool = True  # sound now (as found, or after the repair)
 
+    @property
+    def complete(self) -> bool:
+        return not int(self.report.get("pending") or 0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -32,6 +36,12 @@ class VerifyResult:
         chunks = self.report["chunks_read"]
         if self.repaired:
             return f"repaired {'; '.join(self.repaired)} -> {self.store} (every chunk now decodes)"
+        pending = int(self.report.get("pending") or 0)
+        if self.ok and pending:
+            return (
+                f"incomplete: {self.store}: {pending} of {self.report['chunks']} chunks pending "
+                f"(the {chunks} done ones decode); rerun the extraction to finish it"
+            )
         if self.ok:
             return f"ok: {self.store} ({chunks} chunks read, every one decodes)"
         return "damaged: " + "; ".join(
