@@ -109,6 +109,8 @@ def test_hf_rows_without_a_label_or_an_image_are_invalid_rows(
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
     ds = load_dataset(f"hf:{tmp_path / 'hf'}")
     assert set(ds.splits) == {"train", "test"}
+    with pytest.raises(DatasetError, match=r"saved dataset folder .* has no configs; drop :cfg"):
+        load_dataset(f"hf:{tmp_path / 'hf'}:cfg")
     assert set(ds.warnings) == {
         "split validation has no labels (every row -1): left out",
         "1 images of train have no label (-1): left out as invalid rows",

@@ -148,6 +148,13 @@ def test_size_is_said_first_and_a_disk_too_small_is_refused(
         )
     msg = str(e.value)
     assert "--tokens 8" in msg and "--layers last" in msg and "\n" not in msg
+    # a 4x4 map already (--tokens 4): the advice is a smaller grid, 2, never 8
+    with pytest.raises(StoreError, match="needs about") as e:
+        probekit.extract(
+            "test_vit", "synthetic:2", random_init=True, layers="last2", tokens="4",
+            overwrite=True, **opts,
+        )  # fmt: skip
+    assert "--tokens 2 (about" in str(e.value) and "--tokens 8" not in str(e.value)
 
 
 @pytest.mark.slow

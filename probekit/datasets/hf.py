@@ -92,6 +92,12 @@ def hf_dataset(arg: str) -> Dataset:
         raise DatasetError("hf needs a dataset: hf:NAME_OR_PATH[:CONFIG][?image=COL&label=COL].")
     local = Path(base).expanduser()
     on_disk = local.is_dir()
+    folder, _, named = base.partition(":")
+    if not on_disk and named and Path(folder).expanduser().is_dir():
+        raise DatasetError(
+            f"hf:{base}: {folder} is a saved dataset folder (save_to_disk), which has no "
+            f"configs; drop :{named} (hf:{folder})."
+        )
     source, config = (str(local.resolve()), None) if on_disk else (base.partition(":")[::2])
     config = config or None
     try:

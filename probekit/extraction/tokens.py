@@ -79,21 +79,30 @@ def check_token_space(plan: _Planned, fx: FeatureExtractor) -> int:
         )
     free = _free_bytes(plan.path)
     if free is not None and need > 0.95 * free:
-        d = {k: v[1] for k, v in shapes.items()}
-        smaller = {
-            k: (token_grid("8", fx.maps[k])[0] * token_grid("8", fx.maps[k])[1], d[k])
-            for k in shapes
-        }
         last = list(shapes)[-1]
+        fewer = token_bytes(plan.images, {last: shapes[last]}, plan.options.dtype)
         raise StoreError(
             f"the token cache needs about {gib(need)} and {plan.path.parent} has {gib(free)} "
-            f"free: shrink it with --tokens 8 (about "
-            f"{gib(token_bytes(plan.images, smaller, plan.options.dtype))}) or fewer layers "
-            f"(--layers last: about "
-            f"{gib(token_bytes(plan.images, {last: shapes[last]}, plan.options.dtype))}), or "
-            "use --cache-dir on a larger disk."
+            f"free: shrink it with {_smaller_grid(plan, fx)}fewer layers (--layers last: "
+            f"about {gib(fewer)}), or use --cache-dir on a larger disk."
         )
     return need
+
+
+def _smaller_grid(plan: _Planned, fx: FeatureExtractor) -> str:
+    """'--tokens G (about X) or ' for a grid G smaller than the largest stored one (8, or
+    half of it), '' where every stored map is 1x1 already."""
+    largest = max(max(g) for g in fx.grids.values())
+    g = 8 if largest > 8 else largest // 2
+    if g < 1:
+        return ""
+    d = {k: v[1] for k, v in fx.token_shapes.items()}
+    smaller = {}
+    for k in fx.token_shapes:
+        gh, gw = token_grid(str(g), fx.maps[k])
+        smaller[k] = (gh * gw, d[k])
+    size = gib(token_bytes(plan.images, smaller, plan.options.dtype))
+    return f"--tokens {g} (about {size}) or "
 
 
 def token_meta(fx: FeatureExtractor) -> dict[str, Any]:
