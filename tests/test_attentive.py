@@ -127,3 +127,17 @@ def test_attentive_on_a_store_without_tokens_says_how_to_make_them() -> None:
         probekit.probe(res.store_path, method="attentive")
     both = probekit.probe(res.store_path)  # "both": the pooled probes, tokens not needed
     assert set(both.selected) == {"linear", "logreg"}
+
+
+def test_a_diverging_probe_is_said_and_never_chosen() -> None:
+    """lr 1e9 sends the loss to NaN: alone, a one-line error that says it diverged; beside a
+    sane lr, never the chosen head (its accuracy is argmax of NaN logits)."""
+    ext = probekit.extract(
+        "test_vit@random", "synthetic:24", tokens="all", layers="last", pool="cls", quiet=True
+    )
+    opts = {"method": "attentive", "attn_wds": [0.0], "epochs": 3, "write": False}
+    with pytest.raises(ProbekitError, match="diverged at every configuration") as e:
+        probekit.probe(ext.store_path, attn_lrs=[1e9], **opts)
+    assert "\n" not in str(e.value)
+    res = probekit.probe(ext.store_path, attn_lrs=[1e9, 1e-3], **opts)
+    assert res.selected["attentive"]["lr"] == 1e-3

@@ -394,6 +394,10 @@ def select(data: ProbeData, options: Options) -> Selection:
     # a small train split still gets ATTN_MIN_STEPS AdamW steps an epoch
     batch = min(shared.batch_size, max(16, len(data.fit_rows) // ATTN_MIN_STEPS))
     best, curve, streamed = _train_groups(data, options, batch)
+    if best[1] is None:  # no head had a finite validation loss
+        from probekit.probes.grid import diverged
+
+        diverged("attentive probe", float("nan"), grid)
     assert best[1] is not None
     name, chosen, hd, (t, d) = best[1]
     config: dict[str, Any] = {

@@ -26,6 +26,7 @@ __all__ = [
     "GridModel",
     "best_head",
     "cosine",
+    "diverged",
     "minibatches",
     "train_grid",
     "warmup_cosine_schedule",
@@ -166,7 +167,11 @@ def train_grid(
         if best:
             assert val is not None and y_val is not None
             main, tie = model.scores(val, y_val)
+            # a head whose loss is not finite has diverged: never kept (its accuracy is
+            # argmax of NaN logits)
+            finite = np.isfinite(main) & np.isfinite(tie)
             better = (main > fit.main) | ((main == fit.main) & (tie > fit.tie))
+            better &= finite
             if better.any():
                 mask = torch.from_numpy(better).to(rows.device)
                 for k, v in state.items():
@@ -180,6 +185,18 @@ def train_grid(
         for k, v in best.items():
             state[k].copy_(v)
     return fit
+
+
+def diverged(what: str, main: float, grid: Sequence[Any]) -> None:
+    """A one-line error where the chosen head's score is not finite: every head diverged."""
+    if not np.isfinite(main):
+        from probekit.errors import ProbekitError
+
+        raise ProbekitError(
+            f"the {what} diverged at every configuration of its grid ({len(grid)}: "
+            f"{', '.join(map(str, grid[:4]))}{', ...' if len(grid) > 4 else ''}): its loss is "
+            "not finite; use smaller learning rates."
+        )
 
 
 def best_head(main: np.ndarray, tie: np.ndarray) -> tuple[int, int]:

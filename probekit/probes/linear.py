@@ -270,6 +270,10 @@ def select(data: ProbeData, options: Options) -> Selection:
         if score > best[0]:
             w, b = heads.weight[li, :, hd].T.clone(), heads.bias[li, hd].clone()
             best = (score, (group[li], w, b, int(heads.epoch[li, hd]), hd))
+    if best[1] is None:  # no head had a finite validation loss
+        from probekit.probes.grid import diverged
+
+        diverged("linear probe", float("nan"), grid)
     assert best[1] is not None
     name, w, b, epoch, hd = best[1]
     config: dict[str, Any] = {

@@ -196,6 +196,10 @@ def select(data: ProbeData, options: Options) -> Selection:
                 if score > best[0]:
                     best = (score, (name, heads.one(li, g), cfg))
         del fit_x, val_x
+    if best[1] is None:  # no head had a finite validation loss
+        from probekit.probes.grid import diverged
+
+        diverged("MLP probe", float("nan"), grid)
     assert best[1] is not None
     name, chosen, cfg = best[1]
     config: dict[str, Any] = {

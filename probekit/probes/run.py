@@ -12,6 +12,7 @@ the train split (or a real `val` split); the chosen probe is evaluated once on t
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -221,7 +222,7 @@ def probe(
             feature=name,
             method=sel.method,
             metric="val_top1",
-            value=float(acc),
+            value=float(acc) if math.isfinite(float(acc)) else math.nan,  # diverged: none
             n=len(data.val_y) if data else 0,
             hyper=cfg,
         )
