@@ -80,6 +80,49 @@ class HFReader:
         return read_image(path)
 
 
+def _labelled_splits(
+    base: str,
+    source: str,
+    dd: Any,
+    raw: Mapping[str, list[Any]],
+    feat: Any,
+    index: Mapping[str, int],
+) -> tuple[dict[str, Split], dict[str, str], dict[str, frozenset[int]], list[str]]:
+    """Each split of the DatasetDict as probekit's (ids and labels), its name in the dataset,
+    its rows without a label (-1: invalid rows), and what was said of them."""
+    import datasets
+
+    splits: dict[str, Split] = {}
+    mapping: dict[str, str] = {}
+    unlabeled: dict[str, frozenset[int]] = {}
+    notes: list[str] = []
+    for hf_split in dd:
+        ours = SPLIT_NAMES.get(hf_split, hf_split)
+        if ours in splits:
+            raise DatasetError(
+                f"hf:{base}: splits {mapping[ours]!r} and {hf_split!r} are both {ours}."
+            )
+        vals = raw[hf_split]
+        labels = np.array(
+            [int(v) if isinstance(feat, datasets.ClassLabel) else index[str(v)] for v in vals],
+            dtype=np.int64,
+        )
+        missing = np.flatnonzero(labels < 0)  # ClassLabel's -1: no label
+        if len(missing) == len(labels) and len(labels):
+            notes.append(f"split {hf_split} has no labels (every row -1): left out")
+            continue
+        if len(missing):
+            notes.append(
+                f"{len(missing)} images of {ours} have no label (-1): left out as invalid rows"
+            )
+            labels[missing] = 0  # a row never evaluated: its image is never read
+            unlabeled[ours] = frozenset(int(i) for i in missing)
+        ids = tuple(f"{source}#{hf_split}/{i}" for i in range(len(vals)))
+        splits[ours] = Split(ours, ids, labels)
+        mapping[ours] = hf_split
+    return splits, mapping, unlabeled, notes
+
+
 def hf_dataset(arg: str) -> Dataset:
     """`hf:NAME_OR_PATH[:CONFIG][?image=COL&label=COL]`: a `save_to_disk` folder, or a hub
     dataset (cached by `datasets`; online the first time)."""
@@ -133,34 +176,7 @@ def hf_dataset(arg: str) -> Dataset:
     if not names:
         names = sorted({str(v) for vals in raw.values() for v in vals})
     index = {n: i for i, n in enumerate(names)}
-    splits: dict[str, Split] = {}
-    mapping: dict[str, str] = {}
-    unlabeled: dict[str, frozenset[int]] = {}
-    notes: list[str] = []
-    for hf_split in dd:
-        ours = SPLIT_NAMES.get(hf_split, hf_split)
-        if ours in splits:
-            raise DatasetError(
-                f"hf:{base}: splits {mapping[ours]!r} and {hf_split!r} are both {ours}."
-            )
-        vals = raw[hf_split]
-        labels = np.array(
-            [int(v) if isinstance(feat, datasets.ClassLabel) else index[str(v)] for v in vals],
-            dtype=np.int64,
-        )
-        missing = np.flatnonzero(labels < 0)  # ClassLabel's -1: no label
-        if len(missing) == len(labels) and len(labels):
-            notes.append(f"split {hf_split} has no labels (every row -1): left out")
-            continue
-        if len(missing):
-            notes.append(
-                f"{len(missing)} images of {ours} have no label (-1): left out as invalid rows"
-            )
-            labels[missing] = 0  # a row never evaluated: its image is never read
-            unlabeled[ours] = frozenset(int(i) for i in missing)
-        ids = tuple(f"{source}#{hf_split}/{i}" for i in range(len(vals)))
-        splits[ours] = Split(ours, ids, labels)
-        mapping[ours] = hf_split
+    splits, mapping, unlabeled, notes = _labelled_splits(base, source, dd, raw, feat, index)
     if not splits:
         raise DatasetError(f"hf:{base}: no split has labels (every row is -1).")
     ordered = {s: splits[s] for s in sorted_splits(list(splits))}

@@ -127,6 +127,29 @@ def _tv_files(ds: Any) -> list[str]:
     return []
 
 
+def _file_stamps(files: list[str]) -> list[str]:
+    """Each file's path, size and time (its path alone where it cannot be read)."""
+    out = []
+    for f in files:
+        try:
+            st = Path(f).stat()
+            out.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append(f)
+    return out
+
+
+def _unread(name: str, root: str, errors: list[str], download: bool) -> DatasetError:
+    fix = (
+        "the download failed too (offline? it needs the dataset's host)"
+        if download
+        else "put its files there, or add ?download=1 (online)"
+    )
+    return DatasetError(
+        f"torchvision:{name}:{root}: no split could be read ({'; '.join(errors)}); {fix}."
+    )
+
+
 def torchvision_dataset(arg: str) -> Dataset:
     """`torchvision:NAME:ROOT[?download=1]`: a torchvision classification dataset whose files
     are under ROOT (downloaded only with download=1, online); its train/val/test splits, or
@@ -190,23 +213,9 @@ def torchvision_dataset(arg: str) -> Dataset:
         splits[ours] = Split(ours, ids, labels)
         mapping[ours] = split
         classes = classes or [str(c) for c in getattr(ds, "classes", [])]
-        sizes = []
-        for f in files:
-            try:
-                st = Path(f).stat()
-                sizes.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-            except OSError:
-                sizes.append(f)
-        stamp.append(digest(split, str(len(ds)), labels.tobytes(), *sizes))
+        stamp.append(digest(split, str(len(ds)), labels.tobytes(), *_file_stamps(files)))
     if not splits:
-        fix = (
-            "the download failed too (offline? it needs the dataset's host)"
-            if download
-            else "put its files there, or add ?download=1 (online)"
-        )
-        raise DatasetError(
-            f"torchvision:{name}:{root}: no split could be read ({'; '.join(errors)}); {fix}."
-        )
+        raise _unread(name, root, errors, download)
     top = max(int(s.labels.max()) for s in splits.values() if len(s)) + 1
     names = classes if len(classes) >= top else [str(i) for i in range(top)]
     spec = f"torchvision:{name}:{root}"
