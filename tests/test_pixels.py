@@ -395,3 +395,42 @@ def test_draft_decoding_is_close_to_exact_and_stored_apart(
         assert not np.array_equal(a, b) and cos.min() > 0.99, (k, cos)
     with pytest.raises(ProbekitError, match="draft"):
         probekit.extract("test_vit", f"imagefolder:{photo_folder}", decode="fast", **kw)
+
+
+def test_a_damaged_pixel_chunk_is_decoded_again_never_read_as_zeros(
+    jpeg_folder: Path, tmp_path: Path
+) -> None:
+    """A deleted pixel chunk is found before the store is read and decoded again; a chunk
+    overwritten with another's bytes (the right size) is found by verify's crc32, marked, and
+    decoded again by the next extraction: the features are those of a clean store."""
+    spec = f"imagefolder:{jpeg_folder}"
+    kw = dict(random_init=True, quiet=True, pool="mean", layers="last2", chunk_rows=8)
+    clean = probekit.extract("test_vit", spec, cache_dir=tmp_path / "a", **kw)
+    want = _features(clean.store_path)
+    first = probekit.extract("test_vit", spec, cache_dir=tmp_path / "b", pixel_cache=True, **kw)
+    (pixel_path,) = (tmp_path / "b").glob("*/pixels/*.zarr")
+    ps = PixelStore.open(pixel_path)
+    assert ps is not None and probekit.verify(pixel_path).ok
+    chunk = ps.chunk_file("train", 0)
+    original = chunk.read_bytes()
+    chunk.unlink()
+    assert ps.damaged_chunks() == {"train": [0]}
+    again = probekit.extract(
+        "test_vit", spec, cache_dir=tmp_path / "b", pixel_cache=True, overwrite=True, **kw
+    )
+    assert "built" in again.pixels and chunk.read_bytes() == original
+    for k, v in _features(again.store_path).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+    changed = bytearray(original)
+    changed[1000:1100] = bytes(100)  # the right size, other pixels
+    chunk.write_bytes(bytes(changed))
+    assert ps.damaged_chunks() == {}  # not seen without reading
+    found = probekit.verify(pixel_path)
+    assert not found.ok and "train/pixels chunks [0]" in found.summary()
+    fixed = probekit.verify(pixel_path, repair=True)
+    assert fixed.ok and "for decoding again" in fixed.summary()
+    probekit.extract(
+        "test_vit", spec, cache_dir=tmp_path / "b", pixel_cache=True, overwrite=True, **kw
+    )
+    assert chunk.read_bytes() == original and probekit.verify(pixel_path).ok
+    assert first.store_path == again.store_path

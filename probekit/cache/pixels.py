@@ -16,6 +16,13 @@ Layout (`<cache>/<dataset>/pixels/<key>.zarr`, key = hash of dataset fingerprint
                        memory with the GIL released, no decoding step
     <split>/valid      (N,) bool     <split>/errors (N,) string
     <split>/done       (n_chunks,) bool: a chunk's flag is set after its arrays are written
+    <split>/crc        (n_chunks,) uint32: each pixel chunk file's crc32, recorded as it is
+                       written (stores made before it have none)
+
+A pixel store checks itself as a feature store does: before it is read, every done chunk's
+file is there at its exact size (an uncompressed chunk is rows x H x W x 3 bytes, edge chunks
+padded), and `verify` also compares each file's crc32; a damaged chunk is marked for redoing
+and decoded again, never read as zeros.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -111,7 +119,11 @@ class PixelStore(ChunkedStore):
                 dtype="uint8",
                 compressors=None,
                 fill_value=0,
+                config={"write_empty_chunks": True},  # every done chunk has its file
             )
+            n_chunks = max(1, -(-n // rows))
+            # one element a chunk, as done: chunks are written by several threads at once
+            g.create_array("crc", shape=(n_chunks,), chunks=(1,), dtype="uint32")
             g.create_array("valid", shape=(n,), chunks=(rows,), dtype="bool")
             g.create_array("errors", shape=(n,), chunks=(rows,), dtype=str)
             g.create_array(
@@ -129,6 +141,51 @@ class PixelStore(ChunkedStore):
             "created": now(),
         }
         return cls(path, group)
+
+    def chunk_file(self, split: str, chunk: int) -> Any:
+        return self.path / split / "pixels" / "c" / str(chunk) / "0" / "0" / "0"
+
+    def damaged_chunks(self, full: bool = False) -> dict[str, list[int]]:
+        """Per split, the done chunks whose file is missing or not its exact size; `full`:
+        also those whose bytes are not the crc32 recorded when they were written. A store on
+        an object store is not checked (its reader is Zarr's)."""
+        if is_remote(self.path):
+            return {}
+        out: dict[str, list[int]] = {}
+        h, w = self.size
+        for split in self.meta["splits"]:
+            rows = int(self.array(split, "pixels").chunks[0])
+            done = np.flatnonzero(np.asarray(self.array(split, "done")[:], dtype=bool))
+            crc = self._crc(split)
+            valid: np.ndarray | None = None
+            for c in (int(i) for i in done):
+                f = self.chunk_file(split, c)
+                if not f.is_file():
+                    if crc is None and valid is None:  # an older store skipped zero chunks
+                        valid = np.asarray(self.array(split, "valid")[:], dtype=bool)
+                    if crc is not None or (
+                        valid is not None and valid[c * rows : (c + 1) * rows].any()
+                    ):
+                        out.setdefault(split, []).append(c)
+                elif f.stat().st_size != rows * h * w * 3 or (
+                    full and crc is not None and zlib.crc32(f.read_bytes()) != int(crc[c])
+                ):
+                    out.setdefault(split, []).append(c)
+        return out
+
+    def _crc(self, split: str) -> np.ndarray | None:
+        try:
+            return np.asarray(self.array(split, "crc")[:], dtype=np.uint32)
+        except KeyError:
+            return None
+
+    def mark_for_redo(self, chunks: Mapping[str, Sequence[int]]) -> None:
+        """Clear the done flags of `chunks`: the next build decodes exactly them again."""
+        for split, cs in chunks.items():
+            done = self.array(split, "done")
+            for c in cs:
+                done[c] = False
+        self.update_meta(status="partial")
 
 
 class PixelSource(torch.utils.data.Dataset[Batch]):

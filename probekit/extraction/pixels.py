@@ -5,6 +5,7 @@ for the store itself)."""
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -39,7 +40,10 @@ def build_pixel_store(
     with StoreLock(path):
         store = PixelStore.open(path)
         if store is not None and store.is_complete:
-            return store, False, 0.0
+            damaged = store.damaged_chunks()  # each done chunk's file, at its exact size
+            if not damaged:
+                return store, False, 0.0
+            store.mark_for_redo(damaged)  # decoded again below, never read as zeros
         if store is None:
             about = {"spec": dataset.spec, "fingerprint": dataset.fingerprint}
             splits = {k: len(v) for k, v in dataset.splits.items()}
@@ -60,7 +64,8 @@ def build_pixel_store(
                 num_workers=num_workers,
                 worker_init_fn=decode_worker_init,
             )
-            arrays = tuple(store.array(split, k) for k in ("pixels", "valid", "errors", "done"))
+            names = ("pixels", "valid", "errors", "done", "crc")
+            arrays = tuple(_array_or_none(store, split, k) for k in names)
             # chunks are written by threads (file writes release the GIL) while the next ones
             # decode; each chunk's done flag follows its own arrays
             with ThreadPoolExecutor(4, thread_name_prefix="probekit-pixels") as pool:
@@ -84,11 +89,25 @@ def build_pixel_store(
         return store, True, seconds
 
 
+def _array_or_none(store: PixelStore, split: str, name: str) -> Any:
+    try:
+        return store.array(split, name)
+    except KeyError:  # a store made before it had crc32s
+        return None
+
+
 def _write_chunk(
     arrays: tuple[Any, ...], c: int, start: int, stop: int, images: Any, ok: Any, reasons: Any
 ) -> None:
-    pix, valid, errors, done = arrays
-    pix[start:stop] = images.permute(0, 2, 3, 1).numpy()
+    pix, valid, errors, done, crc = arrays
+    rows = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
+    pix[start:stop] = rows
     valid[start:stop] = ok.numpy()
     errors[start:stop] = np.array(reasons, dtype=str)
+    if crc is not None:  # the chunk file's bytes: its rows, an edge chunk padded with zeros
+        full = int(pix.chunks[0])
+        digest = zlib.crc32(rows.data)
+        if len(rows) < full:
+            digest = zlib.crc32(bytes((full - len(rows)) * rows[0].nbytes), digest)
+        crc[c] = digest
     done[c] = True  # only after the chunk's arrays are on disk

@@ -10,6 +10,7 @@ from typing import Any
 
 from probekit.cache.check import CheckReport, summarize
 from probekit.cache.location import location
+from probekit.cache.pixels import PixelStore
 from probekit.cache.store import StoreLock, open_store
 from probekit.errors import ProbekitError, StoreError
 
@@ -24,6 +25,7 @@ class VerifyResult:
     report: Mapping[str, Any]  # `check.summarize` of the full check
     repaired: tuple[str, ...] = ()  # the damage whose chunks were recomputed
     ok: bool = True  # sound now (as found, or after the repair)
+    note: str = ""  # what a repair did where it did not recompute (a pixel store)
 
     @property
     def complete(self) -> bool:
@@ -34,6 +36,8 @@ class VerifyResult:
 
     def summary(self) -> str:
         chunks = self.report["chunks_read"]
+        if self.note:
+            return self.note
         if self.repaired:
             return f"repaired {'; '.join(self.repaired)} -> {self.store} (every chunk now decodes)"
         pending = int(self.report.get("pending") or 0)
@@ -58,6 +62,9 @@ def verify(
     records, and check again. A store that cannot be recomputed here (no recipe, its dataset
     or weights gone, made on another kind of device) is a one-line error saying what to run."""
     path = location(store)
+    pixels = PixelStore.open(path) if (path / "zarr.json").is_file() else None
+    if pixels is not None:
+        return _verify_pixels(pixels, str(path), repair)
     fs = open_store(path, allow_partial=True, check=False)
     report = fs.check(full=True)
     if report.ok or not repair:
@@ -69,6 +76,40 @@ def verify(
     if not after.ok:
         raise StoreError(f"the repair of {path} left damage: {after.message()}")
     return VerifyResult(str(path), summarize(report), tuple(found), True)
+
+
+def _verify_pixels(ps: PixelStore, where: str, repair: bool) -> VerifyResult:
+    """A pixel store's full check: every done chunk's file there, at its size, with the crc32
+    recorded when it was written; `repair`: the damaged chunks marked for decoding again (by
+    the next extract or triage that reads this pixel cache: the store records no decoder)."""
+    bad = ps.damaged_chunks(full=True)
+    splits = list(ps.meta["splits"])
+    total = sum(ps.num_chunks(s) for s in splits)
+    report = {
+        "store": where,
+        "full": True,
+        "chunks_read": total,
+        "chunks": total,
+        "pending": sum(len(ps.pending_chunks(s)) for s in splits),
+        "damage": [
+            {
+                "split": s,
+                "array": "pixels",
+                "chunks": list(cs),
+                "reason": "file missing, short, or not the bytes written (crc32)",
+            }
+            for s, cs in bad.items()
+        ],
+    }
+    if not bad or not repair:
+        return VerifyResult(where, report, (), not bad)
+    ps.mark_for_redo(bad)
+    found = tuple(f"{len(cs)} chunks of {s}/pixels" for s, cs in bad.items())
+    note = (
+        f"marked {'; '.join(found)} of pixel store {where} for decoding again: the next "
+        "extract or triage that reads it decodes them"
+    )
+    return VerifyResult(where, report, found, True, note)
 
 
 def _recompute(meta: Mapping[str, Any], path: Any, report: CheckReport, quiet: bool) -> None:
