@@ -479,3 +479,26 @@ def test_verify_names_a_mask_label_beyond_the_classes(tmp_path: Path) -> None:
     arr[0] = mask
     found = probekit.verify(res.store_path)
     assert not found.ok and "train/masks chunks (0,) (holds values" in found.summary()
+
+
+def test_a_test_class_without_train_pixels_is_warned(tmp_path: Path) -> None:
+    """As classification says a test class with no train image, the dense probes say a test
+    class with no train pixel: never predicted, its IoU is 0."""
+    from probekit.errors import ProbekitWarning
+
+    rng = np.random.default_rng(4)
+    root = tmp_path / "seg"
+    for split, n, top in (("train", 8, 2), ("test", 4, 3)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"im{i}.png")
+            labels = rng.integers(0, top, (40, 48)).astype(np.uint8)
+            Image.fromarray(labels, mode="L").save(root / "masks" / split / f"im{i}.png")
+    (root / "classes.txt").write_text("sky\ngrass\nroad\n")
+    res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **SMALL)
+    with pytest.warns(ProbekitWarning, match=r"1 test classes have no train pixels \('road'\)"):
+        out = probekit.probe(res.store_path, method="dense-knn", dense_ks=[3], write=False)
+    (miou,) = [r for r in out.records if r.metric == "miou"]
+    assert any("no train pixels" in w for w in miou.extra["warnings"])

@@ -206,6 +206,7 @@ def test_attentive_chooses_its_planted_validation_winner(
     assert chosen["val_top1"] == 0.9
 
 
+@pytest.mark.filterwarnings("ignore:.*test classes have no train pixels")  # digit-scenes:24
 def test_linseg_and_dense_knn_choose_their_planted_validation_winners(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

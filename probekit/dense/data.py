@@ -12,6 +12,7 @@ import torch
 
 from probekit.cache.store import FeatureStore
 from probekit.errors import ProbekitError
+from probekit.evaluation import warned
 from probekit.records import Record
 from probekit.segmentation import bootstrap_dense, class_counts, mean_iou, pixel_accuracy
 
@@ -144,6 +145,24 @@ def row_blocks(rows: np.ndarray, row_bytes: int) -> Iterator[np.ndarray]:
         yield rows[s : s + step]
 
 
+def _absent_classes(data: DenseData, test_masks: np.ndarray) -> list[str]:
+    """Test classes with no pixel in the probe's train images (its fit and validation parts):
+    never predicted, their IoU is 0; said with counts, as classification says them."""
+    seen = np.union1d(np.unique(data.fit_masks.numpy()), np.unique(data.val_masks.numpy()))
+    labels, counts = np.unique(test_masks, return_counts=True)
+    keep = (labels != 255) & ~np.isin(labels, seen)
+    if not keep.any():
+        return []
+    absent, pixels = labels[keep], int(counts[keep].sum())
+    names = data.store.class_names
+    named = ", ".join(repr(names[int(c)]) for c in absent[:5] if int(c) < len(names))
+    more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+    return [
+        f"{len(absent)} test classes have no train pixels ({named}{more}): their {pixels} test "
+        "pixels can never be predicted, and their IoU is 0"
+    ]
+
+
 def dense_records(
     store: FeatureStore, options: ProbeOptions, methods: Sequence[str], base: Record
 ) -> tuple[list[Record], dict[str, dict[str, Any]]]:
@@ -159,6 +178,7 @@ def dense_records(
     if not len(test_rows):
         raise ProbekitError(f"split {split!r} has no usable images to test on.")
     truth_n = len(test_rows)
+    base = warned(base, _absent_classes(data, store.masks(split, test_rows)), base.dataset)
     for m in methods:
         sel: DenseSelection = PROBE_METHODS[m].select()(data, options.of_method(m))
         selected[m] = {"feature": sel.feature, **sel.config}
