@@ -288,3 +288,18 @@ def test_verify_finds_values_the_store_never_writes(
     fixed = probekit.verify(store, repair=True)
     assert fixed.ok and fixed.repaired
     assert_same_store(str(store), clean[1])
+
+
+def test_an_older_store_without_chunk_files_still_finds_a_missing_feature_chunk(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    """Stores made before `chunk_files` skipped chunks of fill values, so a missing file there
+    was taken as zeros; a missing feature chunk whose rows hold valid images is damage."""
+    root, store = _copy(clean, tmp_path)
+    _edit_json(store / "zarr.json", lambda d: d["attributes"]["probekit"].pop("chunk_files"))
+    assert probekit.open_store(store).check().ok
+    _delete_feature_chunk(store)
+    with pytest.raises(StoreError, match=r"chunk 2 of train/layer4/mean .*chunk file missing"):
+        probekit.knn(str(store))
+    res = probekit.extract(MODEL, DATA, cache_dir=root, **RUN)
+    assert res.repaired and _knn(str(store)) == clean[2]

@@ -264,11 +264,14 @@ def check_store(
         done_chunks = [int(i) for i in np.flatnonzero(done)]
         total += n_chunks
         pending += n_chunks - len(done_chunks)
+        # an older store skipped chunks of fill values: there a missing feature chunk is
+        # damage where its rows hold a valid image (a valid row's features are never all 0)
+        needed = done_chunks if every_file else _chunks_with_valid_rows(arrays, specs, done_chunks)
         for spec in specs:
             if spec.name == "done" or spec.name not in arrays:
                 continue
-            if every_file:
-                missing = tuple(c for c in done_chunks if spec.chunk_key(split, c) not in keys)
+            if every_file or len(spec.shape) > 1:
+                missing = tuple(c for c in needed if spec.chunk_key(split, c) not in keys)
                 if missing:
                     damage.append(Damage(split, spec.name, missing, "chunk file missing"))
             if full:
@@ -280,6 +283,21 @@ def check_store(
                     reason = "holds values the store never writes"
                     damage.append(Damage(split, spec.name, tuple(odd), reason))
     return CheckReport(where, full, tuple(damage), read, total, pending)
+
+
+def _chunks_with_valid_rows(
+    arrays: Mapping[str, Any], specs: list[ArraySpec], chunks: list[int]
+) -> list[int]:
+    """The done chunks whose rows include a valid image (all of them where `valid` cannot be
+    read: its own damage is said apart)."""
+    if "valid" not in arrays:
+        return chunks
+    rows = specs[0].row_chunk
+    try:
+        valid = np.asarray(arrays["valid"][:], dtype=bool)
+    except Exception:
+        return chunks
+    return [c for c in chunks if valid[c * rows : (c + 1) * rows].any()]
 
 
 def _read_done(arr: Any, n_chunks: int) -> tuple[np.ndarray, list[int]]:
