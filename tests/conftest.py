@@ -118,7 +118,8 @@ def faulty(env: dict[str, str]) -> dict[str, str]:
 
 def assert_child_dies_with_parent(module: str, cls: str) -> None:
     """Start helper `module.cls` in a process, SIGKILL that process: the helper must be gone (or
-    a zombie for whoever inherited it to reap) within 5 s."""
+    a zombie for whoever inherited it to reap). It is told at once (the parent-death signal);
+    the 60 s bound only ends the wait on a loaded machine, it is not what is tested."""
     parent_code = (
         f"import time\nfrom {module} import {cls}\nh = {cls}()\n"
         "print(h._proc.pid, flush=True)\ntime.sleep(60)\n"
@@ -132,7 +133,7 @@ def assert_child_dies_with_parent(module: str, cls: str) -> None:
     os.kill(child, 0)  # alive
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    for _ in range(100):
+    for _ in range(1200):
         try:
             if Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] == "Z":
                 return

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -240,10 +239,28 @@ def test_hub_backbone_extracts_when_online() -> None:
     assert store.features("train", "layer11/cls").shape == (1437, 384)
 
 
+# ten kills at named points of the work, in this order, each run resuming the last one's
+TEN_KILLS = (
+    ("KILL_POINT", "start"),  # before probekit is imported
+    ("KILL_POINT", "model"),  # the model built, no store yet
+    ("KILL_POINT", "store"),  # the store created, no chunk written
+    ("KILL_AT", "1"),  # in the middle of the run's first chunk write
+    ("KILL_AT", "2"),  # in the middle of its second (the first whole)
+    ("KILL_AFTER", "1"),  # right after its first chunk is whole
+    ("KILL_AT", "3"),
+    ("KILL_AFTER", "2"),
+    ("KILL_AT", "1"),
+    ("KILL_POINT", "finish"),  # every chunk written, the store not yet marked complete
+)
+
+
 @pytest.mark.slow
-def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> None:
-    """SIGKILL the same extraction 10 times at seeded random moments (imports, model load, store
-    creation, batches, chunk writes, metadata), rerunning each time; then let it finish."""
+def test_ten_kills_at_named_points_then_identical_store(tmp_path: Path) -> None:
+    """SIGKILL the same extraction 10 times, each at a named point of the work (before the
+    imports, after the model load, after the store's creation, in the middle of a chunk write
+    and between chunks, before the store is marked complete), rerunning each time; then let it
+    finish: the store is byte for byte a clean run's. The kills are triggered by the work
+    reaching each point, never by a clock, so a loaded machine changes nothing."""
     args = [
         "extract",
         "-b",
@@ -260,25 +277,17 @@ def test_ten_kills_at_random_moments_then_identical_store(tmp_path: Path) -> Non
         "--quiet",
     ]
     cmd = [sys.executable, "-c", CLI, *args]
-    clean_env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean")}
-    t0 = time.perf_counter()
+    clean_env = faulty({**os.environ, "PROBEKIT_CACHE": str(tmp_path / "clean")})
     subprocess.run(cmd, env=clean_env, check=True, capture_output=True)
-    duration = time.perf_counter() - t0
     clean_path = str(next((tmp_path / "clean").glob("*/*.zarr")))
-    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "killed")}
-    rng = np.random.default_rng(0)
-    killed = 0
-    for delay in rng.uniform(0.3, 1.1, size=10) * duration:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            killed += 1
-        _, err = proc.communicate()
-        assert proc.returncode in (0, -9), err.decode()[-2000:]
-    assert killed >= 5  # most runs really were cut short
-    final = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log = tmp_path / "kills.log"
+    base = faulty({**os.environ, "PROBEKIT_CACHE": str(tmp_path / "killed"), "KILL_LOG": str(log)})
+    for key, value in TEN_KILLS:
+        run = subprocess.run(cmd, env={**base, key: value}, capture_output=True, text=True)
+        assert run.returncode == -9, (key, value, run.stderr[-2000:])  # killed, every time
+    said = {"KILL_POINT": "{}", "KILL_AT": "chunk:{}", "KILL_AFTER": "after:{}"}
+    assert log.read_text().splitlines() == [said[k].format(v) for k, v in TEN_KILLS]
+    final = subprocess.run(cmd, env=base, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-2000:]
     path = str(next((tmp_path / "killed").glob("*/*.zarr")))
     assert probekit.open_store(path).is_complete
