@@ -466,29 +466,10 @@ def test_triage_ranks_backbones_on_a_dense_task(tmp_path: Path) -> None:
     assert not probekit.open_store(stores["digits"]).token_names
 
 
-def test_verify_names_a_mask_label_beyond_the_classes(tmp_path: Path) -> None:
-    """A mask chunk rewritten with label 99 (3 classes) decodes, but verify names it."""
-    import zarr
-
-    root = _plain_seg(tmp_path / "seg")
-    res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **SMALL)
-    assert probekit.verify(res.store_path).ok
-    arr = zarr.open_array(str(Path(res.store_path) / "train/masks"), mode="r+")
-    mask = arr[0]
-    mask[0, 0] = 99
-    arr[0] = mask
-    found = probekit.verify(res.store_path)
-    assert not found.ok and "train/masks chunks (0,) (holds values" in found.summary()
-
-
-def test_a_test_class_without_train_pixels_is_warned(tmp_path: Path) -> None:
-    """As classification says a test class with no train image, the dense probes say a test
-    class with no train pixel: never predicted, its IoU is 0."""
-    from probekit.errors import ProbekitWarning
-
+def _split_seg(root: Path, tops: tuple[int, int] = (3, 3)) -> Path:
+    """images/{train,test} + masks/ (labels below tops[0] in train, tops[1] in test)."""
     rng = np.random.default_rng(4)
-    root = tmp_path / "seg"
-    for split, n, top in (("train", 8, 2), ("test", 4, 3)):
+    for split, n, top in (("train", 8, tops[0]), ("test", 4, tops[1])):
         (root / "images" / split).mkdir(parents=True)
         (root / "masks" / split).mkdir(parents=True)
         for i in range(n):
@@ -497,6 +478,37 @@ def test_a_test_class_without_train_pixels_is_warned(tmp_path: Path) -> None:
             labels = rng.integers(0, top, (40, 48)).astype(np.uint8)
             Image.fromarray(labels, mode="L").save(root / "masks" / split / f"im{i}.png")
     (root / "classes.txt").write_text("sky\ngrass\nroad\n")
+    return root
+
+
+def test_verify_names_a_mask_label_beyond_the_classes(tmp_path: Path) -> None:
+    """A mask chunk rewritten with label 99 (3 classes) decodes, but verify names it, and the
+    dense probes' reader refuses it."""
+    import zarr
+
+    root = _split_seg(tmp_path / "seg")
+    res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **SMALL)
+    assert probekit.verify(res.store_path).ok
+    arr = zarr.open_array(str(Path(res.store_path) / "train/masks"), mode="r+")
+    mask = arr[0]
+    mask[0, 0] = 99
+    arr[0] = mask
+    found = probekit.verify(res.store_path)
+    assert not found.ok and "train/masks chunks (0,) (holds values" in found.summary()
+    # the dense probes' reader refuses it too, in one line, never a traceback or a number
+    for method in ("linseg", "dense-knn"):
+        with pytest.raises(StoreError, match=r"train/masks hold label 99, beyond the 3 classes"):
+            probekit.probe(res.store_path, method=method, write=False)
+    assert probekit.verify(res.store_path, repair=True).ok
+    probekit.probe(res.store_path, method="dense-knn", write=False)
+
+
+def test_a_test_class_without_train_pixels_is_warned(tmp_path: Path) -> None:
+    """As classification says a test class with no train image, the dense probes say a test
+    class with no train pixel: never predicted, its IoU is 0."""
+    from probekit.errors import ProbekitWarning
+
+    root = _split_seg(tmp_path / "seg", tops=(2, 3))
     res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **SMALL)
     with pytest.warns(ProbekitWarning, match=r"1 test classes have no train pixels \('road'\)"):
         out = probekit.probe(res.store_path, method="dense-knn", dense_ks=[3], write=False)

@@ -272,7 +272,16 @@ class FeatureStore(ChunkedStore):
                 f"store {self.path.name} has no masks: extract a segmentation dataset "
                 "(digit-scenes, seg:PATH) to use dense probes."
             )
-        return self._read(split, "masks") if rows is None else self._read_rows(split, "masks", rows)
+        m = self._read(split, "masks") if rows is None else self._read_rows(split, "masks", rows)
+        n = len(self.class_names)
+        beyond = (m != 255) & (m >= n)  # a label the store never writes: damage, not a class
+        if beyond.any():
+            raise StoreError(
+                f"store {self.path.name} is damaged: {split}/masks hold label "
+                f"{int(m[beyond].max())}, beyond the {n} classes; run `probekit verify "
+                f"--repair {self.path}`."
+            )
+        return m
 
     def tokens(self, split: str, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, T, D) tokens of `rows` (sorted indices; default all) of one layer."""
