@@ -48,5 +48,7 @@ class LazyAttributes:
     def __init__(self, name: str):
         self._name = name
 
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
+    def __getattr__(self, attr: str) -> Any:  # called only for names not yet copied here
+        value = getattr(importlib.import_module(self._name), attr)
+        setattr(self, attr, value)  # the next read is a plain attribute: no lookup per call
+        return value

@@ -197,6 +197,7 @@ class _Episodes:
 
     data: ProbeData
     feature: str
+    fit: Rows  # every fit row (the supports are drawn from them), standardized, resident
     test: Rows
     test_y: torch.Tensor
     unit_val: torch.Tensor  # (V, D) L2-normalized raw features (kNN)
@@ -234,7 +235,13 @@ def _probe_episodes(
             data.options, epochs=FULL_BATCH_STEPS, batch_size=n, **FEWSHOT_SETTINGS.get(method, {})
         )
         fit_y = torch.from_numpy(store.labels("train")[rows]).to(data.device)
-        episode = replace(data, options=opts, fit_rows=rows, fit_y=fit_y)
+        held = dict(data.held)
+        if ep.fit.data is not None:  # the fit part in memory: the support taken from it
+            order = np.argsort(data.fit_rows, kind="stable")
+            pos = order[np.searchsorted(data.fit_rows, rows, sorter=order)]
+            index = torch.from_numpy(pos).to(ep.fit.device)
+            held["fit", (ep.feature,)] = Rows.of(ep.fit.data[0, index])
+        episode = replace(data, options=opts, fit_rows=rows, fit_y=fit_y, held=held)
         sel = entry.select()(episode, opts.of_method(method))
         test = ep.test if sel.reader is None else sel.rows(store, *_test_of(ep), data.budget)
         pred = torch.from_numpy(sel.all_logits(test).argmax(1)).to(ep.test_y.device)
@@ -261,6 +268,8 @@ def _prepare(store: FeatureStore, feature: str, opts: ProbeOptions) -> _Episodes
     rng = np.random.default_rng(opts.seed)
     pick = np.sort(rng.permutation(len(data.val_rows))[:VAL_ROWS])
     data = replace(data, val_rows=data.val_rows[pick], val_y=data.val_y[pick])
+    # read once: the validation rows every episode chooses on, the fit rows supports are from
+    data = replace(data, held={("val", (feature,)): data.val([feature])})
     split = opts.test_split
     test_rows = np.flatnonzero(store.usable(split))
     dev = data.device
@@ -268,7 +277,7 @@ def _prepare(store: FeatureStore, feature: str, opts: ProbeOptions) -> _Episodes
     test = data.rows_of([feature], split, test_rows)
     unit_val = _normalize(_read(store, data.val_split, feature, data.val_rows, dev))
     unit_test = _normalize(_read(store, split, feature, test_rows, dev))
-    return _Episodes(data, feature, test, test_y, unit_val, unit_test)
+    return _Episodes(data, feature, data.fit([feature]), test, test_y, unit_val, unit_test)
 
 
 def fewshot(

@@ -4,6 +4,7 @@ takes a size and reported with the reason where it does not."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,9 @@ def test_an_extraction_builds_once_and_a_cache_hit_builds_nothing(
     assert again.store_path == first.store_path and builders.builds == [spec]  # its card
     store = probekit.open_store(first.store_path)
     assert store.info.weights_source == "python"
+    # the store's cost is the card's, counted once when the model was built
+    (card,) = [json.loads(p.read_text()) for p in cache_dir.glob(".builders/*.json")]
+    assert store.meta["cost"]["gmacs"] == card["gmacs"] is not None
     assert store.meta["config"]["preprocessing"]["input_size"] == [3, 32, 32]
     # the features are the function's model's own at that size
     import timm

@@ -96,7 +96,7 @@ class Described(torch.nn.Module):
 
     def __init__(self, card: dict[str, Any]):
         super().__init__()
-        self.card = card
+        self.probekit_card = card
         self.feature_info = card["feature_info"]
         self.num_prefix_tokens = card["num_prefix_tokens"]
         self.cls_token = torch.nn.Parameter(torch.empty(0)) if card["class_token"] else None
@@ -199,10 +199,12 @@ def python_backbone(
 
             size = (3, img_size, img_size)
             data_config.update(input_size=size, crop_pct=DEFAULT_CROP_PCT, crop_mode="center")
+        card = _card_of(built, data_config, native)  # its cost counted once, here
+        built.__dict__["probekit_card"] = card  # what a plan reads, as of a described model
         if card_file is not None:
             card_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = card_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(_card_of(built, data_config, native)))
+            tmp.write_text(json.dumps(card))
             os.replace(tmp, card_file)
         _LAST[key] = Backbone(label, label, built, info, data_config, native_size=native)
     return _LAST[key]

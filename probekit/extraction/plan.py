@@ -230,7 +230,7 @@ class ExtractPlan:
         from probekit.backbones.cost import count_gmacs, count_params
 
         model = self.skeleton.model
-        card = getattr(model, "card", None)  # a builder's, counted when it was built
+        card = getattr(model, "probekit_card", None)  # a builder's, counted when it was built
         try:
             gmacs: float | None = (
                 card["gmacs"] if card is not None else round(count_gmacs(model, self.size), 4)

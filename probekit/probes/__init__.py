@@ -65,7 +65,7 @@ __getattr__ = lazy_names(
         "ProbeResult": "probekit.probes.run",
         "Rows": "probekit.probes.rows",
         "Selection": "probekit.probes.base",
-        "bootstrap_ci": "probekit.probes.run",
+        "bootstrap_ci": "probekit.metrics",
         "feature_stats": "probekit.probes.rows",
         "fit_logreg": "probekit.probes.logreg",
         "holdout_split": "probekit.probes.rows",

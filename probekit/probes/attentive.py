@@ -69,7 +69,7 @@ class Options(MethodOptions):
     queries: int = option(DEFAULT_QUERIES, "Attentive: learned queries.", "count")
     heads: int | None = option(
         None,
-        "Attentive: attention heads \\[default: token width / 64].",
+        "Attentive: attention heads [default: token width / 64].",
         "count?",
         flat="attn_heads",
     )
@@ -210,22 +210,17 @@ def _autocast(device: torch.device) -> Any:
 def _scores(
     heads: AttentiveHeads, rows: Rows, y: torch.Tensor, t: int, d: int, dtype: torch.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy, mean cross-entropy), each (L, H), of every probe on `rows`."""
-    shape = heads.shape
-    correct = torch.zeros(shape, dtype=torch.int64, device=rows.device)
-    loss = torch.zeros(shape, dtype=torch.float64, device=rows.device)
-    start = 0
-    with torch.no_grad():
-        for xb in _blocks(rows, _score_rows(t, d)):
-            yb = y[start : start + xb.shape[1]]
-            start += xb.shape[1]
-            with _autocast(rows.device):
-                logits = heads.logits(_tokens(xb, t, d, dtype))
-            log_p = logits.float().log_softmax(-1)  # (L, H, b, C)
-            correct += (log_p.argmax(-1) == yb).sum(-1)
-            idx = yb.view(1, 1, -1, 1).expand(*shape, -1, 1)
-            loss -= log_p.gather(-1, idx)[..., 0].sum(-1, dtype=torch.float64)
-    return (correct.double() / rows.n).cpu().numpy(), (loss / rows.n).cpu().numpy()
+    """(accuracy, mean cross-entropy), each (L, H), of every probe on `rows` (in blocks of
+    bounded activations)."""
+    from probekit.probes.grid import classification_scores
+
+    def logits_of(xb: torch.Tensor) -> torch.Tensor:
+        with _autocast(rows.device):
+            logits = heads.logits(_tokens(xb, t, d, dtype))
+        return logits.float()
+
+    blocks = _blocks(rows, _score_rows(t, d))
+    return classification_scores(blocks, y, rows.n, heads.shape, logits_of)
 
 
 def _score_rows(t: int, d: int) -> int:

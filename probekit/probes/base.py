@@ -109,11 +109,12 @@ class ProbeOptions:
     def of(cls, options: ProbeOptions | None = None, **changes: Any) -> ProbeOptions:
         """`options` (default: the defaults) with `changes`: shared options by name, a
         method's own by its flat name (`attn_lrs=...`); an unknown name is an error."""
-        known, flags = cls.names(), method_flags()
+        flags = method_flags()
+        shared = [f.name for f in fields(cls) if f.init]
+        known = [*shared, *flags]
         for name in changes:
             if name not in known:
                 raise OptionError(f"probe has no option {name!r}." + close_matches(name, known))
-        shared = [f.name for f in fields(cls) if f.init]
         current = {} if options is None else {k: getattr(options, k) for k in shared}
         current.update((k, v) for k, v in changes.items() if k not in flags)
         settings = dict(current.get("settings") or {})
@@ -206,6 +207,9 @@ class ProbeData:
     feats: dict[str, Feature]
     warnings: tuple[str, ...] = ()  # the dataset's own (duplicates, overlap: `Dataset.warnings`)
     token_names: tuple[str, ...] = ()  # the token arrays the token methods read
+    # rows a caller read once for many selections (few-shot episodes): by part ("fit", "val")
+    # and feature group, the rows of that part as `fit` and `val` would read them
+    held: Mapping[tuple[str, tuple[str, ...]], Rows] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, store: FeatureStore, options: ProbeOptions) -> ProbeData:
@@ -278,9 +282,13 @@ class ProbeData:
         return Rows.from_store(self.store, split, group, rows, mean, std, budget=budget)
 
     def fit(self, group: Sequence[str], share: float = 1.0) -> Rows:
-        return self.rows_of(group, "train", self.fit_rows, share)
+        held = self.held.get(("fit", tuple(group)))
+        return held if held is not None else self.rows_of(group, "train", self.fit_rows, share)
 
     def val(self, group: Sequence[str], share: float = 1.0) -> Rows:
+        held = self.held.get(("val", tuple(group)))
+        if held is not None:
+            return held
         return self.rows_of(group, self.val_split, self.val_rows, share)
 
 

@@ -12,7 +12,7 @@ axis). dinov2's `AllClassifiers` is the model: one loop, every head, one selecti
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ __all__ = [
     "GridFit",
     "GridModel",
     "best_head",
+    "classification_scores",
     "cosine",
     "diverged",
     "minibatches",
@@ -197,6 +198,30 @@ def diverged(what: str, main: float, grid: Sequence[Any]) -> None:
             f"{', '.join(map(str, grid[:4]))}{', ...' if len(grid) > 4 else ''}): its loss is "
             "not finite; use smaller learning rates."
         )
+
+
+def classification_scores(
+    blocks: Iterable[torch.Tensor],
+    y: torch.Tensor,
+    n: int,
+    shape: tuple[int, int],
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy, mean cross-entropy), each (L, G), of heads whose `logits_of(block)` is
+    (L, G, b, C), over `blocks` of the `n` rows labelled `y` (in order)."""
+    device = y.device
+    correct = torch.zeros(shape, dtype=torch.int64, device=device)
+    loss = torch.zeros(shape, dtype=torch.float64, device=device)
+    start = 0
+    with torch.no_grad():
+        for xb in blocks:
+            yb = y[start : start + xb.shape[1]]
+            start += xb.shape[1]
+            log_p = logits_of(xb).log_softmax(-1)  # (L, G, b, C)
+            correct += (log_p.argmax(-1) == yb).sum(-1)
+            idx = yb.view(1, 1, -1, 1).expand(*shape, -1, 1)
+            loss -= log_p.gather(-1, idx)[..., 0].sum(-1, dtype=torch.float64)
+    return (correct.double() / n).cpu().numpy(), (loss / n).cpu().numpy()
 
 
 def best_head(main: np.ndarray, tie: np.ndarray) -> tuple[int, int]:

@@ -110,19 +110,12 @@ class _Grid:
 
     def scores(self, rows: Rows, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(accuracy, minus the mean cross-entropy), each (L, G)."""
-        shape = self.heads.params["b2"].shape[:2]
-        correct = torch.zeros(shape, dtype=torch.int64, device=rows.device)
-        loss = torch.zeros(shape, dtype=torch.float64, device=rows.device)
-        start = 0
-        with torch.no_grad():
-            for xb in rows.blocks():
-                yb = y[start : start + xb.shape[1]]
-                start += xb.shape[1]
-                log_p = self.heads.logits(xb).log_softmax(-1)  # (L, G, b, C)
-                correct += (log_p.argmax(-1) == yb).sum(-1)
-                idx = yb.view(1, 1, -1, 1).expand(*shape, -1, 1)
-                loss -= log_p.gather(-1, idx)[..., 0].sum(-1, dtype=torch.float64)
-        return (correct.double() / rows.n).cpu().numpy(), (-loss / rows.n).cpu().numpy()
+        from probekit.probes.grid import classification_scores
+
+        n_feat, n_cfg = self.heads.params["b2"].shape[:2]
+        shape = (int(n_feat), int(n_cfg))
+        acc, loss = classification_scores(rows.blocks(), y, rows.n, shape, self.heads.logits)
+        return acc, -loss
 
 
 def train_mlp_heads(

@@ -71,20 +71,9 @@ def _numbers(name: str, values: Any, zero: bool) -> tuple[float, ...]:
 
 
 def _ints(name: str, values: Any) -> tuple[int, ...]:
-    if isinstance(values, str):
-        values = [v for v in values.split(",") if v.strip()]
-    if isinstance(values, int) and not isinstance(values, bool):
-        values = [values]
-    try:
-        out = []
-        for v in values:
-            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                raise ValueError(v)
-            out.append(int(v))
-    except (TypeError, ValueError):
-        raise OptionError(
-            f"{name} takes positive integers such as 10,30, not {values!r}."
-        ) from None
+    from probekit.specs import as_ints
+
+    out = as_ints(values, name)
     if not out or min(out) < 1:
         raise OptionError(f"{name} takes positive integers such as 10,30, not {values!r}.")
     return tuple(sorted(set(out)))

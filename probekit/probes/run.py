@@ -1,14 +1,7 @@
-"""Probes on cached features, in three stages: the data (fit and validation parts, feature
-statistics), each method's selection on validation (`probekit.methods` names them: linear
-heads, logistic regression), and one evaluation on test (and transfer targets) for all.
-
-Every hyperparameter (feature, lr, wd, epoch, C) is chosen on a validation holdout carved from
-the train split (or a real `val` split); the chosen probe is evaluated once on the test split.
-
-    rows.py    Rows (standardized features, held or streamed), statistics, the holdout
-    base.py    ProbeOptions, ProbeData, Selection
-    linear.py  batched linear heads        logreg.py  logistic regression (L-BFGS)
-"""
+"""`probe`: the stage every probe method shares. The data is read once (`ProbeData`), each
+method of the registry selects on validation, and the one evaluation on test (and on transfer
+targets) scores every selection: top-1 with its interval, top-5, balanced accuracy, train
+top-1 and calibration."""
 
 from __future__ import annotations
 
@@ -22,49 +15,18 @@ import numpy as np
 import torch
 
 from probekit.cache.store import FeatureStore, open_for_reading, open_store
-from probekit.defaults import DEFAULT_CS, DEFAULT_LRS, DEFAULT_WDS
 from probekit.errors import ProbekitError
 from probekit.evaluation import check_labels, classification_records, warned
 from probekit.methods import PROBE_METHODS
 from probekit.metrics import (
-    bootstrap_ci,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
 )
-from probekit.probes.base import (
-    Feature,
-    ProbeData,
-    ProbeOptions,
-    Selection,
-    ranked_classes,
-)
-from probekit.probes.linear import LinearHeads, train_linear_heads
-from probekit.probes.logreg import fit_logreg, logreg_objective
-from probekit.probes.rows import Rows, feature_stats, holdout_split, memory_budget
+from probekit.probes.base import ProbeData, ProbeOptions, Selection, ranked_classes
 from probekit.records import Metric, Record, write_records
 
-__all__ = [
-    "DEFAULT_CS",
-    "DEFAULT_LRS",
-    "DEFAULT_WDS",
-    "Feature",
-    "LinearHeads",
-    "ProbeData",
-    "ProbeOptions",
-    "ProbeRecord",
-    "ProbeResult",
-    "Rows",
-    "Selection",
-    "bootstrap_ci",
-    "feature_stats",
-    "fit_logreg",
-    "holdout_split",
-    "logreg_objective",
-    "memory_budget",
-    "probe",
-    "train_linear_heads",
-]
+__all__ = ["ProbeRecord", "ProbeResult", "calibration_records", "probe"]
 
 # a probe's result line is a `Record` (kind "probe", hyper: the configuration chosen)
 ProbeRecord = Record

@@ -1,7 +1,8 @@
 """One report document: every section a report shows (leaderboards, chosen configurations,
 ranking, agreement, trust, deltas, cost, timing, failures) computed once from a `Report`, and
-the writers that walk it: Markdown (report.md), the terminal (rich tables), CSV (results.csv,
-one row per leaderboard entry and few-shot mean) and JSON Lines (every record).
+the writers that walk it: Markdown (report.md) and the terminal (rich tables). The data files
+come from the same `Report`: CSV (results.csv, one row per leaderboard entry and few-shot
+mean) and JSON Lines (every record).
 
 A new section is one function here and one line in `document`; no writer changes.
 """
@@ -392,17 +393,18 @@ def result_rows(rep: Report) -> list[list[Any]]:
     return rows
 
 
-def write_csv(doc: Document, path: Path) -> None:
+def write_csv(rep: Report, path: Path) -> None:
+    """results.csv: `CSV_FIELDS`, a row each of `result_rows`."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
-        w.writerows(result_rows(doc.report))
+        w.writerows(result_rows(rep))
 
 
-def write_jsonl(doc: Document, path: Path) -> None:
+def write_jsonl(rep: Report, path: Path) -> None:
     """Every record, one JSON object a line, written whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
-        for r in doc.report.records:
+        for r in rep.records:
             f.write(json.dumps(r.to_dict()) + "\n")
     tmp.replace(path)

@@ -80,12 +80,11 @@ def write_report(
     rep = build_report(records, reference, cells=cells)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rep, out / "results.jsonl")  # the records first: a plot that fails keeps them
+    write_csv(rep, out / "results.csv")
     files = {"results.jsonl": str(out / "results.jsonl"), "results.csv": str(out / "results.csv")}
     pngs = _plots(rep, out) if plots and rep.cells else []
     files.update({Path(p).name: p for p in pngs})
-    doc = document(rep, pngs)
-    write_jsonl(doc, out / "results.jsonl")
-    write_csv(doc, out / "results.csv")
-    (out / "report.md").write_text(to_markdown(doc))
+    (out / "report.md").write_text(to_markdown(document(rep, pngs)))
     files["report.md"] = str(out / "report.md")
     return rep, files
