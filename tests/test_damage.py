@@ -203,9 +203,9 @@ def test_verify_of_a_sound_store_reads_every_chunk(
 ) -> None:
     result = probekit.verify(clean[1])
     assert result.ok and not result.repaired
-    # 9 arrays per split (labels, valid, ids, errors, done, 4 layers + head = 5 features)
+    # 11 arrays per split (labels, valid, ids, errors, done, crc, 4 layers + head = 5 features)
     per_split = {"train": 6, "test": 2}
-    assert result.report["chunks_read"] == sum(10 * n for n in per_split.values())
+    assert result.report["chunks_read"] == sum(11 * n for n in per_split.values())
 
 
 def test_triage_on_a_damaged_store_repairs_it_first(
@@ -288,6 +288,53 @@ def test_verify_finds_values_the_store_never_writes(
     fixed = probekit.verify(store, repair=True)
     assert fixed.ok and fixed.repaired
     assert_same_store(str(store), clean[1])
+
+
+@pytest.mark.parametrize("array", ["layer4/mean", "labels", "ids"])
+def test_verify_finds_a_valid_chunk_copied_over_another(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path, array: str
+) -> None:
+    """Chunk 0's file copied over chunk 1's (same rows, zstd's checksum intact) opens and
+    decodes; verify compares each chunk's crc32 with the one recorded when it was written,
+    names chunk 1 alone, and a repair gives back the clean store and its kNN numbers."""
+    _, store = _copy(clean, tmp_path)
+    rest = "/0" if array == "layer4/mean" else ""
+    shutil.copyfile(store / f"train/{array}/c/0{rest}", store / f"train/{array}/c/1{rest}")
+    assert probekit.open_store(store).check().ok  # the cheap check reads no chunk
+    found = probekit.verify(store)
+    assert not found.ok
+    assert [dict(d) for d in found.report["damage"]] == [
+        {
+            "split": "train",
+            "array": array,
+            "chunks": (1,),
+            "reason": "values differ from those written (crc32)",
+            "whole": False,
+        }
+    ]
+    fixed = probekit.verify(store, repair=True)
+    assert fixed.ok and fixed.repaired
+    assert_same_store(str(store), clean[1])
+    assert _knn(str(store)) == clean[2]
+
+
+def test_a_store_without_crcs_is_checked_on_everything_else(
+    clean: tuple[Path, str, dict[str, float]], tmp_path: Path
+) -> None:
+    """A store made before chunks' crc32s were recorded passes verify (nothing to compare),
+    and still has every other check: a NaN written into a chunk is found."""
+    import zarr
+
+    _, store = _copy(clean, tmp_path)
+    _edit_json(store / "zarr.json", lambda d: d["attributes"]["probekit"].pop("crc_arrays"))
+    shutil.rmtree(store / "train/crc")
+    shutil.rmtree(store / "test/crc")
+    assert probekit.verify(store).ok
+    arr = zarr.open_array(str(store / "test/head/embed"), mode="r+")
+    row = arr[0]
+    row[1] = np.inf
+    arr[0] = row
+    assert "holds values the store never writes" in probekit.verify(store).summary()
 
 
 def test_an_older_store_without_chunk_files_still_finds_a_missing_feature_chunk(

@@ -503,6 +503,28 @@ def test_verify_names_a_mask_label_beyond_the_classes(tmp_path: Path) -> None:
     probekit.probe(res.store_path, method="dense-knn", write=False)
 
 
+def test_verify_finds_a_token_shard_or_mask_shard_copied_over_another(tmp_path: Path) -> None:
+    """Sharded arrays too: train's shard of chunk 0 copied over chunk 1's (4 rows each, both
+    valid files) opens and decodes, but its crc32 is not the one recorded for chunk 1; verify
+    names that chunk of that array, and a repair gives back the same dense kNN numbers."""
+    root = _split_seg(tmp_path / "seg")
+    small = {**SMALL, "chunk_rows": 4}
+    res = probekit.extract("test_vit", f"seg:{root}", random_init=True, tokens="all", **small)
+    store = Path(res.store_path)
+    clean = probekit.probe(res.store_path, method="dense-knn", dense_ks=[3], write=False)
+    tokens = probekit.open_store(store).token_names[-1]
+    for array in (tokens, "masks"):
+        shard = store / "train" / array / "c"
+        (shard / "1/0/0").write_bytes((shard / "0/0/0").read_bytes())
+        found = probekit.verify(res.store_path)
+        assert [(d["array"], d["chunks"], d["reason"]) for d in found.report["damage"]] == [
+            (array, (1,), "values differ from those written (crc32)")
+        ]
+        assert probekit.verify(res.store_path, repair=True).ok
+    again = probekit.probe(res.store_path, method="dense-knn", dense_ks=[3], write=False)
+    assert [r.value for r in again.records] == [r.value for r in clean.records]
+
+
 def test_a_test_class_without_train_pixels_is_warned(tmp_path: Path) -> None:
     """As classification says a test class with no train image, the dense probes say a test
     class with no train pixel: never predicted, its IoU is 0."""

@@ -6,10 +6,19 @@ an extraction recomputes exactly those chunks.
 A store records in its metadata `chunk_files: "all"` when every chunk of every array is written
 (even one of fill values); only then is a missing chunk file damage. Stores written before that
 are checked on everything else.
+
+A store also records, as each row chunk is written, the crc32 of every array's values in that
+chunk (`<split>/crc`, one row per row chunk, one column per array named in `crc_arrays`). Each
+chunk file already carries zstd's checksum of its own bytes, which catches a flipped bit but not
+a whole valid chunk copied over another: the full check compares each decoded chunk's crc32 with
+the recorded one, so a chunk holding other rows' values is damage too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +36,7 @@ __all__ = [
     "expected_arrays",
     "failing_chunk",
     "summarize",
+    "values_crc",
 ]
 
 
@@ -134,7 +144,20 @@ def expected_arrays(meta: StoreMeta, split: str) -> list[ArraySpec]:
     if meta.mask_shape is not None:
         h, w = meta.mask_shape
         out.append(ArraySpec("masks", (n, h, w), "uint8", (rows, h, w)))
+    if meta.crc_arrays:
+        k = len(meta.crc_arrays)
+        out.append(ArraySpec("crc", (n_chunks, k), "uint32", (1, k)))
     return out
+
+
+def values_crc(values: np.ndarray) -> int:
+    """The crc32 of one chunk's values as the store holds them: their bytes in the array's
+    dtype (C order), or for strings their text as a JSON list in UTF-8."""
+    v = np.asarray(values)
+    if v.dtype.kind in "OUTS":
+        text = json.dumps([str(s) for s in v.reshape(-1)], ensure_ascii=False)
+        return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+    return zlib.crc32(np.ascontiguousarray(v).reshape(-1).view(np.uint8).data)
 
 
 def _list_keys(store: Any) -> set[str]:
@@ -267,6 +290,7 @@ def check_store(
         # an older store skipped chunks of fill values: there a missing feature chunk is
         # damage where its rows hold a valid image (a valid row's features are never all 0)
         needed = done_chunks if every_file else _chunks_with_valid_rows(arrays, specs, done_chunks)
+        recorded = _read_crc(arrays.get("crc"), n_chunks, len(meta.crc_arrays)) if full else None
         for spec in specs:
             if spec.name == "done" or spec.name not in arrays:
                 continue
@@ -275,13 +299,21 @@ def check_store(
                 if missing:
                     damage.append(Damage(split, spec.name, missing, "chunk file missing"))
             if full:
-                bad, odd, n_read = _decode_all(arrays[spec.name], spec, done_chunks, num_classes)
+                crcs = None
+                if recorded is not None and spec.name in meta.crc_arrays:
+                    crcs = recorded[:, meta.crc_arrays.index(spec.name)]
+                bad, odd, moved, n_read = _decode_all(
+                    arrays[spec.name], spec, done_chunks, num_classes, crcs
+                )
                 read += n_read
                 if bad:
                     damage.append(Damage(split, spec.name, tuple(bad), "fails to decode"))
                 if odd:
                     reason = "holds values the store never writes"
                     damage.append(Damage(split, spec.name, tuple(odd), reason))
+                if moved:
+                    reason = "values differ from those written (crc32)"
+                    damage.append(Damage(split, spec.name, tuple(moved), reason))
     return CheckReport(where, full, tuple(damage), read, total, pending)
 
 
@@ -315,13 +347,34 @@ def _read_done(arr: Any, n_chunks: int) -> tuple[np.ndarray, list[int]]:
         return flags, bad
 
 
+def _read_crc(arr: Any, n_chunks: int, k: int) -> np.ndarray | None:
+    """The recorded crc32s (n_chunks, k) as int64, -1 where a row fails to decode (its own
+    damage is said apart); None where the store records none."""
+    if arr is None:
+        return None
+    try:
+        return np.asarray(arr[:], dtype=np.int64)
+    except Exception:
+        out = np.full((n_chunks, k), -1, dtype=np.int64)
+        for i in range(n_chunks):
+            with contextlib.suppress(Exception):
+                out[i] = np.asarray(arr[i], dtype=np.int64)
+        return out
+
+
 def _decode_all(
-    arr: Any, spec: ArraySpec, chunks: Iterable[int], num_classes: int | None
-) -> tuple[list[int], list[int], int]:
+    arr: Any,
+    spec: ArraySpec,
+    chunks: Iterable[int],
+    num_classes: int | None,
+    crcs: np.ndarray | None = None,
+) -> tuple[list[int], list[int], list[int], int]:
     """The row chunks of `arr` (among `chunks`) that fail to decode, those that hold values the
-    store never writes, and how many were read."""
+    store never writes, those whose values are not the ones written (their crc32 is not the
+    recorded one, `crcs` by row chunk, -1: unknown), and how many were read."""
     bad: list[int] = []
     odd: list[int] = []
+    moved: list[int] = []
     n = 0
     rows = spec.row_chunk
     for c in chunks:
@@ -333,7 +386,9 @@ def _decode_all(
             continue
         if _impossible(spec.name, values, num_classes):
             odd.append(c)
-    return bad, odd, n
+        elif crcs is not None and crcs[c] >= 0 and values_crc(values) != crcs[c]:
+            moved.append(c)
+    return bad, odd, moved, n
 
 
 def _impossible(name: str, values: np.ndarray, num_classes: int | None) -> bool:

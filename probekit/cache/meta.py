@@ -60,6 +60,9 @@ class StoreMeta:
     token_shapes: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # a segmentation store's masks (N, H, W) uint8 at the model's input size (255: ignore)
     mask_shape: tuple[int, int] | None = None
+    # the arrays whose chunks' crc32 the store records (`<split>/crc`, a column each); older
+    # stores record none
+    crc_arrays: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "store") -> StoreMeta:
@@ -114,6 +117,7 @@ class StoreMeta:
                     if d.get("mask_shape") is None
                     else (int(d["mask_shape"][0]), int(d["mask_shape"][1]))
                 ),
+                crc_arrays=tuple(str(n) for n in d.get("crc_arrays", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(

@@ -12,6 +12,8 @@ Layout of one store (a directory `<cache>/<dataset>/<backbone>-<key>.zarr`, plai
     <split>/head/embed         (N, D)        the model's pooled pre-logits embedding
     <split>/layer<i>/tokens    (N, T, D)     with --tokens: the layer's patch tokens (class and
                                              register tokens excluded), all or pooled to a grid
+    <split>/crc                (n_chunks, K) uint32: each row chunk's crc32 of the values of
+                                             the K arrays named in `crc_arrays` (`verify`)
 
 A row chunk is written whole (each array's chunk file is written atomically by Zarr's local
 store: temp file + rename) before its `done` flag is set, so a killed run never counts a
@@ -42,6 +44,7 @@ from probekit.cache.check import (
     check_store,
     expected_arrays,
     failing_chunk,
+    values_crc,
 )
 from probekit.cache.location import Location, cache_root, is_remote, location
 from probekit.cache.meta import FORMAT_VERSION, META_KEY, StoreMeta
@@ -481,6 +484,8 @@ class FeatureStore(ChunkedStore):
         `token_shapes` {name: (T, D)}; masks (N, H, W) uint8 with `mask_shape` (H, W)),
         metadata written last (status partial)."""
         shapes = {k: (int(v[0]), int(v[1])) for k, v in (token_shapes or {}).items()}
+        crc_arrays = ["labels", "valid", "ids", "errors", *config.feature_names, *shapes]
+        crc_arrays += ["masks"] if mask_shape is not None else []
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         store = cls(path, group)
         for split, n in split_sizes.items():
@@ -506,6 +511,10 @@ class FeatureStore(ChunkedStore):
                 store._create_feature(split, name, n, shape, chunk_rows, dtype)
             if mask_shape is not None:
                 store._create_feature(split, "masks", n, tuple(mask_shape), chunk_rows, "uint8")
+            k = len(crc_arrays)
+            g.create_array(
+                "crc", shape=(n_chunks, k), chunks=(1, k), dtype="uint32", compressors=COMPRESSOR
+            )
         group.attrs[META_KEY] = {
             **meta,
             "format_version": FORMAT_VERSION,
@@ -521,6 +530,7 @@ class FeatureStore(ChunkedStore):
             "status": "partial",
             # every chunk of every array is written, fill values too: a missing file is damage
             "chunk_files": "all",
+            "crc_arrays": crc_arrays,
             "created": now(),
             "updated": now(),
         }
@@ -554,10 +564,12 @@ class FeatureStore(ChunkedStore):
         columns: Mapping[str, np.ndarray],
         mark_done: bool = True,
     ) -> None:
-        """Write every array's rows of one chunk, then (only then) mark the chunk done (a part
-        written ahead of the chunk's features, e.g. its masks: `mark_done=False`)."""
+        """Write every array's rows of one chunk and their crc32s, then (only then) mark the
+        chunk done (a part written ahead of the chunk's features, e.g. its masks:
+        `mark_done=False`)."""
         start = chunk * chunk_rows
         arrays = [self._node(f"{split}/{name}") for name in columns]
+        crc = self._crc_row(split, chunk, columns, arrays)
 
         async def write_all() -> None:  # the arrays concurrently, one pass through Zarr's loop
             rows = [slice(start, start + len(v)) for v in columns.values()]
@@ -578,8 +590,31 @@ class FeatureStore(ChunkedStore):
             )
 
         sync(write_all())
+        if crc is not None:
+            self._node(f"{split}/crc")[chunk] = crc
         if mark_done:
             self._node(f"{split}/done")[chunk] = True
+
+    def _crc_row(
+        self, split: str, chunk: int, columns: Mapping[str, np.ndarray], arrays: list[Any]
+    ) -> np.ndarray | None:
+        """Row `chunk` of `<split>/crc` with the crc32 of `columns` as their arrays hold them
+        (the other columns as recorded; None: the store records no crc)."""
+        names = [str(n) for n in self.meta.get("crc_arrays", [])]
+        if not names:
+            return None
+        if set(names) <= set(columns):
+            row = np.zeros(len(names), dtype=np.uint32)
+        else:  # a part written apart (masks): keep what the rest of the row says
+            try:
+                row = np.asarray(self._node(f"{split}/crc")[chunk], dtype=np.uint32)
+            except Exception:  # a damaged row: the chunk is being redone whole anyway
+                row = np.zeros(len(names), dtype=np.uint32)
+        for (name, v), a in zip(columns.items(), arrays, strict=True):
+            if name in names:
+                held = v if a.dtype.kind in "OUTS" else np.asarray(v, dtype=a.dtype)
+                row[names.index(name)] = values_crc(held)
+        return row
 
     def _node(self, path: str) -> Any:
         node = self._writing.get(path)
