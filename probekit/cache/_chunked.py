@@ -5,13 +5,23 @@ attribute key, written row chunk by row chunk, each chunk's `done` flag set afte
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import zlib
 from typing import Any, ClassVar
 
 import numpy as np
 import zarr
 import zarr.codecs
 
-__all__ = ["COMPRESSOR", "TOKEN_INNER_BYTES", "ChunkedStore", "inner_rows", "now"]
+__all__ = [
+    "BOX_CHUNK",
+    "COMPRESSOR",
+    "TOKEN_INNER_BYTES",
+    "ChunkedStore",
+    "inner_rows",
+    "now",
+    "values_crc",
+]
 
 # zstd with its checksums: a damaged chunk fails to decode instead of reading as other numbers
 COMPRESSOR = zarr.codecs.ZstdCodec(level=1, checksum=True)
@@ -30,6 +40,19 @@ def inner_rows(shard_rows: int, row_bytes: int) -> int:
     while rows * 2 <= cap and shard_rows % (rows * 2) == 0:
         rows *= 2
     return rows
+
+
+def values_crc(values: np.ndarray) -> int:
+    """The crc32 of one chunk's values as the store holds them: their bytes in the array's
+    dtype (C order), or for strings their text as a JSON list in UTF-8."""
+    v = np.asarray(values)
+    if v.dtype.kind in "OUTS":
+        text = json.dumps([str(s) for s in v.reshape(-1)], ensure_ascii=False)
+        return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+    return zlib.crc32(np.ascontiguousarray(v).reshape(-1).view(np.uint8).data)
+
+
+BOX_CHUNK = 65536  # rows of a chunk of a detection store's box table
 
 
 def now() -> str:

@@ -17,8 +17,6 @@ the recorded one, so a chunk holding other rows' values is damage too.
 from __future__ import annotations
 
 import contextlib
-import json
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +24,8 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
+from probekit.cache._chunked import BOX_CHUNK, values_crc
+from probekit.cache.boxes import box_problem
 from probekit.cache.meta import StoreMeta
 
 __all__ = [
@@ -48,6 +48,8 @@ class ArraySpec:
     shape: tuple[int, ...]
     dtype: str  # Zarr's data_type: "int64", "bool", "string", "float16", "float32"
     chunks: tuple[int, ...]
+    # written whole when the store is made (the boxes), not row chunk by row chunk
+    whole_array: bool = False
 
     @property
     def row_chunk(self) -> int:
@@ -74,6 +76,8 @@ class Damage:
         n = len(self.chunks)
         what = "chunk" if n == 1 else "chunks"
         which = f"{what} {', '.join(map(str, self.chunks[:5]))}" + (" ..." if n > 5 else "")
+        if not n:  # an array written whole (the boxes): rewritten, no row chunk redone
+            return f"{self.split}/{self.array} ({self.reason})"
         if self.whole:
             return f"{self.split}/{self.array} ({self.reason}; all {n} {what})"
         return f"{which} of {self.split}/{self.array} ({self.reason})"
@@ -81,6 +85,8 @@ class Damage:
     def counted(self) -> str:
         """ "3 chunks of train/layer4/mean (chunk file missing)": what a repair redid."""
         n = len(self.chunks)
+        if not n:
+            return f"{self.split}/{self.array} ({self.reason})"
         return f"{n} chunk{'s' if n != 1 else ''} of {self.split}/{self.array} ({self.reason})"
 
 
@@ -144,20 +150,15 @@ def expected_arrays(meta: StoreMeta, split: str) -> list[ArraySpec]:
     if meta.mask_shape is not None:
         h, w = meta.mask_shape
         out.append(ArraySpec("masks", (n, h, w), "uint8", (rows, h, w)))
+    if split in meta.box_counts:
+        m = int(meta.box_counts[split])
+        out.append(ArraySpec("boxes", (m, 8), "float64", (max(1, min(m, BOX_CHUNK)), 8), True))
+        out.append(ArraySpec("box_offsets", (n + 1,), "int64", (n + 1,), True))
+        out.append(ArraySpec("box_scale", (n,), "float64", (max(1, n),), True))
     if meta.crc_arrays:
         k = len(meta.crc_arrays)
         out.append(ArraySpec("crc", (n_chunks, k), "uint32", (1, k)))
     return out
-
-
-def values_crc(values: np.ndarray) -> int:
-    """The crc32 of one chunk's values as the store holds them: their bytes in the array's
-    dtype (C order), or for strings their text as a JSON list in UTF-8."""
-    v = np.asarray(values)
-    if v.dtype.kind in "OUTS":
-        text = json.dumps([str(s) for s in v.reshape(-1)], ensure_ascii=False)
-        return zlib.crc32(text.encode("utf-8", "surrogatepass"))
-    return zlib.crc32(np.ascontiguousarray(v).reshape(-1).view(np.uint8).data)
 
 
 def _list_keys(store: Any) -> set[str]:
@@ -265,7 +266,8 @@ def check_store(
                 problem = f"metadata unreadable: {type(e).__name__}"
                 arr = None
             if problem is not None:
-                damage.append(Damage(split, spec.name, everything, problem, whole=True))
+                redo = () if spec.whole_array else everything
+                damage.append(Damage(split, spec.name, redo, problem, whole=True))
             else:
                 arrays[spec.name] = arr
         done = np.zeros(n_chunks, dtype=bool)
@@ -294,6 +296,9 @@ def check_store(
         for spec in specs:
             if spec.name == "done" or spec.name not in arrays:
                 continue
+            if spec.whole_array:
+                damage += _whole_array_damage(arrays, spec, split, keys, meta, full, num_classes)
+                continue
             if every_file or len(spec.shape) > 1:
                 missing = tuple(c for c in needed if spec.chunk_key(split, c) not in keys)
                 if missing:
@@ -302,19 +307,65 @@ def check_store(
                 crcs = None
                 if recorded is not None and spec.name in meta.crc_arrays:
                     crcs = recorded[:, meta.crc_arrays.index(spec.name)]
-                bad, odd, moved, n_read = _decode_all(
-                    arrays[spec.name], spec, done_chunks, num_classes, crcs
+                found, n_read = _decoded_damage(
+                    arrays[spec.name], spec, split, done_chunks, num_classes, crcs
                 )
+                damage += found
                 read += n_read
-                if bad:
-                    damage.append(Damage(split, spec.name, tuple(bad), "fails to decode"))
-                if odd:
-                    reason = "holds values the store never writes"
-                    damage.append(Damage(split, spec.name, tuple(odd), reason))
-                if moved:
-                    reason = "values differ from those written (crc32)"
-                    damage.append(Damage(split, spec.name, tuple(moved), reason))
     return CheckReport(where, full, tuple(damage), read, total, pending)
+
+
+def _decoded_damage(
+    arr: Any,
+    spec: ArraySpec,
+    split: str,
+    chunks: list[int],
+    num_classes: int | None,
+    crcs: np.ndarray | None,
+) -> tuple[list[Damage], int]:
+    """The damage every done chunk of one array shows once decoded, and chunks read."""
+    bad, odd, moved, n_read = _decode_all(arr, spec, chunks, num_classes, crcs)
+    found = []
+    for chunks_of, reason in (
+        (bad, "fails to decode"),
+        (odd, "holds values the store never writes"),
+        (moved, "values differ from those written (crc32)"),
+    ):
+        if chunks_of:
+            found.append(Damage(split, spec.name, tuple(chunks_of), reason))
+    return found, n_read
+
+
+def _whole_array_damage(
+    arrays: Mapping[str, Any],
+    spec: ArraySpec,
+    split: str,
+    keys: set[str],
+    meta: StoreMeta,
+    full: bool,
+    num_classes: int | None,
+) -> list[Damage]:
+    """A box array's damage: a chunk file missing, or (full) one that fails to decode, values
+    the store never writes, or a crc32 other than the one recorded when it was written."""
+    n_own = -(-spec.shape[0] // spec.chunks[0])
+    if any(spec.chunk_key(split, c) not in keys for c in range(n_own)):
+        return [Damage(split, spec.name, (), "chunk file missing", whole=True)]
+    if not full or spec.name != "boxes" or not {"box_offsets", "box_scale"} <= set(arrays):
+        return []
+    try:
+        table = np.asarray(arrays["boxes"][:], dtype=np.float64).reshape(-1, 8)
+        offsets = np.asarray(arrays["box_offsets"][:], dtype=np.int64)
+        scales = np.asarray(arrays["box_scale"][:], dtype=np.float64)
+    except Exception:
+        return [Damage(split, "boxes", (), "fails to decode", whole=True)]
+    problem = box_problem(table, offsets, scales, int(meta.splits[split]), num_classes)
+    if problem is not None:
+        return [Damage(split, "boxes", (), f"holds {problem}", whole=True)]
+    recorded = (meta.raw.get("box_crc") or {}).get(split)
+    crcs = [values_crc(table), values_crc(offsets), values_crc(scales)]
+    if recorded is not None and crcs != list(recorded):
+        return [Damage(split, "boxes", (), "values differ from those written (crc32)", True)]
+    return []
 
 
 def _chunks_with_valid_rows(

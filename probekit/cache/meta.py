@@ -63,6 +63,8 @@ class StoreMeta:
     # the arrays whose chunks' crc32 the store records (`<split>/crc`, a column each); older
     # stores record none
     crc_arrays: tuple[str, ...] = ()
+    # a detection store's boxes a split (`<split>/boxes`, `<split>/box_offsets`)
+    box_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "store") -> StoreMeta:
@@ -118,6 +120,7 @@ class StoreMeta:
                     else (int(d["mask_shape"][0]), int(d["mask_shape"][1]))
                 ),
                 crc_arrays=tuple(str(n) for n in d.get("crc_arrays", [])),
+                box_counts={str(k): int(v) for k, v in (d.get("box_counts") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(

@@ -12,6 +12,9 @@ Layout of one store (a directory `<cache>/<dataset>/<backbone>-<key>.zarr`, plai
     <split>/head/embed         (N, D)        the model's pooled pre-logits embedding
     <split>/layer<i>/tokens    (N, T, D)     with --tokens: the layer's patch tokens (class and
                                              register tokens excluded), all or pooled to a grid
+    <split>/boxes              (M, 8) float64: a detection store's boxes, a row a box (see
+    <split>/box_offsets        (N + 1,) int64   `cache.boxes`), image i's rows offsets[i:i+2]
+    <split>/box_scale          (N,) float64     each image's resize
     <split>/crc                (n_chunks, K) uint32: each row chunk's crc32 of the values of
                                              the K arrays named in `crc_arrays` (`verify`)
 
@@ -38,6 +41,7 @@ import zarr
 from zarr.core.sync import sync
 
 from probekit.cache._chunked import COMPRESSOR, ChunkedStore, inner_rows, now
+from probekit.cache.boxes import read_boxes, write_box_arrays
 from probekit.cache.check import (
     CheckReport,
     Damage,
@@ -286,6 +290,18 @@ class FeatureStore(ChunkedStore):
             )
         return m
 
+    def boxes(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A detection store's boxes of `split`: (table (M, 8), offsets (N + 1,), scales (N,)),
+        checked; columns as `extraction.boxes.BOX_COLUMNS`, scales as `cache.boxes` says."""
+        n = int(self.meta["splits"][split])
+        return read_boxes(self.group, split, n, len(self.class_names), str(self.path))
+
+    def write_boxes(self, boxes: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Write every split's boxes anew (an extraction resuming a store whose boxes a repair
+        made anew): the same values `create` wrote, the same crc32s."""
+        crcs = {s: write_box_arrays(self.group, s, *tb) for s, tb in boxes.items()}
+        self.update_meta(box_crc=crcs, box_counts={s: len(tb[0]) for s, tb in boxes.items()})
+
     def tokens(self, split: str, name: str, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, T, D) tokens of `rows` (sorted indices; default all) of one layer."""
         self.token_shape(name)
@@ -479,6 +495,7 @@ class FeatureStore(ChunkedStore):
         float32_features: set[str],
         token_shapes: Mapping[str, tuple[int, int]] | None = None,
         mask_shape: tuple[int, int] | None = None,
+        boxes: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     ) -> FeatureStore:
         """A new store: every array made empty (features (N, D); tokens (N, T, D) with
         `token_shapes` {name: (T, D)}; masks (N, H, W) uint8 with `mask_shape` (H, W)),
@@ -515,6 +532,12 @@ class FeatureStore(ChunkedStore):
             g.create_array(
                 "crc", shape=(n_chunks, k), chunks=(1, k), dtype="uint32", compressors=COMPRESSOR
             )
+        box_meta: dict[str, Any] = {}
+        if boxes is not None:  # the boxes depend on the images alone: written whole, now
+            box_meta = {
+                "box_counts": {s: len(tb[0]) for s, tb in boxes.items()},
+                "box_crc": {s: write_box_arrays(group, s, *tb) for s, tb in boxes.items()},
+            }
         group.attrs[META_KEY] = {
             **meta,
             "format_version": FORMAT_VERSION,
@@ -531,6 +554,7 @@ class FeatureStore(ChunkedStore):
             # every chunk of every array is written, fill values too: a missing file is damage
             "chunk_files": "all",
             "crc_arrays": crc_arrays,
+            **box_meta,
             "created": now(),
             "updated": now(),
         }

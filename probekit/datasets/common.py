@@ -89,6 +89,15 @@ class Dataset:
     # where images are not files or arrays (`hf:`, `wds:`, `torchvision:`): a picklable object
     # whose `load(split, index)` gives the image (raising InvalidImageError), in any process
     reader: Any = field(default=None, repr=False)
+    # detection datasets: per split each image's boxes (`datasets.boxes.Boxes`), and the
+    # layout they were read from ("coco", "voc", "yolo", "generated": VOC's metrics for "voc")
+    boxes: Mapping[str, Any] | None = field(default=None, repr=False)
+    box_layout: str = ""
+
+    @property
+    def detection(self) -> bool:
+        """Whether every image has its object boxes (a detection dataset)."""
+        return self.boxes is not None
 
     @property
     def dense(self) -> bool:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -216,10 +217,12 @@ def _extract(plan: ExtractPlan, dist: Dist, opts: ExtractOptions, t0: float) -> 
             crop=None if plan.pixels is None else plan.pixels.crop,
             tokens=parse_tokens(plan.options.tokens),
         )
-        store = _prepare_store(plan, bb, fx, found, dist)
+        tables = _box_tables(plan)
+        store = _prepare_store(plan, bb, fx, found, dist, tables)
         resumed = sum(store.num_chunks(s) - len(store.pending_chunks(s)) for s in ds.splits)
         pixel_path, pixels = _pixel_input(plan, store, dist)
-        runner = Runner(plan, fx, writer, reader, pixel_path, dist.shard)
+        bad = {s: t.reasons for s, t in (tables or {}).items()}
+        runner = Runner(plan, fx, writer, reader, pixel_path, dist.shard, bad)
         store, stats = _run(plan, store, runner, dist)
         result = _finish(plan, store, stats, resumed, pixels, dist, t0)
         return replace(result, repaired=tuple(repaired))
@@ -282,10 +285,28 @@ def _cache_hit(plan: ExtractPlan, t0: float) -> ExtractResult:
     )
 
 
+def _box_tables(plan: ExtractPlan) -> dict[str, Any] | None:
+    """A detection dataset's boxes through the model's geometry (None for other datasets)."""
+    if not plan.dataset.detection:
+        return None
+    from probekit.extraction.boxes import box_tables
+
+    return box_tables(plan.dataset, plan.geometry.boxes)
+
+
 def _prepare_store(
-    plan: ExtractPlan, bb: Backbone, fx: FeatureExtractor, found: FeatureStore | None, dist: Dist
+    plan: ExtractPlan,
+    bb: Backbone,
+    fx: FeatureExtractor,
+    found: FeatureStore | None,
+    dist: Dist,
+    tables: Mapping[str, Any] | None = None,
 ) -> FeatureStore:
-    """A new store (rank 0 makes it), or the one found, cleared of a killed writer's temp files."""
+    """A new store (rank 0 makes it), or the one found, cleared of a killed writer's temp files
+    (a detection store's boxes written anew: a repair may have remade them)."""
+    boxes = None
+    if tables is not None:
+        boxes = {s: (t.table, t.offsets, t.scales) for s, t in tables.items()}
     store = found
     if dist.is_main and store is None:
         widths = fx.dims(plan.size)
@@ -297,19 +318,25 @@ def _prepare_store(
             chunk_rows = min(chunk_rows, max(16, TOKEN_CHUNK_BYTES // (4 * sum(widths.values()))))
             # a multiple of 64 where it can: the token shards' inner chunks divide it
             chunk_rows = chunk_rows // 64 * 64 or chunk_rows
+        meta = plan.store_meta(bb, fx)
+        if tables is not None:
+            meta["box_stats"] = {s: t.stats() for s, t in tables.items()}
         store = FeatureStore.create(
             plan.path,
             plan.config,
-            plan.store_meta(bb, fx),
+            meta,
             {k: len(v) for k, v in plan.dataset.splits.items()},
             dims,
             chunk_rows,
             set(),
             fx.token_shapes,
             mask_shape=plan.size if plan.dataset.dense else None,
+            boxes=boxes,
         )
     elif store is not None:
         store.remove_partial_files()
+        if boxes is not None:
+            store.write_boxes(boxes)
     dist.barrier()  # the store exists, as rank 0 made or found it
     return store if store is not None else open_store(plan.path, allow_partial=True, check=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -150,10 +150,11 @@ class Sink:
         chunk_rows: int,
         strict: bool,
         waits: Waits,
-        bad_masks: dict[int, str] | None = None,
+        bad_rows: dict[int, str] | None = None,
     ):
         self.writer, self.split, self.chunk_rows = writer, split, chunk_rows
-        self.bad_masks = bad_masks or {}  # why a row's mask cannot be used, by row
+        # why a row cannot be used before its image is read (its mask, its boxes), by row
+        self.bad_rows = bad_rows or {}
         self.ids, self.labels = ids, labels
         self.n = len(self.ids)
         self.strict, self.waits = strict, waits
@@ -169,8 +170,8 @@ class Sink:
     ) -> None:
         """One batch: rows `rows`, features (B, sum of dims) float32 in the store's order."""
         valid = valid_t.numpy()
-        if self.bad_masks:  # a row whose mask cannot be used is invalid, for its reason
-            bad = [(k, self.bad_masks[r]) for k, r in enumerate(rows) if r in self.bad_masks]
+        if self.bad_rows:  # a row whose mask or boxes cannot be used is invalid, for its reason
+            bad = [(k, self.bad_rows[r]) for k, r in enumerate(rows) if r in self.bad_rows]
             if bad:
                 valid, reasons_t = valid.copy(), list(reasons_t)
                 for k, why in bad:
@@ -280,10 +281,13 @@ class Runner:
         reader: PixelReader | None,
         pixel_path: Location | None,
         shard: tuple[int, int] = (0, 1),
+        bad_rows: Mapping[str, Mapping[int, str]] | None = None,
     ):
         self.plan, self.fx, self.writer, self.reader = plan, fx, writer, reader
         self.pixel_path, self.shard = pixel_path, shard
         self.workers = plan.loop_workers()
+        # rows known invalid before any image is read (a detection row's unusable boxes)
+        self.bad_rows = bad_rows or {}
 
     def pending(self, store: FeatureStore) -> dict[str, list[int]]:
         """This process's chunks: every world-th pending (split, chunk), so no chunk has two
@@ -343,7 +347,7 @@ class Runner:
         opts, fx = self.plan.options, self.fx
         s = self.plan.dataset.splits[split]
         batches = list(batches_of(chunks, len(s), chunk_rows, opts.batch_size))
-        bad_masks = None
+        bad = dict(self.bad_rows.get(split, {}))
         if store.mask_shape is not None:  # each chunk's masks are written ahead of its features
             from probekit.extraction.masks import write_masks
 
@@ -356,9 +360,8 @@ class Runner:
                     self.plan.geometry.mask,
                     max(2, self.workers),
                 )
-        sink = Sink(
-            self.writer, split, s.ids, s.labels, chunk_rows, opts.strict, stats.waits, bad_masks
-        )
+            bad.update(bad_masks)
+        sink = Sink(self.writer, split, s.ids, s.labels, chunk_rows, opts.strict, stats.waits, bad)
 
         def ready(rows: list[int], feats: np.ndarray, valid: torch.Tensor, why: list[str]) -> None:
             sink.consume(rows, feats, valid, why)

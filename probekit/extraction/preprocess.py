@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from timm.data import create_transform  # type: ignore[attr-defined]
 from torchvision.transforms import InterpolationMode
@@ -83,6 +84,46 @@ class Geometry:
                 )
         return mask
 
+    def boxes(
+        self, xyxy: np.ndarray, size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Boxes (k, 4) of an image of `size` (w, h) through the same resizes and crops as the
+        image (torchvision's box transforms), clipped to the model's input; returns them, the
+        fraction of each box's area (after the resizes) left inside the crop, and the resizes'
+        scale (input pixels per image pixel; the geometric mean of the two sides')."""
+        from torchvision import tv_tensors
+        from torchvision.transforms import CenterCrop, Resize
+
+        w, h = size
+        boxes = tv_tensors.BoundingBoxes(
+            torch.as_tensor(np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)),
+            format="XYXY",
+            canvas_size=(h, w),
+        )
+        full = _areas(boxes)
+        scale = 1.0
+        if not (self.identity_ok and size == self.size):
+            for step in self.transform.transforms:
+                if isinstance(step, Resize):
+                    before = boxes.canvas_size
+                    boxes = tvf.resize(boxes, size=step.size, max_size=step.max_size)
+                    after = boxes.canvas_size
+                    factor = (after[0] / before[0]) * (after[1] / before[1])
+                    full, scale = full * factor, scale * factor**0.5
+                elif isinstance(step, CenterCrop):
+                    boxes = tvf.center_crop(boxes, output_size=list(step.size))
+                else:
+                    raise DatasetError(
+                        f"boxes follow resizes and centre crops; this model's preprocessing "
+                        f"has {type(step).__name__}: use --img-size N."
+                    )
+        ch, cw = boxes.canvas_size
+        out = boxes.as_subclass(torch.Tensor).clone()
+        out[:, 0::2] = out[:, 0::2].clamp(0, cw)
+        out[:, 1::2] = out[:, 1::2].clamp(0, ch)
+        kept = _areas(out) / np.maximum(full, 1e-12)
+        return out.numpy().astype(np.float64), kept, scale
+
     def describe(self) -> str:
         """The geometry as text (the steps and their parameters): the pixel cache's key."""
         steps = " | ".join(repr(s) for s in self.transform.transforms)
@@ -102,6 +143,12 @@ class Geometry:
         if self.identity_ok and getattr(img, "size", None) == self.size:
             return img
         return self.transform(img)
+
+
+def _areas(boxes: torch.Tensor) -> np.ndarray:
+    """(k,) areas of xyxy boxes, as float64."""
+    b = boxes.as_subclass(torch.Tensor).double()
+    return ((b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)).numpy()
 
 
 def geometry_transform(data_config: dict[str, Any]) -> Geometry:

@@ -49,7 +49,9 @@ class VerifyResult:
         if self.ok:
             return f"ok: {self.store} ({chunks} chunks read, every one decodes)"
         return "damaged: " + "; ".join(
-            f"{d['split']}/{d['array']} chunks {d['chunks']} ({d['reason']})"
+            f"{d['split']}/{d['array']}"
+            + (f" chunks {d['chunks']}" if len(d["chunks"]) else "")
+            + f" ({d['reason']})"
             for d in self.report["damage"]
         )
 
