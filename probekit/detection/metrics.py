@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,16 +54,17 @@ class ImageDets:
 
 def _xywh(boxes: np.ndarray) -> list[list[float]]:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.column_stack([b[:, :2], b[:, 2:] - b[:, :2]]).tolist()
+    out: list[list[float]] = np.column_stack([b[:, :2], b[:, 2:] - b[:, :2]]).tolist()
+    return out
 
 
 def _coco_inputs(
     truth: Sequence[ImageTruth], dets: Sequence[ImageDets], n_classes: int, images: np.ndarray
-) -> tuple[dict, list[dict]]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """COCO's ground-truth document and detection list over `images` (indices into truth
     and dets; an index listed twice is two images, as a bootstrap resample needs)."""
-    anns: list[dict] = []
-    found: list[dict] = []
+    anns: list[dict[str, Any]] = []
+    found: list[dict[str, Any]] = []
     for new_id, i in enumerate(images, start=1):
         t, d = truth[int(i)], dets[int(i)]
         for box, c, ign, area in zip(_xywh(t.boxes), t.classes, t.ignored, t.areas, strict=True):
@@ -100,7 +102,7 @@ def coco_metrics(
 ) -> dict[str, float]:
     """COCO's AP, AP50, AP75 and AP by size (`COCO_METRICS`, in [0, 1]; NaN where nothing
     can be scored) of `dets` against `truth`, over `images` (default: all)."""
-    from faster_coco_eval import COCO, COCOeval_faster
+    from faster_coco_eval import COCO, COCOeval_faster  # type: ignore[import-untyped]
 
     images = np.arange(len(truth)) if images is None else np.asarray(images)
     doc, found = _coco_inputs(truth, dets, n_classes, images)
@@ -151,7 +153,8 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     if not len(others):
         return np.zeros(0)
     a = torch.as_tensor(np.asarray(box, dtype=np.float64).reshape(1, 4))
-    return box_iou(a, torch.as_tensor(np.asarray(others, dtype=np.float64)))[0].numpy()
+    out: np.ndarray = box_iou(a, torch.as_tensor(np.asarray(others, dtype=np.float64)))[0].numpy()
+    return out
 
 
 def voc_ap50(
