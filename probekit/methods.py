@@ -42,6 +42,9 @@ class ProbeMethod:
     # segments (tokens and masks of a segmentation dataset): `select(DenseData, options) ->
     # DenseSelection`, metrics miou and pixel_acc
     dense: bool = False
+    # detects (tokens and boxes of a detection dataset): `select(DetData, options) ->
+    # BoxSelection`, metrics ap, ap50, ap75, ap by size, corloc
+    boxes: bool = False
 
     def select(self) -> Callable[..., Any]:
         fn: Callable[..., Any] = importlib.import_module(self.module).select
@@ -114,6 +117,17 @@ PROBE_METHODS: dict[str, ProbeMethod] = {
             default=False,
             tokens=True,
             dense=True,
+        ),
+        ProbeMethod(
+            "detect",
+            "box probe on stored tokens and boxes (an FCOS-style head on a layer's simple "
+            "pyramid, ViTDet-style, or a CNN's stages; lr x wd x layer-set grid, best epoch on "
+            "validation COCO AP)",
+            "box probe, val AP",
+            "probekit.detection.probe",
+            default=False,
+            tokens=True,
+            boxes=True,
         ),
     )
 }

@@ -85,6 +85,17 @@ Metric = Literal[
     "concat_gain",
     "spearman",
     "kendall",
+    "ap",
+    "ap50",
+    "ap75",
+    "ap_small",
+    "ap_medium",
+    "ap_large",
+    "voc07_ap50",
+    "voc_ap50",
+    "val_ap",
+    "corloc",
+    "val_corloc",
 ]
 RECORD_KINDS: tuple[str, ...] = get_args(RecordKind)
 METRICS: tuple[str, ...] = get_args(Metric)

@@ -195,6 +195,7 @@ def probe_cmd(
     for title, rows in (
         ("probes (selection on validation only)", result.table()),
         ("dense probes (selection on validation only)", result.dense_table()),
+        ("box probes (selection on validation only)", result.box_table()),
     ):
         if len(rows) > 1:
             table = Table(*rows[0], title=title)

@@ -58,36 +58,70 @@ def _xywh(boxes: np.ndarray) -> list[list[float]]:
     return out
 
 
-def _coco_inputs(
-    truth: Sequence[ImageTruth], dets: Sequence[ImageDets], n_classes: int, images: np.ndarray
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """COCO's ground-truth document and detection list over `images` (indices into truth
-    and dets; an index listed twice is two images, as a bootstrap resample needs)."""
-    anns: list[dict[str, Any]] = []
-    found: list[dict[str, Any]] = []
-    for new_id, i in enumerate(images, start=1):
-        t, d = truth[int(i)], dets[int(i)]
-        for box, c, ign, area in zip(_xywh(t.boxes), t.classes, t.ignored, t.areas, strict=True):
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": new_id,
-                    "category_id": int(c) + 1,
-                    "bbox": box,
-                    "area": float(area),
-                    "iscrowd": int(bool(ign)),
-                }
+class _Coco:
+    """Each image's ground truth and detections as COCO annotations, made once; `evaluate`
+    assembles any resample of the images (an image drawn twice is two images) without
+    rebuilding them, and runs faster-coco-eval's COCOeval on it."""
+
+    def __init__(self, truth: Sequence[ImageTruth], dets: Sequence[ImageDets], n_classes: int):
+        self.n_classes = n_classes
+        self.gts: list[list[dict[str, Any]]] = []
+        self.dts: list[list[dict[str, Any]]] = []
+        for t, d in zip(truth, dets, strict=True):
+            self.gts.append(
+                [
+                    {"category_id": int(c) + 1, "bbox": box, "area": float(a), "iscrowd": int(i)}
+                    for box, c, i, a in zip(
+                        _xywh(t.boxes), t.classes, t.ignored.astype(bool), t.areas, strict=True
+                    )
+                ]
             )
-        for box, s, c in zip(_xywh(d.boxes), d.scores, d.classes, strict=True):
-            found.append(
-                {"image_id": new_id, "category_id": int(c) + 1, "bbox": box, "score": float(s)}
+            self.dts.append(
+                [
+                    # as COCO.loadRes makes a box result: its area is the box's
+                    {
+                        "category_id": int(c) + 1,
+                        "bbox": box,
+                        "score": float(sc),
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                    for box, sc, c in zip(_xywh(d.boxes), d.scores, d.classes, strict=True)
+                ]
             )
-    doc = {
-        "images": [{"id": k} for k in range(1, len(images) + 1)],
-        "annotations": anns,
-        "categories": [{"id": c + 1, "name": str(c)} for c in range(n_classes)],
-    }
-    return doc, found
+
+    def evaluate(self, images: np.ndarray) -> dict[str, float]:
+        from faster_coco_eval import COCO, COCOeval_faster  # type: ignore[import-untyped]
+
+        gts = [
+            {**a, "image_id": k} for k, i in enumerate(images, start=1) for a in self.gts[int(i)]
+        ]
+        if all(a["iscrowd"] for a in gts):
+            return dict.fromkeys(COCO_METRICS, float("nan"))
+        dts = [
+            {**a, "image_id": k} for k, i in enumerate(images, start=1) for a in self.dts[int(i)]
+        ]
+        for j, a in enumerate(gts, start=1):
+            a["id"] = j
+        for j, a in enumerate(dts, start=1):
+            a["id"] = j
+        head = {
+            "images": [{"id": k} for k in range(1, len(images) + 1)],
+            "categories": [{"id": c + 1, "name": str(c)} for c in range(self.n_classes)],
+        }
+        gt, dt = COCO(print_function=_quiet), COCO(print_function=_quiet)
+        gt.dataset, dt.dataset = {**head, "annotations": gts}, {**head, "annotations": dts}
+        gt.createIndex()
+        dt.createIndex()
+        ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=_quiet)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        stats = np.asarray(ev.stats[: len(COCO_METRICS)], dtype=np.float64)
+        return {
+            k: (float(v) if v >= 0 else float("nan"))
+            for k, v in zip(COCO_METRICS, stats, strict=True)
+        }
 
 
 def _quiet(*_: object, **__: object) -> None:
@@ -102,27 +136,8 @@ def coco_metrics(
 ) -> dict[str, float]:
     """COCO's AP, AP50, AP75 and AP by size (`COCO_METRICS`, in [0, 1]; NaN where nothing
     can be scored) of `dets` against `truth`, over `images` (default: all)."""
-    from faster_coco_eval import COCO, COCOeval_faster  # type: ignore[import-untyped]
-
     images = np.arange(len(truth)) if images is None else np.asarray(images)
-    doc, found = _coco_inputs(truth, dets, n_classes, images)
-    if not doc["annotations"] or all(a["iscrowd"] for a in doc["annotations"]):
-        return dict.fromkeys(COCO_METRICS, float("nan"))
-    gt = COCO(print_function=_quiet)
-    gt.dataset = doc
-    gt.createIndex()
-    dt = gt.loadRes(found) if found else COCO(print_function=_quiet)
-    if not found:  # no detection at all: every AP is 0 where there is something to find
-        dt.dataset = {"images": doc["images"], "annotations": [], "categories": doc["categories"]}
-        dt.createIndex()
-    ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=_quiet)
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    stats = np.asarray(ev.stats[: len(COCO_METRICS)], dtype=np.float64)
-    return {
-        k: (float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_METRICS, stats, strict=True)
-    }
+    return _Coco(truth, dets, n_classes).evaluate(images)
 
 
 def bootstrap_coco(
@@ -139,8 +154,9 @@ def bootstrap_coco(
     n = len(truth)
     draws = rng.integers(0, n, size=(n_boot, n))
     out = {k: np.empty(n_boot) for k in COCO_METRICS}
+    coco = _Coco(truth, dets, n_classes)
     for b, images in enumerate(draws):
-        for k, v in coco_metrics(truth, dets, n_classes, images).items():
+        for k, v in coco.evaluate(images).items():
             out[k][b] = v
     return out
 

@@ -321,6 +321,7 @@ def _prepare_store(
         meta = plan.store_meta(bb, fx)
         if tables is not None:
             meta["box_stats"] = {s: t.stats() for s, t in tables.items()}
+            meta["box_layout"] = plan.dataset.box_layout
         store = FeatureStore.create(
             plan.path,
             plan.config,

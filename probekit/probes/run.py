@@ -5,9 +5,10 @@ top-1 and calibration."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -68,8 +69,8 @@ class ProbeResult:
             ]
         ]
         for m, cfg in self.selected.items():
-            if PROBE_METHODS[m].dense:
-                continue  # `dense_table`
+            if PROBE_METHODS[m].dense or PROBE_METHODS[m].boxes:
+                continue  # `dense_table`, `box_table`
             hyper = ", ".join(
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in cfg.items()
@@ -96,6 +97,53 @@ class ProbeResult:
                         _ece_text(rec.get(("ece", dataset)), rec.get(("ece_ts", dataset))),
                     ]
                 )
+        return out
+
+    def box_table(self) -> list[list[str]]:
+        """Header and rows: each box method's chosen head (test COCO AP, AP50, AP75 with their
+        intervals over images, AP small / medium / large) beside what validation chose, and
+        the training-free CorLoc."""
+        out = [
+            [
+                "method",
+                "feature",
+                "chosen on validation",
+                "val AP",
+                "AP [95% CI]",
+                "AP50 [95% CI]",
+                "AP75",
+                "AP S / M / L",
+                "CorLoc (layer)",
+            ]
+        ]
+        for m, cfg in self.selected.items():
+            if not PROBE_METHODS[m].boxes:
+                continue
+            shown = PROBE_METHODS[m].shown
+            hyper = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in cfg.items()
+                if k in shown
+            )
+            rec: dict[str, Record] = {
+                r.metric: r for r in self.records if r.method == m and r.split != "val"
+            }
+            sizes = " / ".join(_pct(rec, k) for k in ("ap_small", "ap_medium", "ap_large"))
+            loc = rec.get("corloc")
+            corloc = f"{_pct(rec, 'corloc', True)} ({loc.feature})" if loc is not None else "-"
+            out.append(
+                [
+                    m,
+                    str(cfg["feature"]),
+                    hyper,
+                    f"{100 * cfg['val_ap']:.2f}",
+                    _pct(rec, "ap", True),
+                    _pct(rec, "ap50", True),
+                    _pct(rec, "ap75"),
+                    sizes,
+                    corloc,
+                ]
+            )
         return out
 
     def dense_table(self) -> list[list[str]]:
@@ -160,9 +208,12 @@ def probe(
     opts = ProbeOptions.of(options, **changes)
     store = open_for_reading(source, allow_partial=opts.allow_partial)
     dense = [m for m in opts.methods if PROBE_METHODS[m].dense]
-    flat = [m for m in opts.methods if not PROBE_METHODS[m].dense]
-    if dense and eval_on:
-        raise ProbekitError("dense probes (linseg, dense-knn) have no transfer evaluation yet.")
+    boxes = [m for m in opts.methods if PROBE_METHODS[m].boxes]
+    flat = [m for m in opts.methods if m not in dense and m not in boxes]
+    if (dense or boxes) and eval_on:
+        raise ProbekitError(
+            "dense and box probes (linseg, dense-knn, detect) have no transfer evaluation yet."
+        )
     data = ProbeData.prepare(store, replace(opts, method=flat)) if flat else None
     targets = [o if isinstance(o, FeatureStore) else open_store(o) for o in eval_on]
     selections = [PROBE_METHODS[m].select()(data, opts.of_method(m)) for m in flat]
@@ -195,12 +246,9 @@ def probe(
         assert data is not None
         records += _evaluate(sel, data, targets, base)
     selected = {s.method: s.config for s in selections}
-    if dense:
-        from probekit.dense import dense_records
-
-        dense_recs, dense_selected = dense_records(store, opts, dense, base)
-        records += dense_recs
-        selected.update(dense_selected)
+    token_recs, token_selected = _token_records(store, opts, dense, boxes, base)
+    records += token_recs
+    selected.update(token_selected)
     path = None
     if opts.write:
         config = {
@@ -210,6 +258,30 @@ def probe(
         }
         path = write_records(store.path, "probe", config, records, opts.out)
     return ProbeResult(records, selected, path)
+
+
+def _token_records(
+    store: FeatureStore,
+    opts: ProbeOptions,
+    dense: Sequence[str],
+    boxes: Sequence[str],
+    base: Record,
+) -> tuple[list[Record], dict[str, dict[str, Any]]]:
+    """The dense methods' and the box methods' records, and what each chose."""
+    records: list[Record] = []
+    selected: dict[str, dict[str, Any]] = {}
+    for methods, stage in (
+        (dense, "probekit.dense.data:dense_records"),
+        (boxes, "probekit.detection.records:detection_records"),
+    ):
+        if methods:
+            module, _, name = stage.partition(":")
+            recs, chosen = getattr(importlib.import_module(module), name)(
+                store, opts, methods, base
+            )
+            records += recs
+            selected.update(chosen)
+    return records, selected
 
 
 def _evaluate(
@@ -272,6 +344,16 @@ def _evaluate(
                 logits, y, temperature, replace(split_at, n=len(y)), sel.config.get("refit")
             )
     return records
+
+
+def _pct(rec: Mapping[str, Record], metric: str, ci: bool = False) -> str:
+    """A metric's value in percent (with its interval), "-" where it is absent or NaN."""
+    r = rec.get(metric)
+    if r is None or r.value != r.value:
+        return "-"
+    bounds = r.extra.get("ci95") if ci else None
+    said = f"{100 * r.value:.2f}"
+    return said + (f" [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]" if bounds else "")
 
 
 def calibration_records(
