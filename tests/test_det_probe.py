@@ -42,7 +42,7 @@ def test_detect_records_every_metric_with_intervals(det_store: str) -> None:
     lo, hi = by[("test", "ap50")].extra["ci95"]
     assert lo <= by[("test", "ap50")].value <= hi
     corloc = by[("test", "corloc")]
-    assert 0 <= corloc.value <= 1 and len(corloc.extra["outcomes"]) == 6
+    assert 0 <= corloc.value <= 1 and len(corloc.extra["hits"]) == 6
     assert [r.feature for r in out.records if r.metric == "val_corloc"] == store.token_names
 
 
@@ -147,3 +147,48 @@ def test_voc_layouts_get_vocs_ap50_beside_cocos(tmp_path: Path) -> None:
     metrics = {r.metric: r.value for r in out.records if r.split == "test"}
     assert {"voc07_ap50", "voc_ap50", "ap50"} <= set(metrics)
     assert all(0 <= metrics[k] <= 1 for k in ("voc07_ap50", "voc_ap50"))
+
+
+def test_triage_reports_detection_leaderboards_curves_and_paired_deltas(tmp_path: Path) -> None:
+    """Two backbones on digit-boxes: leaderboards of AP, AP50, AP75 and CorLoc, a validation
+    AP curve a backbone, deltas to the reference whose paired interval is the quantiles of
+    the two probes' AP on the same resamples, results.csv rows; the records read back from
+    results.jsonl give the same report (every layer's curve point kept)."""
+    from probekit.report import build_report, load_records
+
+    res = probekit.triage(
+        ["test_vit@random", "test_convnext@random"], "digit-boxes:24", methods="detect",
+        layers="all", reference="test_vit@random", out=tmp_path / "rep", cache_dir=tmp_path / "c",
+        quiet=True, log=None, probe_options={"det_epochs": 2, "det_width": 16},
+    )  # fmt: skip
+    rep = res.report
+    for metric in ("ap", "ap50", "ap75", "corloc"):
+        assert rep.shows("digit-boxes:24", metric)
+    curves = [k for k in rep.curves if k[1] == "detect"]
+    assert len(curves) == 2 and all(len(rep.curves[k]) >= 2 for k in curves)
+    (delta,) = [d for d in rep.deltas if d["metric"] == "ap50"]
+    boot = {
+        r.model: np.array(r.extra["boot"], dtype=float)
+        for r in rep.records
+        if r.metric == "ap50" and r.split == "test"
+    }
+    diff = boot["test_convnext@random"] - boot["test_vit@random"]
+    np.testing.assert_allclose(delta["delta_ci95"], np.quantile(diff, [0.025, 0.975]))
+    csv = (tmp_path / "rep" / "results.csv").read_text().splitlines()
+    rows = {tuple(line.split(",")[1:4:2]) for line in csv[1:]}
+    assert {("detect", m) for m in ("ap", "ap50", "ap75", "corloc")} <= rows
+    again = build_report(load_records([tmp_path / "rep" / "results.jsonl"]), "test_vit@random")
+    assert again.curves == rep.curves and again.deltas == rep.deltas
+
+
+def test_a_box_delta_needs_the_same_images_and_resamples() -> None:
+    from probekit.report.compute import _box_delta
+
+    a = {"boot": [0.5, 0.6, 0.7, None], "key": ["fp", 0, "d"]}
+    b = {"boot": [0.4, 0.4, 0.5, 0.1], "key": ["fp", 0, "d"]}
+    d = _box_delta(a, b)
+    assert d is not None and d[0] == pytest.approx(np.mean([0.1, 0.2, 0.2]))
+    assert _box_delta(a, {**b, "key": ["other", 0, "d"]}) is None
+    assert _box_delta(a, {**b, "key": ["fp", 1, "d"]}) is None  # other resamples
+    hits = _box_delta({"hits": [1, 1, 0], "dataset": "x"}, {"hits": [0, 1, 0], "dataset": "x"})
+    assert hits is not None and hits[0] == pytest.approx(1 / 3)

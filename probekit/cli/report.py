@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -18,6 +18,7 @@ from probekit.cli._common import (
     TriageSizeOpt,
     out,
     parse_ks,
+    with_method_flags,
 )
 from probekit.defaults import (
     DEFAULT_BATCH_SIZE,
@@ -124,6 +125,7 @@ def triage_cmd(
     ] = None,
     cache_dir: CacheDir = None,
     quiet: QuietOpt = False,
+    **method_options: Any,
 ) -> None:
     """Every backbone x dataset: extract (cached), kNN and probes; a report and a leaderboard."""
     from probekit import distributed
@@ -158,6 +160,7 @@ def triage_cmd(
         plots=plots,
         quiet=quiet,
         log=out.print,
+        probe_options=method_options,
     )
     if distributed.current().is_main:  # under torchrun, rank 0 reports
         print_report(result.report, result.files)
@@ -196,3 +199,6 @@ def demo(
 
     result = run_demo(out=out_dir, cache_dir=cache_dir, quiet=quiet, log=out.print)
     print_report(result.report, result.files)
+
+
+triage_cmd = with_method_flags(triage_cmd)

@@ -152,7 +152,7 @@ def _corloc_records(
             value=value,
             n=len(rows),
             hyper={"rule": "lost", "val_corloc": curve[best][1]},
-            extra={**base.extra, "ci95": [lo, hi], "outcomes": hits.astype(int).tolist()},
+            extra={**base.extra, "ci95": [lo, hi], "hits": hits.astype(int).tolist()},
         )
     )
     return records

@@ -30,6 +30,9 @@ from probekit.segmentation import paired_dense_delta
 __all__ = [
     "BEST_NOTE",
     "BOB_CAVEAT",
+    "BOX_DELTA_NOTE",
+    "BOX_METRICS",
+    "BOX_NOTE",
     "DELTA_COLUMNS",
     "DELTA_NOTE",
     "Cell",
@@ -51,11 +54,15 @@ DEFAULT_K = 20  # DINO's k, used when a record set has no selection records
 _SHOWN = ("lr", "wd", "epoch", "C", "optimizer")
 
 
+# validation scores of each feature a probe tried (layer curves): one record a feature
+CURVE_METRICS = ("val_top1", "val_miou", "val_ap", "val_corloc")
+
+
 def _key(r: Record) -> tuple[Any, ...]:
     """Records with the same key are the same measurement: a later one replaces an earlier."""
     if r.kind in ("extract", "error", "time"):
         return (r.kind, r.model, r.dataset, r.extra.get("stage"))
-    if r.kind == "probe" and r.metric != "val_top1":
+    if r.kind == "probe" and r.metric not in CURVE_METRICS:
         # a probe's test numbers belong to the probe chosen on validation: its feature is a
         # result, not part of what was measured, so a rerun replaces them whatever it chose
         return (r.kind, r.model, r.train_dataset, r.dataset, r.split, r.method, r.metric)
@@ -282,6 +289,61 @@ DENSE_NOTE = (
 )
 
 
+# box probes' leaderboards (detect); their paired statistics read each metric's bootstrap
+# resamples of the test images (the same resamples for every probe: `detection.records`), or
+# for CorLoc each image's hit
+BOX_METRICS = ("ap", "ap50", "ap75", "corloc")
+BOX_NOTE = (
+    "Detection tasks (`: ap`, `: ap50`, `: ap75`): COCO box AP (IoU 0.50:0.95, 101 recall "
+    "points, 100 detections an image; faster-coco-eval) of a light FCOS-style head trained on "
+    "frozen patch tokens at the model's input size (`detect`: a layer's ViTDet-style simple "
+    "pyramid or a CNN's stages); layer set, learning rate, weight decay and epoch were chosen "
+    "on validation AP. A ranking proxy, not COCO mAP after finetuning a detector. `: corloc`: "
+    "the share of test images whose one box found without training (LOST's rule on a layer's "
+    "tokens, the layer chosen on validation) overlaps a true box at IoU >= 0.5. Intervals "
+    "resample test images; \\*: for AP, the paired interval of the difference to the best "
+    "holds 0."
+)
+
+
+def _box_outcomes(r: Record) -> dict[str, Any] | None:
+    """What a box metric's paired statistics read: its resamples, or its images' hits."""
+    if r.metric == "corloc":
+        hits = r.extra.get("hits")
+        return None if hits is None else {"hits": hits, "dataset": r.dataset}
+    boot = r.extra.get("boot")
+    if boot is None:
+        return None
+    key = (r.extra.get("test_fingerprint"), r.extra.get("boot_seed"), r.dataset)
+    return {"boot": boot, "key": list(key)}
+
+
+def _box_delta(
+    a: dict[str, Any] | None, b: dict[str, Any] | None
+) -> tuple[float, float, float] | None:
+    """(A - B, 95% paired interval) of a box metric over the same test images: from the
+    difference of the two probes' values on the same bootstrap resamples, or for CorLoc
+    from a paired bootstrap of the images' hits; None unless both cover the same images."""
+    if not a or not b:
+        return None
+    if "hits" in a and "hits" in b:
+        ha, hb = np.asarray(a["hits"], bool), np.asarray(b["hits"], bool)
+        if a["dataset"] != b["dataset"] or ha.shape != hb.shape:
+            return None
+        lo, hi = paired_bootstrap_ci(ha, hb)
+        return float(ha.mean() - hb.mean()), lo, hi
+    if "boot" not in a or "boot" not in b or a["key"] != b["key"] or a["key"][0] is None:
+        return None
+    ba = np.array([np.nan if v is None else v for v in a["boot"]], dtype=np.float64)
+    bb = np.array([np.nan if v is None else v for v in b["boot"]], dtype=np.float64)
+    d = ba - bb
+    d = d[np.isfinite(d)]
+    if ba.shape != bb.shape or len(d) < len(ba) // 2:
+        return None
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    return float(np.mean(d)), float(lo), float(hi)
+
+
 def _probe_cells(recs: list[Record]) -> list[Cell]:
     counts = {
         (r.model, r.task, r.method, r.split): r.extra["class_counts"]
@@ -290,12 +352,14 @@ def _probe_cells(recs: list[Record]) -> list[Cell]:
     }
     cells = []
     for r in recs:
-        if r.kind != "probe" or r.metric not in ("top1", *DENSE_METRICS):
+        if r.kind != "probe" or r.metric not in ("top1", *DENSE_METRICS, *BOX_METRICS):
             continue
         outcomes = r.extra.get("outcomes")
         if r.metric in DENSE_METRICS:
             found = counts.get((r.model, r.task, r.method, r.split))
             outcomes = None if found is None else {"class_counts": found, "dataset": r.dataset}
+        elif r.metric in BOX_METRICS:
+            outcomes = _box_outcomes(r)
         ci = r.extra.get("ci95")
         entry = PROBE_METHODS.get(r.method)
         shown = entry.shown if entry is not None else _SHOWN
@@ -355,7 +419,7 @@ def _curves(
                 continue
             method, value = "knn", float(r.value)
             prefer = r.pool == c.feature.split("/")[1]
-        elif r.kind == "probe" and r.metric in ("val_top1", "val_miou"):
+        elif r.kind == "probe" and r.metric in ("val_top1", "val_miou", "val_ap"):
             method, value, prefer = r.method, float(r.value), True
         else:
             continue
@@ -405,7 +469,8 @@ def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
     ref = {(c.task, c.method, c.metric): c for c in cells if c.model == reference}
     for c in sorted(cells, key=lambda c: (c.task, _column(c.method))):
         r = ref.get((c.task, c.method, c.metric))
-        if c.metric not in ("top1", *DENSE_METRICS) or c.model == reference or r is None:
+        shown = ("top1", *DENSE_METRICS, *BOX_METRICS)
+        if c.metric not in shown or c.model == reference or r is None:
             continue  # top-1's paired statistics count images right; dense ones class counts
         overlap = None
         if c.ci95 and r.ci95:
@@ -414,6 +479,15 @@ def _deltas(cells: list[Cell], reference: str) -> list[dict[str, Any]]:
             paired = _dense_delta(c.outcomes, r.outcomes, c.metric)
             delta_ci = None if paired is None else [paired[1], paired[2]]
             p_value = None
+        elif c.metric in BOX_METRICS:  # McNemar for CorLoc's hits alone: AP is no count
+            paired = _box_delta(c.outcomes, r.outcomes)
+            delta_ci = None if paired is None else [paired[1], paired[2]]
+            p_value = None
+            if c.metric == "corloc" and paired is not None:
+                assert c.outcomes is not None and r.outcomes is not None
+                p_value = mcnemar_p(
+                    np.asarray(c.outcomes["hits"], bool), np.asarray(r.outcomes["hits"], bool)
+                )
         else:
             delta_ci = _paired_ci(c.outcomes, r.outcomes)
             p_value = _paired(c.outcomes, r.outcomes, mcnemar_p)
@@ -484,6 +558,12 @@ DELTA_NOTE = (
     "got right split as evenly as chance would (p < 0.05: unlikely to be noise). Two "
     "leaderboard intervals that overlap say much less. Dense probes' rows compare mIoU and "
     "pixel accuracy; their paired interval resamples test images with all their pixels."
+)
+
+
+BOX_DELTA_NOTE = (
+    "Box probes' rows compare AP on the same resamples of the test images (the difference of "
+    "the two probes' AP on each), CorLoc image by image."
 )
 
 
@@ -664,8 +744,12 @@ def _best(cells: list[Cell]) -> set[tuple[str, str, str, str]]:
         for c in column:
             if c is top:
                 continue
-            if metric in DENSE_METRICS:  # the paired interval of the difference holds 0
-                d = _dense_delta(c.outcomes, top.outcomes, metric)
+            if metric in (*DENSE_METRICS, *BOX_METRICS):  # the paired interval holds 0
+                d = (
+                    _dense_delta(c.outcomes, top.outcomes, metric)
+                    if metric in DENSE_METRICS
+                    else _box_delta(c.outcomes, top.outcomes)
+                )
                 if d is not None and d[1] <= 0 <= d[2]:
                     out.add((task, method, c.model, metric))
                 continue

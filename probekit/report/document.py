@@ -21,6 +21,9 @@ from probekit.report.agreement import AGREEMENT_NOTE
 from probekit.report.compute import (
     BEST_NOTE,
     BOB_CAVEAT,
+    BOX_DELTA_NOTE,
+    BOX_METRICS,
+    BOX_NOTE,
     DELTA_COLUMNS,
     DELTA_NOTE,
     DENSE_METRICS,
@@ -180,7 +183,10 @@ def _deltas(rep: Report) -> list[Section]:
     rows = [[d["task"], delta_method(d), d["model"], *delta_texts(d)] for d in rep.deltas]
     header = ["task", "method", "model", *DELTA_COLUMNS]
     title = f"Difference to {rep.reference}"
-    return [Section("deltas", title, DELTA_NOTE, (Table(header, rows),))]
+    note = DELTA_NOTE
+    if any(d.get("metric") in BOX_METRICS for d in rep.deltas):
+        note += " " + BOX_DELTA_NOTE
+    return [Section("deltas", title, note, (Table(header, rows),))]
 
 
 def _num(v: Any, digits: int) -> str:
@@ -260,6 +266,8 @@ def document(rep: Report, plots: Iterable[str] = ()) -> Document:
     intro = INTRO + (" " + BEST_NOTE if rep.best else "")
     if any(c.metric in DENSE_METRICS for c in rep.cells):
         intro += "\n\n" + DENSE_NOTE
+    if any(c.metric in BOX_METRICS for c in rep.cells):
+        intro += "\n\n" + BOX_NOTE
     sections: list[Section] = []
     for part in (_leaderboards, _ranking, _agreement, _trust, _deltas, _cost, _timing, _failures):
         sections += part(rep)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ def triage(
     plots: bool = True,
     quiet: bool = False,
     log: Callable[[str], None] | None = print,
+    probe_options: Mapping[str, Any] | None = None,
 ) -> TriageResult:
     """Extract (cache-aware), kNN-evaluate and probe every backbone on every dataset; report.
 
@@ -100,6 +101,8 @@ def triage(
     episodes (`episodes` of each, seeded) of kNN, linear and logreg among `methods`, on the
     feature the first probe (else kNN) chose. `concat`: a logistic regression on every pair
     of backbones' features side by side, against each alone (does an ensemble pay?).
+    `probe_options`: the probe methods' own options by flat name (`det_epochs`, `seg_lrs`,
+    ...: `probekit.methods.method_flags`), checked before any work.
     """
     # under torchrun every rank extracts and searches its share; rank 0 probes and reports
     dist = distributed.init()
@@ -111,7 +114,7 @@ def triage(
     plan = TriagePlan.resolve(
         backbones, data, transfer=transfer, methods=methods, ks=ks, features=features,
         reference=reference, pixel_cache=pixel_cache, pixel_size=pixel_size, img_size=img_size,
-        shots=shots, episodes=episodes, extract=extract,
+        shots=shots, episodes=episodes, extract=extract, probe_options=probe_options,
     )  # fmt: skip
     # evaluations an interrupted run into the same `out` finished are kept, not redone
     journal = None if dist.is_group else Journal(Path(out).expanduser() / ".progress.jsonl")
@@ -234,6 +237,7 @@ def _evaluate_one(
         plan.ks,
         plan.features,
         _fewshot_key(stores[spec], plan),
+        plan.probe_options or None,
     )
     kept = journal.get(key) if journal is not None else None
     if kept is not None:
@@ -252,6 +256,7 @@ def _evaluate_one(
             plan.features,
             records,
             (plan.shots, plan.episodes),
+            plan.probe_options,
         )
     except Exception as e:
         records.append(note("error", b.label, spec, stage="evaluate", message=failure_message(e)))

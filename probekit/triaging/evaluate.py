@@ -3,7 +3,7 @@ transfers to other datasets; failures become records."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -91,19 +91,26 @@ def evaluate(
     features: list[str] | None,
     records: list[Record],
     fewshot: tuple[tuple[int, ...], int] = ((), 5),
+    probe_options: Mapping[str, Any] | None = None,
 ) -> str:
     """kNN (test + selection split) and probes on one store; transfers to `targets`; label-free
-    structure; few-shot episodes where `fewshot` = (shots, episodes) names shots."""
+    structure; few-shot episodes where `fewshot` = (shots, episodes) names shots;
+    `probe_options`: the probe methods' own options by flat name."""
     spec = store.meta["dataset"]["spec"]
     said = []
-    # dense probes where the store has masks; image-label methods where its labels say
-    # something (a segmentation dataset's image labels may be all one class)
-    dense = store.mask_shape is not None
+    # dense probes where the store has masks, box probes where it has boxes; image-label
+    # methods where its labels say something (a segmentation dataset's image labels may be
+    # all one class)
+    dense, boxed = store.mask_shape is not None, bool(store.info.box_counts)
     labelled = len(np.unique(store.labels("train"))) >= 2
-    if dense and not labelled:
-        methods = [m for m in methods if m in PROBE_METHODS and PROBE_METHODS[m].dense]
-    elif not dense:
-        methods = [m for m in methods if not (m in PROBE_METHODS and PROBE_METHODS[m].dense)]
+
+    def fits(m: str) -> bool:
+        entry = PROBE_METHODS.get(m)
+        if entry is not None and (entry.dense or entry.boxes):
+            return (entry.dense and dense) or (entry.boxes and boxed)
+        return labelled or not (dense or boxed)
+
+    methods = [m for m in methods if fits(m)]
     if "knn" in methods:
         try:
             said.append(_knn_all(store, targets, ks, features, b.label, records))
@@ -111,15 +118,21 @@ def evaluate(
             records.append(note("error", b.label, spec, stage="knn", message=failure_message(e)))
             said.append(f"kNN FAILED: {failure_message(e)}")
     probe_methods = [m for m in methods if m in PROBE_METHODS]
-    # image-label probes, then dense ones: one failing leaves the other
+    # image-label probes, then dense ones, then box ones: one failing leaves the others
     for group, stage in (
-        ([m for m in probe_methods if not PROBE_METHODS[m].dense], "probe"),
+        (
+            [m for m in probe_methods if not (PROBE_METHODS[m].dense or PROBE_METHODS[m].boxes)],
+            "probe",
+        ),
         ([m for m in probe_methods if PROBE_METHODS[m].dense], "dense probe"),
+        ([m for m in probe_methods if PROBE_METHODS[m].boxes], "box probe"),
     ):
         if not group or not distributed.current().is_main:
             continue
         try:
-            said.append(_probe_all(store, targets, group, features, b.label, records))
+            said.append(
+                _probe_all(store, targets, group, features, b.label, records, probe_options)
+            )
         except Exception as e:
             records.append(note("error", b.label, spec, stage=stage, message=failure_message(e)))
             said.append(f"{stage}s FAILED: {failure_message(e)}")
@@ -263,25 +276,33 @@ def _probe_all(
     features: list[str] | None,
     label: str,
     records: list[Record],
+    probe_options: Mapping[str, Any] | None = None,
 ) -> str:
     from probekit.probes import probe
 
     spec = store.meta["dataset"]["spec"]
-    dense = PROBE_METHODS[methods[0]].dense  # a group of dense probes or of image-label ones
-    # dense probes are tested on the store's own test split (no transfer targets)
+    entry = PROBE_METHODS[methods[0]]  # a group of image-label, dense or box probes
+    # dense and box probes are tested on the store's own test split (no transfer targets)
+    spatial = entry.dense or entry.boxes
     res = probe(
-        store, method=",".join(methods), features=features, eval_on=[] if dense else targets
+        store,
+        method=",".join(methods),
+        features=features,
+        eval_on=[] if spatial else targets,
+        **dict(probe_options or {}),
     )
     records += [replace(r, model=label) for r in res.records]
     said = []
+    metric, name = (
+        ("miou", "mIoU ") if entry.dense else ("ap50", "AP50 ") if entry.boxes else ("top1", "")
+    )
     for m in methods:
-        metric = "miou" if dense else "top1"
         v = next(
             r.value
             for r in res.records
             if r.method == m and r.metric == metric and r.dataset == spec
         )
-        said.append(f"{m} {'mIoU ' if dense else ''}{100 * v:.1f} ({res.selected[m]['feature']})")
+        said.append(f"{m} {name}{100 * v:.1f} ({res.selected[m]['feature']})")
     return ", ".join(said)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ def journal_key(
     ks: Sequence[int],
     features: list[str] | None,
     fewshot: Any = None,
+    probe_options: Mapping[str, Any] | None = None,
 ) -> str:
     """What an evaluation's numbers depend on: model label, the stores (each extraction has its
     own creation time) and the evaluation options."""
@@ -58,5 +59,7 @@ def journal_key(
         options.append(features)
     if fewshot is not None:  # shots and episodes (the episodes' seed is fixed: 0)
         options.append(["fewshot", fewshot])
+    if probe_options:  # the probe methods' own options, where given
+        options.append(["probe", sorted(probe_options.items())])
     blob = json.dumps([label, ident, *options], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from probekit.datasets import Dataset, load_dataset
@@ -46,8 +46,11 @@ class TriagePlan:
     # few-shot episodes (`probekit.fewshot`): shots per class (none: no few-shot) and episodes
     shots: tuple[int, ...] = ()
     episodes: int = 5
-    # tokens were asked for by dense probes alone: stored only for datasets with masks
+    # tokens were asked for by dense or box probes alone: stored only for datasets with masks
+    # or boxes
     dense_tokens_only: bool = False
+    # the probe methods' own options by flat name (checked): what every probe is given
+    probe_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sweep(self) -> bool:
@@ -58,9 +61,9 @@ class TriagePlan:
         return replace(self.extract, img_size=size)
 
     def for_dataset(self, options: ExtractOptions, ds: Dataset) -> ExtractOptions:
-        """`options` for one dataset: no tokens for a dataset without masks where only dense
-        probes asked for them."""
-        if self.dense_tokens_only and not ds.dense:
+        """`options` for one dataset: no tokens for a dataset without masks or boxes where
+        only dense or box probes asked for them."""
+        if self.dense_tokens_only and not (ds.dense or ds.detection):
             return replace(options, tokens=None)
         return options
 
@@ -81,8 +84,10 @@ class TriagePlan:
         img_size: int | str | Sequence[int | str] | None = DEFAULT_IMG_SIZE,
         shots: Sequence[int] | str | None = None,
         episodes: int = 5,
+        probe_options: Mapping[str, Any] | None = None,
     ) -> TriagePlan:
         models = parse_models(backbones)
+        given = _probe_options(probe_options)
         shot_list = tuple(sorted({int(v) for v in as_ints(shots, "shots")})) if shots else ()
         if any(v < 1 for v in shot_list):
             raise OptionError(f"shots must be positive integers (e.g. 1,5,10), not {shots!r}.")
@@ -119,7 +124,9 @@ class TriagePlan:
         tokens = extract.tokens
         token_methods = [m for m in wanted if m in PROBE_METHODS and PROBE_METHODS[m].tokens]
         dense_only = tokens is None and bool(token_methods)
-        dense_only = dense_only and all(PROBE_METHODS[m].dense for m in token_methods)
+        dense_only = dense_only and all(
+            PROBE_METHODS[m].dense or PROBE_METHODS[m].boxes for m in token_methods
+        )
         if tokens is None and token_methods:
             tokens = "all"
         options = ExtractOptions.of(
@@ -128,7 +135,7 @@ class TriagePlan:
         ks_list = [int(k) for k in as_ints(ks, "ks")]
         return cls(
             models, data_specs, pairs, wanted, ks_list, _names(features), reference, datasets,
-            options, sizes, shot_list, int(episodes), dense_only,
+            options, sizes, shot_list, int(episodes), dense_only, given,
         )  # fmt: skip
 
     def announce(self, say: Callable[[str], None]) -> None:
@@ -258,3 +265,23 @@ def _names(spec: str | Sequence[str] | None) -> list[str] | None:
     if not names:
         raise OptionError("features is empty; name features (e.g. last4/cls) or leave it out.")
     return names
+
+
+def _probe_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The probe methods' own options by flat name, each checked now (a one-line error names
+    an unknown one and the names there are); those at their defaults left out (a run that
+    names them equals one that does not)."""
+    from probekit.errors import close_matches
+    from probekit.methods import method_flags
+    from probekit.probes.options import parse_value
+
+    given = dict(options or {})
+    flags = method_flags()
+    unknown = sorted(set(given) - set(flags))
+    if unknown:
+        raise OptionError(
+            f"unknown probe option {unknown[0]!r}: the probe methods' options are "
+            f"{', '.join(flags)}." + close_matches(unknown[0], list(flags))
+        )
+    parsed = {k: parse_value(flags[k], v) for k, v in given.items()}  # each checked
+    return {k: v for k, v in parsed.items() if v != parse_value(flags[k], flags[k].default)}
