@@ -39,8 +39,11 @@ def test_detect_records_every_metric_with_intervals(det_store: str) -> None:
         assert r.method == "detect" and r.feature == out.selected["detect"]["feature"]
         assert np.isnan(r.value) or 0 <= r.value <= 1
         assert len(r.extra["boot"]) == 200 and r.n == 6
-    lo, hi = by[("test", "ap50")].extra["ci95"]
-    assert lo <= by[("test", "ap50")].value <= hi
+    ap50 = by[("test", "ap50")]
+    lo, hi = ap50.extra["ci95"]
+    q = np.quantile([v for v in ap50.extra["boot"] if v is not None], [0.025, 0.975])
+    want = (max(0, 2 * ap50.value - q[1]), min(1, 2 * ap50.value - q[0]))
+    assert (lo, hi) == pytest.approx(want)
     corloc = by[("test", "corloc")]
     assert 0 <= corloc.value <= 1 and len(corloc.extra["hits"]) == 6
     assert [r.feature for r in out.records if r.metric == "val_corloc"] == store.token_names
@@ -173,7 +176,9 @@ def test_triage_reports_detection_leaderboards_curves_and_paired_deltas(tmp_path
         if r.metric == "ap50" and r.split == "test"
     }
     diff = boot["test_convnext@random"] - boot["test_vit@random"]
-    np.testing.assert_allclose(delta["delta_ci95"], np.quantile(diff, [0.025, 0.975]))
+    lo, hi = np.quantile(diff[np.isfinite(diff)], [0.025, 0.975])
+    point = delta["delta"]
+    np.testing.assert_allclose(delta["delta_ci95"], [2 * point - hi, 2 * point - lo])
     csv = (tmp_path / "rep" / "results.csv").read_text().splitlines()
     rows = {tuple(line.split(",")[1:4:2]) for line in csv[1:]}
     assert {("detect", m) for m in ("ap", "ap50", "ap75", "corloc")} <= rows
@@ -184,10 +189,12 @@ def test_triage_reports_detection_leaderboards_curves_and_paired_deltas(tmp_path
 def test_a_box_delta_needs_the_same_images_and_resamples() -> None:
     from probekit.report.compute import _box_delta
 
-    a = {"boot": [0.5, 0.6, 0.7, None], "key": ["fp", 0, "d"]}
-    b = {"boot": [0.4, 0.4, 0.5, 0.1], "key": ["fp", 0, "d"]}
+    a = {"boot": [0.5, 0.6, 0.7, None], "key": ["fp", 0, "d"], "value": 0.55}
+    b = {"boot": [0.4, 0.4, 0.5, 0.1], "key": ["fp", 0, "d"], "value": 0.4}
     d = _box_delta(a, b)
-    assert d is not None and d[0] == pytest.approx(np.mean([0.1, 0.2, 0.2]))
+    lo, hi = np.quantile([0.1, 0.2, 0.2], [0.025, 0.975])
+    assert d is not None and d[0] == pytest.approx(0.15)
+    assert d[1:] == pytest.approx((0.3 - hi, 0.3 - lo))  # the basic interval about 0.15
     assert _box_delta(a, {**b, "key": ["other", 0, "d"]}) is None
     assert _box_delta(a, {**b, "key": ["fp", 1, "d"]}) is None  # other resamples
     hits = _box_delta({"hits": [1, 1, 0], "dataset": "x"}, {"hits": [0, 1, 0], "dataset": "x"})

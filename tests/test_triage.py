@@ -85,6 +85,10 @@ def test_readme_quickstart_and_triage_commands(
     monkeypatch.setattr(
         "probekit.demo.DEMO_DENSE", ("digit-scenes:48", ("test_resnet@random",), "last")
     )
+    monkeypatch.setattr(
+        "probekit.demo.DEMO_DETECT",
+        ("digit-boxes:24", ("test_resnet@random",), "last2", {"det_epochs": 1, "det_width": 8}),
+    )
     res = runner.invoke(app, ["demo", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "report: probekit-demo/report.md" in res.output.replace(str(tmp_path) + "/", "")
@@ -103,6 +107,9 @@ def test_readme_quickstart_and_triage_commands(
     # dense probes on the built-in dense dataset, in a report of their own
     dense_md = (tmp_path / "probekit-demo" / "dense" / "report.md").read_text()
     assert "## digit-scenes:48: miou" in dense_md and "| test_resnet@random |" in dense_md
+    # box probes on the built-in detection dataset, in a report of their own
+    detect_md = (tmp_path / "probekit-demo" / "detect" / "report.md").read_text()
+    assert "## digit-boxes:24: ap50" in detect_md and "| test_resnet@random |" in detect_md
 
     # the online flow, with tiny models and generated folders for PATH and OTHER
     path = _folder(tmp_path / "pets", 10, 6, seed=0)

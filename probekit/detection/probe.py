@@ -46,6 +46,14 @@ class Options(MethodOptions):
     depth: int = option(
         2, "Box probe: 3x3 convolutions before the head's outputs.", "count", flat="det_depth"
     )
+    sets: str = option(
+        "all",
+        "Box probe: the layer sets tried: every token layer as a simple pyramid and a CNN's "
+        "stages together (all), the layers alone (layers), or the stages alone (stages).",
+        "choice",
+        flat="det_sets",
+        choices=("all", "layers", "stages"),
+    )
     scales: tuple[float, ...] = option(
         (2.0, 1.0, 0.5),
         "Box probe: a layer's simple-pyramid scales (ViTDet's: 4,2,1,0.5; each a power of 2).",
@@ -261,7 +269,18 @@ def select(data: DetData, options: Options) -> BoxSelection:
     val_truth = data.truth(data.val_split, data.val_rows)
     curve: list[tuple[str, dict[str, Any], float]] = []
     trained: list[tuple[TrainedHeads, int]] = []
-    for layers in layer_sets(data.store, options.scales, data.names()):
+    sets = [
+        s
+        for s in layer_sets(data.store, options.scales, data.names())
+        if options.sets == "all" or (options.sets == "stages") != s.pyramid
+    ]
+    if not sets:
+        raise ProbekitError(
+            f"the store's token layers ({', '.join(data.names())}) come at one stride: they "
+            "have no stages to put together; use det-sets all or layers, or extract a CNN's "
+            "layers at several strides (--layers)."
+        )
+    for layers in sets:
         x = set_rows(data.store, "train", layers, data.fit_rows, data.budget // 2, data.device)
         xv = set_rows(
             data.store, data.val_split, layers, data.val_rows, data.budget // 4, data.device

@@ -1,6 +1,7 @@
 """The box probe's records: its validation curve, its chosen head's test COCO AP (and VOC AP50
-for VOC layouts) with bootstrap intervals over test images, and the training-free CorLoc
-beside it: the stage every box method shares (as `dense.data.dense_records` for masks)."""
+for VOC layouts) with basic bootstrap intervals over test images (`basic_interval`), and the
+training-free CorLoc beside it: the stage every box method shares (as
+`dense.data.dense_records` for masks)."""
 
 from __future__ import annotations
 
@@ -27,17 +28,23 @@ from probekit.records import Metric, Record
 if TYPE_CHECKING:
     from probekit.probes.base import ProbeOptions
 
-__all__ = ["BOOTSTRAP", "detection_records"]
+__all__ = ["BOOTSTRAP", "basic_interval", "detection_records"]
 
 BOOTSTRAP = 200  # resamples of the test images a metric's interval is taken from
 
 
-def _interval(values: np.ndarray) -> list[float] | None:
+def basic_interval(values: np.ndarray, point: float) -> list[float] | None:
+    """The basic (reverse percentile) bootstrap interval of `point` from its resampled
+    `values`: 2 * point - their 97.5% and 2.5% quantiles. AP takes the best precision at each
+    recall, a max that noise pushes up: resampled APs run above the estimate, and a plain
+    percentile interval would sit above it; the basic interval reflects their spread about
+    the estimate instead, clipped to [0, 1]. None where half the resamples have no value
+    (nothing to score)."""
     finite = values[np.isfinite(values)]
-    if len(finite) < len(values) // 2 or not len(finite):
+    if not np.isfinite(point) or not len(finite) or len(finite) < len(values) // 2:
         return None
     lo, hi = np.quantile(finite, [0.025, 0.975])
-    return [float(lo), float(hi)]
+    return [float(max(0.0, 2 * point - hi)), float(min(1.0, 2 * point - lo))]  # AP's range
 
 
 def detection_records(
@@ -95,7 +102,7 @@ def _test_records(
     for k in COCO_METRICS:
         extra = {
             **at.extra,
-            "ci95": _interval(boot[k]),
+            "ci95": basic_interval(boot[k], values[k]),
             # the same resamples for every probe on these images: paired deltas subtract them
             "boot": [None if not np.isfinite(v) else round(float(v), 6) for v in boot[k]],
             "boot_seed": seed,

@@ -300,9 +300,10 @@ BOX_NOTE = (
     "pyramid or a CNN's stages); layer set, learning rate, weight decay and epoch were chosen "
     "on validation AP. A ranking proxy, not COCO mAP after finetuning a detector. `: corloc`: "
     "the share of test images whose one box found without training (LOST's rule on a layer's "
-    "tokens, the layer chosen on validation) overlaps a true box at IoU >= 0.5. Intervals "
-    "resample test images; \\*: for AP, the paired interval of the difference to the best "
-    "holds 0."
+    "tokens, the layer chosen on validation) overlaps a true box at IoU >= 0.5. AP's "
+    "intervals are basic bootstrap intervals over test images (AP's precision envelope is a "
+    "max, so resampled APs run high: a percentile interval would sit above the estimate); "
+    "\\*: for AP, the paired interval of the difference to the best holds 0."
 )
 
 
@@ -315,15 +316,16 @@ def _box_outcomes(r: Record) -> dict[str, Any] | None:
     if boot is None:
         return None
     key = (r.extra.get("test_fingerprint"), r.extra.get("boot_seed"), r.dataset)
-    return {"boot": boot, "key": list(key)}
+    return {"boot": boot, "key": list(key), "value": float(r.value)}
 
 
 def _box_delta(
     a: dict[str, Any] | None, b: dict[str, Any] | None
 ) -> tuple[float, float, float] | None:
-    """(A - B, 95% paired interval) of a box metric over the same test images: from the
-    difference of the two probes' values on the same bootstrap resamples, or for CorLoc
-    from a paired bootstrap of the images' hits; None unless both cover the same images."""
+    """(A - B, 95% paired interval) of a box metric over the same test images: the basic
+    bootstrap interval of the difference from the two probes' values on the same resamples
+    (`detection.records.basic_interval`), or for CorLoc a paired bootstrap of the images'
+    hits; None unless both cover the same images."""
     if not a or not b:
         return None
     if "hits" in a and "hits" in b:
@@ -336,12 +338,15 @@ def _box_delta(
         return None
     ba = np.array([np.nan if v is None else v for v in a["boot"]], dtype=np.float64)
     bb = np.array([np.nan if v is None else v for v in b["boot"]], dtype=np.float64)
+    if ba.shape != bb.shape:
+        return None
+    delta = float(a["value"]) - float(b["value"])
     d = ba - bb
     d = d[np.isfinite(d)]
-    if ba.shape != bb.shape or len(d) < len(ba) // 2:
+    if not math.isfinite(delta) or len(d) < len(ba) // 2 or not len(d):
         return None
     lo, hi = np.quantile(d, [0.025, 0.975])
-    return float(np.mean(d)), float(lo), float(hi)
+    return delta, float(2 * delta - hi), float(2 * delta - lo)
 
 
 def _probe_cells(recs: list[Record]) -> list[Cell]:
