@@ -6,6 +6,7 @@ from the cache against what an epoch would take rerunning the backbone over the 
 probe's peak memory (RSS of a process that runs it alone).
 
     python benchmarks/bench_detect.py [--scenes 400] [--epochs 12] [--out DIR]
+    python benchmarks/bench_detect.py --epochs-only   # one head's epoch: cache vs the usual loop
 
 Each probe runs in its own process (its peak RSS is its own); rows go to the JSON file as
 they are measured.
@@ -79,6 +80,65 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def head_epochs(cache: str, scenes: int) -> list[dict[str, Any]]:
+    """One head configuration's epoch of training from the cache (no validation scoring), for
+    a layer set of Lite0 (stages; block 3's pyramid) and of ViT-S/16 (block 11's pyramid),
+    against the usual loop's epoch: every image decoded and run through the backbone (the
+    extraction loop's rate without tokens), then the same head step."""
+    import probekit
+    from probekit.detection import probe as det_probe
+    from probekit.detection.data import DetData, layer_sets, set_rows
+    from probekit.probes.base import ProbeOptions
+
+    out = []
+    rates: dict[str, float] = {}
+    cases = (
+        ("effnet_lite0", "2,3,4", "stages"),
+        ("effnet_lite0", "2,3,4", "layer3/tokens"),
+        ("vit_small_patch16_224@random", "11", "layer11/tokens"),
+    )
+    for backbone, layers, label in cases:
+        data_spec = f"digit-boxes:{scenes}"
+        res = probekit.extract(backbone, data_spec, cache_dir=cache, quiet=True, tokens="all",
+                               layers=layers)  # fmt: skip
+        store = probekit.open_store(res.store_path)
+        data = DetData.prepare(store, ProbeOptions.of(method="detect"))
+        sets = layer_sets(store, (2.0, 1.0, 0.5))
+        chosen = next(s for s in sets if s.label == label or (label == "stages" and not s.pyramid))
+        x = set_rows(store, "train", chosen, data.fit_rows, 2**31, data.device)
+        boxes = data.boxes("train", data.fit_rows)
+        opts = det_probe.Options(lrs=(1e-3,), wds=(1e-4,), epochs=1)
+        det_probe.train_box_heads(data, chosen, opts, x, boxes)  # warm
+        t0 = time.perf_counter()
+        det_probe.train_box_heads(data, chosen, replace_epochs(opts, 2), x, boxes)
+        head = (time.perf_counter() - t0) / 2
+        if backbone not in rates:  # a second extraction of the same store is a cache hit
+            rates[backbone] = rate(backbone, cache, scenes)
+        forward = len(data.fit_rows) / rates[backbone]
+        out.append(
+            {
+                "backbone": backbone,
+                "set": chosen.label,
+                "images": len(data.fit_rows),
+                "cache_epoch_s": round(head, 3),
+                "loop_epoch_s": round(forward + head, 3),
+                "speedup": round((forward + head) / head, 2),
+            }
+        )
+        print(json.dumps(out[-1]))
+    for backbone in ("resnet50@random", "vit_base_patch16_224@random"):
+        r = rate(backbone, cache, 64)
+        out.append({"backbone": backbone, "images_per_s": round(r, 2)})
+        print(json.dumps(out[-1]))
+    return out
+
+
+def replace_epochs(opts: Any, epochs: int) -> Any:
+    from dataclasses import replace
+
+    return replace(opts, epochs=epochs)
+
+
 def rate(backbone: str, cache: str, scenes: int) -> float:
     """The extraction loop's images/s of `backbone` at 224 px (its forward over the images)."""
     import probekit
@@ -94,6 +154,11 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=400)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--epochs-only",
+        action="store_true",
+        help="only an epoch of one head from the cache against the usual loop",
+    )
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backbone", help=argparse.SUPPRESS)
     ap.add_argument("--set", help=argparse.SUPPRESS)
@@ -103,6 +168,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args)))
+        return
+    if args.epochs_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = {"scenes": args.scenes, "epoch": head_epochs(f"{tmp}/cache", args.scenes)}
+        save_result("bench_detect_epoch", "cpu", cpu_name(), rows, args.out)
         return
     rows: dict[str, Any] = {"scenes": args.scenes, "epochs": args.epochs, "probes": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -199,3 +199,31 @@ def test_a_box_delta_needs_the_same_images_and_resamples() -> None:
     assert _box_delta(a, {**b, "key": ["fp", 1, "d"]}) is None  # other resamples
     hits = _box_delta({"hits": [1, 1, 0], "dataset": "x"}, {"hits": [0, 1, 0], "dataset": "x"})
     assert hits is not None and hits[0] == pytest.approx(1 / 3)
+
+
+def test_batched_heads_train_as_heads_trained_one_by_one(det_store: str) -> None:
+    """Two learning rates trained together end where each ends trained alone: the same
+    minibatches, each head its own AdamW state."""
+    import torch
+
+    from probekit.detection import probe as det_probe
+    from probekit.detection.data import DetData, layer_sets, set_rows
+    from probekit.probes.base import ProbeOptions
+
+    store = probekit.open_store(det_store)
+    data = DetData.prepare(store, ProbeOptions.of(method="detect"))
+    (layers, *_) = layer_sets(store, (2.0, 1.0, 0.5))
+    x = set_rows(store, "train", layers, data.fit_rows, 2**30, data.device)
+    boxes = data.boxes("train", data.fit_rows)
+
+    def trained(lrs: tuple[float, ...]) -> dict[str, torch.Tensor]:
+        opts = det_probe.Options(lrs=lrs, wds=(1e-4,), epochs=2, width=8, depth=1)
+        t = det_probe.train_box_heads(data, layers, opts, x, boxes)
+        return {k: v.detach() for k, v in t.grid.heads.params.items()}
+
+    both = trained((1e-3, 3e-2))
+    for g, lr in enumerate((1e-3, 3e-2)):
+        alone = trained((lr,))
+        for name, value in alone.items():
+            torch.testing.assert_close(both[name][g], value[0], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.allclose(both["cls.weight"][0], both["cls.weight"][1])
