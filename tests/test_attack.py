@@ -7,17 +7,15 @@ from __future__ import annotations
 import csv
 import errno
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import CLI, make_image
+from conftest import CLI, faulty, make_image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -275,21 +273,20 @@ def test_one_image_with_two_labels_names_the_lines(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_says_what_was_kept_and_resume_finishes(tmp_path: Path) -> None:
-    env = {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "cache")}
+    """Ctrl-C at a point in the work, not a moment: the chunk writer sends SIGINT to the CLI
+    right after its second chunk is whole (tests/faults: SIGINT_AFTER)."""
+    log = tmp_path / "kills.log"
+    env = faulty(
+        {**os.environ, "PROBEKIT_CACHE": str(tmp_path / "cache"), "SIGINT_AFTER": "2",
+         "KILL_LOG": str(log)}
+    )  # fmt: skip
     args = ["extract", "-b", "test_resnet@random", "-d", "digits", "--chunk-rows", "64"]
     args += ["--batch-size", "16", "--num-workers", "0"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CLI, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "cache").glob("*/*.zarr/train/done/c/1")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = proc.stderr
+    assert log.read_text().split() == ["sigint:2"]
     assert proc.returncode == 130, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("interrupted: ") and line.endswith(

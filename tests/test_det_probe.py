@@ -225,5 +225,10 @@ def test_batched_heads_train_as_heads_trained_one_by_one(det_store: str) -> None
     for g, lr in enumerate((1e-3, 3e-2)):
         alone = trained((lr,))
         for name, value in alone.items():
-            torch.testing.assert_close(both[name][g], value[0], rtol=1e-4, atol=1e-6, msg=name)
+            # AdamW divides by each gradient's own scale, so rounding (grouped against plain
+            # convolutions) moves a weight of small gradients by a little of what AdamW can
+            # move it: at most 0.5% of the tensor's scale or of lr x steps, where larger
+            steps = 2 * -(-len(data.fit_rows) // 8)
+            gap = float((both[name][g] - value[0]).abs().max())
+            assert gap <= 5e-3 * max(float(value[0].abs().max()), lr * steps), (name, gap)
     assert not torch.allclose(both["cls.weight"][0], both["cls.weight"][1])

@@ -5,7 +5,8 @@ One head (`BoxHead`), for the token maps of one layer set:
 - levels: one layer's map (stride s) made a simple feature pyramid as ViTDet does (a 1x1
   projection to `width` channels, then per scale: 4 and 2 by transposed 2x2 convolutions,
   1 as is, 0.5 by 2x2 max pooling; no top-down path), or several layers' maps at their own
-  strides (a CNN's stages), each projected; every level normalized (GroupNorm);
+  strides (a CNN's stages), each projected; every level normalized (GroupNorm; the
+  convolutions before a normalization have no bias);
 - a tower shared by the levels (`depth` 3x3 convolutions, GroupNorm, ReLU), then 3x3 outputs:
   class logits (C, bias at a 1% prior), the distances to a box's four sides (ReLU, in units of
   the level's stride), and centerness.
@@ -87,15 +88,17 @@ class BoxHead(nn.Module):
         super().__init__()
         self.pyramid = len(in_channels) == 1
         self.scales = tuple(scales) if self.pyramid else (1.0,) * len(in_channels)
+        # no bias before a normalization: it would cancel it (and a parameter whose true
+        # gradient is 0 only drifts on rounding noise under AdamW)
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 1), _norm(width)) for c in in_channels
+            nn.Sequential(nn.Conv2d(c, width, 1, bias=False), _norm(width)) for c in in_channels
         )
         ups: list[nn.Module] = []
         for s in self.scales:
             steps: list[nn.Module] = []
             k = round(math.log2(s)) if s > 1 else 0
             for j in range(k):
-                steps.append(nn.ConvTranspose2d(width, width, 2, stride=2))
+                steps.append(nn.ConvTranspose2d(width, width, 2, stride=2, bias=False))
                 steps.append(_norm(width) if j == k - 1 else nn.Sequential(_norm(width), nn.GELU()))
             if s < 1:
                 steps.append(nn.MaxPool2d(round(1 / s)))
@@ -103,7 +106,7 @@ class BoxHead(nn.Module):
         self.up = nn.ModuleList(ups)
         tower: list[nn.Module] = []
         for _ in range(depth):
-            tower += [nn.Conv2d(width, width, 3, padding=1), _norm(width), nn.ReLU()]
+            tower += [nn.Conv2d(width, width, 3, padding=1, bias=False), _norm(width), nn.ReLU()]
         self.tower = nn.Sequential(*tower)
         self.cls = nn.Conv2d(width, n_classes, 3, padding=1)
         self.box = nn.Conv2d(width, 4, 3, padding=1)
@@ -111,7 +114,8 @@ class BoxHead(nn.Module):
         for m in [*self.tower, self.cls, self.box, self.ctr]:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)  # type: ignore[arg-type]
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls.bias, -math.log((1 - PRIOR) / PRIOR))  # type: ignore[arg-type]
 
     def levels(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,6 +11,8 @@ KILL_POINT   the CLI process SIGKILLs itself (its children die with it) at a nam
              (the feature store just created, no chunk written), `finish` (every chunk written,
              before the store is marked complete).
 FULL_AT=N    the N-th chunk write fails as on a full disk, after one array of the chunk.
+SIGINT_AFTER=N  right after its N-th chunk write is whole, the chunk-writing process sends
+             SIGINT to its parent (the CLI): a Ctrl-C with at least N chunks kept, at a point.
 KILL_LOG     a file each kill appends its point to first (`chunk:N`, `after:N`, or the name).
 0 or unset: never.
 """
@@ -33,7 +35,7 @@ _POINT = os.environ.get("KILL_POINT", "")
 if _POINT == "start":
     _die("start")
 
-if any(os.environ.get(k, "0") != "0" for k in ("KILL_AT", "KILL_AFTER", "FULL_AT")):
+if any(os.environ.get(k, "0") != "0" for k in ("KILL_AT", "KILL_AFTER", "FULL_AT", "SIGINT_AFTER")):
     import errno
 
     from probekit.cache.store import FeatureStore
@@ -57,6 +59,12 @@ if any(os.environ.get(k, "0") != "0" for k in ("KILL_AT", "KILL_AFTER", "FULL_AT
         real(self, split, chunk, chunk_rows, columns)
         if mine and calls[0] == int(os.environ.get("KILL_AFTER", "0")):
             _die(f"after:{calls[0]}", parent=True)
+        if calls[0] == int(os.environ.get("SIGINT_AFTER", "0")):
+            log = os.environ.get("KILL_LOG")
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"sigint:{calls[0]}\n")
+            os.kill(os.getppid(), signal.SIGINT)
 
     FeatureStore.write_chunk = write_chunk
 
