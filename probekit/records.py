@@ -96,6 +96,9 @@ Metric = Literal[
     "val_ap",
     "corloc",
     "val_corloc",
+    "logme",
+    "hscore",
+    "params",
 ]
 RECORD_KINDS: tuple[str, ...] = get_args(RecordKind)
 METRICS: tuple[str, ...] = get_args(Metric)

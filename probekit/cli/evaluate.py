@@ -303,6 +303,40 @@ def structure_cmd(
     )
 
 
+def transfer_cmd(
+    store: Annotated[str, typer.Argument(help="A feature store (`probekit ls`).")],
+    scores: Annotated[str, typer.Option(help="Comma list: logme, hscore.")] = "logme,hscore",
+    split: Annotated[str, typer.Option(help="The split whose labels are scored.")] = "train",
+    features: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma list of stored features [default: all stored]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+) -> None:
+    """Transferability scores of every stored feature, in seconds, without a probe: LogME and
+    H-score on the train split's labels, beside the backbone's parameter count."""
+    import json
+
+    from probekit.transferability import SCORES, transferability
+
+    names = [f.strip() for f in features.split(",") if f.strip()] if features else None
+    res = transferability(store, scores=scores, split=split, features=names)
+    if as_json:
+        for r in res.records:
+            stdout.print(json.dumps(r.to_dict()))
+        return
+    shown = [s for s in SCORES if any(s in v for v in res.rows.values())]
+    table = Table("feature", *shown)
+    for name, v in res.rows.items():
+        table.add_row(name, *(f"{v[s]:.4g}" for s in shown))
+    stdout.print(table)
+    stdout.print(
+        f"parameters: {res.params / 1e6:.1f} M. Higher scores should transfer better; studies "
+        "find the best score changes with the data, and that kNN or the parameter count often "
+        "ranks backbones as well: read them beside a probe, never alone."
+    )
+
+
 def fewshot_cmd(
     store: Annotated[str, typer.Argument(help="A feature store (`probekit ls`).")],
     shots: Annotated[str, typer.Option(help="Train images per class, a comma list.")] = "1,2,5,10",
