@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -282,8 +283,15 @@ def test_ctrl_c_says_what_was_kept_and_resume_finishes(tmp_path: Path) -> None:
     )  # fmt: skip
     args = ["extract", "-b", "test_resnet@random", "-d", "digits", "--chunk-rows", "64"]
     args += ["--batch-size", "16", "--num-workers", "0"]
+    # a Ctrl-C reaches the CLI as in a terminal: SIGINT at its default, even where this test
+    # runs in the background of a shell (which starts it with SIGINT ignored, inherited)
     proc = subprocess.run(
-        [sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CLI, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err = proc.stderr
     assert log.read_text().split() == ["sigint:2"]
