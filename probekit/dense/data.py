@@ -46,7 +46,7 @@ class DenseData:
 
     @classmethod
     def prepare(cls, store: FeatureStore, options: ProbeOptions) -> DenseData:
-        from probekit.probes.rows import holdout_split, memory_budget
+        from probekit.probes.rows import image_holdout, memory_budget
 
         if store.mask_shape is None:
             raise ProbekitError(
@@ -66,22 +66,7 @@ class DenseData:
                 f"dense probes need a train and a {options.test_split!r} split; the store has "
                 f"{', '.join(store.splits)}."
             )
-        train_rows = np.flatnonzero(store.usable("train"))
-        if "val" in store.splits:
-            val_split, fit_rows, val_rows = "val", train_rows, np.flatnonzero(store.usable("val"))
-        else:
-            if len(train_rows) < 4:
-                raise ProbekitError(
-                    f"the train split has {len(train_rows)} usable images: too few to hold some "
-                    "out for validation; give a `val` split or more images."
-                )
-            labels = store.labels("train")[train_rows]
-            # stratified by the image labels where they allow it, else a plain seeded holdout
-            try:
-                fit, val = holdout_split(labels, options.holdout, options.seed)
-            except ProbekitError:
-                fit, val = _plain_holdout(len(train_rows), options.holdout, options.seed)
-            val_split, fit_rows, val_rows = "train", train_rows[fit], train_rows[val]
+        val_split, fit_rows, val_rows = image_holdout(store, options.holdout, options.seed)
         device = options.torch_device()
         return cls(
             store,
@@ -112,13 +97,6 @@ class DenseData:
             key = (self.store.token_shape(name), self.store.token_grid(name))
             out.setdefault(key, []).append(name)
         return list(out.values())
-
-
-def _plain_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_val = max(1, round(fraction * n))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 @dataclass

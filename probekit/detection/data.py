@@ -6,7 +6,7 @@ metrics (the image's own pixels)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -121,10 +121,19 @@ class DetData:
     fit_rows: np.ndarray
     val_split: str
     val_rows: np.ndarray
+    # each split's (table, offsets, scales), read and checked once
+    tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def _boxes(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if split not in self.tables:
+            self.tables[split] = self.store.boxes(split)
+        return self.tables[split]
 
     @classmethod
     def prepare(cls, store: FeatureStore, options: ProbeOptions) -> DetData:
-        from probekit.probes.rows import holdout_split, memory_budget
+        from probekit.probes.rows import image_holdout, memory_budget
 
         if not store.info.box_counts:
             raise ProbekitError(
@@ -141,22 +150,7 @@ class DetData:
                 f"box probes need a train and a {options.test_split!r} split; the store has "
                 f"{', '.join(store.splits)}."
             )
-        train = np.flatnonzero(store.usable("train"))
-        if "val" in store.splits:
-            val_split, fit, val = "val", train, np.flatnonzero(store.usable("val"))
-        else:
-            if len(train) < 4:
-                raise ProbekitError(
-                    f"the train split has {len(train)} usable images: too few to hold some out "
-                    "for validation; give a `val` split or more images."
-                )
-            try:
-                f, v = holdout_split(store.labels("train")[train], options.holdout, options.seed)
-            except ProbekitError:  # labels too thin to stratify: a plain seeded holdout
-                order = np.random.default_rng(options.seed).permutation(len(train))
-                cut = max(1, round(options.holdout * len(train)))
-                f, v = np.sort(order[cut:]), np.sort(order[:cut])
-            val_split, fit, val = "train", train[f], train[v]
+        val_split, fit, val = image_holdout(store, options.holdout, options.seed)
         input_size = store.info.preprocessing.get("input_size", [3, 0, 0])
         device = options.torch_device()
         return cls(
@@ -176,7 +170,7 @@ class DetData:
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Each row's (boxes (k, 4) in input pixels, classes (k,), ignored (k,)): training
         targets (crowd and difficult boxes are ignored, never positives)."""
-        table, offsets, _ = self.store.boxes(split)
+        table, offsets, _ = self._boxes(split)
         out = []
         for r in rows:
             t = table[offsets[r] : offsets[r + 1]]
@@ -187,7 +181,7 @@ class DetData:
     def truth(self, split: str, rows: np.ndarray) -> tuple[list[ImageTruth], np.ndarray]:
         """Each row's ground truth in the image's own pixels (input pixels over its scale; the
         areas as annotated), and the rows' scales (what detections are divided by)."""
-        table, offsets, scales = self.store.boxes(split)
+        table, offsets, scales = self._boxes(split)
         out = []
         for r in rows:
             t = table[offsets[r] : offsets[r + 1]]

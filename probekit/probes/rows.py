@@ -20,6 +20,7 @@ __all__ = [
     "feature_stats",
     "gather",
     "holdout_split",
+    "image_holdout",
     "linear_scores",
     "log_softmax_",
     "memory_budget",
@@ -52,6 +53,29 @@ def holdout_split(
         idx[splittable], test_size=n_val, random_state=seed, stratify=labels[splittable]
     )
     return np.sort(np.concatenate([fit, idx[~splittable]])), np.sort(val)
+
+
+def image_holdout(
+    store: FeatureStore, holdout: float, seed: int
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """(validation split, fit rows, validation rows) of a store's usable images for a dense or
+    box probe: the train rows and a `val` split where the store has one, else a seeded
+    `holdout` of train, stratified by the image labels where they allow it (else plain)."""
+    train = np.flatnonzero(store.usable("train"))
+    if "val" in store.splits:
+        return "val", train, np.flatnonzero(store.usable("val"))
+    if len(train) < 4:
+        raise ProbekitError(
+            f"the train split has {len(train)} usable images: too few to hold some out for "
+            "validation; give a `val` split or more images."
+        )
+    try:
+        fit, val = holdout_split(store.labels("train")[train], holdout, seed)
+    except ProbekitError:  # labels too thin to stratify: a plain seeded holdout
+        order = np.random.default_rng(seed).permutation(len(train))
+        cut = max(1, round(holdout * len(train)))
+        fit, val = np.sort(order[cut:]), np.sort(order[:cut])
+    return "train", train[fit], train[val]
 
 
 # --------------------------------------------------------------------------- feature rows

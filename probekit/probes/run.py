@@ -119,12 +119,7 @@ class ProbeResult:
         for m, cfg in self.selected.items():
             if not PROBE_METHODS[m].boxes:
                 continue
-            shown = PROBE_METHODS[m].shown
-            hyper = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in cfg.items()
-                if k in shown
-            )
+            hyper = _hyper_text(cfg, PROBE_METHODS[m].shown)
             rec: dict[str, Record] = {
                 r.metric: r for r in self.records if r.method == m and r.split != "val"
             }
@@ -162,12 +157,7 @@ class ProbeResult:
         for m, cfg in self.selected.items():
             if not PROBE_METHODS[m].dense:
                 continue
-            shown = PROBE_METHODS[m].shown
-            hyper = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in cfg.items()
-                if k in shown
-            )
+            hyper = _hyper_text(cfg, PROBE_METHODS[m].shown)
             rec = {r.metric: r for r in self.records if r.method == m and r.split != "val"}
             cells = []
             for metric in ("miou", "pixel_acc"):
@@ -344,6 +334,13 @@ def _evaluate(
                 logits, y, temperature, replace(split_at, n=len(y)), sel.config.get("refit")
             )
     return records
+
+
+def _hyper_text(cfg: Mapping[str, Any], shown: Sequence[str]) -> str:
+    """The chosen hyperparameters a table shows ("lr=0.001, wd=0.0001, epoch=9")."""
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items() if k in shown
+    )
 
 
 def _pct(rec: Mapping[str, Record], metric: str, ci: bool = False) -> str:
